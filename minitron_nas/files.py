@@ -1,0 +1,47 @@
+"""Outputs appear whole or not at all: write to a temporary sibling, then rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MinitronError
+
+
+def check_writable(out: Path, overwrite: bool = False) -> None:
+    """Fail before any work if `out` exists (and may not be replaced) or cannot be created."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MinitronError(f"output '{out}' already exists: choose another --out or pass --overwrite")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".minitron-probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise MinitronError(f"cannot write to '{parent}' ({err.strerror}): choose a writable --out") from None
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
+    out = Path(out)
+    check_writable(out, overwrite)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

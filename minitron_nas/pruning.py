@@ -1,0 +1,144 @@
+"""Slice a teacher into a smaller model of its own class along the rankings.
+
+`select` decides what to keep (pure: rankings + architecture -> indices); `prune` builds a
+standard transformers model with the new config and copies the kept slices. Hidden
+channels are one global choice (the residual stream is shared); FFN neurons, KV groups
+and query heads are chosen per layer. Heads are GQA-aware: whole KV groups are kept or
+dropped, and inside each kept group the best query heads stay, so head j of the student
+still attends with the keys of its own group. head_dim never changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers.initialization import no_init_weights
+
+from .architecture import Architecture, head_dim_of, student_config, validate
+from .errors import MinitronError
+from .families import FFN, HIDDEN, KV, QUERY, family_for
+from .ranking import Rankings
+
+LAYER_CRITERIA = ("block_importance", "layer_loss", "last")
+_LAYER_NAME = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class Selection:
+    """Teacher indices kept on every axis; lists are per kept layer, in student order."""
+
+    layers: list[int]
+    channels: torch.Tensor
+    query_heads: list[torch.Tensor]
+    kv_groups: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, in ascending index order (keeps original layout)."""
+    return torch.topk(scores.float(), k, sorted=False).indices.sort().values
+
+
+def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criterion: str) -> list[int]:
+    if arch.layers is not None:
+        return list(arch.layers)
+    if arch.num_hidden_layers == n_teacher:
+        return list(range(n_teacher))
+    if criterion == "last":
+        return list(range(arch.num_hidden_layers))
+    if criterion not in LAYER_CRITERIA:
+        raise MinitronError(f"unknown layer criterion '{criterion}': use one of {', '.join(LAYER_CRITERIA)}")
+    scores = getattr(rankings, criterion)
+    if scores is None:
+        raise MinitronError("these rankings have no layer_loss scores: rank with --layer-loss or use block_importance")
+    return _top(scores, arch.num_hidden_layers).tolist()
+
+
+def select(rankings: Rankings, arch: Architecture, teacher: Architecture, layer_criterion: str = "block_importance") -> Selection:
+    layers = select_layers(rankings, arch, teacher.num_hidden_layers, layer_criterion)
+    query_heads, kv_groups, neurons = [], [], []
+    for layer in layers:
+        heads = rankings.heads[layer].view(teacher.num_key_value_heads, teacher.heads_per_group)
+        groups = _top(heads.sum(dim=1), arch.num_key_value_heads)
+        kept = [g * teacher.heads_per_group + _top(heads[g], arch.heads_per_group) for g in groups.tolist()]
+        kv_groups.append(groups)
+        query_heads.append(torch.cat(kept))
+        neurons.append(_top(rankings.neurons[layer], arch.intermediate_size))
+    return Selection(layers, _top(rankings.channels, arch.hidden_size), query_heads, kv_groups, neurons)
+
+
+def _rows(units: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Head (or group) indices -> the rows of a projection that belong to them."""
+    return (units[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+@torch.no_grad()
+def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = "block_importance"):
+    """A new model of the teacher's class, sliced to `arch` along `rankings`."""
+    family = family_for(model.config)
+    teacher_arch = Architecture.from_config(model.config)
+    validate(arch, teacher_arch)
+    _check_shapes(rankings, teacher_arch)
+    chosen = select(rankings, arch, teacher_arch, layer_criterion)
+    config = student_config(model.config, arch, chosen.layers)
+    head_dim = head_dim_of(model.config)
+    param = next(model.parameters())
+    with no_init_weights(), torch.device(param.device):
+        student = type(model)(config).to(param.dtype)
+    student.tie_weights()  # no_init_weights also skips tying
+
+    teacher_state = model.state_dict()
+    state = {}
+    for name in student.state_dict():
+        match = _LAYER_NAME.search(name)
+        position = int(match.group(1)) if match else None
+        source = name if match is None else name.replace(match.group(0), f".layers.{chosen.layers[position]}.", 1)
+        index = {
+            HIDDEN: chosen.channels,
+            QUERY: _rows(chosen.query_heads[position], head_dim) if match else None,
+            KV: _rows(chosen.kv_groups[position], head_dim) if match else None,
+            FFN: chosen.neurons[position] if match else None,
+        }
+        tensor = teacher_state[source]
+        for dim, axis in enumerate(family.axes(name)):
+            if axis is not None:
+                tensor = tensor.index_select(dim, index[axis].to(tensor.device))
+        state[name] = tensor
+    _keep_embedding_scale(state, family, teacher_arch.hidden_size, arch.hidden_size, config)
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    student.load_state_dict(state)
+    student.eval()
+    return student
+
+
+def _keep_embedding_scale(state: dict, family, old_hidden: int, new_hidden: int, config) -> None:
+    """Gemma scales embeddings by sqrt(hidden): undo the change a smaller hidden size causes.
+
+    With tied embeddings the same matrix also produces the logits, so the final norm's
+    gain is divided by the same factor and the logits stay as they were.
+    """
+    if not family.scaled_embedding or old_hidden == new_hidden:
+        return
+    factor = family.embedding_scale(old_hidden) / family.embedding_scale(new_hidden)
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * factor
+    if getattr(config, "tie_word_embeddings", False):
+        gain = state["model.norm.weight"] + family.norm_offset
+        state["model.norm.weight"] = gain / factor - family.norm_offset
+
+
+def _check_shapes(rankings: Rankings, teacher: Architecture) -> None:
+    expected = {
+        "heads": (teacher.num_hidden_layers, teacher.num_attention_heads),
+        "neurons": (teacher.num_hidden_layers, teacher.intermediate_size),
+        "channels": (teacher.hidden_size,),
+        "block_importance": (teacher.num_hidden_layers,),
+    }
+    for name, shape in expected.items():
+        if tuple(getattr(rankings, name).shape) != shape:
+            raise MinitronError(
+                f"rankings '{name}' have shape {tuple(getattr(rankings, name).shape)}, the teacher needs {shape}: "
+                "these rankings belong to another model; rank this teacher first"
+            )

