@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
 from .errors import MinitronError
@@ -52,12 +53,15 @@ class Architecture:
             )
         values = {k: v for k, v in data.items() if v is not None}
         if "layers" in values:
-            values["layers"] = tuple(int(i) for i in values["layers"])
+            layers = values["layers"]
+            if not isinstance(layers, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+                raise MinitronError(f"architecture key 'layers' must be a list of integer layer indices, got {layers!r}")
+            values["layers"] = tuple(layers)
             values.setdefault("num_hidden_layers", len(values["layers"]))
         for key, value in values.items():
             if key != "layers" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise MinitronError(f"architecture key '{key}' must be an integer, got {value!r}")
-        return replace(base, layers=None, **values)
+        return replace(base, **{"layers": None, **values})
 
     @classmethod
     def load(cls, source: str | Path, base: "Architecture") -> "Architecture":
@@ -147,8 +151,11 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
         data["max_window_layers"] = min(data["max_window_layers"], arch.num_hidden_layers)
     try:
         return type(teacher_config).from_dict(data)
-    except (ValueError, TypeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        # transformers 5 wraps config validation in huggingface_hub's StrictDataclassError
+        # (not a ValueError) whose first line only names the validator: keep the reason.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        message = lines[-1] if lines else type(err).__name__
         raise MinitronError(f"transformers refuses this architecture: {message}") from None
 
 

@@ -73,6 +73,8 @@ def documents(source: str, text_field: str = "text") -> Iterator[str]:
             raise MinitronError(f"'{source}' is not .txt, .jsonl or .parquet: convert it or point --data elsewhere")
         yield from _documents_of_file(path, text_field)
         return
+    if path.suffix in _SUFFIXES or "/" in source:
+        raise MinitronError(f"data path '{source}' not found: check --data")
     yield from _dataset_documents(source, text_field)
 
 

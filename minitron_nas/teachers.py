@@ -110,16 +110,34 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def load_config(spec: str):
+    """Only the config (no weights): a config.json file, a model folder, a .gguf file or an embedded name."""
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        data = json.loads(path.read_text())
+        if "model_type" not in data:
+            raise MinitronError(f"'{spec}' has no model_type: give a Hugging Face config.json")
+        config = AutoConfig.for_model(**data)
+    else:
+        _, folder = resolve(spec)
+        try:
+            config = AutoConfig.from_pretrained(str(folder))
+        except (OSError, ValueError) as err:
+            raise MinitronError(_not_loadable(spec, err)) from None
+    family_for(config)
+    return config
+
+
+def _not_loadable(spec: str, err: Exception) -> str:
+    return (
+        f"cannot load model '{spec}' ({str(err).splitlines()[0][:160]}): give a local folder, "
+        f"a .gguf file, {DEFAULT_TEACHER}, or a Hugging Face id already in the local cache"
+    )
+
+
 def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Teacher:
     name, folder = resolve(spec)
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise MinitronError(
-            f"cannot load model '{spec}' ({str(err).splitlines()[0][:160]}): give a local folder, "
-            f"a .gguf file, {DEFAULT_TEACHER}, or a Hugging Face id already in the local cache"
-        ) from None
-    family_for(config)  # refuse unsupported families before loading weights
+    load_config(str(folder))  # refuse unsupported families before loading weights
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return Teacher(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model), path=Path(folder))

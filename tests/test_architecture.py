@@ -1,0 +1,276 @@
+"""Architectures: exact parameter counts, parsing, validation and student configs."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import TINY_CONFIGS, tiny_model
+from minitron_nas.architecture import Architecture, ParamCounter, student_config, validate
+from minitron_nas.errors import MinitronError
+from minitron_nas.pruning import prune
+from minitron_nas.ranking import Rankings
+
+N_RANDOM = 50
+
+
+def random_rankings(teacher: Architecture, seed: int) -> Rankings:
+    g = torch.Generator().manual_seed(seed)
+    return Rankings(
+        heads=torch.rand(teacher.num_hidden_layers, teacher.num_attention_heads, generator=g),
+        neurons=torch.rand(teacher.num_hidden_layers, teacher.intermediate_size, generator=g),
+        channels=torch.rand(teacher.hidden_size, generator=g),
+        block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
+    )
+
+
+def random_arch(teacher: Architecture, rng: random.Random, explicit_layers: bool) -> Architecture:
+    kv = rng.randint(1, teacher.num_key_value_heads)
+    heads = kv * rng.randint(1, teacher.heads_per_group)
+    hidden = heads * rng.randint(1, teacher.hidden_size // heads)  # llama/gemma need hidden % heads == 0
+    ffn = rng.randint(1, teacher.intermediate_size)
+    if explicit_layers:
+        layers = rng.sample(range(teacher.num_hidden_layers), rng.randint(1, teacher.num_hidden_layers))
+        if rng.random() < 0.5:
+            layers.sort()
+        return Architecture(hidden, ffn, heads, kv, len(layers), tuple(layers))
+    return Architecture(hidden, ffn, heads, kv, rng.randint(1, teacher.num_hidden_layers))
+
+
+def embedding_params(model) -> int:
+    n = model.get_input_embeddings().weight.numel()
+    if not model.config.tie_word_embeddings:
+        n += model.get_output_embeddings().weight.numel()
+    return n
+
+
+def numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_count_of_teacher_matches_instantiated_model(family_name):
+    model = tiny_model(family_name)
+    count = ParamCounter(model.config).count(Architecture.from_config(model.config))
+    assert count.total == numel(model)
+    assert count.non_embedding == numel(model) - embedding_params(model)
+
+
+def test_count_matches_pruned_models_for_random_architectures(family_name):
+    teacher_model = tiny_model(family_name)
+    teacher = Architecture.from_config(teacher_model.config)
+    counter = ParamCounter(teacher_model.config)
+    rng = random.Random(f"arch-{family_name}")
+    seen = set()
+    for i in range(N_RANDOM):
+        arch = random_arch(teacher, rng, explicit_layers=i % 3 == 0)
+        seen.add(arch)
+        student = prune(teacher_model, random_rankings(teacher, i), arch)
+        count = counter.count(arch)
+        total = numel(student)
+        assert count.total == total, arch
+        assert count.non_embedding == total - embedding_params(student), arch
+        # the model really has the shape we counted
+        assert student.config.hidden_size == arch.hidden_size
+        assert student.config.num_hidden_layers == arch.num_hidden_layers == len(student.model.layers)
+    assert len(seen) > N_RANDOM * 0.8  # the random architectures are actually varied
+
+
+def test_count_matches_from_config_on_meta_device(family_name):
+    """A second, independent route: transformers builds the student config from scratch."""
+    config = TINY_CONFIGS[family_name]()
+    teacher = Architecture.from_config(config)
+    counter = ParamCounter(config)
+    rng = random.Random(f"meta-{family_name}")
+    for i in range(N_RANDOM):
+        arch = random_arch(teacher, rng, explicit_layers=i % 2 == 0)
+        cfg = student_config(config, arch, list(arch.layers) if arch.layers else None)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        assert counter.count(arch).total == numel(model), arch
+        assert counter.count(arch).non_embedding == numel(model) - embedding_params(model), arch
+
+
+def test_untied_lm_head_is_embedding_not_body():
+    tied = ParamCounter(TINY_CONFIGS["llama"]())
+    untied = ParamCounter(TINY_CONFIGS["llama"](tie_word_embeddings=False))
+    arch = Architecture.from_config(TINY_CONFIGS["llama"]())
+    vocab_by_hidden = 128 * arch.hidden_size
+    assert untied.count(arch).total - tied.count(arch).total == vocab_by_hidden
+    assert untied.count(arch).non_embedding == tied.count(arch).non_embedding
+
+
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
+
+
+def _llama_closed_form(arch: Architecture, vocab: int, head_dim: int) -> tuple[int, int]:
+    h, f = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_attention_heads * head_dim, arch.num_key_value_heads * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
+    body = arch.num_hidden_layers * per_layer + h
+    return 2 * vocab * h + body, body
+
+
+def test_llama_3_1_8b_count_is_exact():
+    counter = ParamCounter(LlamaConfig(**LLAMA_8B))
+    count = counter.count(Architecture.from_config(LlamaConfig(**LLAMA_8B)))
+    assert count.total == 8_030_261_248
+    assert count.non_embedding == 8_030_261_248 - 2 * 128256 * 4096
+
+
+def test_counting_ten_thousand_architectures():
+    config = LlamaConfig(**LLAMA_8B)
+    counter = ParamCounter(config)
+    teacher = Architecture.from_config(config)
+    rng = random.Random(0)
+    counts = set()
+    for _ in range(10_000):
+        kv = rng.randint(1, 8)
+        arch = Architecture(
+            hidden_size=rng.randrange(128, 4097, 128),
+            intermediate_size=rng.randrange(512, 14337, 512),
+            num_attention_heads=kv * rng.randint(1, 4),
+            num_key_value_heads=kv,
+            num_hidden_layers=rng.randint(1, 32),
+        )
+        validate(arch, teacher)
+        count = counter.count(arch)
+        assert (count.total, count.non_embedding) == _llama_closed_form(arch, 128256, 128)
+        counts.add(count.total)
+    assert len(counts) > 9000
+
+
+# --- Architecture.from_dict / load -------------------------------------------------------
+
+BASE = Architecture(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=4)
+
+
+def test_from_dict_fills_missing_keys_from_base():
+    arch = Architecture.from_dict({"hidden_size": 24, "num_attention_heads": 2}, BASE)
+    assert arch == Architecture(24, 96, 2, 2, 4)
+    assert Architecture.from_dict({}, BASE) == BASE
+    assert Architecture.from_dict({"intermediate_size": None}, BASE) == BASE
+
+
+def test_from_dict_layers_set_depth():
+    arch = Architecture.from_dict({"layers": [0, 3]}, BASE)
+    assert arch.layers == (0, 3)
+    assert arch.num_hidden_layers == 2
+    assert arch.to_dict()["layers"] == [0, 3]
+    # a base with layers does not leak its layer list into a new candidate
+    assert Architecture.from_dict({"num_hidden_layers": 3}, arch).layers is None
+
+
+@pytest.mark.parametrize("data", [{"hidden": 32}, {"hidden_size": 32, "num_layers": 2}])
+def test_from_dict_unknown_key(data):
+    with pytest.raises(MinitronError, match="unknown architecture key"):
+        Architecture.from_dict(data, BASE)
+
+
+@pytest.mark.parametrize("value", ["32", 32.0, True, [32]])
+def test_from_dict_non_integer(value):
+    with pytest.raises(MinitronError, match="must be an integer"):
+        Architecture.from_dict({"hidden_size": value}, BASE)
+
+
+@pytest.mark.parametrize("layers", [[0, "1"], [0, 1.5], 3, [True]])
+def test_from_dict_non_integer_layers(layers):
+    with pytest.raises(MinitronError, match="layers"):
+        Architecture.from_dict({"layers": layers}, BASE)
+
+
+def test_load_inline_and_file(tmp_path):
+    assert Architecture.load('{"hidden_size": 24}', BASE) == Architecture(24, 96, 6, 2, 4)
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({"num_key_value_heads": 1, "num_attention_heads": 3}))
+    assert Architecture.load(path, BASE) == Architecture(48, 96, 3, 1, 4)
+    with pytest.raises(MinitronError, match="not found"):
+        Architecture.load(tmp_path / "missing.json", BASE)
+    with pytest.raises(MinitronError, match="not valid JSON"):
+        Architecture.load('{"hidden_size": ', BASE)
+    path.write_text("[1, 2]")
+    with pytest.raises(MinitronError, match="JSON object"):
+        Architecture.load(path, BASE)
+
+
+# --- validate ------------------------------------------------------------------------------
+
+
+def test_validate_accepts_teacher_and_smaller():
+    validate(BASE, BASE)
+    validate(Architecture(6, 1, 1, 1, 1), BASE)
+    validate(Architecture(48, 96, 6, 2, 2, layers=(3, 0)), BASE)
+
+
+@pytest.mark.parametrize(
+    "field", ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"]
+)
+def test_validate_rejects_larger_than_teacher(field):
+    from dataclasses import replace
+
+    larger = replace(BASE, **{field: getattr(BASE, field) * 2})
+    with pytest.raises(MinitronError, match=f"{field}=.*larger than the teacher"):
+        validate(larger, BASE)
+    with pytest.raises(MinitronError, match="at least 1"):
+        validate(replace(BASE, **{field: 0}), BASE)
+
+
+def test_validate_rejects_heads_not_multiple_of_groups():
+    with pytest.raises(MinitronError, match="not a multiple"):
+        validate(Architecture(48, 96, 5, 2, 4), BASE)
+
+
+def test_validate_rejects_too_many_heads_per_group():
+    # 4 heads over 1 group = 4 per group; the teacher has 3
+    with pytest.raises(MinitronError, match="per KV group exceeds"):
+        validate(Architecture(48, 96, 4, 1, 4), BASE)
+
+
+@pytest.mark.parametrize(
+    "layers, n, match",
+    [
+        ((0, 1), 3, "make them agree"),
+        ((0, 0, 1), 3, "distinct"),
+        ((0, 4), 2, "distinct"),
+        ((-1, 2), 2, "distinct"),
+    ],
+)
+def test_validate_rejects_bad_layer_lists(layers, n, match):
+    with pytest.raises(MinitronError, match=match):
+        validate(Architecture(48, 96, 6, 2, n, layers=layers), BASE)
+
+
+# --- student_config --------------------------------------------------------------------------
+
+
+def test_student_config_rejects_llama_hidden_not_divisible_by_heads():
+    with pytest.raises(MinitronError, match="transformers refuses") as info:
+        student_config(TINY_CONFIGS["llama"](), Architecture(47, 96, 6, 2, 4))
+    assert "\n" not in str(info.value)
+    assert "47" in str(info.value)
+
+
+def test_student_config_sizes_and_layer_lists(family_name):
+    config = TINY_CONFIGS[family_name]()
+    arch = Architecture(24, 40, 4, 2, 3)
+    cfg = student_config(config, arch, [3, 0, 2])
+    assert type(cfg) is type(config)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (
+        24, 40, 4, 2, 3,
+    )
+    assert cfg.head_dim == 8  # head_dim never changes, even though hidden / heads = 6
+    assert cfg.vocab_size == config.vocab_size
+    if getattr(config, "layer_types", None) is not None:
+        assert cfg.layer_types == [config.layer_types[i] for i in (3, 0, 2)]
+    assert config.num_hidden_layers == 4 and config.hidden_size == 48  # teacher untouched
