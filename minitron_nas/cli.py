@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -14,6 +15,11 @@ from .errors import MinitronError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pruning and architecture search.")
 console = Console(stderr=True)
+
+
+def _tables() -> Console:
+    """Stdout console; wide when piped so tables are not truncated."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 MODEL_HELP = "Hugging Face id or folder, a .gguf file, or 'smollm2-135m' (embedded)"
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
@@ -133,6 +139,73 @@ def loss(
     print(json.dumps({"model": teacher.name, "data": data, "split": split, "loss": round(value, 4)}))
 
 
+@app.command()
+@_one_line_errors
+def evaluate(
+    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks: arc_easy, arc_challenge, piqa, winogrande, lambada_openai, boolq, wikitext"),
+    data_dir: Path = typer.Option(..., help="folder of the upstream benchmark files (e.g. ../shared/data)"),
+    limit: int = typer.Option(None, help="score only the first N documents of each task"),
+    batch_size: int = typer.Option(8),
+    num_fewshot: int = typer.Option(0),
+):
+    """lm-evaluation-harness scores (its own prompts and metrics) on local files, offline, as JSON."""
+    from .lm_eval_tasks import prepare_tasks
+    from .scoring import lm_eval_scores
+    from .teachers import load_teacher
+
+    names = [p.name for p in prepare_tasks(tasks, data_dir)]  # bad names or files fail before the model loads
+    teacher = load_teacher(model)
+    scores = lm_eval_scores(teacher.model, teacher.tokenizer, names, data_dir, limit, batch_size, num_fewshot)
+    print(json.dumps({"model": teacher.name, "limit": limit, "num_fewshot": num_fewshot, "scores": scores}, indent=1))
+
+
+@app.command("enumerate")
+@_one_line_errors
+def enumerate_space(
+    space: Path = typer.Argument(..., help="search space YAML"),
+    show: int = typer.Option(10, help="how many of the closest candidates to print"),
+):
+    """Every architecture of a search space within its budget (exact counts; no weights needed)."""
+    from .space import enumerate_candidates, load_space, require_feasible
+    from .teachers import load_config
+
+    spec = load_space(space)
+    config = load_config(spec.teacher)
+    feasible = require_feasible(spec, config)
+    _, valid = enumerate_candidates(spec, config)
+    table = Table(title=f"{len(feasible)} of {len(valid)} valid architectures meet the budget ({spec.budget.parameters:,} {spec.budget.count})")
+    for column in ("hidden", "ffn", "heads", "kv groups", "layers", "total", "non-embedding", "memory GiB"):
+        table.add_column(column, justify="right")
+    for c in feasible[:show]:
+        a = c.arch
+        table.add_row(*map(str, (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
+                      f"{c.total:,}", f"{c.non_embedding:,}", f"{c.memory_gb:.2f}")
+    _tables().print(table)
+
+
+@app.command()
+@_one_line_errors
+def search(
+    space: Path = typer.Argument(..., help="search space YAML"),
+    out: Path = typer.Option(None, help="run folder (default: runs/<space name>)"),
+    storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
+    n_trials: int = typer.Option(None, help="trials to run now (default: the space's trials, or the whole grid)"),
+    resume: bool = typer.Option(False, help="continue the study already in the run folder or storage"),
+):
+    """Budget-constrained architecture search: prune, score, retrain by KD, score again."""
+    from .search import best_trial, run_search
+    from .space import load_space
+
+    spec = load_space(space)
+    out = out or Path("runs") / space.stem
+    study = run_search(spec, out, storage, n_trials, resume)
+    best = best_trial(study)
+    if best is None:
+        raise MinitronError(f"no trial finished in {out}: see trials.csv for the errors")
+    console.print(f"best: {best.user_attrs['architecture']} score {best.values[0]:.4f} -> {out / 'best_arch.json'}")
+
+
 DEMO_ARCH = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 24}
 
 
@@ -185,6 +258,6 @@ def demo(
         ("pruned at random", baseline, target),
     ):
         table.add_row(name, f"{counter.count(shape).total:,}", f"{lm_loss(net, heldout, progress=True):.3f}")
-    Console().print(table)
+    _tables().print(table)
     console.print(f"pruned model (loads with AutoModelForCausalLM.from_pretrained): {model_dir}")
 

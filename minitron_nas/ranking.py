@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -55,6 +54,14 @@ def _reduce_seq(values: torch.Tensor, how: str) -> torch.Tensor:
     if how == "l2":
         return values.norm(dim=1)
     return values.var(dim=1, unbiased=False)
+
+
+_COS_EPS = 1e-8  # F.cosine_similarity's default
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, eps) along the last axis: the first step of F.cosine_similarity, op for op."""
+    return x / torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clamp_min_(_COS_EPS)
 
 
 class _BatchAccumulator:
@@ -157,6 +164,7 @@ def compute_rankings(
     acc_channels = [_BatchAccumulator(aggregation.batch) for _ in norms]
     cos_sum = torch.zeros(len(layers), dtype=torch.float64)
     cos_count = [0]
+    previous = [None]  # (last layer output, its version, its unit rows): usually the next layer's input
 
     def head_hook(index):
         def hook(module, args):
@@ -181,7 +189,16 @@ def compute_rankings(
     def block_hook(index):
         def hook(module, args, kwargs, output):
             hidden_in, hidden_out = _layer_io(args, kwargs, output)
-            cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+            # F.cosine_similarity(hidden_in, hidden_out, dim=-1) op for op (identical values), but
+            # a layer's output is the next layer's input: its unit rows are normalised only once.
+            cached = previous[0]
+            if cached is not None and cached[0] is hidden_in and cached[1] == hidden_in._version:
+                unit_in = cached[2]
+            else:
+                unit_in = _unit_rows(hidden_in.float())
+            unit_out = _unit_rows(hidden_out.float())
+            previous[0] = (hidden_out, hidden_out._version, unit_out)
+            cos = unit_in.mul_(unit_out).sum(dim=-1)  # unit_in is not needed again
             cos_sum[index] += cos.double().sum().cpu()
             if index == 0:
                 cos_count[0] += cos.numel()

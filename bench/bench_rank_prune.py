@@ -1,0 +1,296 @@
+"""Benchmark the ranking pass, pruning and parameter counting on the real 135M teacher.
+
+Measures, in one process:
+  (a) the importance pass (`compute_rankings`) against a plain forward over the same
+      tokens with the same call and batch size, interleaved A B A B ... so machine drift
+      affects both alike; the figure is the median of the per-repeat ratios;
+  (b) `prune` of the teacher to a mid-size architecture;
+  (c) `ParamCounter.count` over random architectures, for the teacher's config and for
+      a Llama-3.1-8B config (built on the meta device, no weights).
+
+Prints a markdown table and writes it, with the command, machine and date, to
+reports/benchmarks/rank_prune.md (or --out). Run from the repository root:
+
+    .venv/bin/python bench/bench_rank_prune.py [--data ../shared/data/wikitext2/valid.txt]
+        [--samples 32] [--seq-len 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig
+
+from minitron_nas.architecture import Architecture, ParamCounter
+from minitron_nas.data import token_blocks
+from minitron_nas.pruning import prune
+from minitron_nas.ranking import compute_rankings
+from minitron_nas.teachers import load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
+DEFAULT_OUT = REPO / "reports" / "benchmarks" / "rank_prune.md"
+TEACHER = "smollm2-135m"
+BATCH_SIZE = 8  # compute_rankings' default; the plain forward uses the same
+MID_ARCH = Architecture(
+    hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=24
+)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
+GOAL_RATIO = 1.2  # importance pass / plain forward
+GOAL_PRUNE_S = 2.0
+GOAL_COUNTS_PER_S = 10_000  # "tens of thousands per second"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA, help="calibration text (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=32, help="calibration blocks (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per block (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each measure (default: %(default)s)")
+    parser.add_argument(
+        "--count-archs", type=int, default=100_000, help="random architectures counted per config (default: %(default)s)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/rank_prune.md)")
+    args = parser.parse_args(argv)
+    for name in ("samples", "seq_len", "repeats", "count_archs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not Path(args.data).is_file():
+        parser.error(f"--data '{args.data}' is not a file (paths are relative to the current directory)")
+    return args
+
+
+def command_line() -> str:
+    """The command as it was typed, as near as Python can tell."""
+    python = Path(sys.executable)
+    try:
+        python_text = str(python.relative_to(Path.cwd()))
+    except ValueError:
+        python_text = str(python)
+    command = shlex.join([python_text, *sys.argv])
+    if Path.cwd().resolve() != REPO:
+        command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
+    return command
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def plain_forward(model, blocks: torch.Tensor) -> None:
+    """Exactly the model call compute_rankings makes, without hooks."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in blocks.split(BATCH_SIZE):
+            model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
+
+
+def timed(fn, *args, **kwargs):
+    gc.collect()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def random_architectures(teacher: Architecture, n: int, seed: int = 0) -> list[Architecture]:
+    """Valid candidates (heads = KV groups x heads per group), built before timing starts."""
+    rng = random.Random(seed)
+    archs = []
+    for _ in range(n):
+        groups = rng.randint(1, teacher.num_key_value_heads)
+        per_group = rng.randint(1, teacher.heads_per_group)
+        archs.append(
+            Architecture(
+                hidden_size=rng.randint(1, teacher.hidden_size),
+                intermediate_size=rng.randint(1, teacher.intermediate_size),
+                num_attention_heads=groups * per_group,
+                num_key_value_heads=groups,
+                num_hidden_layers=rng.randint(1, teacher.num_hidden_layers),
+            )
+        )
+    return archs
+
+
+def count_rate(config, n: int, repeats: int) -> dict:
+    build_s, counter = timed(ParamCounter, config)
+    archs = random_architectures(Architecture.from_config(config), n)
+    count = counter.count
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        for arch in archs:
+            count(arch)
+        times.append(time.perf_counter() - start)
+    return {"build_s": build_s, "rate": n / statistics.median(times), "times": times}
+
+
+def fmt_s(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = command_line()
+    started = dt.datetime.now().astimezone()
+    load_before = load_average()
+
+    print(f"loading teacher {TEACHER} ...", flush=True)
+    load_s, teacher = timed(load_teacher, TEACHER)
+    model = teacher.model
+    blocks = token_blocks(args.data, teacher.tokenizer, args.seq_len, args.samples, "train")
+    n_blocks = int(blocks.shape[0])
+
+    # Warm-up (untimed): one batch through each path, so first-call costs hit neither side.
+    plain_forward(model, blocks[:BATCH_SIZE])
+    compute_rankings(model, blocks[:BATCH_SIZE], progress=False)
+
+    # (a) importance pass vs plain forward, interleaved A B A B ...
+    forward_s, ranking_s, rankings = [], [], None
+    for repeat in range(args.repeats):
+        seconds, _ = timed(plain_forward, model, blocks)
+        forward_s.append(seconds)
+        seconds, rankings = timed(compute_rankings, model, blocks, progress=False)
+        ranking_s.append(seconds)
+        print(
+            f"repeat {repeat + 1}/{args.repeats}: forward {forward_s[-1]:.2f} s, ranking {ranking_s[-1]:.2f} s, "
+            f"ratio {ranking_s[-1] / forward_s[-1]:.3f}",
+            flush=True,
+        )
+    ratios = [r / f for r, f in zip(ranking_s, forward_s)]
+    ratio = statistics.median(ratios)
+
+    # (b) pruning to a mid-size architecture
+    prune_s = []
+    for _ in range(args.repeats):
+        seconds, student = timed(prune, model, rankings, MID_ARCH)
+        prune_s.append(seconds)
+        del student
+    prune_median = statistics.median(prune_s)
+    print(f"prune: {fmt_s(prune_s)} s", flush=True)
+
+    # (c) parameter counting
+    small = count_rate(model.config, args.count_archs, args.repeats)
+    print(f"count (SmolLM2-135M): {small['rate']:,.0f}/s", flush=True)
+    big = count_rate(LlamaConfig(**LLAMA_8B), args.count_archs, args.repeats)
+    print(f"count (Llama-3.1-8B): {big['rate']:,.0f}/s", flush=True)
+
+    def verdict(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    tokens = n_blocks * args.seq_len
+    arch = MID_ARCH
+    rows = [
+        (
+            "Importance pass / plain forward (median ratio)",
+            f"{ratio:.3f}x",
+            f"<= {GOAL_RATIO}x",
+            verdict(ratio <= GOAL_RATIO),
+            f"ratios {', '.join(f'{r:.3f}' for r in ratios)}; ranking median {statistics.median(ranking_s):.2f} s "
+            f"({fmt_s(ranking_s)}), forward median {statistics.median(forward_s):.2f} s ({fmt_s(forward_s)}); "
+            f"{n_blocks} x {args.seq_len} tokens, batch {BATCH_SIZE}, "
+            f"{tokens / statistics.median(ranking_s):,.0f} tokens/s ranked",
+        ),
+        (
+            "Prune 135M -> mid-size (median)",
+            f"{prune_median:.2f} s",
+            f"<= {GOAL_PRUNE_S:.0f} s",
+            verdict(prune_median <= GOAL_PRUNE_S),
+            f"runs {fmt_s(prune_s)} s; hidden {arch.hidden_size}, ffn {arch.intermediate_size}, "
+            f"{arch.num_attention_heads} heads, {arch.num_key_value_heads} KV groups, {arch.num_hidden_layers} layers",
+        ),
+        (
+            "Parameter counts/s, SmolLM2-135M config",
+            f"{small['rate']:,.0f}/s",
+            f">= {GOAL_COUNTS_PER_S:,}/s",
+            verdict(small["rate"] >= GOAL_COUNTS_PER_S),
+            f"{args.count_archs:,} random architectures x {args.repeats}; counter built in {small['build_s']:.2f} s",
+        ),
+        (
+            "Parameter counts/s, Llama-3.1-8B config",
+            f"{big['rate']:,.0f}/s",
+            f">= {GOAL_COUNTS_PER_S:,}/s",
+            verdict(big["rate"] >= GOAL_COUNTS_PER_S),
+            f"{args.count_archs:,} random architectures x {args.repeats}; counter built in {big['build_s']:.2f} s (meta device)",
+        ),
+    ]
+    table = [
+        "| Measure | Measured | Goal | Met | Details |",
+        "|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+    ]
+    finished = dt.datetime.now().astimezone()
+    cores = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    report = [
+        "# Benchmark: ranking, pruning and parameter counting",
+        "",
+        "Produced by (from the repository root):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- Date: {started.isoformat(timespec='seconds')} (took {(finished - started).total_seconds():.0f} s)",
+        f"- CPU: {cpu_model()}, {cores} cores ({usable} usable)",
+        f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- Load average (1/5/15 min) at start: {load_before}; at end: {load_average()}",
+        f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); data: `{args.data}`, {n_blocks} blocks x {args.seq_len} tokens; "
+        f"{args.repeats} repeats",
+        "",
+        *table,
+        "",
+        "The ratio is taken per repeat between a plain forward and the importance pass run back to "
+        "back (A B A B ...) on the same tokens with the same call "
+        "(`model(input_ids=batch, use_cache=False, logits_to_keep=1)` under `torch.no_grad()`), "
+        "then the median is reported; both were warmed up with one batch first. Counting times "
+        "`ParamCounter.count` alone; the architectures are generated beforehand.",
+        "",
+    ]
+    print()
+    print("\n".join(table))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(report))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

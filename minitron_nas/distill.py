@@ -1,0 +1,599 @@
+"""Knowledge distillation: losses, a cache of the teacher's top-k logits, and the trainer.
+
+The same code retrains short-listed candidates in the architecture search and runs the
+full distillation stage (Minitron, Sec. 3: logit-only KD, forward KL, no CLM term by
+default).
+
+**Losses.** `kd_loss` is forward KL(teacher || student) between temperature-softened
+distributions, times T**2 (so gradients keep their scale across temperatures), averaged
+over tokens. `kd_loss_topk` is the same divergence after both distributions are reduced
+to k + 1 buckets: the teacher's top-k tokens (log-probabilities taken from the FULL
+softmax at temperature T) and one tail bucket with the remaining mass. Merging buckets
+can only lower a KL divergence, so `0 <= kd_loss_topk <= kd_loss` (up to float16 rounding
+of cached log-probabilities) and the two are equal when k = vocab.
+
+**Cache.** `TeacherLogitCache` runs the teacher once over a fixed tensor of training
+blocks and keeps, for every token, the top-k log-probabilities (float16) and their token
+ids (int32): `n_blocks * seq_len * k * 6` bytes, e.g. 64 x 256 x 64 -> 6.3 MB for SmolLM2
+(whose full float32 logits would take 64 * 256 * 49152 * 4 = 3.2 GB). It is saved as
+safetensors plus a JSON of what it was made from (teacher fingerprint, SHA-256 of the
+blocks, k, temperature, vocabulary size), and loading it for anything else is refused.
+
+**Trainer.** `retrain` uses `accelerate.Accelerator`: the same code runs on CPU, on one
+GPU (bf16 autocast) or on several under `accelerate launch` (each process takes its slice
+of every global batch; `batch_size` is per process and micro-batch). AdamW, linear warmup
+then cosine decay, gradient accumulation, gradient clipping, a data order fixed by the
+seed. Every `eval_every` optimizer steps (and after the last) the held-out blocks are
+scored and the value is passed to `report(step, value)`; an exception raised by `report`
+(for instance an Optuna `TrialPruned`) propagates and stops training.
+
+Held-out metric: the KD loss against the teacher (the objective being trained, top-k when
+`settings.top_k` is set) whenever teacher logits for the held-out blocks are available,
+i.e. `heldout_cache` is given or `teacher` is given (its held-out top-k is then computed
+once, in memory, before training); otherwise the held-out LM loss (next-token
+cross-entropy). `RetrainResult.eval_metric` says which; the LM loss is recorded in every
+case. Both are lower-is-better.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .errors import MinitronError
+from .files import atomic_dir, check_writable
+from .teachers import fingerprint
+
+CACHE_TENSORS = "teacher_topk.safetensors"
+CACHE_META = "teacher_topk.json"
+CACHE_FORMAT = 1
+_BYTES_PER_ENTRY = 6  # float16 log-probability + int32 token id
+_TINY = torch.finfo(torch.float32).eps  # smallest tail exponent gap kept away from log(0)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012); x is clamped below 0."""
+    x = x.clamp(max=-_TINY)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T**2 * mean over tokens of KL(softmax(teacher / T) || softmax(student / T)).
+
+    Logits are [..., vocab]; computed in float32 whatever their dtype.
+    """
+    t_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_token = (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1)
+    return per_token.mean() * temperature**2
+
+
+def kd_loss_topk(
+    student_logits: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KD against a teacher kept as its top-k log-probabilities plus one tail bucket.
+
+    `topk_logprobs` [..., k] are the teacher's log-softmax(logits / T) at `topk_indices`
+    (any dtype; float16 from the cache). The teacher's tail is 1 - sum(top-k), clamped
+    at 0. The student is reduced to the same buckets: its log-softmax gathered at the
+    indices, tail log(1 - sum) via log1mexp of their logsumexp. Returns
+    T**2 * mean over tokens of the (k+1)-bucket KL(teacher || student).
+    """
+    z = student_logits.float() / temperature
+    s_top = z.gather(-1, topk_indices.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
+    s_tail = _log1mexp(torch.logsumexp(s_top, dim=-1))
+    t_top = topk_logprobs.float()
+    t_prob = t_top.exp()
+    t_tail = (1.0 - t_prob.sum(dim=-1)).clamp_min(0.0)
+    per_token = (t_prob * (t_top - s_top)).sum(dim=-1) + torch.xlogy(t_tail, t_tail) - t_tail * s_tail
+    return per_token.mean() * temperature**2
+
+
+def clm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (nats) of [B, S, V] logits on [B, S] ids."""
+    logits = student_logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def blocks_sha256(blocks: torch.Tensor) -> str:
+    """Hash of a [N, S] tensor of token ids (values and shape; dtype-independent)."""
+    data = blocks.detach().to("cpu", torch.int64).contiguous()
+    digest = hashlib.sha256(str(tuple(data.shape)).encode())
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def teacher_topk(teacher, input_ids: torch.Tensor, top_k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k log-softmax(logits / T) (float32) and token ids (int64) for a batch."""
+    logits = teacher(input_ids=input_ids, use_cache=False).logits
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logprobs.topk(top_k, dim=-1, sorted=True)
+
+
+_CHECKED = ("teacher_fingerprint", "blocks_sha256", "top_k", "temperature", "vocab_size", "n_blocks", "seq_len")
+
+
+class TeacherLogitCache:
+    """Teacher top-k log-probabilities [N, S, k] (float16) and ids [N, S, k] (int32) of fixed blocks.
+
+    `cache[rows]` gives (logprobs, indices) for those block rows (int, slice, list or
+    tensor). Size on disk and in memory: N * S * k * 6 bytes.
+    """
+
+    def __init__(self, logprobs: torch.Tensor, indices: torch.Tensor, meta: dict):
+        if logprobs.shape != indices.shape or logprobs.dim() != 3:
+            raise MinitronError(f"teacher cache tensors disagree ({tuple(logprobs.shape)} vs {tuple(indices.shape)}): rebuild it")
+        self.logprobs = logprobs.to(torch.float16)
+        self.indices = indices.to(torch.int32)
+        self.meta = meta
+
+    # --- properties
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta["temperature"])
+
+    @property
+    def blocks_hash(self) -> str:
+        return self.meta["blocks_sha256"]
+
+    @property
+    def nbytes(self) -> int:
+        return self.logprobs.numel() * _BYTES_PER_ENTRY
+
+    @staticmethod
+    def size_bytes(n_blocks: int, seq_len: int, top_k: int) -> int:
+        """Bytes a cache of this shape takes: n_blocks * seq_len * top_k * 6."""
+        return n_blocks * seq_len * top_k * _BYTES_PER_ENTRY
+
+    def __len__(self) -> int:
+        return self.logprobs.shape[0]
+
+    def __getitem__(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, dtype=torch.long)
+        return self.logprobs[rows], self.indices[rows]
+
+    def __repr__(self) -> str:
+        n, s, k = self.logprobs.shape
+        return f"TeacherLogitCache({n} blocks x {s} tokens, k={k}, T={self.temperature}, {self.nbytes / 2**20:.1f} MiB)"
+
+    # --- construction
+    @classmethod
+    def compute(
+        cls,
+        teacher_model,
+        blocks: torch.Tensor,
+        top_k: int,
+        temperature: float = 1.0,
+        batch_size: int = 8,
+        meta: dict | None = None,
+        progress: bool = False,
+    ) -> "TeacherLogitCache":
+        """Run the teacher over `blocks` once and keep its top-k (in memory; `save` writes it)."""
+        vocab = teacher_model.config.vocab_size
+        if not 1 <= top_k <= vocab:
+            raise MinitronError(f"top_k {top_k} is outside 1..{vocab} (the vocabulary): choose a k in that range")
+        if temperature <= 0:
+            raise MinitronError(f"temperature {temperature} must be positive: use e.g. 1.0")
+        meta = dict(meta or {})
+        if "teacher_fingerprint" not in meta:
+            meta["teacher_fingerprint"] = fingerprint(teacher_model)
+        device = next(teacher_model.parameters()).device
+        was_training = teacher_model.training
+        teacher_model.eval()
+        values, ids = [], []
+        start = time.perf_counter()
+        try:
+            for batch in tqdm(blocks.split(batch_size), desc="teacher top-k", disable=not progress, unit="batch"):
+                v, i = teacher_topk(teacher_model, batch.to(device), top_k, temperature)
+                values.append(v.to("cpu", torch.float16))
+                ids.append(i.to("cpu", torch.int32))
+        finally:
+            teacher_model.train(was_training)
+        meta.update(
+            format=CACHE_FORMAT,
+            blocks_sha256=blocks_sha256(blocks),
+            n_blocks=int(blocks.shape[0]),
+            seq_len=int(blocks.shape[1]),
+            top_k=int(top_k),
+            temperature=float(temperature),
+            vocab_size=int(vocab),
+            seconds=round(time.perf_counter() - start, 2),
+        )
+        return cls(torch.cat(values), torch.cat(ids), meta)
+
+    def save(self, folder: Path, overwrite: bool = False) -> None:
+        """Write atomically: a temporary sibling folder, renamed when complete."""
+        with atomic_dir(Path(folder), overwrite) as tmp:
+            save_file({"logprobs": self.logprobs.contiguous(), "indices": self.indices.contiguous()}, str(tmp / CACHE_TENSORS))
+            (tmp / CACHE_META).write_text(json.dumps(self.meta, indent=2))
+
+    @classmethod
+    def build(
+        cls,
+        teacher_model,
+        blocks: torch.Tensor,
+        top_k: int,
+        temperature: float,
+        batch_size: int,
+        folder: Path,
+        meta: dict | None = None,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> "TeacherLogitCache":
+        """`compute` then `save` to `folder`. `meta` should carry `teacher_fingerprint`
+        (from `Teacher.fingerprint`); without it the fingerprint is computed here."""
+        check_writable(Path(folder), overwrite)  # fail before the teacher pass
+        cache = cls.compute(teacher_model, blocks, top_k, temperature, batch_size, meta, progress)
+        cache.save(Path(folder), overwrite)
+        return cache
+
+    @classmethod
+    def load(cls, folder: Path, expected_meta: dict | None = None) -> "TeacherLogitCache":
+        """Load and check against `expected_meta`: any of teacher_fingerprint, blocks_sha256
+        (or `blocks`, a tensor that is hashed), top_k, temperature, vocab_size, n_blocks,
+        seq_len. A mismatch raises MinitronError."""
+        folder = Path(folder)
+        meta_file, tensor_file = folder / CACHE_META, folder / CACHE_TENSORS
+        if not meta_file.is_file() or not tensor_file.is_file():
+            raise MinitronError(f"no teacher logit cache in '{folder}': build it with TeacherLogitCache.build first")
+        try:
+            meta = json.loads(meta_file.read_text())
+            tensors = load_file(str(tensor_file))
+            cache = cls(tensors["logprobs"], tensors["indices"], meta)
+        except MinitronError:
+            raise
+        except Exception as err:  # corrupt JSON or safetensors, missing tensor
+            raise MinitronError(f"teacher logit cache in '{folder}' is corrupt ({type(err).__name__}): rebuild it") from None
+        cache.check(expected_meta or {}, where=f"in '{folder}'")
+        return cache
+
+    @classmethod
+    def load_or_build(
+        cls,
+        teacher_model,
+        blocks: torch.Tensor,
+        top_k: int,
+        temperature: float,
+        batch_size: int,
+        folder: Path,
+        meta: dict | None = None,
+        progress: bool = False,
+    ) -> "TeacherLogitCache":
+        """Reuse the cache in `folder` if it was made for exactly this; build it if absent.
+        A cache there made for something else is refused, never silently replaced."""
+        if Path(folder).exists():
+            expected = {**(meta or {}), "blocks": blocks, "top_k": top_k, "temperature": temperature}
+            if "teacher_fingerprint" not in expected:
+                expected["teacher_fingerprint"] = fingerprint(teacher_model)
+            return cls.load(folder, {k: v for k, v in expected.items() if k in _CHECKED or k == "blocks"})
+        return cls.build(teacher_model, blocks, top_k, temperature, batch_size, folder, meta, progress=progress)
+
+    def check(self, expected_meta: dict, where: str = "") -> None:
+        expected = dict(expected_meta)
+        if "blocks" in expected:
+            blocks = expected.pop("blocks")
+            expected["blocks_sha256"] = blocks_sha256(blocks)
+            expected.setdefault("n_blocks", int(blocks.shape[0]))
+            expected.setdefault("seq_len", int(blocks.shape[1]))
+        for key in _CHECKED:
+            if key not in expected or expected[key] is None:
+                continue
+            have, want = self.meta.get(key), expected[key]
+            same = math.isclose(float(have), float(want)) if key == "temperature" and have is not None else have == want
+            if not same:
+                raise MinitronError(
+                    f"teacher logit cache{' ' + where if where else ''} was made for {key}={have}, not {want}: "
+                    "rebuild it for this teacher, these blocks and this k/temperature (or use another folder)"
+                )
+
+    def matches(self, blocks: torch.Tensor) -> bool:
+        return tuple(blocks.shape) == (self.meta.get("n_blocks"), self.meta.get("seq_len")) and blocks_sha256(blocks) == self.blocks_hash
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # blocks per micro-batch, per process
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    temperature: float = 1.0
+    top_k: int | None = 64  # None: full-vocabulary KD (live teacher only)
+    clm_weight: float = 0.0  # total = clm_weight * CE + KD
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 25  # optimizer steps between held-out evaluations; 0: only at the end
+    seed: int = 0  # data order
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, "steps", "use at least 1"),
+            (self.batch_size >= 1, "batch_size", "use at least 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "use a positive learning rate such as 1e-4"),
+            (0 <= self.warmup_steps <= self.steps, "warmup_steps", f"use 0..steps ({self.steps})"),
+            (self.temperature > 0, "temperature", "use a positive temperature such as 1.0"),
+            (self.top_k is None or self.top_k >= 1, "top_k", "use a positive k or None for the full vocabulary"),
+            (self.clm_weight >= 0, "clm_weight", "use 0 or a positive weight"),
+            (self.grad_accum >= 1, "grad_accum", "use at least 1"),
+            (self.eval_every >= 0, "eval_every", "use 0 (only at the end) or a positive step count"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a positive norm or None"),
+            (self.weight_decay >= 0, "weight_decay", "use 0 or a positive value"),
+        ]
+        for ok, name, fix in checks:
+            if not ok:
+                raise MinitronError(f"retraining setting {name}={getattr(self, name)!r} is invalid: {fix}")
+
+
+@dataclass
+class RetrainResult:
+    curve: list[tuple[int, float]]  # (optimizer step, mean training loss of that step)
+    eval_curve: list[tuple[int, float]]  # (step, held-out eval_metric); step 0 = before training
+    eval_metric: str | None  # "kd" (vs teacher) or "lm" (next-token CE); None without held-out blocks
+    eval_lm_curve: list[tuple[int, float]] = field(default_factory=list)  # held-out LM loss at the same steps
+    tokens_seen: int = 0  # student tokens over all processes
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def final_eval(self) -> float | None:
+        return self.eval_curve[-1][1] if self.eval_curve else None
+
+
+def make_accelerator():
+    """CPU / one GPU / `accelerate launch`; bf16 autocast where the GPU supports it."""
+    from accelerate import Accelerator
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+
+def batch_loss(
+    student,
+    input_ids: torch.Tensor,
+    settings: RetrainSettings,
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, KD part) of one micro-batch: clm_weight * CE + KD.
+
+    The teacher signal is `topk` (cached log-probs and ids) if given, else the live
+    `teacher` (its top-k if settings.top_k, else full-vocabulary KD); with neither, CE only.
+    """
+    logits = student(input_ids=input_ids, use_cache=False).logits
+    if topk is not None:
+        kd = kd_loss_topk(logits, topk[0], topk[1], settings.temperature)
+    elif teacher is not None:
+        if settings.top_k is not None:
+            values, ids = teacher_topk(teacher, input_ids, settings.top_k, settings.temperature)
+            kd = kd_loss_topk(logits, values, ids, settings.temperature)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=input_ids, use_cache=False).logits
+            kd = kd_loss(logits, t_logits, settings.temperature)
+    else:
+        kd = logits.new_zeros((), dtype=torch.float32)
+    total = kd if settings.clm_weight == 0 else kd + settings.clm_weight * clm_loss(logits, input_ids)
+    return total, kd.detach()
+
+
+def _row_stream(n: int, seed: int):
+    """Block rows in a fixed order: one seeded permutation per epoch, epochs concatenated."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=generator).tolist()
+
+
+@torch.no_grad()
+def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator) -> tuple[float | None, float]:
+    """(held-out KD loss or None, held-out LM loss), token-weighted over all processes."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    rows = torch.arange(len(blocks))[accelerator.process_index :: accelerator.num_processes]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # kd * tokens, ce * targets, counts
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for chunk in rows.split(settings.batch_size):
+            ids = blocks[chunk].to(device)
+            with accelerator.autocast():
+                logits = model(input_ids=ids, use_cache=False).logits
+                kd = None
+                if heldout_topk is not None:
+                    lp, ix = heldout_topk[chunk]
+                    kd = kd_loss_topk(logits, lp.to(device), ix.to(device), settings.temperature)
+                elif teacher is not None:  # full-vocabulary KD, live
+                    kd = kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits, settings.temperature)
+            if kd is not None:
+                sums[0] += kd.double() * ids.numel()
+            sums[1] += clm_loss(logits, ids).double() * ids[:, 1:].numel()
+            counts += torch.tensor([ids.numel(), ids[:, 1:].numel()], dtype=torch.float64, device=device)
+    finally:
+        model.train(was_training)
+    if accelerator.num_processes > 1:
+        sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
+    has_kd = heldout_topk is not None or teacher is not None
+    return (float(sums[0] / counts[0]) if has_kd else None), float(sums[1] / counts[1])
+
+
+def _all_finite(value: torch.Tensor, accelerator) -> bool:
+    bad = (~torch.isfinite(value.detach().float())).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")  # every process raises together, none hangs
+    return not bool(bad.item())
+
+
+def retrain(
+    student,
+    train_blocks: torch.Tensor,
+    cache: TeacherLogitCache | None,
+    settings: RetrainSettings,
+    heldout_blocks: torch.Tensor | None = None,
+    teacher=None,
+    report: Callable[[int, float], None] | None = None,
+    heldout_cache: TeacherLogitCache | None = None,
+    accelerator=None,
+    progress: bool = True,
+) -> RetrainResult:
+    """Distill into `student` (trained in place; left in eval mode) for `settings.steps` steps.
+
+    Teacher signal: `cache` (top-k of the teacher over exactly `train_blocks`) if given,
+    else the live `teacher` each step. `report(step, value)` receives the held-out metric
+    after every `eval_every` steps and after the last (not at step 0, which is only
+    recorded); it runs on every process with the same value, and whatever it raises
+    propagates. A non-finite loss or gradient raises MinitronError; the student is then
+    partly trained and should be discarded.
+    """
+    if accelerator is None:
+        accelerator = make_accelerator()
+    if accelerator.gradient_accumulation_steps != 1:
+        raise MinitronError("pass an Accelerator with gradient_accumulation_steps=1: retrain accumulates via settings.grad_accum")
+    vocab = student.config.vocab_size
+    _check_inputs(train_blocks, cache, settings, teacher, vocab)
+    device = accelerator.device
+    if teacher is not None:
+        teacher.to(device).eval()
+    if heldout_blocks is not None and heldout_cache is None and teacher is not None and settings.top_k is not None:
+        heldout_cache = TeacherLogitCache.compute(
+            teacher, heldout_blocks, settings.top_k, settings.temperature, settings.batch_size, meta={"teacher_fingerprint": "live"}
+        )
+    if heldout_cache is not None:
+        if heldout_blocks is None or not heldout_cache.matches(heldout_blocks):
+            raise MinitronError("heldout_cache was not made for heldout_blocks: build it from exactly those blocks")
+        _check_cache_settings(heldout_cache, settings, vocab, "held-out")
+    metric = None if heldout_blocks is None else ("kd" if (heldout_cache is not None or teacher is not None) else "lm")
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    # Not prepared: accelerate would step a prepared scheduler once per process.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    result = RetrainResult(curve=[], eval_curve=[], eval_metric=metric, settings=asdict(settings))
+    processes, rank, per_step = accelerator.num_processes, accelerator.process_index, settings.batch_size
+    stream = _row_stream(len(train_blocks), settings.seed)
+    seq_len = train_blocks.shape[1]
+    bar = tqdm(total=settings.steps, desc="retrain", unit="step", disable=not (progress and accelerator.is_main_process))
+    start = time.perf_counter()
+
+    def evaluate(step: int, call_report: bool) -> None:
+        kd, lm = _evaluate(model, heldout_blocks, heldout_cache, teacher if settings.top_k is None else None, settings, accelerator)
+        value = kd if metric == "kd" else lm
+        result.eval_curve.append((step, value))
+        result.eval_lm_curve.append((step, lm))
+        if call_report and report is not None:
+            report(step, value)
+
+    try:
+        if heldout_blocks is not None:
+            evaluate(0, call_report=False)
+        model.train()
+        for step in range(1, settings.steps + 1):
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            for micro in range(settings.grad_accum):
+                global_rows = [next(stream) for _ in range(per_step * processes)]
+                rows = torch.tensor(global_rows[rank * per_step : (rank + 1) * per_step])
+                ids = train_blocks[rows].to(device)
+                topk = None
+                if cache is not None:
+                    lp, ix = cache[rows]
+                    topk = (lp.to(device, non_blocking=True), ix.to(device, non_blocking=True))
+                sync = contextlib.nullcontext() if micro == settings.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    with accelerator.autocast():
+                        loss, _ = batch_loss(model, ids, settings, topk, teacher if cache is None else None)
+                    if not _all_finite(loss, accelerator):
+                        raise MinitronError(_nan_message(step, settings))
+                    accelerator.backward(loss / settings.grad_accum)
+                step_loss += loss.detach().double() / settings.grad_accum
+            if settings.max_grad_norm is not None:
+                norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                if not _all_finite(torch.as_tensor(norm), accelerator):
+                    raise MinitronError(_nan_message(step, settings))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if processes > 1:
+                step_loss = accelerator.reduce(step_loss, "mean")
+            result.curve.append((step, float(step_loss)))
+            result.tokens_seen += per_step * processes * settings.grad_accum * seq_len
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{result.tokens_seen / max(elapsed, 1e-9):.0f}")
+            if heldout_blocks is not None and (
+                step == settings.steps or (settings.eval_every and step % settings.eval_every == 0)
+            ):
+                evaluate(step, call_report=True)
+    finally:
+        bar.close()
+        result.seconds = time.perf_counter() - start
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restore the plain forward
+        student.eval()
+        accelerator.free_memory()
+    return result
+
+
+def _nan_message(step: int, settings: RetrainSettings) -> str:
+    return (
+        f"loss became NaN/inf at step {step}: lower the learning rate (lr={settings.lr:g}) "
+        "or raise warmup_steps, and check that the student produces finite logits"
+    )
+
+
+def _check_cache_settings(cache: TeacherLogitCache, settings: RetrainSettings, vocab: int, which: str) -> None:
+    if settings.top_k is not None and cache.top_k != settings.top_k:
+        raise MinitronError(f"the {which} teacher cache holds top-{cache.top_k}, settings ask for top_k={settings.top_k}: rebuild it or change top_k")
+    if not math.isclose(cache.temperature, settings.temperature):
+        raise MinitronError(
+            f"the {which} teacher cache was made at temperature {cache.temperature}, settings ask for {settings.temperature}: "
+            "rebuild it at that temperature"
+        )
+    if cache.meta.get("vocab_size") not in (None, vocab):
+        raise MinitronError(f"the {which} teacher cache is for a vocabulary of {cache.meta['vocab_size']}, the student has {vocab}: use the student's teacher")
+
+
+def _check_inputs(train_blocks, cache, settings, teacher, vocab) -> None:
+    if train_blocks.dim() != 2 or len(train_blocks) == 0:
+        raise MinitronError(f"training blocks must be a non-empty [n, seq_len] tensor, got shape {tuple(train_blocks.shape)}")
+    if cache is None and teacher is None and settings.clm_weight == 0:
+        raise MinitronError("nothing to learn from: give a teacher logit cache, a teacher, or clm_weight > 0")
+    if cache is not None:
+        if not cache.matches(train_blocks):
+            raise MinitronError(
+                f"the teacher cache ({cache.meta.get('n_blocks')} blocks, {cache.blocks_hash}) was not made for these "
+                f"training blocks ({len(train_blocks)} blocks, {blocks_sha256(train_blocks)}): build it from exactly these blocks"
+            )
+        _check_cache_settings(cache, settings, vocab, "training")
+    elif teacher is not None and settings.top_k is not None and settings.top_k > vocab:
+        raise MinitronError(f"top_k {settings.top_k} exceeds the vocabulary ({vocab}): choose a smaller k or None")
+    if teacher is not None and teacher.config.vocab_size != vocab:
+        raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} differs from the student's {vocab}: distill within one tokenizer")

@@ -1,0 +1,382 @@
+"""lm-evaluation-harness tasks on local upstream files, with lm-eval's own prompts and metrics.
+
+lm-eval's built-in task configs read Hugging Face dataset repos, which are unreachable
+offline and use other schemas than the upstream files. For each supported task this module
+converts the upstream files of a data folder into the exact field layout of the dataset the
+built-in task reads, writes them as JSON lines into a cache folder, and writes a task YAML
+that `include`s the built-in YAML of the installed lm_eval package and overrides only the
+dataset location and the split names. Prompts, targets, choices and metrics therefore stay
+lm-eval's own, so scores are comparable to published lm-eval numbers (zero-shot; few-shot
+examples come from the splits available here, not always from lm-eval's training split).
+
+The cache folder of a task is keyed by a hash of its source files' contents, written
+atomically, and reused while the sources are unchanged:
+`cache_root()/lm_eval_data/<task>-<key>/{<split>.jsonl, <task>.yaml, source.json}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MinitronError
+from .files import atomic_dir
+
+# Bump when a converter's output changes, so old cache folders are not reused.
+CONVERTER_VERSION = 1
+
+Record = dict
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one lm-eval task is fed from upstream files."""
+
+    name: str
+    builtin_yaml: str  # relative to lm_eval/tasks/
+    splits: dict[str, tuple[tuple[str, ...], Callable[..., Iterable[Record]]]]  # split -> (source files, converter)
+    eval_split: str  # the split lm-eval scores on (its published numbers use this one)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise MinitronError(f"'{path}' line {number} is not JSON ({err.msg}): give the upstream file unmodified") from None
+
+
+def _field(record: dict, key: str, path: Path):
+    try:
+        return record[key]
+    except (KeyError, TypeError):
+        raise MinitronError(f"'{path}' has a record without '{key}': give the upstream file unmodified") from None
+
+
+def _labels(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- converters
+# Each yields records in the schema of the Hugging Face dataset that lm-eval's built-in task reads.
+
+
+def _arc(path: Path) -> Iterator[Record]:
+    """AI2 upstream -> allenai/ai2_arc: question is the stem, choices a dict of parallel lists."""
+    for record in _jsonl(path):
+        question = _field(record, "question", path)
+        choices = _field(question, "choices", path)
+        labels = [str(c["label"]) for c in choices]
+        answer = str(_field(record, "answerKey", path))
+        if answer not in labels:
+            raise MinitronError(f"'{path}': item {record.get('id')} has answerKey {answer!r} not among its labels {labels}: give the upstream file unmodified")
+        yield {
+            "id": record.get("id"),
+            "question": _field(question, "stem", path),
+            "choices": {"text": [c["text"] for c in choices], "label": labels},
+            "answerKey": answer,
+        }
+
+
+def _piqa(path: Path, labels_path: Path) -> Iterator[Record]:
+    """Upstream PIQA + labels file -> baber/piqa: goal, sol1, sol2, label (int)."""
+    records = list(_jsonl(path))
+    labels = _labels(labels_path)
+    if len(labels) != len(records):
+        raise MinitronError(f"'{labels_path}' has {len(labels)} labels for {len(records)} records in '{path}': give matching upstream files")
+    for record, label in zip(records, labels):
+        if label not in ("0", "1"):
+            raise MinitronError(f"'{labels_path}' has label {label!r}: expected 0 or 1")
+        yield {"goal": _field(record, "goal", path), "sol1": _field(record, "sol1", path), "sol2": _field(record, "sol2", path), "label": int(label)}
+
+
+def _winogrande(path: Path) -> Iterator[Record]:
+    """Upstream WinoGrande -> allenai/winogrande: answer stays the string "1" or "2"."""
+    for record in _jsonl(path):
+        answer = str(_field(record, "answer", path))
+        if answer not in ("1", "2"):
+            raise MinitronError(f"'{path}': item {record.get('qID')} has answer {answer!r}: expected \"1\" or \"2\" (dev split, not test)")
+        yield {"sentence": _field(record, "sentence", path), "option1": _field(record, "option1", path), "option2": _field(record, "option2", path), "answer": answer}
+
+
+def _lambada(path: Path) -> Iterator[Record]:
+    for record in _jsonl(path):
+        yield {"text": _field(record, "text", path)}
+
+
+_BOOL = {"true": 1, "false": 0, True: 1, False: 0}
+
+
+def _boolq(path: Path) -> Iterator[Record]:
+    """SuperGLUE upstream -> aps/super_glue boolq: label is 1 for true, 0 for false (choices no/yes)."""
+    for record in _jsonl(path):
+        raw = _field(record, "label", path)
+        key = raw.lower() if isinstance(raw, str) else raw
+        if key not in _BOOL:
+            raise MinitronError(f"'{path}': item {record.get('idx')} has label {raw!r}: expected true or false (validation split, not test)")
+        yield {"question": _field(record, "question", path), "passage": _field(record, "passage", path), "idx": record.get("idx"), "label": _BOOL[key]}
+
+
+def wikitext_pages(raw_path: Path, layout_path: Path) -> list[str]:
+    """WikiText-2 raw test -> EleutherAI/wikitext_document_level pages.
+
+    That dataset splits the original `wiki.test.raw` (4358 lines, blank lines included) into
+    articles at each top-level heading and joins the lines with "\\n". The raw file here has
+    its blank lines dropped and CRLF endings; the tokenized `test.txt` of the same split has
+    the original line layout, so the raw lines are put back into that layout first (line i
+    of the raw file is the i-th non-blank line; both are checked to have the same words).
+    """
+    raw = [line for line in raw_path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+    layout = layout_path.read_text(encoding="utf-8").split("\n")
+    slots = [i for i, line in enumerate(layout) if line.strip()]
+    if len(slots) != len(raw):
+        raise MinitronError(
+            f"'{raw_path}' has {len(raw)} text lines but '{layout_path}' has {len(slots)}: "
+            "give the WikiText-2 test split in both (raw and tokenized)"
+        )
+    for i, line in zip(slots, raw):
+        if len(line.split()) != len(layout[i].split()):
+            raise MinitronError(f"'{raw_path}' and '{layout_path}' differ at line {i + 1}: give the WikiText-2 test split in both")
+        layout[i] = line
+    # The dataset script's own page splitting, verbatim in behaviour.
+    pages, current = [], []
+    for line in "\n".join(layout).split("\n"):
+        heading = line.replace("= = =", "===").replace("= =", "==").strip()
+        if heading.startswith("= ") and heading.endswith(" ="):
+            page = "\n".join(current)
+            if page.strip():
+                pages.append(page)
+            current = []
+        current.append(line)
+    pages.append("\n".join(current))
+    return pages
+
+
+def _wikitext(raw_path: Path, layout_path: Path) -> Iterator[Record]:
+    for page in wikitext_pages(raw_path, layout_path):
+        yield {"page": page}
+
+
+# --------------------------------------------------------------------------- the tasks
+
+_ARC_E = (("arc/ARC-Easy-Test.jsonl",), _arc)
+_ARC_C = (("arc/ARC-Challenge-Test.jsonl",), _arc)
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("arc_easy", "arc/arc_easy.yaml", {"test": _ARC_E, "validation": (("arc/ARC-Easy-Dev.jsonl",), _arc)}, "test"),
+        TaskSpec("arc_challenge", "arc/arc_challenge.yaml", {"test": _ARC_C, "validation": (("arc/ARC-Challenge-Dev.jsonl",), _arc)}, "test"),
+        TaskSpec("piqa", "piqa/piqa.yaml", {"validation": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), _piqa)}, "validation"),
+        TaskSpec("winogrande", "winogrande/default.yaml", {"validation": (("winogrande/dev.jsonl",), _winogrande)}, "validation"),
+        TaskSpec("lambada_openai", "lambada/lambada_openai.yaml", {"test": (("lambada/lambada_test.jsonl",), _lambada)}, "test"),
+        TaskSpec("boolq", "super_glue/boolq/default.yaml", {"validation": (("boolq/superglue_val.jsonl",), _boolq)}, "validation"),
+        TaskSpec("wikitext", "wikitext/wikitext.yaml", {"test": (("wikitext2_raw/wiki.test.raw", "wikitext2/test.txt"), _wikitext)}, "test"),
+    )
+}
+SUPPORTED = tuple(TASKS)
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """'arc_easy,piqa' or a list -> checked, de-duplicated task names in order."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not names:
+        raise MinitronError(f"no task given: name one or more of {', '.join(SUPPORTED)}")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise MinitronError(f"unknown task {', '.join(map(repr, unknown))}: supported tasks are {', '.join(SUPPORTED)}")
+    return list(dict.fromkeys(names))
+
+
+def lm_eval_tasks_dir() -> Path:
+    """The built-in task folder of the installed lm_eval package (found without importing it)."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise MinitronError("lm-evaluation-harness is not installed: run `pip install lm-eval`")
+    return Path(spec.submodule_search_locations[0]) / "tasks"
+
+
+def default_cache_dir() -> Path:
+    from .teachers import cache_root
+
+    return cache_root() / "lm_eval_data"
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    name: str
+    folder: Path  # holds <split>.jsonl, <name>.yaml, source.json
+    yaml: Path
+    data_files: dict[str, Path]
+    eval_split: str
+
+
+def _sources(spec: TaskSpec, data_dir: Path) -> dict[str, list[Path]]:
+    if not data_dir.is_dir():
+        raise MinitronError(f"data folder '{data_dir}' not found: pass the folder holding the upstream benchmark files (e.g. ../shared/data)")
+    out = {}
+    for split, (files, _) in spec.splits.items():
+        paths = [data_dir / f for f in files]
+        for path in paths:
+            if not path.is_file():
+                raise MinitronError(f"task {spec.name} needs '{path}', which is missing: put the upstream file there or pass another data folder")
+        out[split] = paths
+    return out
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _yaml_text(spec: TaskSpec, builtin: Path, data_files: dict[str, Path], hf_cache: Path, data_dir: Path) -> str:
+    import yaml
+
+    split_of = lambda s: s if s in data_files else None  # noqa: E731
+    config = {
+        "include": str(builtin),
+        "task": spec.name,
+        # Tags group built-in tasks (ai2_arc, lambada); one folder per task would register
+        # them once per folder, with warnings. Tasks are loaded by name, so drop them.
+        "tag": [],
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {s: str(p) for s, p in data_files.items()}, "cache_dir": str(hf_cache)},
+        "training_split": split_of("train"),
+        "validation_split": split_of("validation"),
+        "test_split": split_of("test"),
+    }
+    header = f"# Generated by minitron_nas.lm_eval_tasks from {data_dir}: lm-eval's built-in {spec.name} on local files.\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None = None) -> PreparedTask:
+    """Convert one task's upstream files (once per content) and write its task YAML."""
+    (name,) = parse_tasks([name])
+    spec = TASKS[name]
+    data_dir = Path(data_dir).expanduser()
+    sources = _sources(spec, data_dir)
+    builtin = lm_eval_tasks_dir() / spec.builtin_yaml
+    if not builtin.is_file():
+        raise MinitronError(f"the installed lm-eval has no '{spec.builtin_yaml}': install lm-eval>=0.4.8")
+
+    hashes = {f"{split}:{p.relative_to(data_dir)}": _file_hash(p) for split, paths in sources.items() for p in paths}
+    key = hashlib.sha256(json.dumps([CONVERTER_VERSION, name, hashes], sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = folder.resolve() / f"{name}-{key}"
+    data_files = {split: folder / f"{split}.jsonl" for split in spec.splits}
+
+    if not all(p.is_file() for p in data_files.values()):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        counts = {}
+        with atomic_dir(folder, overwrite=True) as tmp:
+            for split, paths in sources.items():
+                _, convert = spec.splits[split]
+                n = 0
+                with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
+                    for record in convert(*paths):
+                        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        n += 1
+                counts[split] = n
+            provenance = {"task": name, "data_dir": str(data_dir.resolve()), "sha256": hashes, "records": counts, "converter_version": CONVERTER_VERSION}
+            (tmp / "source.json").write_text(json.dumps(provenance, indent=1))
+
+    yaml_path = folder / f"{name}.yaml"
+    # Rewritten when it differs (e.g. lm_eval moved): it names the installed package's YAML.
+    _write_text_atomic(yaml_path, _yaml_text(spec, builtin, data_files, folder / "hf_datasets", data_dir))
+    return PreparedTask(name, folder, yaml_path, data_files, spec.eval_split)
+
+
+def prepare_tasks(tasks: str | Sequence[str], data_dir: str | Path, cache_dir: str | Path | None = None) -> list[PreparedTask]:
+    """Check every name and file first, then convert; `tasks` as 'a,b' or a list."""
+    names = parse_tasks(tasks)
+    for name in names:
+        _sources(TASKS[name], Path(data_dir).expanduser())
+    return [prepare_task(name, data_dir, cache_dir) for name in names]
+
+
+def task_manager(prepared: Sequence[PreparedTask]):
+    """An lm_eval TaskManager that knows only the prepared tasks (fast: built-in YAMLs are not indexed)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(p.folder) for p in prepared], include_defaults=False)
+
+
+# --------------------------------------------------------------------------- running offline
+
+
+@contextmanager
+def offline():
+    """Hugging Face hub and datasets offline for the duration, restored afterwards.
+
+    The libraries read the environment at import, so their module flags are patched too.
+    """
+    modules = {"huggingface_hub.constants": ("HF_HUB_OFFLINE",), "datasets.config": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    patched = []
+    for module_name, attrs in modules.items():
+        try:
+            module = importlib.import_module(module_name)  # import before the environment changes
+        except ImportError:
+            continue
+        patched += [(module, attr, getattr(module, attr)) for attr in attrs if hasattr(module, attr)]
+    env_keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    try:
+        for k in env_keys:
+            os.environ[k] = "1"
+        for module, attr, _ in patched:
+            setattr(module, attr, True)
+        yield
+    finally:
+        for module, attr, old in patched:
+            setattr(module, attr, old)
+        for k, old in saved_env.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+
+
+_METRIC_KEY = re.compile(r"^(?P<metric>[^,]+),(?P<filter>.+)$")
+
+
+def clean_results(results: dict, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """lm-eval's `results` section -> {task: {metric: value}} without stderrs, aliases or filter names."""
+    out = {}
+    for name in names:
+        metrics = {}
+        for key, value in results.get(name, {}).items():
+            match = _METRIC_KEY.match(key)
+            if match is None or "_stderr" in match["metric"] or not isinstance(value, (int, float)):
+                continue
+            metrics[match["metric"]] = float(value)
+        out[name] = metrics
+    return out

@@ -1,0 +1,339 @@
+"""The Optuna study over pruned candidates: slice, score, retrain briefly by KD, score again.
+
+The paper's point (best practice 9) is that candidate rankings only settle after a short
+distillation, so every trial retrains before its final score. The teacher stays loaded,
+its top-k logits for the retraining batches are computed once per search and cached on
+disk, and intermediate held-out values feed an Optuna pruner. Small feasible sets are
+searched exhaustively (GridSampler); large ones with TPE, or NSGA-II on (score,
+parameters) so the Pareto front is real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+
+from .architecture import Architecture
+from .data import token_blocks
+from .distill import RetrainSettings, TeacherLogitCache, kd_loss, retrain
+from .errors import MinitronError
+from .pipeline import RankSettings, rank
+from .pruning import prune
+from .ranking import Rankings
+from .scoring import lm_loss
+from .space import AXES, GRID_LIMIT, Candidate, SearchSpace, require_feasible
+from .teachers import Teacher, load_teacher
+
+STUDY_NAME = "minitron"
+HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30
+
+
+@dataclass
+class Scorer:
+    """Scores a model; `maximize` says which way is better."""
+
+    space: SearchSpace
+    teacher: Teacher
+    heldout: torch.Tensor
+    teacher_heldout_logits: torch.Tensor | None = None
+
+    @property
+    def maximize(self) -> bool:
+        return self.space.scoring.metric == "lm_eval"
+
+    @torch.no_grad()
+    def __call__(self, model) -> tuple[float, dict]:
+        spec = self.space.scoring
+        if spec.metric == "heldout_loss":
+            value = lm_loss(model, self.heldout)
+            return value, {"heldout_loss": value}
+        if spec.metric == "kld":
+            if self.teacher_heldout_logits is None:
+                self.teacher_heldout_logits = self.teacher.model(input_ids=self.heldout, use_cache=False).logits
+            logits = model(input_ids=self.heldout, use_cache=False).logits
+            value = kd_loss(logits, self.teacher_heldout_logits, 1.0).item()
+            return value, {"kld": value}
+        from .scoring import lm_eval_scores  # lm-eval is slow to import; only load it when scoring with it
+
+        scores = lm_eval_scores(model, self.teacher.tokenizer, list(spec.tasks), spec.data_dir, limit=spec.limit)
+        primary = [task.get("acc_norm", task.get("acc")) for task in scores.values()]
+        primary = [p for p in primary if p is not None]
+        if not primary:
+            raise MinitronError("scoring.tasks have no accuracy metric to optimise: choose multiple-choice tasks")
+        return sum(primary) / len(primary), scores
+
+
+def _storage(url: str | None, out: Path):
+    url = url or f"sqlite:///{(out / 'study.db').resolve()}"
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        )
+    if url.endswith((".log", ".journal")):
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+
+
+def _sampler(space: SearchSpace, feasible: list[Candidate]):
+    kind = space.sampler
+    if kind == "auto":
+        kind = "grid" if len(feasible) <= GRID_LIMIT else "nsga2"
+    if kind == "grid":
+        return kind, optuna.samplers.GridSampler({"candidate": list(range(len(feasible)))}, seed=space.seed)
+    if kind == "tpe":
+        return kind, optuna.samplers.TPESampler(seed=space.seed)
+    return kind, optuna.samplers.NSGAIISampler(seed=space.seed)
+
+
+def _suggest(trial: optuna.Trial, kind: str, feasible: list[Candidate]) -> Candidate:
+    """Grid: the candidate index. TPE/NSGA-II: a value per axis, snapped to the nearest feasible."""
+    if kind == "grid":
+        return feasible[trial.suggest_categorical("candidate", list(range(len(feasible))))]
+    wanted = {}
+    for axis in AXES:
+        values = sorted({_axis(c.arch, axis) for c in feasible})
+        wanted[axis] = trial.suggest_categorical(axis, values)
+
+    def distance(c: Candidate) -> float:
+        return sum(abs(_axis(c.arch, a) - wanted[a]) / max(1, wanted[a]) for a in AXES)
+
+    return min(feasible, key=distance)
+
+
+def _axis(arch: Architecture, axis: str) -> int:
+    return arch.heads_per_group if axis == "heads_per_group" else getattr(arch, axis)
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """A worker killed mid-trial leaves it RUNNING; once its heartbeat is stale, fail and retry it."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if running and isinstance(study._storage, optuna.storages.RDBStorage):
+        time.sleep(GRACE_SECONDS + 1)
+        optuna.storages.fail_stale_trials(study)
+
+
+def open_study(space: SearchSpace, out: Path, storage: str | None, resume: bool, maximize: bool, kind: str, sampler):
+    directions = ["maximize" if maximize else "minimize"]
+    if kind == "nsga2":
+        directions.append("minimize")  # parameters
+    store = _storage(storage, out)
+    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if STUDY_NAME in names and not resume:
+        raise MinitronError(f"a study already exists in '{storage or out / 'study.db'}': pass --resume or choose another --out")
+    pruner = optuna.pruners.SuccessiveHalvingPruner() if len(directions) == 1 else optuna.pruners.NopPruner()
+    study = optuna.create_study(
+        storage=store, study_name=STUDY_NAME, directions=directions, sampler=sampler, pruner=pruner, load_if_exists=True
+    )
+    study.set_user_attr("space", space.source)
+    study.set_user_attr("metric", space.scoring.metric)
+    return study
+
+
+def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
+    folder = out / "rankings"
+    if (folder / "rankings.json").is_file():
+        return Rankings.load(folder, teacher.fingerprint)
+    spec = space.ranking
+    return rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+
+
+def _retrain_settings(space: SearchSpace) -> RetrainSettings:
+    spec = space.retrain
+    steps = max(1, spec.tokens // (spec.batch_size * spec.seq_len))
+    return RetrainSettings(
+        steps=steps,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        warmup_steps=max(1, steps // 10),
+        temperature=spec.temperature,
+        top_k=spec.top_k,
+        eval_every=spec.eval_every,
+        seed=space.seed,
+    )
+
+
+def run_search(
+    space: SearchSpace,
+    out: Path,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    resume: bool = False,
+    teacher: Teacher | None = None,
+    on_trial=None,
+) -> optuna.Study:
+    """Run (or resume) the study; writes study.db, trials.csv and best_arch.json into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = teacher or load_teacher(space.teacher)
+    feasible = require_feasible(space, teacher.model.config)
+    kind, sampler = _sampler(space, feasible)
+    scorer = Scorer(space, teacher, token_blocks(space.retrain.data, teacher.tokenizer, space.scoring.seq_len, space.scoring.heldout_samples, "heldout"))
+    study = open_study(space, out, storage, resume, scorer.maximize, kind, sampler)
+    if resume:
+        _fail_stale_trials(study)
+    rankings = _rankings(teacher, space, out)
+    settings = _retrain_settings(space)
+    spec = space.retrain
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
+    retrain_heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, max(2, spec.batch_size), "heldout")
+    meta = {"teacher_fingerprint": teacher.fingerprint}
+    cache = TeacherLogitCache.load_or_build(
+        teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, out / "teacher_logits", meta
+    )
+    heldout_cache = TeacherLogitCache.compute(
+        teacher.model, retrain_heldout, settings.top_k, settings.temperature, settings.batch_size, meta
+    )
+
+    def objective(trial: optuna.Trial):
+        candidate = _suggest(trial, kind, feasible)
+        trial.set_user_attr("architecture", candidate.arch.to_dict())
+        trial.set_user_attr("params_total", candidate.total)
+        trial.set_user_attr("params_non_embedding", candidate.non_embedding)
+        duplicate = _evaluated(study, candidate, trial.number)
+        if duplicate is not None:
+            trial.set_user_attr("duplicate_of", duplicate.number)
+            for key in ("score_before", "score_after"):
+                trial.set_user_attr(key, duplicate.user_attrs.get(key))
+            return duplicate.values if len(duplicate.values) > 1 else duplicate.values[0]
+        timings = {}
+        try:
+            start = time.perf_counter()
+            student = prune(teacher.model, rankings, candidate.arch)
+            timings["prune"] = time.perf_counter() - start
+            start = time.perf_counter()
+            before, details_before = scorer(student)
+            timings["score_before"] = time.perf_counter() - start
+            trial.set_user_attr("score_before", before)
+            trial.set_user_attr("details_before", details_before)
+
+            def report(step: int, value: float) -> None:
+                if len(study.directions) == 1:
+                    trial.report(-value if scorer.maximize else value, step)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned at step {step}")
+
+            start = time.perf_counter()
+            result = retrain(
+                student, train, cache, settings, heldout_blocks=retrain_heldout, heldout_cache=heldout_cache, report=report
+            )
+            timings["retrain"] = time.perf_counter() - start
+            trial.set_user_attr("retrain_curve", [list(p) for p in result.curve])
+            trial.set_user_attr("retrain_eval_curve", [list(p) for p in result.eval_curve])
+            start = time.perf_counter()
+            after, details_after = scorer(student)
+            timings["score_after"] = time.perf_counter() - start
+            trial.set_user_attr("score_after", after)
+            trial.set_user_attr("details_after", details_after)
+        except optuna.TrialPruned:
+            trial.set_user_attr("timings", timings)
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            trial.set_user_attr("timings", timings)
+            raise
+        trial.set_user_attr("timings", timings)
+        if not math.isfinite(after):
+            raise MinitronError(f"candidate scored {after}: the retrained model diverged")
+        return (after, candidate.total) if len(study.directions) > 1 else after
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        write_outputs(study, out, space)
+        if on_trial is not None:
+            on_trial(study, trial)
+
+    remaining = n_trials if n_trials is not None else (space.trials or len(feasible))
+    if kind == "grid":
+        finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+        remaining = min(remaining, len(feasible) - len(finished)) if n_trials is None else remaining
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
+    write_outputs(study, out, space)
+    return study
+
+
+def _evaluated(study: optuna.Study, candidate: Candidate, number: int):
+    target = candidate.arch.to_dict()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number != number and t.user_attrs.get("architecture") == target and "duplicate_of" not in t.user_attrs:
+            return t
+    return None
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        arch = t.user_attrs.get("architecture") or {}
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                **{k: arch.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")},
+                "params_total": t.user_attrs.get("params_total"),
+                "params_non_embedding": t.user_attrs.get("params_non_embedding"),
+                "score_before": t.user_attrs.get("score_before"),
+                "score_after": t.user_attrs.get("score_after"),
+                "duplicate_of": t.user_attrs.get("duplicate_of"),
+                "seconds": t.duration.total_seconds() if t.duration else None,
+                "error": t.user_attrs.get("error"),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["kendall_tau_before_after"] = kendall_tau(table)
+    return table
+
+
+def kendall_tau(table: pd.DataFrame) -> float | None:
+    """Rank agreement of scores before and after retraining over distinct finished candidates."""
+    done = table[(table.state == "COMPLETE") & table.duplicate_of.isna()].dropna(subset=["score_before", "score_after"])
+    if len(done) < 2:
+        return None
+    from scipy.stats import kendalltau
+
+    tau = kendalltau(done.score_before, done.score_after).statistic
+    return None if math.isnan(tau) else float(tau)
+
+
+def best_trial(study: optuna.Study):
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not complete:
+        return None
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    return max(complete, key=lambda t: sign * t.values[0])
+
+
+def write_outputs(study: optuna.Study, out: Path, space: SearchSpace) -> None:
+    """trials.csv and best_arch.json, each replaced atomically."""
+    table = trials_table(study)
+    tmp = out / ".trials.csv.partial"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out / "trials.csv")
+    best = best_trial(study)
+    if best is None:
+        return
+    payload = {
+        "architecture": best.user_attrs["architecture"],
+        "params_total": best.user_attrs["params_total"],
+        "params_non_embedding": best.user_attrs["params_non_embedding"],
+        "score_before": best.user_attrs.get("score_before"),
+        "score_after": best.user_attrs.get("score_after"),
+        "metric": space.scoring.metric,
+        "trial": best.number,
+        "space": space.source,
+        "budget": asdict(space.budget),
+        "kendall_tau_before_after": kendall_tau(table),
+    }
+    tmp = out / ".best_arch.json.partial"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out / "best_arch.json")
+
