@@ -119,10 +119,16 @@ def plain_forward(model, blocks: torch.Tensor) -> None:
 
 
 def timed(fn, *args, **kwargs):
+    seconds, _, result = timed_cpu(fn, *args, **kwargs)
+    return seconds, result
+
+
+def timed_cpu(fn, *args, **kwargs):
+    """(wall seconds, CPU seconds of this process over all its threads, result)."""
     gc.collect()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - start_cpu, result
 
 
 def random_architectures(teacher: Architecture, n: int, seed: int = 0) -> list[Architecture]:
@@ -179,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     compute_rankings(model, blocks[:BATCH_SIZE], progress=False)
 
     # (a) importance pass vs plain forward, interleaved A B A B ...
-    forward_s, ranking_s, rankings = [], [], None
+    forward_s, ranking_s, forward_cpu, ranking_cpu, rankings = [], [], [], [], None
     for repeat in range(args.repeats):
-        seconds, _ = timed(plain_forward, model, blocks)
+        seconds, cpu, _ = timed_cpu(plain_forward, model, blocks)
         forward_s.append(seconds)
-        seconds, rankings = timed(compute_rankings, model, blocks, progress=False)
+        forward_cpu.append(cpu)
+        seconds, cpu, rankings = timed_cpu(compute_rankings, model, blocks, progress=False)
         ranking_s.append(seconds)
+        ranking_cpu.append(cpu)
         print(
             f"repeat {repeat + 1}/{args.repeats}: forward {forward_s[-1]:.2f} s, ranking {ranking_s[-1]:.2f} s, "
             f"ratio {ranking_s[-1] / forward_s[-1]:.3f}",
@@ -192,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     ratios = [r / f for r, f in zip(ranking_s, forward_s)]
     ratio = statistics.median(ratios)
+    cpu_ratio = statistics.median(r / f for r, f in zip(ranking_cpu, forward_cpu))
 
     # (b) pruning to a mid-size architecture
     prune_s = []
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ratios {', '.join(f'{r:.3f}' for r in ratios)}; ranking median {statistics.median(ranking_s):.2f} s "
             f"({fmt_s(ranking_s)}), forward median {statistics.median(forward_s):.2f} s ({fmt_s(forward_s)}); "
             f"{n_blocks} x {args.seq_len} tokens, batch {BATCH_SIZE}, "
-            f"{tokens / statistics.median(ranking_s):,.0f} tokens/s ranked",
+            f"{tokens / statistics.median(ranking_s):,.0f} tokens/s ranked; CPU-time ratio {cpu_ratio:.3f}x",
         ),
         (
             "Prune 135M -> mid-size (median)",
@@ -280,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         "The ratio is taken per repeat between a plain forward and the importance pass run back to "
         "back (A B A B ...) on the same tokens with the same call "
         "(`model(input_ids=batch, use_cache=False, logits_to_keep=1)` under `torch.no_grad()`), "
-        "then the median is reported; both were warmed up with one batch first. Counting times "
+        "then the median is reported; both were warmed up with one batch first. The CPU-time "
+        "ratio (process CPU seconds, all threads) is given as a cross-check that other load on the "
+        "machine disturbs less than wall time. Counting times "
         "`ParamCounter.count` alone; the architectures are generated beforehand.",
         "",
     ]

@@ -261,3 +261,7 @@ def demo(
     _tables().print(table)
     console.print(f"pruned model (loads with AutoModelForCausalLM.from_pretrained): {model_dir}")
 
+
+
+if __name__ == "__main__":
+    app()

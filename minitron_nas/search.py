@@ -77,7 +77,7 @@ def _storage(url: str | None, out: Path):
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     if url.endswith((".log", ".journal")):
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))

@@ -7,37 +7,18 @@ import json
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from minitron_nas.data import HELDOUT_EVERY, paragraphs, token_blocks
 from minitron_nas.errors import MinitronError
 
-EOS = 256
+from conftest import EOS, byte_tokenizer
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizes to)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """Token id == UTF-8 byte value, plus <eos> = 256: the expected ids are just the bytes."""
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
-    vocab["<eos>"] = EOS
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    wrapped = byte_tokenizer()
     assert wrapped.eos_token_id == EOS
     assert wrapped("é a\n", add_special_tokens=False)["input_ids"] == list("é a\n".encode())
     return wrapped
