@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,21 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# Headless Chromium + chromedriver for the dashboard's browser test (Debian packages);
+# apt-get runs only when they are missing (with sudo when not root).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
 demo: setup
 	$(BIN)/minitron-nas demo --out runs/demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -m "not teacher"
 
 bench: setup

@@ -110,6 +110,22 @@ def load_average() -> str:
         return "n/a"
 
 
+def busy_warning(cores: int) -> list[str]:
+    """A note for the report when other work competed for the CPUs during the run."""
+    try:
+        recent = os.getloadavg()[1]  # 5-minute average, about the length of a run
+    except OSError:
+        return []
+    if recent <= cores:
+        return []
+    return [
+        "",
+        f"**Note:** the machine was busy (5-minute load average {recent:.1f} on {cores} cores at the end): other "
+        "processes competed for the CPUs, so wall-clock times are longer than on an idle machine. The "
+        "interleaved ratio and the CPU-time ratio are less affected.",
+    ]
+
+
 def plain_forward(model, blocks: torch.Tensor) -> None:
     """Exactly the model call compute_rankings makes, without hooks."""
     device = next(model.parameters()).device
@@ -282,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}",
         f"- Load average (1/5/15 min) at start: {load_before}; at end: {load_average()}",
         f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); data: `{args.data}`, {n_blocks} blocks x {args.seq_len} tokens; "
-        f"{args.repeats} repeats",
+        f"repeats: {args.repeats}",
+        *busy_warning(usable),
         "",
         *table,
         "",

@@ -198,12 +198,84 @@ def search(
     from .space import load_space
 
     spec = load_space(space)
-    out = out or Path("runs") / space.stem
-    study = run_search(spec, out, storage, n_trials, resume)
+    study = run_search(spec, _run_folder(space, out), storage, n_trials, resume)
     best = best_trial(study)
     if best is None:
         raise MinitronError(f"no trial finished in {out}: see trials.csv for the errors")
-    console.print(f"best: {best.user_attrs['architecture']} score {best.values[0]:.4f} -> {out / 'best_arch.json'}")
+    console.print(f"best: {best.user_attrs['architecture']} score {best.values[0]:.4f} -> {_run_folder(space, out) / 'best_arch.json'}")
+
+
+def _run_folder(space: Path, out: Path | None) -> Path:
+    return out or Path("runs") / space.stem
+
+
+@app.command()
+@_one_line_errors
+def run(
+    space: Path = typer.Argument(..., help="search space YAML"),
+    out: Path = typer.Option(None, help="run folder (default: runs/<space name>)"),
+    storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
+    n_trials: int = typer.Option(None, help="search trials (default: the space's trials, or the whole grid)"),
+):
+    """The whole recipe: rank -> search -> distill -> export -> report; a rerun resumes."""
+    from .pipeline import run as run_pipeline
+    from .space import load_space
+
+    exported = run_pipeline(load_space(space), _run_folder(space, out), storage, n_trials)
+    console.print(f"exported model (loads with AutoModelForCausalLM.from_pretrained): {exported}")
+
+
+@app.command()
+@_one_line_errors
+def distill(
+    space: Path = typer.Argument(..., help="search space YAML (its distill section)"),
+    out: Path = typer.Option(None, help="run folder holding best_arch.json and rankings/"),
+):
+    """Fully distill the search's winner (checkpointed: a rerun resumes)."""
+    from .pipeline import distill_winner
+    from .space import load_space
+    from .teachers import load_teacher
+
+    spec = load_space(space)
+    folder = _run_folder(space, out)
+    if not (folder / "best_arch.json").is_file():
+        raise MinitronError(f"no best_arch.json in '{folder}': run `minitron-nas search` first")
+    summary = distill_winner(spec, folder, load_teacher(spec.teacher))
+    console.print(f"held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
+                  f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {folder / 'distill'}")
+
+
+@app.command()
+@_one_line_errors
+def export(
+    space: Path = typer.Argument(..., help="search space YAML"),
+    out: Path = typer.Option(None, help="run folder holding distill/model"),
+):
+    """Write RUN_DIR/export: the distilled winner, best_arch.json with provenance, a model card."""
+    from .pipeline import export_stage
+    from .space import load_space
+    from .teachers import load_teacher
+
+    spec = load_space(space)
+    folder = _run_folder(space, out)
+    if not (folder / "distill" / "model").is_dir():
+        raise MinitronError(f"no distilled model in '{folder}': run `minitron-nas distill` first")
+    console.print(f"exported -> {export_stage(spec, folder, load_teacher(spec.teacher))}")
+
+
+@app.command()
+@_one_line_errors
+def dashboard(
+    run_dir: Path = typer.Argument(..., help="run folder of `minitron-nas search`"),
+    storage: str = typer.Option(None, help="Optuna storage URL of the study (default: sqlite:///RUN_DIR/study.db)"),
+):
+    """Rebuild RUN_DIR/dashboard.html (interactive, offline) and RUN_DIR/report.md from the study."""
+    from .report import build_dashboard, open_run_study, write_report
+
+    study = open_run_study(run_dir, storage)
+    page = build_dashboard(run_dir, storage, study=study)
+    report = write_report(run_dir, storage, study=study)
+    console.print(f"{len(study.trials)} trials -> {page} and {report}")
 
 
 DEMO_ARCH = {"hidden_size": 384, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 24}

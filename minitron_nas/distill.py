@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from .errors import MinitronError
 from .files import atomic_dir, check_writable
@@ -339,7 +340,7 @@ class RetrainSettings:
             (self.steps >= 1, "steps", "use at least 1"),
             (self.batch_size >= 1, "batch_size", "use at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "use a positive learning rate such as 1e-4"),
-            (0 <= self.warmup_steps <= self.steps, "warmup_steps", f"use 0..steps ({self.steps})"),
+            (self.warmup_steps >= 0, "warmup_steps", "use 0 or more (more than steps never finishes warming up)"),
             (self.temperature > 0, "temperature", "use a positive temperature such as 1.0"),
             (self.top_k is None or self.top_k >= 1, "top_k", "use a positive k or None for the full vocabulary"),
             (self.clm_weight >= 0, "clm_weight", "use 0 or a positive weight"),
@@ -374,6 +375,15 @@ def make_accelerator():
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+
+def make_optimizer(model, settings: RetrainSettings) -> torch.optim.Optimizer:
+    """AdamW over all parameters; the fused kernel where the device has one (CPU and CUDA do)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused AdamW
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def batch_loss(
@@ -419,8 +429,7 @@ def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator) -> tu
     model.eval()
     device = accelerator.device
     rows = torch.arange(len(blocks))[accelerator.process_index :: accelerator.num_processes]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # kd * tokens, ce * targets, counts
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = [0.0, 0.0, 0.0, 0.0]  # kd * tokens, ce * targets, tokens, targets
     try:
         for chunk in rows.split(settings.batch_size):
             ids = blocks[chunk].to(device)
@@ -433,15 +442,16 @@ def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator) -> tu
                 elif teacher is not None:  # full-vocabulary KD, live
                     kd = kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits, settings.temperature)
             if kd is not None:
-                sums[0] += kd.double() * ids.numel()
-            sums[1] += clm_loss(logits, ids).double() * ids[:, 1:].numel()
-            counts += torch.tensor([ids.numel(), ids[:, 1:].numel()], dtype=torch.float64, device=device)
+                totals[0] += kd.item() * ids.numel()
+            totals[1] += clm_loss(logits, ids).item() * ids[:, 1:].numel()
+            totals[2] += ids.numel()
+            totals[3] += ids[:, 1:].numel()
     finally:
         model.train(was_training)
     if accelerator.num_processes > 1:
-        sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
+        totals = accelerator.reduce(torch.tensor(totals, device=device), "sum").tolist()
     has_kd = heldout_topk is not None or teacher is not None
-    return (float(sums[0] / counts[0]) if has_kd else None), float(sums[1] / counts[1])
+    return (totals[0] / totals[2] if has_kd else None), totals[1] / totals[3]
 
 
 def _all_finite(value: torch.Tensor, accelerator) -> bool:
@@ -491,8 +501,8 @@ def retrain(
         _check_cache_settings(heldout_cache, settings, vocab, "held-out")
     metric = None if heldout_blocks is None else ("kd" if (heldout_cache is not None or teacher is not None) else "lm")
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
+    student.to(device)  # before the optimizer: fused AdamW needs its parameters' device
+    optimizer = make_optimizer(student, settings)
 
     # Not prepared: accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
@@ -517,7 +527,7 @@ def retrain(
             evaluate(0, call_report=False)
         model.train()
         for step in range(1, settings.steps + 1):
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            step_loss = torch.zeros((), dtype=torch.float32, device=device)
             for micro in range(settings.grad_accum):
                 global_rows = [next(stream) for _ in range(per_step * processes)]
                 rows = torch.tensor(global_rows[rank * per_step : (rank + 1) * per_step])
@@ -533,7 +543,7 @@ def retrain(
                     if not _all_finite(loss, accelerator):
                         raise MinitronError(_nan_message(step, settings))
                     accelerator.backward(loss / settings.grad_accum)
-                step_loss += loss.detach().double() / settings.grad_accum
+                step_loss += loss.detach().float() / settings.grad_accum
             if settings.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 if not _all_finite(torch.as_tensor(norm), accelerator):
@@ -570,7 +580,9 @@ def _nan_message(step: int, settings: RetrainSettings) -> str:
 
 
 def _check_cache_settings(cache: TeacherLogitCache, settings: RetrainSettings, vocab: int, which: str) -> None:
-    if settings.top_k is not None and cache.top_k != settings.top_k:
+    if settings.top_k is None:
+        raise MinitronError(f"a {which} teacher cache holds top-{cache.top_k} logits but settings ask for full-vocabulary KD (top_k=None): set top_k={cache.top_k} or drop the cache")
+    if cache.top_k != settings.top_k:
         raise MinitronError(f"the {which} teacher cache holds top-{cache.top_k}, settings ask for top_k={settings.top_k}: rebuild it or change top_k")
     if not math.isclose(cache.temperature, settings.temperature):
         raise MinitronError(

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MinitronError
-from .files import atomic_dir
 
 # Bump when a converter's output changes, so old cache folders are not reused.
 CONVERTER_VERSION = 1
@@ -278,6 +278,37 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _convert(spec: TaskSpec, sources: dict[str, list[Path]], folder: Path, provenance: dict) -> None:
+    """Write the converted splits into a temporary sibling, then rename it into place.
+
+    A folder that appeared meanwhile (another process, same sources) is kept and ours dropped.
+    """
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as err:
+        raise MinitronError(f"cannot write the lm-eval cache '{folder.parent}' ({err.strerror}): set MINITRON_NAS_CACHE to a writable folder") from None
+    try:
+        counts = {}
+        for split, paths in sources.items():
+            _, convert = spec.splits[split]
+            with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
+                counts[split] = 0
+                for record in convert(*paths):
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    counts[split] += 1
+        provenance = {**provenance, "records": counts, "converter_version": CONVERTER_VERSION}
+        (tmp / "source.json").write_text(json.dumps(provenance, indent=1))  # written last: marks a whole folder
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "source.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None = None) -> PreparedTask:
     """Convert one task's upstream files (once per content) and write its task YAML."""
     (name,) = parse_tasks([name])
@@ -294,24 +325,12 @@ def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None =
     folder = folder.resolve() / f"{name}-{key}"
     data_files = {split: folder / f"{split}.jsonl" for split in spec.splits}
 
-    if not all(p.is_file() for p in data_files.values()):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        counts = {}
-        with atomic_dir(folder, overwrite=True) as tmp:
-            for split, paths in sources.items():
-                _, convert = spec.splits[split]
-                n = 0
-                with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
-                    for record in convert(*paths):
-                        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        n += 1
-                counts[split] = n
-            provenance = {"task": name, "data_dir": str(data_dir.resolve()), "sha256": hashes, "records": counts, "converter_version": CONVERTER_VERSION}
-            (tmp / "source.json").write_text(json.dumps(provenance, indent=1))
+    if not (folder / "source.json").is_file():
+        _convert(spec, sources, folder, {"task": name, "data_dir": str(data_dir.resolve()), "sha256": hashes})
 
     yaml_path = folder / f"{name}.yaml"
     # Rewritten when it differs (e.g. lm_eval moved): it names the installed package's YAML.
-    _write_text_atomic(yaml_path, _yaml_text(spec, builtin, data_files, folder / "hf_datasets", data_dir))
+    _write_text_atomic(yaml_path, _yaml_text(spec, builtin, data_files, folder / "hf_datasets", data_dir.resolve()))
     return PreparedTask(name, folder, yaml_path, data_files, spec.eval_split)
 
 

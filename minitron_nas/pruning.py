@@ -109,7 +109,8 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     _keep_embedding_scale(state, family, teacher_arch.hidden_size, arch.hidden_size, config)
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    student.load_state_dict(state)
+    student.load_state_dict(state, assign=True)  # the slices are fresh tensors: no second copy
+    student.tie_weights()
     student.eval()
     return student
 

@@ -4,13 +4,15 @@ The paper's point (best practice 9) is that candidate rankings only settle after
 distillation, so every trial retrains before its final score. The teacher stays loaded,
 its top-k logits for the retraining batches are computed once per search and cached on
 disk, and intermediate held-out values feed an Optuna pruner. Small feasible sets are
-searched exhaustively (GridSampler); large ones with TPE, or NSGA-II on (score,
+searched exhaustively (each candidate queued once as a trial that workers pop
+atomically); large ones with TPE, or NSGA-II on (score,
 parameters) so the Pareto front is real.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -85,14 +87,26 @@ def _storage(url: str | None, out: Path):
 
 
 def _sampler(space: SearchSpace, feasible: list[Candidate]):
+    """Grid: every candidate is queued once as a WAITING trial (popped atomically by workers)."""
     kind = space.sampler
     if kind == "auto":
         kind = "grid" if len(feasible) <= GRID_LIMIT else "nsga2"
     if kind == "grid":
-        return kind, optuna.samplers.GridSampler({"candidate": list(range(len(feasible)))}, seed=space.seed)
+        return kind, optuna.samplers.RandomSampler(seed=space.seed)  # never consulted: params are queued
     if kind == "tpe":
         return kind, optuna.samplers.TPESampler(seed=space.seed)
     return kind, optuna.samplers.NSGAIISampler(seed=space.seed)
+
+
+def _queue_grid(study: optuna.Study, feasible: list[Candidate]) -> None:
+    if study.user_attrs.get("grid_size") is None and not study.trials:
+        study.set_user_attr("grid_size", len(feasible))
+        for index in range(len(feasible)):
+            study.enqueue_trial({"candidate": index})
+
+
+def _waiting(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
 def _suggest(trial: optuna.Trial, kind: str, feasible: list[Candidate]) -> Candidate:
@@ -116,13 +130,15 @@ def _axis(arch: Architecture, axis: str) -> int:
 
 def _fail_stale_trials(study: optuna.Study) -> None:
     """A worker killed mid-trial leaves it RUNNING; once its heartbeat is stale, fail and retry it."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    if running and isinstance(study._storage, optuna.storages.RDBStorage):
-        time.sleep(GRACE_SECONDS + 1)
+    if running and is_heartbeat_enabled(study._storage):
+        time.sleep(GRACE_SECONDS + 1)  # a live worker beats within this time; a dead one cannot
         optuna.storages.fail_stale_trials(study)
 
 
-def open_study(space: SearchSpace, out: Path, storage: str | None, resume: bool, maximize: bool, kind: str, sampler):
+def open_study(space: SearchSpace, out: Path, storage: str | None, resume: bool, maximize: bool, kind: str, sampler, feasible):
     directions = ["maximize" if maximize else "minimize"]
     if kind == "nsga2":
         directions.append("minimize")  # parameters
@@ -136,6 +152,8 @@ def open_study(space: SearchSpace, out: Path, storage: str | None, resume: bool,
     )
     study.set_user_attr("space", space.source)
     study.set_user_attr("metric", space.scoring.metric)
+    if kind == "grid":
+        _queue_grid(study, feasible)
     return study
 
 
@@ -178,7 +196,7 @@ def run_search(
     feasible = require_feasible(space, teacher.model.config)
     kind, sampler = _sampler(space, feasible)
     scorer = Scorer(space, teacher, token_blocks(space.retrain.data, teacher.tokenizer, space.scoring.seq_len, space.scoring.heldout_samples, "heldout"))
-    study = open_study(space, out, storage, resume, scorer.maximize, kind, sampler)
+    study = open_study(space, out, storage, resume, scorer.maximize, kind, sampler, feasible)
     if resume:
         _fail_stale_trials(study)
     rankings = _rankings(teacher, space, out)
@@ -195,6 +213,9 @@ def run_search(
     )
 
     def objective(trial: optuna.Trial):
+        if kind == "grid" and "fixed_params" not in study._storage.get_trial_system_attrs(trial._trial_id):
+            study.stop()  # the queue ran dry while this worker was asking: nothing left to try
+            raise optuna.TrialPruned("grid exhausted")
         candidate = _suggest(trial, kind, feasible)
         trial.set_user_attr("architecture", candidate.arch.to_dict())
         trial.set_user_attr("params_total", candidate.total)
@@ -248,13 +269,19 @@ def run_search(
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         write_outputs(study, out, space)
+        try:  # the dashboard is a view: it must never stop the search
+            from .report import build_dashboard
+
+            build_dashboard(out, study=study)
+        except Exception as err:  # noqa: BLE001
+            logging.getLogger(__name__).warning("dashboard.html not rebuilt: %s: %s", type(err).__name__, err)
         if on_trial is not None:
             on_trial(study, trial)
 
-    remaining = n_trials if n_trials is not None else (space.trials or len(feasible))
     if kind == "grid":
-        finished = [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
-        remaining = min(remaining, len(feasible) - len(finished)) if n_trials is None else remaining
+        remaining = _waiting(study) if n_trials is None else min(n_trials, _waiting(study))
+    else:
+        remaining = n_trials if n_trials is not None else (space.trials or len(feasible))
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
     write_outputs(study, out, space)

@@ -54,6 +54,25 @@ class RetrainSpec:
 
 
 @dataclass(frozen=True)
+class DistillSpec:
+    """The winner's full distillation (logit KD, plus intermediate states when depth is cut)."""
+
+    tokens: int = 65536
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 1e-4
+    temperature: float = 1.0
+    top_k: int | None = None  # None: full-vocabulary KD against the live teacher
+    clm_weight: float = 0.0  # the paper's best practice 5: KD only
+    intermediate: str = "auto"  # auto: on when >= 20% of the layers were dropped (best practices 6, 7)
+    alpha: float = 1.0  # weight of the intermediate-state loss
+    data: str = "shakespeare"
+    eval_every: int = 25
+    checkpoint_every: int = 25
+    heldout_samples: int = 16
+
+
+@dataclass(frozen=True)
 class ScoringSpec:
     metric: str = "heldout_loss"
     tasks: tuple[str, ...] = ()
@@ -71,6 +90,8 @@ class SearchSpace:
     ranking: RankingSpec = RankingSpec()
     retrain: RetrainSpec = RetrainSpec()
     scoring: ScoringSpec = ScoringSpec()
+    distill: DistillSpec = DistillSpec()
+    family: tuple[int, ...] = ()  # several budgets: each pruned from the previous, largest first
     sampler: str = "auto"
     trials: int | None = None
     seed: int = 0
@@ -132,6 +153,8 @@ def load_space(path: str | Path) -> SearchSpace:
     for key in axes:
         if key not in AXES:
             raise MinitronError(f"unknown key 'axes.{key}': allowed are {', '.join(AXES)}")
+    if isinstance(data["budget"], dict) and "parameters" in data["budget"]:
+        data["budget"]["parameters"] = int(float(data["budget"]["parameters"]))  # YAML reads 4.5e9 as text
     budget = _section(Budget, data["budget"], "budget")
     if budget.count not in ("total", "non_embedding"):
         raise MinitronError(f"budget.count must be 'total' or 'non_embedding', got '{budget.count}'")
@@ -145,6 +168,8 @@ def load_space(path: str | Path) -> SearchSpace:
         ranking=_section(RankingSpec, data.get("ranking"), "ranking"),
         retrain=_section(RetrainSpec, data.get("retrain"), "retrain"),
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
+        distill=_section(DistillSpec, data.get("distill"), "distill"),
+        family=tuple(int(float(b)) for b in data.get("family") or ()),
         sampler=data.get("sampler", "auto"),
         trials=data.get("trials"),
         seed=data.get("seed", 0),
@@ -154,6 +179,8 @@ def load_space(path: str | Path) -> SearchSpace:
         raise MinitronError(f"unknown sampler '{space.sampler}': use one of {', '.join(SAMPLERS)}")
     if space.scoring.metric not in METRICS:
         raise MinitronError(f"unknown scoring.metric '{space.scoring.metric}': use one of {', '.join(METRICS)}")
+    if space.distill.intermediate not in ("auto", "on", "off"):
+        raise MinitronError(f"distill.intermediate must be auto, on or off, got '{space.distill.intermediate}'")
     if space.scoring.metric == "lm_eval" and not space.scoring.tasks:
         raise MinitronError("scoring.metric is lm_eval but scoring.tasks is empty: list tasks such as [arc_easy, piqa]")
     return space

@@ -1,0 +1,269 @@
+"""Benchmark one distillation step with cached top-k teacher logits against the live teacher.
+
+Same student, same batch, same optimizer, in one process; the variants alternate (their
+order rotates every repeat) so machine drift hits all alike:
+  cached      - KD against `TeacherLogitCache` top-k log-probabilities (no teacher pass);
+  live top-k  - the teacher runs on the batch every step, same top-k objective (what
+                `retrain` does with cache=None and settings.top_k set: the baseline);
+  live full   - the teacher runs every step, full-vocabulary KD (settings.top_k=None).
+A step is what `retrain` does per optimizer step: `batch_loss` (student forward, teacher
+signal, KD), backward, gradient clipping, fused AdamW step. The cache is built once
+before timing; its build time is reported separately (it is paid once per search).
+
+The student is the SmolLM2-135M teacher pruned to FFN 768 and 26 layers. Prints a
+markdown table and writes it, with the command, machine and date, to
+reports/benchmarks/distill.md (or --out). Run from the repository root:
+
+    .venv/bin/python bench/bench_distill.py [--data ../shared/data/wikitext2/valid.txt]
+        [--batch-size 4] [--seq-len 128] [--top-k 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+from minitron_nas.architecture import Architecture
+from minitron_nas.data import token_blocks
+from minitron_nas.distill import RetrainSettings, TeacherLogitCache, batch_loss, make_optimizer
+from minitron_nas.pruning import prune
+from minitron_nas.ranking import compute_rankings
+from minitron_nas.teachers import load_teacher
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
+DEFAULT_OUT = REPO / "reports" / "benchmarks" / "distill.md"
+TEACHER = "smollm2-135m"
+STUDENT = {"intermediate_size": 768, "num_hidden_layers": 26}
+GOAL_RATIO = 0.8  # cached step / live-teacher step
+VARIANTS = ("cached", "live top-k", "live full")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA, help="text for the batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per step (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per block (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=64, help="teacher log-probs kept per token (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each variant (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/distill.md)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "seq_len", "top_k", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not Path(args.data).is_file():
+        parser.error(f"--data '{args.data}' is not a file (paths are relative to the current directory)")
+    return args
+
+
+def command_line() -> str:
+    python = Path(sys.executable)
+    try:
+        python_text = str(python.relative_to(Path.cwd()))
+    except ValueError:
+        python_text = str(python)
+    command = shlex.join([python_text, *sys.argv])
+    if Path.cwd().resolve() != REPO:
+        command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
+    return command
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def busy_warning(cores: int) -> list[str]:
+    try:
+        recent = os.getloadavg()[1]
+    except OSError:
+        return []
+    if recent <= cores:
+        return []
+    return [
+        "",
+        f"**Note:** the machine was busy (5-minute load average {recent:.1f} on {cores} cores at the end): other "
+        "processes competed for the CPUs, so absolute times are longer and noisier than on an idle machine. "
+        "The interleaved per-repeat ratios and the CPU-time ratios are less affected.",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = command_line()
+    started = dt.datetime.now().astimezone()
+    load_before = load_average()
+
+    print(f"loading teacher {TEACHER} ...", flush=True)
+    start = time.perf_counter()
+    teacher = load_teacher(TEACHER)
+    load_s = time.perf_counter() - start
+    model = teacher.model
+    batch = token_blocks(args.data, teacher.tokenizer, args.seq_len, args.batch_size, "train")
+    rows = torch.arange(len(batch))
+    rankings = compute_rankings(model, batch, batch_size=args.batch_size, progress=False)
+    arch = Architecture.from_dict(STUDENT, Architecture.from_config(model.config))
+    student = prune(model, rankings, arch).train()
+    settings = RetrainSettings(steps=1, batch_size=args.batch_size, lr=1e-5, warmup_steps=0, top_k=args.top_k)
+    start = time.perf_counter()
+    cache = TeacherLogitCache.compute(model, batch, args.top_k, settings.temperature, args.batch_size, {"teacher_fingerprint": teacher.fingerprint})
+    cache_s = time.perf_counter() - start
+    optimizer = make_optimizer(student, settings)
+
+    def step(variant: str) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if variant == "cached":
+            lp, ix = cache[rows]
+            loss, _ = batch_loss(student, batch, settings, topk=(lp, ix))
+        elif variant == "live top-k":
+            loss, _ = batch_loss(student, batch, settings, teacher=model)
+        else:
+            loss, _ = batch_loss(student, batch, replace(settings, top_k=None), teacher=model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
+        optimizer.step()
+        return float(loss)
+
+    for variant in VARIANTS:  # warm-up, untimed
+        step(variant)
+    wall = {v: [] for v in VARIANTS}
+    cpu = {v: [] for v in VARIANTS}
+    losses = {v: [] for v in VARIANTS}
+    for repeat in range(args.repeats):
+        order = VARIANTS[repeat % 3 :] + VARIANTS[: repeat % 3]
+        for variant in order:
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses[variant].append(step(variant))
+            wall[variant].append(time.perf_counter() - t0)
+            cpu[variant].append(time.process_time() - c0)
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{v} {wall[v][-1]:.2f} s" for v in VARIANTS), flush=True)
+
+    def ratio(a: str, b: str, times: dict) -> tuple[float, list[float]]:
+        per = [x / y for x, y in zip(times[a], times[b])]
+        return statistics.median(per), per
+
+    r_topk, per_topk = ratio("cached", "live top-k", wall)
+    r_full, per_full = ratio("cached", "live full", wall)
+    c_topk, _ = ratio("cached", "live top-k", cpu)
+    c_full, _ = ratio("cached", "live full", cpu)
+    tokens = args.batch_size * args.seq_len
+    med = {v: statistics.median(wall[v]) for v in VARIANTS}
+
+    def verdict(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    rows_md = [
+        (
+            "Cached step / live-teacher step, same top-k objective (median of per-repeat ratios)",
+            f"{r_topk:.3f}x",
+            f"<= {GOAL_RATIO}x",
+            verdict(r_topk <= GOAL_RATIO),
+            f"ratios {fmt(per_topk)}; CPU-time ratio {c_topk:.3f}x",
+        ),
+        (
+            "Cached step / live-teacher step with full-vocabulary KD",
+            f"{r_full:.3f}x",
+            f"<= {GOAL_RATIO}x",
+            verdict(r_full <= GOAL_RATIO),
+            f"ratios {fmt(per_full)}; CPU-time ratio {c_full:.3f}x",
+        ),
+        *(
+            (
+                f"Step time, {v} (median)",
+                f"{med[v]:.2f} s",
+                "",
+                "",
+                f"runs {', '.join(f'{x:.2f}' for x in wall[v])} s; {tokens / med[v]:,.0f} tokens/s",
+            )
+            for v in VARIANTS
+        ),
+        (
+            "Cache build (once, not in the steps)",
+            f"{cache_s:.2f} s",
+            "",
+            "",
+            f"{len(batch)} x {args.seq_len} tokens, k={args.top_k}: {cache.nbytes / 2**10:.0f} KiB "
+            f"(n_blocks x seq_len x k x 6 bytes)",
+        ),
+    ]
+    table = [
+        "| Measure | Measured | Goal | Met | Details |",
+        "|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows_md),
+    ]
+    finished = dt.datetime.now().astimezone()
+    cores = usable_cores()
+    n_params = sum(p.numel() for p in student.parameters())
+    report = [
+        "# Benchmark: distillation step, cached top-k teacher logits vs live teacher",
+        "",
+        "Produced by (from the repository root):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- Date: {started.isoformat(timespec='seconds')} (took {(finished - started).total_seconds():.0f} s)",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} cores ({cores} usable)",
+        f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- Load average (1/5/15 min) at start: {load_before}; at end: {load_average()}",
+        f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); student: FFN {arch.intermediate_size}, "
+        f"{arch.num_hidden_layers} layers ({n_params / 1e6:.1f}M parameters); one batch of {len(batch)} x {args.seq_len} "
+        f"tokens from `{args.data}`; top-k {args.top_k}, T = {settings.temperature}; {args.repeats} repeats",
+        *busy_warning(cores),
+        "",
+        *table,
+        "",
+        "Each step is zero_grad, `minitron_nas.distill.batch_loss` (student forward; cached top-k, or the "
+        "teacher's forward under no_grad then top-k, or the teacher's full logits; KD loss), backward, "
+        "gradient clipping at 1.0 and a fused AdamW step (`make_optimizer`, as in `retrain`). The three "
+        "variants run back to back in an order that rotates every repeat, after one untimed warm-up step "
+        "each; the ratio is taken per repeat and the median reported. Losses at the last repeat: "
+        + ", ".join(f"{v} {losses[v][-1]:.4f}" for v in VARIANTS)
+        + " (the top-k objective is smaller than full KD: the tail bucket hides part of the divergence).",
+        "",
+    ]
+    print()
+    print("\n".join(table))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(report))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
