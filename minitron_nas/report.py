@@ -676,7 +676,7 @@ def write_report(run_dir: str | Path, storage: str | None = None, *, study: optu
     if done.empty:
         lines.append("No finished trial yet.")
     else:
-        ranked = done.sort_values("score_after", ascending=maximize).head(top)
+        ranked = done.sort_values("score_after", ascending=not maximize).head(top)
         lines.append(_md(_candidates(ranked)))
         lines += ["", "## Pareto front (fewer parameters and a better score)", ""]
         lines.append(_md(_candidates(done[done.pareto].sort_values("params_total"))))

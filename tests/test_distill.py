@@ -333,13 +333,13 @@ def test_retraining_a_pruned_smollm2_recovers_heldout_losses(shared_data, tmp_pa
     print(f"pruned student: full KD {full:.3f}, top-64 KD {top:.3f}, relative gap {(full - top) / full:.3f}")
     assert 0 <= (full - top) / full <= 0.30  # measured 0.20 (4 x 128 WikiText-2 test tokens)
 
-    settings = RetrainSettings(steps=12, batch_size=4, lr=2e-4, warmup_steps=2, top_k=64, eval_every=12)
+    settings = RetrainSettings(steps=8, batch_size=4, lr=3e-4, warmup_steps=1, top_k=64, eval_every=8)
     result = retrain(student, train, cache, settings, heldout, teacher=teacher.model, progress=False)
     (_, kd0), (_, kd1) = result.eval_curve
     (_, lm0), (_, lm1) = result.eval_lm_curve
     print(f"held-out KD {kd0:.3f} -> {kd1:.3f}, LM {lm0:.3f} -> {lm1:.3f}, {result.seconds:.0f} s")
-    assert kd1 < 0.85 * kd0
-    assert lm1 < lm0 - 0.2
+    assert kd1 < 0.85 * kd0  # measured 1.510 -> 1.062 with 12 steps at 2e-4
+    assert lm1 < lm0 - 0.2  # measured 4.932 -> 4.380
 
 
 def token_blocks_(path, tokenizer, n):
