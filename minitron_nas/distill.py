@@ -369,6 +369,124 @@ class RetrainResult:
         return self.eval_curve[-1][1] if self.eval_curve else None
 
 
+@dataclass(frozen=True)
+class DistillSettings(RetrainSettings):
+    """The full distillation stage: retraining settings plus intermediate states and checkpoints."""
+
+    intermediate: str = "auto"  # auto: on when >= 20% of the teacher's layers were dropped
+    alpha: float = 1.0  # weight of the intermediate-state loss
+    intermediate_loss: str = "nmse"  # normalised MSE, or "cosine"
+    checkpoint_every: int = 25  # optimizer steps between checkpoints (and after the last)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.intermediate not in ("auto", "on", "off"):
+            raise MinitronError(f"intermediate={self.intermediate!r} is invalid: use auto, on or off")
+        if self.intermediate_loss not in ("nmse", "cosine"):
+            raise MinitronError(f"intermediate_loss={self.intermediate_loss!r} is invalid: use nmse or cosine")
+        if self.checkpoint_every < 1:
+            raise MinitronError("checkpoint_every must be at least 1 step")
+
+    def uses_intermediate(self, student_layers: int, teacher_layers: int) -> bool:
+        """The paper's best practices 6-7: add intermediate states only when depth was cut a lot."""
+        if self.intermediate == "auto":
+            return student_layers <= 0.8 * teacher_layers
+        return self.intermediate == "on"
+
+
+class IntermediateStates(torch.nn.Module):
+    """L_is: distance between mapped hidden states, through a learned projection if widths differ.
+
+    Pairs are (student layer i, teacher layer layer_map[i]) on the residual stream after each
+    layer but the last (HF applies the final norm to the last hidden state), plus the
+    embeddings. The projection starts as the channel selection (exact for a fresh prune).
+    """
+
+    def __init__(self, layer_map: list[int], student_hidden: int, teacher_hidden: int, channels=None, alpha=1.0, kind="nmse"):
+        super().__init__()
+        self.pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map[:-1])]
+        self.alpha, self.kind = alpha, kind
+        self.project = None
+        if student_hidden != teacher_hidden:
+            self.project = torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+            with torch.no_grad():
+                self.project.weight.zero_()
+                kept = channels if channels is not None else torch.arange(student_hidden)
+                self.project.weight[kept.long(), torch.arange(student_hidden)] = 1.0
+
+    def loss(self, student_states, teacher_states) -> torch.Tensor:
+        total = 0.0
+        for s, t in self.pairs:
+            h_s, h_t = student_states[s].float(), teacher_states[t].float()
+            if self.project is not None:
+                h_s = self.project(h_s)
+            if self.kind == "cosine":
+                total = total + (1 - F.cosine_similarity(h_s, h_t, dim=-1)).mean()
+            else:
+                total = total + ((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-6)).mean()
+        return total / len(self.pairs)
+
+
+class Checkpoint:
+    """Everything a resumed run needs to continue the same trajectory, written atomically.
+
+    Model and projection weights (safetensors), optimizer and scheduler states, RNG states,
+    the step (which fixes the data position: the row order is a function of the seed) and
+    the curves so far. A checkpoint made with other settings is refused.
+    """
+
+    def __init__(self, folder: Path, settings: RetrainSettings):
+        self.folder = Path(folder) / "checkpoint"
+        self.signature = json.dumps(asdict(settings), sort_keys=True)
+
+    def exists(self) -> bool:
+        return (self.folder / "state.pt").is_file()
+
+    def save(self, step, model, extra, optimizer, scheduler, result) -> None:
+        import random
+
+        import numpy as np
+
+        state = {
+            "step": step,
+            "signature": self.signature,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "result": {"curve": result.curve, "eval_curve": result.eval_curve, "eval_lm_curve": result.eval_lm_curve, "tokens_seen": result.tokens_seen},
+        }
+        tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        if extra is not None:
+            tensors.update({f"extra.{k}": v.detach().contiguous() for k, v in extra.state_dict().items()})
+        try:
+            with atomic_dir(self.folder, overwrite=True) as tmp:
+                save_file(tensors, str(tmp / "weights.safetensors"))
+                torch.save(state, tmp / "state.pt")
+        except OSError as err:
+            raise MinitronError(f"cannot write checkpoint to '{self.folder}' ({err.strerror}): free disk space or move the run") from None
+
+    def restore(self, model, extra, optimizer, scheduler, result) -> int:
+        import random
+
+        import numpy as np
+
+        state = torch.load(self.folder / "state.pt", weights_only=False)
+        if state["signature"] != self.signature:
+            raise MinitronError(f"the checkpoint in '{self.folder}' was made with other settings: use another folder or delete it")
+        tensors = load_file(str(self.folder / "weights.safetensors"))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if extra is not None:
+            extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        for key, value in state["result"].items():
+            setattr(result, key, [tuple(p) for p in value] if isinstance(value, list) else value)
+        return state["step"]
+
+
 def make_accelerator():
     """CPU / one GPU / `accelerate launch`; bf16 autocast where the GPU supports it."""
     from accelerate import Accelerator
@@ -392,12 +510,23 @@ def batch_loss(
     settings: RetrainSettings,
     topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     teacher=None,
+    intermediate: "IntermediateStates | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, KD part) of one micro-batch: clm_weight * CE + KD.
+    """(total loss, KD part) of one micro-batch: clm_weight * CE + KD (+ alpha * L_is).
 
     The teacher signal is `topk` (cached log-probs and ids) if given, else the live
     `teacher` (its top-k if settings.top_k, else full-vocabulary KD); with neither, CE only.
+    With `intermediate` (live teacher only), hidden states of mapped layer pairs add a loss.
     """
+    if intermediate is not None:
+        out = student(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        with torch.no_grad():
+            t_out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True)
+        kd = kd_loss(out.logits, t_out.logits, settings.temperature)
+        total = kd + intermediate.alpha * intermediate.loss(out.hidden_states, t_out.hidden_states)
+        if settings.clm_weight:
+            total = total + settings.clm_weight * clm_loss(out.logits, input_ids)
+        return total, kd.detach()
     logits = student(input_ids=input_ids, use_cache=False).logits
     if topk is not None:
         kd = kd_loss_topk(logits, topk[0], topk[1], settings.temperature)
@@ -472,6 +601,8 @@ def retrain(
     heldout_cache: TeacherLogitCache | None = None,
     accelerator=None,
     progress: bool = True,
+    intermediate: IntermediateStates | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> RetrainResult:
     """Distill into `student` (trained in place; left in eval mode) for `settings.steps` steps.
 
@@ -503,6 +634,12 @@ def retrain(
 
     student.to(device)  # before the optimizer: fused AdamW needs its parameters' device
     optimizer = make_optimizer(student, settings)
+    if intermediate is not None:
+        if teacher is None:
+            raise MinitronError("intermediate-state distillation needs the live teacher: pass teacher=")
+        intermediate.to(device)
+        if intermediate.project is not None:
+            optimizer.add_param_group({"params": list(intermediate.project.parameters())})
 
     # Not prepared: accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
@@ -513,6 +650,12 @@ def retrain(
     seq_len = train_blocks.shape[1]
     bar = tqdm(total=settings.steps, desc="retrain", unit="step", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
+    first = 1
+    if checkpoint is not None and checkpoint.exists():
+        first = checkpoint.restore(accelerator.unwrap_model(model), intermediate, optimizer, scheduler, result) + 1
+        for _ in range(per_step * processes * settings.grad_accum * (first - 1)):
+            next(stream)  # the data position follows from the step
+        bar.update(first - 1)
 
     def evaluate(step: int, call_report: bool) -> None:
         kd, lm = _evaluate(model, heldout_blocks, heldout_cache, teacher if settings.top_k is None else None, settings, accelerator)
@@ -523,10 +666,10 @@ def retrain(
             report(step, value)
 
     try:
-        if heldout_blocks is not None:
+        if heldout_blocks is not None and first == 1:
             evaluate(0, call_report=False)
         model.train()
-        for step in range(1, settings.steps + 1):
+        for step in range(first, settings.steps + 1):
             step_loss = torch.zeros((), dtype=torch.float32, device=device)
             for micro in range(settings.grad_accum):
                 global_rows = [next(stream) for _ in range(per_step * processes)]
@@ -539,7 +682,7 @@ def retrain(
                 sync = contextlib.nullcontext() if micro == settings.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
                     with accelerator.autocast():
-                        loss, _ = batch_loss(model, ids, settings, topk, teacher if cache is None else None)
+                        loss, _ = batch_loss(model, ids, settings, topk, teacher if cache is None else None, intermediate)
                     if not _all_finite(loss, accelerator):
                         raise MinitronError(_nan_message(step, settings))
                     accelerator.backward(loss / settings.grad_accum)
@@ -562,6 +705,10 @@ def retrain(
                 step == settings.steps or (settings.eval_every and step % settings.eval_every == 0)
             ):
                 evaluate(step, call_report=True)
+            if checkpoint is not None and accelerator.is_main_process and (
+                step == settings.steps or step % settings.checkpoint_every == 0
+            ):
+                checkpoint.save(step, accelerator.unwrap_model(model), intermediate, optimizer, scheduler, result)
     finally:
         bar.close()
         result.seconds = time.perf_counter() - start
@@ -609,3 +756,51 @@ def _check_inputs(train_blocks, cache, settings, teacher, vocab) -> None:
         raise MinitronError(f"top_k {settings.top_k} exceeds the vocabulary ({vocab}): choose a smaller k or None")
     if teacher is not None and teacher.config.vocab_size != vocab:
         raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} differs from the student's {vocab}: distill within one tokenizer")
+
+
+def distill(
+    student,
+    teacher,
+    train_blocks: torch.Tensor,
+    settings: DistillSettings,
+    folder: Path,
+    heldout_blocks: torch.Tensor | None = None,
+    layer_map: list[int] | None = None,
+    channels: torch.Tensor | None = None,
+    progress: bool = True,
+) -> RetrainResult:
+    """The full KD stage against the live teacher, checkpointed in `folder` (a rerun resumes).
+
+    `layer_map[i]` is the teacher layer that student layer i was sliced from and `channels`
+    the teacher hidden channels kept (both from pruning); they pair hidden states for the
+    intermediate-state loss. Writes `folder/curve.json` ([{step, train_loss, eval_loss}]).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_student, n_teacher = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    intermediate = None
+    active = settings.uses_intermediate(n_student, n_teacher)
+    if active:
+        if layer_map is None or len(layer_map) != n_student:
+            raise MinitronError("intermediate-state distillation needs layer_map: one teacher layer per student layer")
+        intermediate = IntermediateStates(
+            layer_map, student.config.hidden_size, teacher.config.hidden_size, channels, settings.alpha, settings.intermediate_loss
+        )
+    result = retrain(
+        student,
+        train_blocks,
+        None,
+        settings,
+        heldout_blocks=heldout_blocks,
+        teacher=teacher,
+        progress=progress,
+        intermediate=intermediate,
+        checkpoint=Checkpoint(folder, settings),
+    )
+    result.settings["intermediate_active"] = active
+    evals = dict(result.eval_curve)
+    curve = [{"step": step, "train_loss": loss, "eval_loss": evals.get(step)} for step, loss in result.curve]
+    tmp = folder / ".curve.json.partial"
+    tmp.write_text(json.dumps(curve))
+    tmp.replace(folder / "curve.json")
+    return result

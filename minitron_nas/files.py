@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -26,15 +27,40 @@ def check_writable(out: Path, overwrite: bool = False) -> None:
         raise MinitronError(f"cannot write to '{parent}' ({err.strerror}): choose a writable --out") from None
 
 
+def make_dir(out: Path) -> Path:
+    """Create a run folder (and its parents) that outputs are added to, or fail with one line."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".minitron-probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise MinitronError(f"cannot write to '{out}' ({err.strerror}): choose a writable --out") from None
+    return out
+
+
+def _write_failed(out: Path, err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device while writing '{out}' (nothing was replaced): free disk space, then rerun"
+    return f"could not write '{out}' ({err.strerror or err}; nothing was replaced): free disk space or fix the folder's permissions, then rerun"
+
+
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
-    """Yield a temporary folder; on success it replaces `out`, on failure it is removed."""
+    """Yield a temporary folder; on success it replaces `out`, on failure it is removed.
+
+    An OSError while writing (ENOSPC above all) becomes a one-line MinitronError naming `out`.
+    """
     out = Path(out)
     check_writable(out, overwrite)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as err:  # disk full, quota, permissions: the previous `out` stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MinitronError(_write_failed(out, err)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -192,11 +192,11 @@ def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
 def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes)."""
     from .distill import DistillSettings, distill
-    from .pruning import select_layers
+    from .pruning import select
 
     folder = out / "distill"
     arch, rankings, _ = winner(out, teacher)
-    kept = select_layers(rankings, arch, teacher.model.config.num_hidden_layers, "block_importance")
+    chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
     spec = space.distill
     steps = max(1, spec.tokens // (spec.batch_size * spec.seq_len))
@@ -217,7 +217,7 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
         alpha=spec.alpha,
         checkpoint_every=spec.checkpoint_every,
     )
-    result = distill(student, teacher.model, train, settings, folder, heldout_blocks=heldout, layer_map=kept)
+    result = distill(student, teacher.model, train, settings, folder, heldout, chosen.layers, chosen.channels)
     after = heldout_metrics(student, teacher.model, heldout)
     summary = {
         "architecture": arch.to_dict(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from .architecture import Architecture
 from .data import token_blocks
 from .distill import RetrainSettings, TeacherLogitCache, kd_loss, retrain
 from .errors import MinitronError
+from .files import make_dir
 from .pipeline import RankSettings, rank
 from .pruning import prune
 from .ranking import Rankings
@@ -34,7 +36,26 @@ from .space import AXES, GRID_LIMIT, Candidate, SearchSpace, require_feasible
 from .teachers import Teacher, load_teacher
 
 STUDY_NAME = "minitron"
-HEARTBEAT_SECONDS, GRACE_SECONDS = 10, 30
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) <= 0:
+        raise MinitronError(f"{name}={raw!r} is not a whole number of seconds > 0: fix or unset it")
+    return int(raw)
+
+
+# A running trial beats every HEARTBEAT_SECONDS; one silent for GRACE_SECONDS is failed and
+# retried once (its worker died). The environment overrides both (tests use a few seconds).
+HEARTBEAT_SECONDS = _env_seconds("MINITRON_NAS_HEARTBEAT_SECONDS", 10)
+GRACE_SECONDS = _env_seconds("MINITRON_NAS_GRACE_SECONDS", 30)
+if GRACE_SECONDS <= HEARTBEAT_SECONDS:
+    raise MinitronError(
+        f"MINITRON_NAS_GRACE_SECONDS ({GRACE_SECONDS}) must exceed MINITRON_NAS_HEARTBEAT_SECONDS ({HEARTBEAT_SECONDS}): "
+        "a live worker would be taken for dead; raise the grace period"
+    )
 
 
 @dataclass
@@ -190,8 +211,7 @@ def run_search(
     on_trial=None,
 ) -> optuna.Study:
     """Run (or resume) the study; writes study.db, trials.csv and best_arch.json into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(out))
     teacher = teacher or load_teacher(space.teacher)
     feasible = require_feasible(space, teacher.model.config)
     kind, sampler = _sampler(space, feasible)

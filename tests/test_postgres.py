@@ -1,0 +1,242 @@
+"""Several `minitron-nas search` workers on one study in a real PostgreSQL server.
+
+Each worker is a separate process with its own --out (rankings, teacher logits, trials.csv)
+and the same SPACE and --storage URL, as on separate machines. The grid is queued once as
+WAITING trials that workers pop atomically; a worker killed mid-trial stops beating, its
+trial is failed through Optuna's heartbeat and retried once by a surviving worker.
+Heartbeat and grace period are shortened through the environment so the test stays short.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+import yaml
+
+from minitron_nas import search
+from minitron_nas.export import save_model
+from minitron_nas.space import load_space, require_feasible
+from minitron_nas.teachers import load_config
+
+from conftest import byte_tokenizer, tiny_model
+
+pytestmark = pytest.mark.postgres
+
+HEARTBEAT, GRACE = 1, 4
+WORKER_ENV = {
+    **os.environ,
+    "MINITRON_NAS_HEARTBEAT_SECONDS": str(HEARTBEAT),
+    "MINITRON_NAS_GRACE_SECONDS": str(GRACE),
+    "OMP_NUM_THREADS": "1",  # three workers share two cores
+}
+# Six feasible candidates on the tiny Llama teacher (nine for the kill test, which needs some
+# still waiting once all three workers run); retraining long enough that workers overlap, and
+# scored only at its end (eval_every 0) so the pruner cannot cut trials short.
+AXES = {"hidden_size": [32, 48], "intermediate_size": [48, 96], "heads_per_group": [1], "num_key_value_heads": [2], "num_hidden_layers": [2, 3, 4]}
+AXES_9 = {**AXES, "heads_per_group": [1, 3]}
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
+
+
+@pytest.fixture(scope="module")
+def spaces(tmp_path_factory, shared_data) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pg-space")
+    save_model(tiny_model("llama", vocab_size=257), root / "teacher", byte_tokenizer())
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    files = {}
+    for name, axes, tolerance in (("six", AXES, 0.25), ("nine", AXES_9, 0.3)):
+        files[name] = root / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump({
+            "teacher": str(root / "teacher"),
+            "axes": axes,
+            "budget": {"parameters": 40_000, "tolerance": tolerance},
+            "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+            "retrain": {"tokens": 96 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
+            "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+            "sampler": "grid",
+        }))
+    return files
+
+
+def grid_size(space_file: Path) -> int:
+    spec = load_space(space_file)
+    return len(require_feasible(spec, load_config(spec.teacher)))
+
+
+def cli() -> list[str]:
+    script = Path(sys.executable).parent / "minitron-nas"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "minitron_nas.cli"]
+
+
+class Worker:
+    def __init__(self, name: str, space: Path, url: str, root: Path, resume: bool):
+        self.name, self.log = name, root / f"{name}.log"
+        command = [*cli(), "search", str(space), "--storage", url, "--out", str(root / name)] + (["--resume"] if resume else [])
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=WORKER_ENV, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def trials_run(self) -> set[int]:
+        """Trial numbers this worker finished, from Optuna's log lines in its own output."""
+        return {int(n) for n in re.findall(r"Trial (\d+) (?:finished|pruned|failed)", self.text())}
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.process.pid, sig)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.signal(signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def workers():
+    started: list[Worker] = []
+    yield started
+    for w in started:  # never leave workers behind (the database is dropped next)
+        w.stop()
+
+
+def wait_for(condition, what: str, workers: list[Worker], timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        for w in workers:
+            if w.process.poll() not in (None, 0):
+                pytest.fail(f"{w.name} exited with {w.process.returncode} while waiting for {what}:\n{w.text()[-3000:]}")
+        time.sleep(0.25)
+    logs = "\n".join(f"--- {w.name}\n{w.text()[-2000:]}" for w in workers)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{logs}")
+
+
+def finish(workers: list[Worker]) -> None:
+    wait_for(lambda: all(w.process.poll() is not None for w in workers), "every worker to finish", workers)
+    for w in workers:
+        assert w.process.returncode == 0, f"{w.name} exited with {w.process.returncode}:\n{w.text()[-3000:]}"
+
+
+def study_trials(url: str, n: int):
+    """The study's trials once the first worker has created it and queued the whole grid, else None.
+
+    Polls with plain SQL first: creating an Optuna storage on the empty database would race the
+    first worker's own schema creation.
+    """
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(sqlalchemy.text("SELECT count(*) FROM studies WHERE study_name = 'minitron'")).scalar()
+            queued = connection.execute(sqlalchemy.text("SELECT count(*) FROM trials")).scalar()
+    except sqlalchemy.exc.DBAPIError:
+        return None  # tables not created yet
+    finally:
+        engine.dispose()
+    if not found or queued < n:
+        return None
+    return load(url).trials
+
+
+def load(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="minitron", storage=url)
+
+
+def states(trials, *wanted: optuna.trial.TrialState):
+    return [t for t in trials if t.state in wanted]
+
+
+def assert_every_candidate_once(trials, n: int) -> list:
+    evaluated = [t for t in states(trials, *DONE) if "candidate" in t.params]  # without: "grid exhausted" stops
+    candidates = sorted(t.params["candidate"] for t in evaluated)
+    assert candidates == list(range(n)), f"candidates evaluated {candidates}, grid of {n}"
+    assert not states(trials, WAITING, RUNNING)
+    for t in evaluated:  # every result stored in the shared study
+        assert t.user_attrs["architecture"] and t.user_attrs["params_total"] > 0 and t.user_attrs["score_before"] > 0
+        if t.state.name == "COMPLETE":
+            assert t.value == pytest.approx(t.user_attrs["score_after"]) and t.user_attrs["retrain_curve"]
+        else:
+            assert t.intermediate_values  # pruned on a reported held-out value
+    return evaluated
+
+
+def test_three_workers_share_one_grid_each_candidate_once(spaces, postgres_url, tmp_path, workers):
+    space_file = spaces["six"]
+    n = grid_size(space_file)
+    assert n == 6
+    workers.append(Worker("w0", space_file, postgres_url, tmp_path, resume=False))
+    wait_for(lambda: study_trials(postgres_url, n), "the first worker to queue the grid", workers)
+    workers += [Worker(f"w{i}", space_file, postgres_url, tmp_path, resume=True) for i in (1, 2)]
+    finish(workers)
+
+    trials = load(postgres_url).trials
+    assert not states(trials, optuna.trial.TrialState.FAIL), [t.user_attrs.get("error") for t in trials]
+    evaluated = assert_every_candidate_once(trials, n)
+    ran = [w.trials_run() & {t.number for t in evaluated} for w in workers]
+    assert sum(len(r) for r in ran) == n and set().union(*ran) == {t.number for t in evaluated}  # no trial run twice
+    assert sum(1 for r in ran if r) >= 2, f"the grid was not shared: {ran}"
+    for w in workers:  # each worker's local view lists the whole shared study
+        assert (tmp_path / w.name / "trials.csv").is_file() and (tmp_path / w.name / "rankings" / "rankings.json").is_file()
+
+
+def queue_grid(space_file: Path, url: str, out: Path) -> None:
+    """Create the study and queue the grid as a first worker does (open_study), from this process."""
+    spec = load_space(space_file)
+    feasible = require_feasible(spec, load_config(spec.teacher))
+    kind, sampler = search._sampler(spec, feasible)
+    search.open_study(spec, out, url, False, False, kind, sampler, feasible)
+
+
+def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried_once(spaces, postgres_url, tmp_path, workers):
+    space_file = spaces["nine"]
+    n = grid_size(space_file)
+    assert n == 9
+    queue_grid(space_file, postgres_url, tmp_path)
+    # Three workers join the queued study together, so all three soon run a trial at once.
+    workers += [Worker(f"w{i}", space_file, postgres_url, tmp_path, resume=True) for i in range(3)]
+    victim, survivors = workers[0], workers[1:]
+
+    def all_three_mid_trial():
+        """Freeze the victim when three trials run (so one is its own) and three still wait."""
+        def enough(trials):
+            return len(states(trials, RUNNING)) == 3 and len(states(trials, WAITING)) >= 3
+
+        if not enough(load(postgres_url).trials):
+            return None
+        victim.signal(signal.SIGSTOP)  # now its trial cannot move: check again, race-free
+        trials = load(postgres_url).trials
+        if enough(trials):
+            return states(trials, RUNNING)
+        victim.signal(signal.SIGCONT)
+        return None
+
+    running = wait_for(all_three_mid_trial, "all three workers mid-trial with three candidates waiting", workers)
+    victim.signal(signal.SIGKILL)  # the whole process group, as a lost machine
+    victim.process.wait()
+    finish(survivors)
+
+    trials = load(postgres_url).trials
+    failed = states(trials, optuna.trial.TrialState.FAIL)
+    assert len(failed) == 1, [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
+    killed = failed[0]
+    assert killed.number in {t.number for t in running}
+    assert killed.number not in set().union(*(w.trials_run() for w in workers))  # nobody finished it
+    assert "error" not in killed.user_attrs  # no exception in the objective: its heartbeat stopped
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1, "retried exactly once (RetryHeartbeatStaleTrialCallback(max_retry=1))"
+    retry = retries[0]
+    assert retry.system_attrs["retry_history"] == [killed.number]
+    assert retry.state in DONE and retry.params == killed.params
+    assert retry.number in survivors[0].trials_run() | survivors[1].trials_run()  # picked up by a live worker
+    evaluated = assert_every_candidate_once(trials, n)
+    assert retry.number in {t.number for t in evaluated}
