@@ -131,14 +131,12 @@ def run(space, out: Path, storage: str | None = None, n_trials: int | None = Non
             member = replace(space, budget=replace(space.budget, parameters=budget), family=())
             if exported is not None:
                 member = replace(member, teacher=str(exported))
-            exported = run(member, out / f"{budget // 1_000_000}M", storage, n_trials)
-            teacher = None
+            exported = run(member, out / f"budget-{budget}", storage, n_trials)
         return exported
     return _run_single(space, out, storage, n_trials, teacher)
 
 
 def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
-    from .distill import distill_winner
     from .report import build_dashboard, write_report
     from .search import run_search
 

@@ -53,14 +53,16 @@ def spaces(tmp_path_factory, shared_data) -> dict[str, Path]:
     save_model(tiny_model("llama", vocab_size=257), root / "teacher", byte_tokenizer())
     corpus = str(shared_data / "tinyshakespeare" / "input.txt")
     files = {}
-    for name, axes, tolerance in (("six", AXES, 0.25), ("nine", AXES_9, 0.3)):
+    # six: the two late workers join ~30 s after the first (imports, resume grace): trials must
+    # be long enough that the first has not finished the grid by then.
+    for name, axes, tolerance, steps in (("six", AXES, 0.25, 192), ("nine", AXES_9, 0.3, 96)):
         files[name] = root / f"{name}.yaml"
         files[name].write_text(yaml.safe_dump({
             "teacher": str(root / "teacher"),
             "axes": axes,
             "budget": {"parameters": 40_000, "tolerance": tolerance},
             "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-            "retrain": {"tokens": 96 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
+            "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
             "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
             "sampler": "grid",
         }))

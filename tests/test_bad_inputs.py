@@ -1,0 +1,319 @@
+"""The bad-input catalogue: every case ends with exit status 2 and one line `error: <problem>: <fix>`.
+
+Each case runs the command line (typer's runner, in process; a subprocess where the
+environment must differ) on a tiny random teacher, and checks that what was there before
+(a finished search run, a rankings folder, a model folder) is byte-identical afterwards and
+that no `.partial-` folder is left behind. Self-contained: helpers are not shared with
+test_cli.py or test_search.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import transformers
+import yaml
+from transformers import GPT2Config
+from typer.testing import CliRunner
+
+from minitron_nas import ranking
+from minitron_nas.cli import app
+from minitron_nas.export import save_model
+
+from conftest import byte_tokenizer, tiny_model
+
+runner = CliRunner()
+TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
+SMALL_ARCH = json.dumps({"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3})
+AXES = {"hidden_size": [32, 48], "intermediate_size": [48, 96], "heads_per_group": [1, 3], "num_key_value_heads": [2], "num_hidden_layers": [3, 4]}
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str, alone: bool = True) -> str:
+    """Exit 2, no traceback, exactly one `error: ` line (the last), naming problem and fix.
+
+    `alone`: the failure came before any work, so that line is the whole output; otherwise
+    progress and log lines of the work done may precede it.
+    """
+    output = result.output if hasattr(result, "output") else result.stdout + result.stderr
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert code == 2, f"exit {code}: {output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output[-3000:]
+    if alone:
+        assert lines == errors, output[-3000:]
+    problem, _, fix = errors[0][len("error: "):].partition(": ")
+    assert problem and fix, errors[0]  # `<problem>: <fix>`
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if ".partial" in p.name or ".old-" in p.name]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data) -> str:
+    return str(shared_data / "tinyshakespeare" / "input.txt")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bad-inputs")
+
+
+@pytest.fixture(scope="module")
+def teacher(root) -> Path:
+    folder = root / "teacher"
+    save_model(tiny_model("llama", vocab_size=257), folder, byte_tokenizer())
+    return folder
+
+
+def space_dict(teacher: Path, corpus: str, **changes) -> dict:
+    space = {
+        "teacher": str(teacher),
+        "axes": AXES,
+        "budget": {"parameters": 40_000, "tolerance": 0.25},
+        "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+        "retrain": {"tokens": 4 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 2},
+        "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+        "sampler": "grid",
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            space[key] = {**space[key], **value}
+        else:
+            space[key] = value
+    return space
+
+
+def write_space(folder: Path, name: str, space: dict | str) -> Path:
+    path = folder / name
+    path.write_text(space if isinstance(space, str) else yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_space(root, teacher, corpus) -> Path:
+    return write_space(root, "good.yaml", space_dict(teacher, corpus))
+
+
+@pytest.fixture(scope="module")
+def previous_run(root, good_space) -> Path:
+    """A search run that finished one trial: study.db, trials.csv, best_arch.json, rankings/, ..."""
+    run = root / "previous-run"
+    result = invoke("search", good_space, "--out", run, "--n-trials", "1")
+    assert result.exit_code == 0, result.output
+    assert {"study.db", "trials.csv", "best_arch.json", "rankings/rankings.safetensors"} <= set(snapshot(run))
+    return run
+
+
+@pytest.fixture
+def intact_run(previous_run):
+    """The previous run, checked byte for byte after the test."""
+    before = snapshot(previous_run)
+    yield previous_run
+    assert snapshot(previous_run) == before, "the earlier search run was modified"
+    assert not leftovers(previous_run.parent)
+
+
+@pytest.fixture(scope="module")
+def rankings_dir(root, teacher, corpus) -> Path:
+    out = root / "rankings"
+    result = invoke("rank", "--model", teacher, "--data", corpus, "--out", out, *TINY_RANK)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def intact_rankings(rankings_dir):
+    before = snapshot(rankings_dir)
+    yield rankings_dir
+    assert snapshot(rankings_dir) == before, "the earlier rankings were modified"
+    assert not leftovers(rankings_dir.parent)
+
+
+# --------------------------------------------------------------------------- search spaces
+
+
+def test_malformed_search_space_yaml(root, teacher, intact_run):
+    space = write_space(root, "malformed.yaml", f"teacher: {teacher}\naxes:\n  hidden_size: [32, 48\nbudget: {{parameters: 40000}}\n")
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, str(space), "not valid YAML at line", "fix the syntax")
+
+
+def test_unknown_key_in_search_space(root, teacher, corpus, intact_run):
+    space = write_space(root, "unknown-key.yaml", space_dict(teacher, corpus, retrain={"epochs": 3}))
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, "unknown key 'retrain.epochs'", "allowed are", "lr")
+
+
+@pytest.mark.parametrize("command", ["enumerate", "search"])
+def test_infeasible_budget(root, teacher, corpus, intact_run, command):
+    space = write_space(root, "infeasible.yaml", space_dict(teacher, corpus, budget={"parameters": 1_000, "tolerance": 0.05}))
+    extra = ["--out", intact_run, "--resume"] if command == "search" else []
+    result = invoke(command, space, *extra)
+    assert_one_line_error(result, "no architecture within 1,000", "the nearest feasible budget is", "change budget.parameters")
+
+
+def test_unknown_lm_eval_task(teacher, shared_data):
+    result = invoke("evaluate", "--model", teacher, "--tasks", "arc_easy,nope", "--data-dir", shared_data)
+    assert_one_line_error(result, "unknown task 'nope'", "supported tasks are", "arc_easy")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_missing_data(root, teacher, corpus, intact_run):
+    missing = root / "no-such-corpus.txt"
+    space = write_space(root, "missing-data.yaml", space_dict(teacher, corpus, retrain={"data": str(missing)}))
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, f"data path '{missing}' not found", "check --data")
+
+
+def test_empty_data(root, teacher, intact_rankings):
+    empty = root / "empty.txt"
+    empty.write_text("\n\n  \n")
+    result = invoke("rank", "--model", teacher, "--data", empty, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, str(empty))
+
+
+# --------------------------------------------------------------------------- rankings and models
+
+
+def test_corrupt_rankings(root, teacher, rankings_dir):
+    corrupt = root / "corrupt-rankings"
+    shutil.copytree(rankings_dir, corrupt)
+    tensors = corrupt / "rankings.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])  # truncated mid-file
+    before = snapshot(corrupt)
+    out = root / "pruned-from-corrupt"
+    result = invoke("prune", "--model", teacher, "--rankings", corrupt, "--arch", SMALL_ARCH, "--out", out)
+    assert_one_line_error(result, f"rankings in '{corrupt}' are corrupt", "rerun `minitron-nas rank`")
+    assert snapshot(corrupt) == before and not out.exists() and not leftovers(root)
+
+
+def test_mismatched_rankings(root, teacher, corpus, rankings_dir):
+    other = root / "other-teacher"
+    save_model(tiny_model("llama", seed=1, vocab_size=257), other, byte_tokenizer())
+    other_rankings = root / "other-rankings"
+    assert invoke("rank", "--model", other, "--data", corpus, "--out", other_rankings, *TINY_RANK).exit_code == 0
+    before = snapshot(other_rankings)
+    out = root / "pruned-from-other"
+    result = invoke("prune", "--model", teacher, "--rankings", other_rankings, "--arch", SMALL_ARCH, "--out", out)
+    assert_one_line_error(result, "were made for teacher", "not this one", "rank this teacher first")
+    assert snapshot(other_rankings) == before and not out.exists() and not leftovers(root)
+
+
+def test_unsupported_model_type(root, intact_rankings):
+    gpt2 = root / "gpt2"
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257).save_pretrained(gpt2)
+    result = invoke("rank", "--model", gpt2, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, "unsupported model type 'gpt2'", "families.py")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("command", ["rank", "search"])
+def test_unwritable_output_folder(root, teacher, good_space, command, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    if command == "rank":
+        result = invoke("rank", "--model", teacher, "--out", blocker / "rankings", *TINY_RANK)
+    else:
+        result = invoke("search", good_space, "--out", blocker / "run")
+    assert_one_line_error(result, "cannot write to", str(blocker), "choose a writable --out")
+    assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def _disk_full(path, *args, **kwargs):
+    """A write that runs out of space half-way: some bytes land, then ENOSPC."""
+    target = Path(path)
+    target = target / "model.safetensors" if target.is_dir() else target
+    target.write_bytes(b"\0" * 1024)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+
+@pytest.mark.parametrize("what", ["rankings", "model"])
+def test_disk_full_during_a_checkpoint(root, teacher, corpus, rankings_dir, monkeypatch, what):
+    """ENOSPC while a folder is written: one line naming it, the previous version untouched."""
+    if what == "rankings":
+        out = root / "rankings-to-replace"
+        shutil.copytree(rankings_dir, out)
+        monkeypatch.setattr(ranking, "save_file", lambda tensors, path, *a, **k: _disk_full(path))
+        command = ["rank", "--model", teacher, "--data", corpus, "--out", out, "--overwrite", *TINY_RANK]
+    else:
+        out = root / "model-to-replace"
+        assert invoke("prune", "--model", teacher, "--rankings", rankings_dir, "--arch", SMALL_ARCH, "--out", out).exit_code == 0
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", lambda self, path, *a, **k: _disk_full(path))
+        command = ["prune", "--model", teacher, "--rankings", rankings_dir, "--arch", SMALL_ARCH, "--out", out, "--overwrite"]
+    before = snapshot(out)
+    result = invoke(*command)
+    assert_one_line_error(result, f"'{out}'", "no space left", "free disk space")
+    assert snapshot(out) == before, f"the previous {what} folder was modified"
+    assert not leftovers(root)
+
+
+def test_existing_study_is_not_reused_without_resume(good_space, intact_run):
+    result = invoke("search", good_space, "--out", intact_run)
+    assert_one_line_error(result, "a study already exists", "pass --resume or choose another --out")
+
+
+def test_unsupported_storage_url(good_space, intact_run):
+    result = invoke("search", good_space, "--out", intact_run, "--resume", "--storage", "redis://localhost/0")
+    assert_one_line_error(result, "unsupported storage 'redis://localhost/0'", "postgresql://")
+
+
+@pytest.mark.parametrize(
+    "env, fragments",
+    [
+        ({"MINITRON_NAS_GRACE_SECONDS": "soon"}, ("MINITRON_NAS_GRACE_SECONDS='soon'", "fix or unset it")),
+        ({"MINITRON_NAS_HEARTBEAT_SECONDS": "30"}, ("must exceed MINITRON_NAS_HEARTBEAT_SECONDS (30)", "raise the grace period")),
+    ],
+)
+def test_bad_heartbeat_settings(good_space, tmp_path, env, fragments):
+    """Read when the search module loads; a subprocess so this process keeps its own values."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "minitron_nas.cli", "search", str(good_space), "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+    )
+    assert_one_line_error(done, *fragments)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_nan_loss_during_retraining(root, teacher, corpus):
+    """A huge learning rate: every trial fails with its error recorded, the study goes on to the
+    end of the grid, and the search ends with one line saying no trial finished."""
+    space = write_space(root, "nan.yaml", space_dict(teacher, corpus, retrain={"lr": 1e9}))
+    out = root / "nan-run"
+    result = invoke("search", space, "--out", out)
+    assert_one_line_error(result, "no trial finished", "see trials.csv for the errors", alone=False)
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == 3 and (table.state == "FAIL").all(), table
+    assert table.error.str.contains("NaN|inf|non-finite|diverged", regex=True).all(), table.error.tolist()

@@ -1,0 +1,94 @@
+"""The whole run on a tiny teacher: stages resume, the export loads anywhere, family mode chains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from minitron_nas.export import save_model
+from minitron_nas.pipeline import STAGES, finished_stages, run
+from minitron_nas.space import load_space
+from minitron_nas.teachers import load_teacher
+
+from conftest import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("teacher") / "tiny-llama"
+    save_model(tiny_model("llama", vocab_size=257), folder, byte_tokenizer())
+    return folder
+
+
+def write_space(path: Path, teacher: Path, corpus: str, **extra) -> Path:
+    path.write_text(yaml.safe_dump({
+        "teacher": str(teacher),
+        "axes": {"hidden_size": [32, 48], "intermediate_size": [48, 96], "heads_per_group": [1, 3],
+                 "num_key_value_heads": [2], "num_hidden_layers": [2, 3, 4]},
+        "budget": {"parameters": 40000, "tolerance": 0.2},
+        "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+        "retrain": {"tokens": 4 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 0.003, "top_k": 32, "data": corpus, "eval_every": 2},
+        "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+        "distill": {"tokens": 8 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 0.001, "data": corpus,
+                    "eval_every": 4, "checkpoint_every": 4, "heldout_samples": 4},
+        "sampler": "grid",
+        **extra,
+    }))
+    return path
+
+
+LOGITS = (
+    "import sys, torch\n"
+    "from transformers import AutoModelForCausalLM\n"
+    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+    "torch.save(m(input_ids=torch.arange(40).view(2, 20)).logits, sys.argv[2])\n"
+)
+
+
+def test_run_exports_a_loadable_model_and_resumes_finished_stages(teacher_folder, shared_data, tmp_path):
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    space = load_space(write_space(tmp_path / "space.yaml", teacher_folder, corpus))
+    out = tmp_path / "run"
+    exported = run(space, out)
+    assert list(finished_stages(out)) == list(STAGES)
+    for name in ("study.db", "trials.csv", "best_arch.json", "dashboard.html", "report.md", "distill/curve.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "distill" / "summary.json").read_text())
+    assert summary["after"]["kld"] < summary["before"]["kld"]
+
+    # The export loads with plain transformers in a fresh process and gives the distilled logits.
+    subprocess.run([sys.executable, "-c", LOGITS, str(exported), str(tmp_path / "logits.pt")], check=True)
+    in_memory = AutoModelForCausalLM.from_pretrained(str(out / "distill" / "model")).eval()
+    with torch.no_grad():
+        expected = in_memory(input_ids=torch.arange(40).view(2, 20)).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    card = (exported / "README.md").read_text()
+    provenance = json.loads((exported / "best_arch.json").read_text())
+    assert "## Evaluation" in card and "teacher" in card and provenance["rankings"]["sha256"]
+    assert provenance["architecture"] == json.loads((out / "best_arch.json").read_text())["architecture"]
+
+    # A rerun finds every stage finished and changes nothing.
+    before = (out / "stages.json").read_text()
+    assert run(space, out) == exported
+    assert (out / "stages.json").read_text() == before
+
+
+def test_family_mode_prunes_each_member_from_the_previous(teacher_folder, shared_data, tmp_path):
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    space = load_space(write_space(tmp_path / "space.yaml", teacher_folder, corpus, family=[28000, 40000]))
+    last = run(space, tmp_path / "run")
+    big, small = tmp_path / "run" / "budget-40000" / "export", tmp_path / "run" / "budget-28000" / "export"
+    assert last == small
+    big_card, small_card = (json.loads((f / "best_arch.json").read_text()) for f in (big, small))
+    assert big_card["teacher"] == str(teacher_folder)
+    assert small_card["teacher"] == str(big)  # pruned from the larger member, not from the original
+    assert small_card["parameters"]["total"] < big_card["parameters"]["total"]
+    for folder in (big, small):
+        AutoModelForCausalLM.from_pretrained(str(folder))
