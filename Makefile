@@ -29,7 +29,7 @@ browser:
 	fi
 
 demo: setup
-	$(BIN)/minitron-nas demo --out runs/demo
+	$(BIN)/minitron-nas run search_spaces/smollm2-135m-demo.yaml --out runs/demo
 
 test: setup browser
 	$(BIN)/python -m pytest

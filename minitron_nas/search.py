@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .pruning import prune
 from .ranking import Rankings
 from .scoring import lm_loss
 from .space import AXES, GRID_LIMIT, Candidate, SearchSpace, require_feasible
-from .teachers import Teacher, load_teacher
+from .teachers import Teacher, load_config, load_teacher
 
 STUDY_NAME = "minitron"
 
@@ -96,6 +97,7 @@ class Scorer:
 def _storage(url: str | None, out: Path):
     url = url or f"sqlite:///{(out / 'study.db').resolve()}"
     if url.startswith(("sqlite", "postgresql", "mysql")):
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
         return optuna.storages.RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
@@ -212,7 +214,9 @@ def run_search(
 ) -> optuna.Study:
     """Run (or resume) the study; writes study.db, trials.csv and best_arch.json into `out`."""
     out = make_dir(Path(out))
-    teacher = teacher or load_teacher(space.teacher)
+    if teacher is None:
+        require_feasible(space, load_config(space.teacher))  # an infeasible budget fails before the weights load
+        teacher = load_teacher(space.teacher)
     feasible = require_feasible(space, teacher.model.config)
     kind, sampler = _sampler(space, feasible)
     scorer = Scorer(space, teacher, token_blocks(space.retrain.data, teacher.tokenizer, space.scoring.seq_len, space.scoring.heldout_samples, "heldout"))
