@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-fast bench clean
+.PHONY: setup browser postgres demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,21 @@ browser:
 		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	fi
 
+# PostgreSQL server binaries for the multi-worker search test (Debian package); the test
+# starts its own throwaway server on loopback. apt-get runs only when they are missing.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	fi
+
 demo: setup
 	$(BIN)/minitron-nas run search_spaces/smollm2-135m-demo.yaml --out runs/demo
 
-test: setup browser
+test: setup browser postgres
 	$(BIN)/python -m pytest
 
-test-fast: setup browser
+test-fast: setup browser postgres
 	$(BIN)/python -m pytest -m "not teacher"
 
 bench: setup

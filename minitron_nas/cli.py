@@ -25,12 +25,20 @@ MODEL_HELP = "Hugging Face id or folder, a .gguf file, or 'smollm2-135m' (embedd
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars stay; transformers' weight-loading bars are noise in a CLI."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _one_line_errors(command):
     """Bad input -> `error: ...` on one line and exit status 2, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            _quiet_libraries()
             return command(*args, **kwargs)
         except MinitronError as err:
             console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)

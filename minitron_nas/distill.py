@@ -10,7 +10,10 @@ over tokens. `kd_loss_topk` is the same divergence after both distributions are 
 to k + 1 buckets: the teacher's top-k tokens (log-probabilities taken from the FULL
 softmax at temperature T) and one tail bucket with the remaining mass. Merging buckets
 can only lower a KL divergence, so `0 <= kd_loss_topk <= kd_loss` (up to float16 rounding
-of cached log-probabilities) and the two are equal when k = vocab.
+of cached log-probabilities) and the two are equal when k = vocab. How much lower is
+measurable: for SmolLM2-135M pruned to FFN 768 / 26 layers, on WikiText-2 test text, top-64
+KD is 20% below full KD at T = 1 (1.51 vs 1.89 nats) and 62% below at T = 2; the part of the
+divergence inside the tail bucket is not trained.
 
 **Cache.** `TeacherLogitCache` runs the teacher once over a fixed tensor of training
 blocks and keeps, for every token, the top-k log-probabilities (float16) and their token

@@ -86,7 +86,9 @@ class Scorer:
             return value, {"kld": value}
         from .scoring import lm_eval_scores  # lm-eval is slow to import; only load it when scoring with it
 
-        scores = lm_eval_scores(model, self.teacher.tokenizer, list(spec.tasks), spec.data_dir, limit=spec.limit)
+        scores = lm_eval_scores(
+            model, self.teacher.tokenizer, list(spec.tasks), spec.data_dir, limit=spec.limit, batch_size=spec.batch_size
+        )
         primary = [task.get("acc_norm", task.get("acc")) for task in scores.values()]
         primary = [p for p in primary if p is not None]
         if not primary:
@@ -323,6 +325,8 @@ def _evaluated(study: optuna.Study, candidate: Candidate, number: int):
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.PRUNED and "architecture" not in t.user_attrs:
+            continue  # a worker that found the grid queue empty
         arch = t.user_attrs.get("architecture") or {}
         rows.append(
             {
@@ -340,6 +344,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         )
     table = pd.DataFrame(rows)
     if not table.empty:
+        counts = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+                  "params_total", "params_non_embedding", "duplicate_of"]
+        table[counts] = table[counts].astype("Int64")  # integers, blank for queued trials
         table["kendall_tau_before_after"] = kendall_tau(table)
     return table
 

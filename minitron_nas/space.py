@@ -77,6 +77,7 @@ class ScoringSpec:
     metric: str = "heldout_loss"
     tasks: tuple[str, ...] = ()
     limit: int | None = None
+    batch_size: int = 16  # lm-eval requests per forward pass
     data_dir: str = "../shared/data"
     heldout_samples: int = 8
     seq_len: int = 256
@@ -183,6 +184,11 @@ def load_space(path: str | Path) -> SearchSpace:
         raise MinitronError(f"distill.intermediate must be auto, on or off, got '{space.distill.intermediate}'")
     if space.scoring.metric == "lm_eval" and not space.scoring.tasks:
         raise MinitronError("scoring.metric is lm_eval but scoring.tasks is empty: list tasks such as [arc_easy, piqa]")
+    from .lm_eval_tasks import SUPPORTED
+
+    unknown = [task for task in space.scoring.tasks if task not in SUPPORTED]
+    if unknown:
+        raise MinitronError(f"unknown lm-eval task '{unknown[0]}' in scoring.tasks: supported are {', '.join(SUPPORTED)}")
     return space
 
 

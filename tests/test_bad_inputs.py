@@ -211,7 +211,7 @@ def test_corrupt_rankings(root, teacher, rankings_dir):
     before = snapshot(corrupt)
     out = root / "pruned-from-corrupt"
     result = invoke("prune", "--model", teacher, "--rankings", corrupt, "--arch", SMALL_ARCH, "--out", out)
-    assert_one_line_error(result, f"rankings in '{corrupt}' are corrupt", "rerun `minitron-nas rank`")
+    assert_one_line_error(result, f"rankings in '{corrupt}' are corrupt", "rerun `minitron-nas rank`", alone=False)
     assert snapshot(corrupt) == before and not out.exists() and not leftovers(root)
 
 
@@ -223,7 +223,7 @@ def test_mismatched_rankings(root, teacher, corpus, rankings_dir):
     before = snapshot(other_rankings)
     out = root / "pruned-from-other"
     result = invoke("prune", "--model", teacher, "--rankings", other_rankings, "--arch", SMALL_ARCH, "--out", out)
-    assert_one_line_error(result, "were made for teacher", "not this one", "rank this teacher first")
+    assert_one_line_error(result, "were made for teacher", "not this one", "rank this teacher first", alone=False)
     assert snapshot(other_rankings) == before and not out.exists() and not leftovers(root)
 
 

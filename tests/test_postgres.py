@@ -2,9 +2,11 @@
 
 Each worker is a separate process with its own --out (rankings, teacher logits, trials.csv)
 and the same SPACE and --storage URL, as on separate machines. The grid is queued once as
-WAITING trials that workers pop atomically; a worker killed mid-trial stops beating, its
-trial is failed through Optuna's heartbeat and retried once by a surviving worker.
-Heartbeat and grace period are shortened through the environment so the test stays short.
+WAITING trials that workers pop atomically. In the kill test the study is queued by this
+process (as a first worker would) and three workers join it together, so that all three
+are soon mid-trial at once; one is then frozen and killed, its trial goes stale, and a
+surviving worker fails it through Optuna's heartbeat and runs its one retry.
+Heartbeat and grace period are shortened through the environment so the tests stay short.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def spaces(tmp_path_factory, shared_data) -> dict[str, Path]:
     save_model(tiny_model("llama", vocab_size=257), root / "teacher", byte_tokenizer())
     corpus = str(shared_data / "tinyshakespeare" / "input.txt")
     files = {}
-    # six: the two late workers join ~30 s after the first (imports, resume grace): trials must
-    # be long enough that the first has not finished the grid by then.
-    for name, axes, tolerance, steps in (("six", AXES, 0.25, 192), ("nine", AXES_9, 0.3, 96)):
+    # six: the two late workers join ~20-30 s after the first (imports, resume grace): trials
+    # must be long enough that the first has not finished the grid by then. nine: after the
+    # kill, the survivors must still be busy GRACE seconds later to notice the stale trial.
+    for name, axes, tolerance, steps in (("six", AXES, 0.25, 192), ("nine", AXES_9, 0.3, 128)):
         files[name] = root / f"{name}.yaml"
         files[name].write_text(yaml.safe_dump({
             "teacher": str(root / "teacher"),

@@ -122,7 +122,8 @@ def test_search_killed_mid_trial_resumes_without_rerunning_finished_trials(teach
     }))
     run = tmp_path / "run"
     command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
-    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3"}
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + 300
     storage = f"sqlite:///{run / 'study.db'}"
     while time.time() < deadline:  # wait until one trial finished and the next is running
@@ -138,7 +139,7 @@ def test_search_killed_mid_trial_resumes_without_rerunning_finished_trials(teach
     done_before = {t.number: t.params for t in before.trials if t.state.name == "COMPLETE"}
     assert done_before and any(t.state.name == "RUNNING" for t in before.trials)
 
-    subprocess.run(command + ["--resume"], check=True, capture_output=True)
+    subprocess.run(command + ["--resume"], check=True, capture_output=True, env=env)
     after = optuna.load_study(study_name="minitron", storage=storage)
     finished = [t for t in after.trials if t.state.name in ("COMPLETE", "PRUNED")]  # the pruner may stop one early
     assert {n: after.trials[n].params for n in done_before} == done_before  # untouched
