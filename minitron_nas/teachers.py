@@ -54,9 +54,13 @@ def embedded_gguf(name: str) -> Path:
 
 
 def _gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "teachers" / f"{name or gguf.stem}-{key}"
+    """Keyed by content (size, first and last MiB), so every checkout and venv shares one copy."""
+    digest = hashlib.sha256(str(gguf.stat().st_size).encode())
+    with gguf.open("rb") as handle:
+        digest.update(handle.read(2**20))
+        handle.seek(max(0, gguf.stat().st_size - 2**20))
+        digest.update(handle.read())
+    return cache_root() / "teachers" / f"{name or gguf.stem}-{digest.hexdigest()[:12]}"
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -49,7 +49,7 @@ def ranked(tmp_path_factory, wikitext) -> Path:
 def test_count_prints_exact_counts_of_the_teacher():
     result = invoke("count", "--model", "smollm2-135m")
     assert result.exit_code == 0, result.output
-    counts = json.loads(result.output)
+    counts = json.loads(result.stdout)
     assert counts["total"] == 134_515_008  # SmolLM2-135M, tied embeddings
     assert counts["non_embedding"] == 134_515_008 - 49152 * 576
 
