@@ -270,10 +270,12 @@ def run_search(
                         raise optuna.TrialPruned(f"pruned at step {step}")
 
             start = time.perf_counter()
-            result = retrain(
-                student, train, cache, settings, heldout_blocks=retrain_heldout, heldout_cache=heldout_cache, report=report
-            )
-            timings["retrain"] = time.perf_counter() - start
+            try:  # a pruned trial's retraining counts too
+                result = retrain(
+                    student, train, cache, settings, heldout_blocks=retrain_heldout, heldout_cache=heldout_cache, report=report
+                )
+            finally:
+                timings["retrain"] = time.perf_counter() - start
             trial.set_user_attr("retrain_curve", [list(p) for p in result.curve])
             trial.set_user_attr("retrain_eval_curve", [list(p) for p in result.eval_curve])
             start = time.perf_counter()

@@ -91,6 +91,16 @@ def test_grid_search_covers_the_feasible_set_and_finds_the_brute_force_best(teac
     assert study.best_trial.value == pytest.approx(scores[brute_best], rel=1e-4)
 
 
+def test_every_trial_records_where_its_time_went_even_when_pruned(teacher, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 1)
+    study = run_search(make_space(teacher, corpus), tmp_path / "run", n_trials=2, teacher=teacher)
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[0] == "COMPLETE" and states[1] == "PRUNED"
+    assert set(study.trials[0].user_attrs["timings"]) == {"prune", "score_before", "retrain", "score_after"}
+    assert set(study.trials[1].user_attrs["timings"]) == {"prune", "score_before", "retrain"}
+    assert all(v > 0 for t in study.trials[:2] for v in t.user_attrs["timings"].values())
+
+
 def test_an_existing_study_is_not_reused_without_resume(teacher, corpus, tmp_path):
     space = make_space(teacher, corpus)
     run_search(space, tmp_path / "run", n_trials=1, teacher=teacher)
