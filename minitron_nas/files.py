@@ -17,27 +17,25 @@ def check_writable(out: Path, overwrite: bool = False) -> None:
     out = Path(out)
     if out.exists() and not overwrite:
         raise MinitronError(f"output '{out}' already exists: choose another --out or pass --overwrite")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".minitron-probe-{uuid.uuid4().hex}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise MinitronError(f"cannot write to '{parent}' ({err.strerror}): choose a writable --out") from None
+    _probe(out.parent)
 
 
 def make_dir(out: Path) -> Path:
     """Create a run folder (and its parents) that outputs are added to, or fail with one line."""
     out = Path(out)
+    _probe(out)
+    return out
+
+
+def _probe(folder: Path) -> None:
+    """Create `folder` if needed and write a file into it: permissions fail here, before any work."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".minitron-probe-{uuid.uuid4().hex}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".minitron-probe-{uuid.uuid4().hex}"
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise MinitronError(f"cannot write to '{out}' ({err.strerror}): choose a writable --out") from None
-    return out
+        raise MinitronError(f"cannot write to '{folder}' ({err.strerror}): choose a writable --out") from None
 
 
 def _write_failed(out: Path, err: OSError) -> str:
