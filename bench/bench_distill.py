@@ -21,11 +21,7 @@ reports/benchmarks/distill.md (or --out). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -33,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import transformers
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.data import token_blocks
@@ -42,9 +37,10 @@ from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.teachers import load_teacher
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPORTS, Run, markdown_table
+
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
-DEFAULT_OUT = REPO / "reports" / "benchmarks" / "distill.md"
+DEFAULT_OUT = REPORTS / "distill.md"
 TEACHER = "smollm2-135m"
 STUDENT = {"intermediate_size": 768, "num_hidden_layers": 26}
 GOAL_RATIO = 0.8  # cached step / live-teacher step
@@ -68,62 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def command_line() -> str:
-    python = Path(sys.executable)
-    try:
-        python_text = str(python.relative_to(Path.cwd()))
-    except ValueError:
-        python_text = str(python)
-    command = shlex.join([python_text, *sys.argv])
-    if Path.cwd().resolve() != REPO:
-        command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
-    return command
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def busy_warning(cores: int) -> list[str]:
-    try:
-        recent = os.getloadavg()[1]
-    except OSError:
-        return []
-    if recent <= cores:
-        return []
-    return [
-        "",
-        f"**Note:** the machine was busy (5-minute load average {recent:.1f} on {cores} cores at the end): other "
-        "processes competed for the CPUs, so absolute times are longer and noisier than on an idle machine. "
-        "The interleaved per-repeat ratios and the CPU-time ratios are less affected.",
-    ]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = command_line()
-    started = dt.datetime.now().astimezone()
-    load_before = load_average()
+    run = Run()
 
     print(f"loading teacher {TEACHER} ...", flush=True)
     start = time.perf_counter()
@@ -221,34 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             f"(n_blocks x seq_len x k x 6 bytes)",
         ),
     ]
-    table = [
-        "| Measure | Measured | Goal | Met | Details |",
-        "|---|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in rows_md),
-    ]
-    finished = dt.datetime.now().astimezone()
-    cores = usable_cores()
     n_params = sum(p.numel() for p in student.parameters())
-    report = [
-        "# Benchmark: distillation step, cached top-k teacher logits vs live teacher",
-        "",
-        "Produced by (from the repository root):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"- Date: {started.isoformat(timespec='seconds')} (took {(finished - started).total_seconds():.0f} s)",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} cores ({cores} usable)",
-        f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}",
-        f"- Load average (1/5/15 min) at start: {load_before}; at end: {load_average()}",
+    details = [
         f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); student: FFN {arch.intermediate_size}, "
         f"{arch.num_hidden_layers} layers ({n_params / 1e6:.1f}M parameters); one batch of {len(batch)} x {args.seq_len} "
         f"tokens from `{args.data}`; top-k {args.top_k}, T = {settings.temperature}; {args.repeats} repeats",
-        *busy_warning(cores),
-        "",
-        *table,
+    ]
+    body = [
+        *markdown_table(["Measure", "Measured", "Goal", "Met", "Details"], rows_md),
         "",
         "Each step is zero_grad, `minitron_nas.distill.batch_loss` (student forward; cached top-k, or the "
         "teacher's forward under no_grad then top-k, or the teacher's full logits; KD loss), backward, "
@@ -257,13 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         "each; the ratio is taken per repeat and the median reported. Losses at the last repeat: "
         + ", ".join(f"{v} {losses[v][-1]:.4f}" for v in VARIANTS)
         + " (the top-k objective is smaller than full KD: the tail bucket hides part of the divergence).",
-        "",
     ]
-    print()
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(report))
-    print(f"\nwrote {args.out}")
+    run.write_report(args.out, "Benchmark: distillation step, cached top-k teacher logits vs live teacher", details, body)
     return 0
 
 

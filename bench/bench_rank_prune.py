@@ -18,19 +18,14 @@ reports/benchmarks/rank_prune.md (or --out). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import LlamaConfig
 
 from minitron_nas.architecture import Architecture, ParamCounter
@@ -39,9 +34,10 @@ from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.teachers import load_teacher
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPORTS, Run, markdown_table
+
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
-DEFAULT_OUT = REPO / "reports" / "benchmarks" / "rank_prune.md"
+DEFAULT_OUT = REPORTS / "rank_prune.md"
 TEACHER = "smollm2-135m"
 BATCH_SIZE = 8  # compute_rankings' default; the plain forward uses the same
 MID_ARCH = Architecture(
@@ -78,52 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not Path(args.data).is_file():
         parser.error(f"--data '{args.data}' is not a file (paths are relative to the current directory)")
     return args
-
-
-def command_line() -> str:
-    """The command as it was typed, as near as Python can tell."""
-    python = Path(sys.executable)
-    try:
-        python_text = str(python.relative_to(Path.cwd()))
-    except ValueError:
-        python_text = str(python)
-    command = shlex.join([python_text, *sys.argv])
-    if Path.cwd().resolve() != REPO:
-        command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
-    return command
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def busy_warning(cores: int) -> list[str]:
-    """A note for the report when other work competed for the CPUs during the run."""
-    try:
-        recent = os.getloadavg()[1]  # 5-minute average, about the length of a run
-    except OSError:
-        return []
-    if recent <= cores:
-        return []
-    return [
-        "",
-        f"**Note:** the machine was busy (5-minute load average {recent:.1f} on {cores} cores at the end): other "
-        "processes competed for the CPUs, so wall-clock times are longer than on an idle machine. The "
-        "interleaved ratio and the CPU-time ratio are less affected.",
-    ]
 
 
 def plain_forward(model, blocks: torch.Tensor) -> None:
@@ -186,9 +136,7 @@ def fmt_s(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = command_line()
-    started = dt.datetime.now().astimezone()
-    load_before = load_average()
+    run = Run()
 
     print(f"loading teacher {TEACHER} ...", flush=True)
     load_s, teacher = timed(load_teacher, TEACHER)
@@ -272,36 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.count_archs:,} random architectures x {args.repeats}; counter built in {big['build_s']:.2f} s (meta device)",
         ),
     ]
-    table = [
-        "| Measure | Measured | Goal | Met | Details |",
-        "|---|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in rows),
-    ]
-    finished = dt.datetime.now().astimezone()
-    cores = os.cpu_count()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = cores
-    report = [
-        "# Benchmark: ranking, pruning and parameter counting",
-        "",
-        "Produced by (from the repository root):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"- Date: {started.isoformat(timespec='seconds')} (took {(finished - started).total_seconds():.0f} s)",
-        f"- CPU: {cpu_model()}, {cores} cores ({usable} usable)",
-        f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}",
-        f"- Load average (1/5/15 min) at start: {load_before}; at end: {load_average()}",
+    details = [
         f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); data: `{args.data}`, {n_blocks} blocks x {args.seq_len} tokens; "
         f"repeats: {args.repeats}",
-        *busy_warning(usable),
-        "",
-        *table,
+    ]
+    body = [
+        *markdown_table(["Measure", "Measured", "Goal", "Met", "Details"], rows),
         "",
         "The ratio is taken per repeat between a plain forward and the importance pass run back to "
         "back (A B A B ...) on the same tokens with the same call "
@@ -310,13 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio (process CPU seconds, all threads) is given as a cross-check that other load on the "
         "machine disturbs less than wall time. Counting times "
         "`ParamCounter.count` alone; the architectures are generated beforehand.",
-        "",
     ]
-    print()
-    print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(report))
-    print(f"\nwrote {args.out}")
+    run.write_report(args.out, "Benchmark: ranking, pruning and parameter counting", details, body)
     return 0
 
 

@@ -189,7 +189,7 @@ def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
 
 def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes)."""
-    from .distill import DistillSettings, distill
+    from .distill import distill
     from .pruning import select
 
     folder = out / "distill"
@@ -197,24 +197,10 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
     spec = space.distill
-    steps = max(1, spec.tokens // (spec.batch_size * spec.seq_len))
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, steps * spec.batch_size, "train")
+    settings = spec.settings(space.seed)
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
     heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, spec.heldout_samples, "heldout")
     before = heldout_metrics(student, teacher.model, heldout)
-    settings = DistillSettings(
-        steps=steps,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        warmup_steps=max(1, steps // 20),
-        temperature=spec.temperature,
-        top_k=spec.top_k,
-        clm_weight=spec.clm_weight,
-        eval_every=spec.eval_every,
-        seed=space.seed,
-        intermediate=spec.intermediate,
-        alpha=spec.alpha,
-        checkpoint_every=spec.checkpoint_every,
-    )
     result = distill(student, teacher.model, train, settings, folder, heldout, chosen.layers, chosen.channels)
     after = heldout_metrics(student, teacher.model, heldout)
     summary = {

@@ -26,7 +26,7 @@ import torch
 
 from .architecture import Architecture
 from .data import token_blocks
-from .distill import RetrainSettings, TeacherLogitCache, kd_loss, retrain
+from .distill import TeacherLogitCache, kd_loss, retrain
 from .errors import MinitronError
 from .files import make_dir
 from .pipeline import RankSettings, rank
@@ -153,14 +153,24 @@ def _axis(arch: Architecture, axis: str) -> int:
     return arch.heads_per_group if axis == "heads_per_group" else getattr(arch, axis)
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    """A worker killed mid-trial leaves it RUNNING; once its heartbeat is stale, fail and retry it."""
+def _heartbeats(study: optuna.Study) -> bool:
     from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    if running and is_heartbeat_enabled(study._storage):
-        time.sleep(GRACE_SECONDS + 1)  # a live worker beats within this time; a dead one cannot
+    return is_heartbeat_enabled(study._storage)
+
+
+def _await_other_workers(study: optuna.Study) -> int:
+    """A grid worker whose queue ran dry stays while other workers' trials run.
+
+    If one of those workers dies, its trial's heartbeat goes stale: it is failed and queued
+    again (once), and this worker takes it. Returns how many trials wait to be run.
+    """
+    if not _heartbeats(study):
+        return 0
+    while not _waiting(study) and study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        time.sleep(HEARTBEAT_SECONDS)
         optuna.storages.fail_stale_trials(study)
+    return _waiting(study)
 
 
 def open_study(space: SearchSpace, out: Path, storage: str | None, resume: bool, maximize: bool, kind: str, sampler, feasible):
@@ -190,21 +200,6 @@ def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
     return rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
 
 
-def _retrain_settings(space: SearchSpace) -> RetrainSettings:
-    spec = space.retrain
-    steps = max(1, spec.tokens // (spec.batch_size * spec.seq_len))
-    return RetrainSettings(
-        steps=steps,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        warmup_steps=max(1, steps // 10),
-        temperature=spec.temperature,
-        top_k=spec.top_k,
-        eval_every=spec.eval_every,
-        seed=space.seed,
-    )
-
-
 def run_search(
     space: SearchSpace,
     out: Path,
@@ -223,10 +218,10 @@ def run_search(
     kind, sampler = _sampler(space, feasible)
     scorer = Scorer(space, teacher, token_blocks(space.retrain.data, teacher.tokenizer, space.scoring.seq_len, space.scoring.heldout_samples, "heldout"))
     study = open_study(space, out, storage, resume, scorer.maximize, kind, sampler, feasible)
-    if resume:
-        _fail_stale_trials(study)
+    if resume and _heartbeats(study):
+        optuna.storages.fail_stale_trials(study)  # a trial killed moments ago is caught later, by Optuna or at the end
     rankings = _rankings(teacher, space, out)
-    settings = _retrain_settings(space)
+    settings = space.retrain.settings(space.seed)
     spec = space.retrain
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
     retrain_heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, max(2, spec.batch_size), "heldout")
@@ -310,8 +305,9 @@ def run_search(
         remaining = _waiting(study) if n_trials is None else min(n_trials, _waiting(study))
     else:
         remaining = n_trials if n_trials is not None else (space.trials or len(feasible))
-    if remaining > 0:
+    while remaining > 0:
         study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
+        remaining = _await_other_workers(study) if kind == "grid" and n_trials is None else 0
     write_outputs(study, out, space)
     return study
 

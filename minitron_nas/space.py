@@ -52,6 +52,25 @@ class RetrainSpec:
     data: str = "shakespeare"
     eval_every: int = 5
 
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+    def settings(self, seed: int):
+        """The trainer's settings for one candidate's short retraining."""
+        from .distill import RetrainSettings  # torch-heavy: only when training
+
+        return RetrainSettings(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=max(1, self.steps // 10),
+            temperature=self.temperature,
+            top_k=self.top_k,
+            eval_every=self.eval_every,
+            seed=seed,
+        )
+
 
 @dataclass(frozen=True)
 class DistillSpec:
@@ -70,6 +89,29 @@ class DistillSpec:
     eval_every: int = 25
     checkpoint_every: int = 25
     heldout_samples: int = 16
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.seq_len))
+
+    def settings(self, seed: int):
+        """The trainer's settings for the winner's full distillation."""
+        from .distill import DistillSettings  # torch-heavy: only when training
+
+        return DistillSettings(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=max(1, self.steps // 20),
+            temperature=self.temperature,
+            top_k=self.top_k,
+            clm_weight=self.clm_weight,
+            eval_every=self.eval_every,
+            seed=seed,
+            intermediate=self.intermediate,
+            alpha=self.alpha,
+            checkpoint_every=self.checkpoint_every,
+        )
 
 
 @dataclass(frozen=True)

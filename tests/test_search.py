@@ -20,7 +20,7 @@ from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
 from minitron_nas.pruning import prune
-from minitron_nas.search import Scorer, _retrain_settings, run_search
+from minitron_nas.search import Scorer, run_search
 from minitron_nas.distill import retrain
 from minitron_nas.data import token_blocks
 from minitron_nas.space import Budget, RankingSpec, RetrainSpec, ScoringSpec, SearchSpace, require_feasible
@@ -72,7 +72,7 @@ def test_grid_search_covers_the_feasible_set_and_finds_the_brute_force_best(teac
 
     # Brute force: the same prune -> retrain -> score for every candidate, outside Optuna.
     rankings = __import__("minitron_nas.ranking", fromlist=["Rankings"]).Rankings.load(tmp_path / "run" / "rankings")
-    settings = _retrain_settings(space)
+    settings = space.retrain.settings(space.seed)
     spec = space.retrain
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
     held = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, max(2, spec.batch_size), "heldout")
