@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 import uuid
@@ -52,7 +53,8 @@ def atomic_dir(out: Path, overwrite: bool = False):
     """
     out = Path(out)
     check_writable(out, overwrite)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    _remove_orphans(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -63,9 +65,28 @@ def atomic_dir(out: Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _remove_orphans(out: Path) -> None:
+    """Remove temporary siblings of `out` left by a writer that was killed (its pid is gone)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
+        kind, _, rest = path.name[len(out.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
