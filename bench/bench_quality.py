@@ -30,7 +30,6 @@ import json
 import math
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -161,9 +160,7 @@ def search_budget(space, teacher, rankings_dir: Path, folder: Path, k: int) -> t
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "rankings").exists():
         shutil.copytree(rankings_dir, folder / "rankings")
-    start = time.perf_counter()
     study = run_search(space, folder, resume=(folder / "study.db").is_file(), teacher=teacher)
-    seconds = time.perf_counter() - start
     base = Architecture.from_config(teacher.model.config)
     best = json.loads((folder / "best_arch.json").read_text())
     table = trials_table(study)
@@ -178,13 +175,20 @@ def search_budget(space, teacher, rankings_dir: Path, folder: Path, k: int) -> t
     if len(scored) < len(closest):
         raise SystemExit(f"error: the search in '{folder}' lacks pre-retraining scores for the {k} closest candidates")
     mo = min(scored)[2]
+    evaluated = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("score_before") is not None]
+    tokens_per_step = space.retrain.batch_size * space.retrain.seq_len
     cost = {
         "candidates": len(feasible),
         "trials_scored": int(len(done)),
         "trials_complete": int((table.state == "COMPLETE").sum()),
         "trials_pruned": int((table.state == "PRUNED").sum()),
-        "retrain_tokens_per_trial": space.retrain.tokens,
-        "seconds": seconds,
+        "retrain_tokens_per_trial": space.retrain.steps * tokens_per_step,
+        # a trial stopped early by the pruner ran up to its last reported step
+        "retrain_tokens_spent": tokens_per_step * sum(
+            max(len(t.user_attrs.get("retrain_curve") or []), max(t.intermediate_values, default=0)) for t in evaluated
+        ),
+        # from the study itself, so a rerun over a finished search reports the same
+        "seconds": (max(t.datetime_complete for t in evaluated) - min(t.datetime_start for t in evaluated)).total_seconds(),
         "kendall_tau_before_after": best.get("kendall_tau_before_after"),
     }
     return Architecture.from_dict(best["architecture"], base), Architecture.from_dict(mo, base), cost
@@ -361,8 +365,9 @@ def write(bench: Run, args, teacher_total: int, base: Architecture, teacher_row:
             "",
             f"Search cost (NAS only, before the common retraining): {s['trials_scored']} of {s['candidates']} feasible "
             f"candidates pruned and scored, {s['trials_complete']} retrained to the end on "
-            f"{s['retrain_tokens_per_trial']:,} tokens each ({s['trials_pruned']} stopped early by successive halving); "
-            f"{s['seconds'] / 60:.1f} min of search wall time in this run (0 when resumed from a finished study); "
+            f"{s['retrain_tokens_per_trial']:,} tokens each ({s['trials_pruned']} stopped early by successive halving), "
+            f"{s['retrain_tokens_spent']:,} retraining tokens in all ({s['retrain_tokens_spent'] / settings.steps / settings.batch_size / 256:.1f}x "
+            f"the common retraining); {s['seconds'] / 60:.1f} min from the first trial's start to the last trial's end; "
             f"Kendall tau between candidate rankings before and after retraining: "
             f"{'n/a' if s['kendall_tau_before_after'] is None else format(s['kendall_tau_before_after'], '.2f')}. "
             f"The Model-Optimizer-style pick reuses the search's pre-retraining scores of the {args.mo_top_k} candidates "
@@ -374,7 +379,8 @@ def write(bench: Run, args, teacher_total: int, base: Architecture, teacher_row:
     body += [
         "Architecture columns: hidden size / FFN size / query heads:KV groups / layers. \"ppl, pruned\" is before "
         "any retraining. Every figure can be regenerated with the command above; per-student results are kept "
-        f"in the work folder (`{args.work}`) and in `{args.out.with_suffix('.json').name}` beside this report.",
+        f"in the work folder (`{shown_path(args.work)}`, written {computed_between(args.work)}; a rerun over it only "
+        f"rewrites this report) and in `{args.out.with_suffix('.json').name}` beside this report.",
     ]
     bench.write_report(
         args.out,
@@ -383,6 +389,21 @@ def write(bench: Run, args, teacher_total: int, base: Architecture, teacher_row:
         body,
     )
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+
+
+def shown_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def computed_between(work: Path) -> str:
+    import datetime as dt
+
+    stamps = sorted(p.stat().st_mtime for p in work.glob("**/*.json"))
+    first, last = (dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="minutes") for t in (stamps[0], stamps[-1]))
+    return f"from {first} to {last}"
 
 
 def where_nas_loses(rows: dict, limit: int) -> list[str]:
