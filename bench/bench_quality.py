@@ -6,12 +6,16 @@ same WikiText-2 tokens, steps, learning rate and seed):
 
   NAS winner           - `run_search` over bench/quality-space.yaml: every candidate is
                          pruned, scored, briefly retrained, scored again; best after retraining
-  depth-only (BI)      - full width, the fewest layers by Block Importance that fit the budget
+  depth-only (BI)      - full width, the layer count closest to the budget, kept by Block Importance
   uniform width        - one ratio r on hidden size, FFN and query heads per KV group, all layers
   Model-Optimizer-style- the k candidates closest to the budget, scored WITHOUT retraining
                          (the scores the search recorded before retraining): best of those
   random rankings      - the NAS winner's architecture sliced along random importance
   random init          - the NAS winner's architecture, freshly initialised
+
+and, for equal total compute, the strongest of the first three baselines (by perplexity)
+once more, retrained on the common tokens plus as many as the search spent retraining
+its candidates.
 
 Every student is then measured on WikiText-2 test perplexity and lm-eval (arc_easy, piqa,
 winogrande, lambada_openai; first --limit documents of each), like the teacher. Results
@@ -59,7 +63,9 @@ CONTENDERS = {
     "mo": "Model-Optimizer-style (top-k closest, scored without retraining)",
     "random_rankings": "NAS architecture, random rankings",
     "random_init": "NAS architecture, random init",
+    "matched": "Strongest baseline, retrained on the common tokens plus those the search spent",
 }
+BASELINES = ("depth", "uniform", "mo")  # what a user would do without the search
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,6 +219,22 @@ def evaluate(model, tokenizer, test_blocks, args) -> Evaluation:
     return Evaluation(ppl, tasks)
 
 
+def retrained(student, arch, counter, train, cache, settings, tokenizer, test_blocks, args) -> dict:
+    """Perplexity of the pruned student, then the common retraining, then every metric."""
+    ppl_before = math.exp(lm_loss(student, test_blocks, batch_size=4))
+    result = retrain(student, train, cache, settings)
+    after = evaluate(student, tokenizer, test_blocks, args)
+    return {
+        "architecture": arch.to_dict(),
+        "parameters": counter.count(arch).total,
+        "wikitext_ppl_before": ppl_before,
+        **asdict(after),
+        "retrain_tokens": result.tokens_seen,
+        "retrain_seconds": result.seconds,
+        "final_train_loss": result.curve[-1][1],
+    }
+
+
 def cached(path: Path, compute) -> dict:
     """Results are written once per student, so a rerun skips what is done."""
     if path.is_file():
@@ -298,20 +320,27 @@ def main(argv=None) -> int:
                 else:
                     source = rankings if how == "rankings" else random_rankings(rankings, args.seed)
                     student = prune(teacher.model, source, arch)
-                ppl_before = math.exp(lm_loss(student, test_blocks, batch_size=4))
-                result = retrain(student, train, cache, settings)
-                after = evaluate(student, tok, test_blocks, args)
-                return {
-                    "architecture": arch.to_dict(),
-                    "parameters": counter.count(arch).total,
-                    "wikitext_ppl_before": ppl_before,
-                    **asdict(after),
-                    "retrain_tokens": result.tokens_seen,
-                    "retrain_seconds": result.seconds,
-                    "final_train_loss": result.curve[-1][1],
-                }
+                return retrained(student, arch, counter, train, cache, settings, tok, test_blocks, args)
 
             rows[key] = cached(folder / f"{key}.json", measure)
+
+        # Equal total compute: the strongest baseline also gets the tokens the search spent retraining candidates.
+        baseline = min((k for k in BASELINES if rows[k].get("same_as") != "nas"), key=lambda k: rows[k]["wikitext_ppl"])
+
+        def matched() -> dict:
+            steps = settings.steps + math.ceil(search_cost["retrain_tokens_spent"] / (settings.batch_size * 256))
+            longer = replace(settings, steps=steps, warmup_steps=max(1, steps // 10))
+            blocks = token_blocks(train_text, tok, 256, steps * longer.batch_size, "train")
+            longer_cache = TeacherLogitCache.load_or_build(
+                teacher.model, blocks, longer.top_k, longer.temperature, longer.batch_size, folder / "teacher_logits-matched",
+                {"teacher_fingerprint": teacher.fingerprint},
+            )
+            arch = Architecture.from_dict(rows[baseline]["architecture"], base)
+            print(f"  matched ({baseline}, {steps} steps): {arch_text(arch.to_dict())} ...", flush=True)
+            student = prune(teacher.model, rankings, arch)
+            return {**retrained(student, arch, counter, blocks, longer_cache, longer, tok, test_blocks, args), "baseline": baseline}
+
+        rows["matched"] = cached(folder / "matched.json", matched)
         budgets.append({"fraction": fraction, "target": target, "search": search_cost, "rows": rows})
 
     write(bench, args, teacher_total, base, teacher_row, budgets, settings)
@@ -346,10 +375,10 @@ def write(bench: Run, args, teacher_total: int, base: Architecture, teacher_row:
             "Teacher (SmolLM2-135M-Instruct)", arch_text(base.to_dict()), f"{teacher_total / 1e6:.1f}M (100%)", "",
             f"{teacher_eval.wikitext_ppl:.2f}", *map(fmt_acc, teacher_eval.shown), fmt_acc(sum(teacher_eval.shown) / 4),
         ]]
-        for key, label in CONTENDERS.items():
+        for key in CONTENDERS:
             r = rows[key]
             ev = Evaluation(r["wikitext_ppl"], r["tasks"])
-            name = f"**{label}**" if key == "nas" else label
+            name = f"**{label_of(key, r)}**" if key == "nas" else label_of(key, r)
             if r.get("same_as"):
                 name += f" (= {r['same_as']})"
             table.append([
@@ -391,6 +420,12 @@ def write(bench: Run, args, teacher_total: int, base: Architecture, teacher_row:
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
 
 
+def label_of(key: str, row: dict) -> str:
+    if key == "matched":
+        return f"{CONTENDERS[row['baseline']]}, retrained on {row['retrain_tokens']:,} tokens (common + the search's)"
+    return CONTENDERS[key]
+
+
 def shown_path(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(REPO))
@@ -411,9 +446,10 @@ def where_nas_loses(rows: dict, limit: int) -> list[str]:
     nas = Evaluation(rows["nas"]["wikitext_ppl"], rows["nas"]["tasks"])
     se = 0.5 / math.sqrt(limit)
     lines = []
-    for key, label in CONTENDERS.items():
+    for key in CONTENDERS:
         if key == "nas" or rows[key].get("same_as") == "nas":
             continue
+        label = label_of(key, rows[key])
         other = Evaluation(rows[key]["wikitext_ppl"], rows[key]["tasks"])
         if other.wikitext_ppl < nas.wikitext_ppl:
             lines.append(f"- {label} has lower perplexity ({other.wikitext_ppl:.2f} vs {nas.wikitext_ppl:.2f}).")
