@@ -126,7 +126,7 @@ def test_search_killed_mid_trial_resumes_without_rerunning_finished_trials(teach
         "axes": {k: list(v) for k, v in AXES.items()},
         "budget": {"parameters": 40_000, "tolerance": 0.25},
         "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-        "retrain": {"tokens": 40 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 2},
+        "retrain": {"tokens": 160 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 2},
         "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
         "sampler": "grid",
     }))
@@ -141,9 +141,8 @@ def test_search_killed_mid_trial_resumes_without_rerunning_finished_trials(teach
             states = {t.state.name for t in optuna.load_study(study_name="minitron", storage=storage).trials}
             if {"COMPLETE", "RUNNING"} <= states:
                 break
-        time.sleep(0.5)
-    time.sleep(1.0)
-    os.killpg(worker.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGKILL)  # at once: a trial must still be running (each retrains 160 steps)
     worker.wait()
     before = optuna.load_study(study_name="minitron", storage=storage)
     done_before = {t.number: t.params for t in before.trials if t.state.name == "COMPLETE"}
