@@ -270,9 +270,9 @@ def main(argv=None) -> int:
         rankings = rank(teacher, RankSettings(data=train_text, samples=args.rank_samples, seq_len=256), rankings_dir)
 
     # The same retraining for every contender: same blocks, same cached teacher top-k, same settings.
+    steps = max(1, args.retrain_tokens // (4 * 256))
     settings = RetrainSettings(
-        steps=max(1, args.retrain_tokens // (4 * 256)), batch_size=4, lr=args.lr,
-        warmup_steps=max(1, args.retrain_tokens // (4 * 256) // 10), top_k=64, eval_every=0, seed=args.seed,
+        steps=steps, batch_size=4, lr=args.lr, warmup_steps=max(1, steps // 10), top_k=64, eval_every=0, seed=args.seed
     )
     train = token_blocks(train_text, tok, 256, settings.steps * settings.batch_size, "train")
     cache = TeacherLogitCache.load_or_build(
