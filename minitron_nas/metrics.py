@@ -1,0 +1,173 @@
+"""What a candidate is judged on: small metrics behind one interface, each value with its error.
+
+A `Metric` has a name, a direction and `measure(model) -> Measurement`. Held-out metrics
+keep one value per held-out block (`per_item`), so two candidates measured on the same
+blocks are compared by the standard error of their *paired* difference, which is far
+smaller than either error alone. lm-eval metrics carry lm-eval's own standard errors.
+
+- `HeldoutKLD`: KL(teacher || student) per token on held-out blocks, against the teacher's
+  cached top-k log-probabilities plus one tail bucket (what the retraining optimises;
+  a lower bound of the full-vocabulary KL, exact at k = vocabulary).
+- `HeldoutLoss`: next-token cross-entropy (nats) on the same blocks.
+- `LmEval`: the space's lm-eval objective (tasks, metric, weights) with its standard error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Measurement",
+    "Metric",
+    "HeldoutKLD",
+    "HeldoutLoss",
+    "LmEval",
+    "mean_and_stderr",
+    "paired_stderr",
+    "tied",
+]
+
+
+@dataclass
+class Measurement:
+    """One metric on one model: value, its standard error, what it cost."""
+
+    value: float
+    stderr: float | None
+    seconds: float
+    per_item: list[float] | None = None  # per held-out block, for paired comparisons
+    details: dict = field(default_factory=dict)
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the standard error of the mean (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def paired_stderr(a: Measurement, b: Measurement) -> float | None:
+    """Standard error of a.value - b.value: paired over shared items when both have them."""
+    if a.per_item is not None and b.per_item is not None and len(a.per_item) == len(b.per_item) > 1:
+        return mean_and_stderr([x - y for x, y in zip(a.per_item, b.per_item)])[1]
+    if a.stderr is None or b.stderr is None:
+        return None
+    return math.hypot(a.stderr, b.stderr)
+
+
+def tied(a: Measurement, b: Measurement) -> bool:
+    """Within one standard error of the difference: neither is better on this evidence."""
+    se = paired_stderr(a, b)
+    return se is not None and abs(a.value - b.value) <= se
+
+
+class Metric(ABC):
+    """A score of a model; `maximize` says which way is better."""
+
+    name: str
+    maximize: bool = False
+
+    @abstractmethod
+    def measure(self, model) -> Measurement: ...
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.maximize else a < b
+
+    def sort_key(self, value: float) -> float:
+        """Ascending sort key: best first."""
+        return -value if self.maximize else value
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _PerBlock(Metric):
+    """A metric averaged per held-out block of [N, S] token ids, N >= 2 for an error."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int = 8):
+        self.blocks = blocks  # [N, S]
+        self.batch_size = batch_size
+
+    @abstractmethod
+    def _per_block(self, logits: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[B] values for the [B, S, V] logits of the [B, S] ids at block `rows`."""
+
+    @torch.no_grad()
+    def measure(self, model) -> Measurement:
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        device = _device(model)
+        values: list[float] = []
+        try:
+            for rows in torch.arange(len(self.blocks)).split(self.batch_size):
+                ids = self.blocks[rows].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                values.extend(self._per_block(logits, ids, rows).tolist())
+        finally:
+            model.train(was_training)
+        mean, se = mean_and_stderr(values)
+        return Measurement(mean, se, time.perf_counter() - start, values)
+
+
+class HeldoutLoss(_PerBlock):
+    name = "heldout_loss"
+
+    def _per_block(self, logits, ids, rows):
+        # logits [B, S, V] predict ids[:, 1:]: [B, S-1] token losses, averaged per block
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        return losses.mean(dim=1)
+
+
+class HeldoutKLD(_PerBlock):
+    """Per-token KL to the teacher's cached top-k (+ tail) of exactly these blocks."""
+
+    name = "kld"
+
+    def __init__(self, blocks: torch.Tensor, cache, batch_size: int = 8):
+        super().__init__(blocks, batch_size)
+        if not cache.matches(blocks):
+            from .errors import MinitronError
+
+            raise MinitronError("the teacher cache was not made for these held-out blocks: build it from exactly those blocks")
+        self.cache = cache
+
+    def _per_block(self, logits, ids, rows):
+        from .losses import kd_loss_topk_per_token
+
+        logprobs, indices = self.cache[rows]
+        per_token = kd_loss_topk_per_token(logits, logprobs.to(logits.device), indices.to(logits.device), self.cache.temperature)
+        return per_token.mean(dim=1)  # [B, S] -> [B]
+
+
+class LmEval(Metric):
+    """The space's lm-eval objective (tasks, metric, weights), scored on the in-memory model.
+
+    Its direction is lm-eval's `higher_is_better` for the objective, known after a first
+    measurement (accuracy-like until then).
+    """
+
+    name = "lm_eval"
+    maximize = True
+
+    def __init__(self, scoring, tokenizer):
+        self.scoring = scoring
+        self.tokenizer = tokenizer
+
+    def measure(self, model) -> Measurement:
+        from .scoring import lm_eval_objective, lm_eval_scores  # lm-eval is slow to import
+
+        start = time.perf_counter()
+        results = lm_eval_scores(model, self.tokenizer, self.scoring)
+        value, stderr, self.maximize = lm_eval_objective(results, self.scoring)
+        return Measurement(value, stderr, time.perf_counter() - start, None, results)
