@@ -90,3 +90,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         pass
     return True
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Replace the file `path` by `text` whole: written beside it, then renamed over it."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise MinitronError(_write_failed(path, err)) from None
+    return path

@@ -1,203 +1,326 @@
-"""The Optuna study over pruned candidates: slice, score, retrain briefly by KD, score again.
+"""The search: candidates sliced from the teacher, retrained briefly by KD, compared at equal tokens.
 
-The paper's point (best practice 9) is that candidate rankings only settle after a short
-distillation, so every trial retrains before its final score. The teacher stays loaded,
-its top-k logits for the retraining batches are computed once per search and cached on
-disk, and intermediate held-out values feed an Optuna pruner. Small feasible sets are
-searched exhaustively (each candidate queued once as a trial that workers pop
-atomically); large ones with TPE, or NSGA-II on (score,
-parameters) so the Pareto front is real.
+The paper's best practice 9: candidate rankings only settle after a short distillation, so
+every candidate is retrained before it is compared. The tokens are spent by synchronous
+successive halving (halving.py): rung 0 retrains every candidate of the pool on a few
+tokens; once the whole rung is done, the best 1/eta by a cheap precise metric (held-out
+KL to the teacher, with per-block standard errors) go on to eta x the tokens; the last
+rung retrains on `retrain.tokens` and ranks its candidates by the space's own score
+(`scoring.metric`, e.g. lm-eval).
+
+Each rung is a set of queued Optuna trials naming their architecture; workers (several
+processes or machines on one storage) pop them atomically. Whoever finds a rung closed
+(no trial of it waiting or running) queues the next rung; the survivors depend only on
+the rung's values, so a duplicate queueing by two workers at once is harmless: a trial
+whose (rung, architecture) already has an earlier live trial ends at once as a duplicate.
+A trial of a killed worker is failed by heartbeat and retried once (Optuna's
+`RetryHeartbeatStaleTrialCallback`); a trial stopped by Ctrl-C is queued again.
+
+The teacher's top-k logits for the training blocks (of the longest rung) and for the
+held-out blocks are computed once per search and cached, so a retraining step costs a
+student step only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 import math
-import os
+import random
+import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import optuna
-import pandas as pd
 import torch
 
 from .architecture import Architecture
 from .data import token_blocks
-from .distill import TeacherLogitCache, kd_loss, retrain
+from .distill import TeacherLogitCache, retrain
 from .errors import MinitronError
-from .files import make_dir
-from .pipeline import RankSettings, rank
+from .files import make_dir, write_text_atomic
+from .halving import Schedule, plan_schedule, promote, rung_tau
+from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric, paired_stderr
 from .pruning import prune
 from .ranking import Rankings
-from .scoring import lm_loss
-from .space import AXES, GRID_LIMIT, Candidate, SearchSpace, require_feasible
+from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
+from .study import (
+    HEARTBEAT_SECONDS,
+    STUDY_NAME,
+    candidates_table,
+    final_ranking,
+    make_storage,
+    measurement,
+    rung_values,
+    search_cost,
+    trials_table,
+)
 from .teachers import Teacher, load_config, load_teacher
 
-STUDY_NAME = "minitron"
+__all__ = ["run_search", "candidate_pool", "schedule_for", "write_outputs", "made_from"]
+
+WAITING, RUNNING, COMPLETE = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
 
 
-def _env_seconds(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    if not raw.strip().isdigit() or int(raw) <= 0:
-        raise MinitronError(f"{name}={raw!r} is not a whole number of seconds > 0: fix or unset it")
-    return int(raw)
+def candidate_pool(space: SearchSpace, feasible: list[Candidate]) -> list[Candidate]:
+    """Rung 0: every feasible candidate (grid), or a seeded random sample of `trials` of them.
+
+    Model-based samplers (TPE, NSGA-II) need each result before proposing the next, which
+    a synchronous rung cannot give; beyond GRID_LIMIT candidates the pool is a uniform
+    sample, and the halving spends the budget on telling its members apart.
+    """
+    kind = space.sampler
+    if kind == "auto":
+        kind = "grid" if len(feasible) <= GRID_LIMIT else "random"
+    if kind == "grid":
+        return list(feasible)
+    size = min(len(feasible), space.trials or GRID_LIMIT)
+    return random.Random(space.seed).sample(feasible, size)
 
 
-# A running trial beats every HEARTBEAT_SECONDS; one silent for GRACE_SECONDS is failed and
-# retried once (its worker died). The environment overrides both (tests use a few seconds).
-HEARTBEAT_SECONDS = _env_seconds("MINITRON_NAS_HEARTBEAT_SECONDS", 10)
-GRACE_SECONDS = _env_seconds("MINITRON_NAS_GRACE_SECONDS", 30)
-if GRACE_SECONDS <= HEARTBEAT_SECONDS:
-    raise MinitronError(
-        f"MINITRON_NAS_GRACE_SECONDS ({GRACE_SECONDS}) must exceed MINITRON_NAS_HEARTBEAT_SECONDS ({HEARTBEAT_SECONDS}): "
-        "a live worker would be taken for dead; raise the grace period"
+def schedule_for(space: SearchSpace, n: int) -> Schedule:
+    """The rungs for `n` candidates within the space's token budget (see halving.plan_schedule)."""
+    spec = space.retrain
+    return plan_schedule(
+        n,
+        full_steps=spec.steps,
+        tokens_per_step=spec.batch_size * spec.seq_len,
+        eta=space.halving.eta,
+        budget_tokens=space.halving.budget(space.distill.tokens),
+        min_steps=space.halving.min_steps,
+        final_candidates=space.halving.final_candidates,
     )
+
+
+def made_from(space: SearchSpace, teacher_fingerprint: str) -> dict[str, str]:
+    """What a study's results depend on, one short hash per part (a resume must match)."""
+    parts = {
+        "teacher": teacher_fingerprint,
+        "axes": {k: list(v) for k, v in sorted(space.axes.items())},
+        "budget": asdict(space.budget),
+        "ranking": asdict(space.ranking),
+        "retrain": asdict(space.retrain),
+        "scoring": asdict(space.scoring),
+        "halving": asdict(space.halving),
+        "distill.tokens": space.distill.tokens,
+        "sampler": [space.sampler, space.trials, space.seed],
+    }
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:12] for k, v in parts.items()}
+
+
+def _key(arch: Architecture) -> str:
+    return f"{arch.hidden_size}/{arch.intermediate_size}/{arch.num_attention_heads}:{arch.num_key_value_heads}/{arch.num_hidden_layers}"
+
+
+def _queue(study: optuna.Study, rung: int, schedule: Schedule, candidate: dict) -> None:
+    """A waiting trial naming its architecture and rung (no index into any list)."""
+    r = schedule.rungs[rung]
+    study.enqueue_trial({}, user_attrs={**candidate, "rung": rung, "steps": r.steps, "tokens": r.tokens})
+
+
+def _candidate_attrs(c: Candidate) -> dict:
+    return {"architecture": c.arch.to_dict(), "key": _key(c.arch), "params_total": c.total, "params_non_embedding": c.non_embedding}
+
+
+def open_study(space: SearchSpace, store, where, resume: bool, teacher_fingerprint: str, pool, schedule) -> optuna.Study:
+    """Create the study and queue rung 0, or reopen it (refused if made from another search)."""
+    exists = STUDY_NAME in [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if exists and not resume:
+        raise MinitronError(f"a study already exists in '{where}': pass --resume or choose another --out")
+    study = optuna.create_study(
+        storage=store,
+        study_name=STUDY_NAME,
+        direction="minimize",  # the rung metrics (kld, heldout_loss) are lower-is-better
+        sampler=optuna.samplers.RandomSampler(seed=space.seed),  # never consulted: every trial is queued
+        pruner=optuna.pruners.NopPruner(),
+        load_if_exists=True,
+    )
+    want = made_from(space, teacher_fingerprint)
+    have = study.user_attrs.get("made_from")
+    if have is not None:
+        changed = [k for k in want if have.get(k) != want[k]]
+        if changed:
+            raise MinitronError(
+                f"the study in '{where}' was made from another search (changed: {', '.join(changed)}): "
+                "resume with the original space and teacher, or choose another --out"
+            )
+        return study
+    study.set_user_attr("made_from", want)
+    study.set_user_attr("space", space.source)
+    study.set_user_attr("metric", space.scoring.metric)
+    study.set_user_attr("rung_metric", space.halving.rung_metric)
+    study.set_user_attr("rungs", len(schedule.rungs))
+    study.set_user_attr("schedule", [asdict(r) for r in schedule.rungs])
+    study.set_user_attr("budget_tokens", schedule.budget_tokens)
+    for candidate in pool:
+        _queue(study, 0, schedule, _candidate_attrs(candidate))
+    return study
+
+
+def _states(study: optuna.Study, *states) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=states) if "rung" in t.user_attrs]
+
+
+def _earlier_live(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """An earlier trial of the same (rung, architecture) that did not fail: this one is a duplicate."""
+    key, rung = trial.user_attrs["key"], trial.user_attrs["rung"]
+    for t in study.get_trials(deepcopy=False, states=(WAITING, RUNNING, COMPLETE)):
+        if t.number < trial.number and t.user_attrs.get("key") == key and t.user_attrs.get("rung") == rung:
+            if "duplicate_of" not in t.user_attrs:
+                return t.number
+    return None
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _fmt(m: Measurement | None) -> str:
+    if m is None:
+        return "n/a"
+    return f"{m.value:.4f}" + ("" if m.stderr is None else f" ± {m.stderr:.4f}")
 
 
 @dataclass
-class Scorer:
-    """Scores a model; `maximize` says which way is better."""
+class _Search:
+    """One worker's view of the search: the study, the teacher and what is computed once."""
 
     space: SearchSpace
+    out: Path
+    study: optuna.Study
     teacher: Teacher
-    heldout: torch.Tensor
-    teacher_heldout_logits: torch.Tensor | None = None
+    rankings: Rankings
+    schedule: Schedule
+    train: torch.Tensor  # [N, S] training blocks of the longest rung
+    cache: TeacherLogitCache  # teacher top-k of exactly `train`
+    rung_metric: Metric
+    score_metric: Metric
+    heartbeats: bool = True  # RDB storages beat; a journal file does not
+    on_trial: Callable | None = None
 
     @property
-    def maximize(self) -> bool:
-        return self.space.scoring.metric == "lm_eval"
+    def last(self) -> int:
+        return len(self.schedule.rungs) - 1
 
-    @torch.no_grad()
-    def __call__(self, model) -> tuple[float, dict]:
-        spec = self.space.scoring
-        if spec.metric == "heldout_loss":
-            value = lm_loss(model, self.heldout)
-            return value, {"heldout_loss": value}
-        if spec.metric == "kld":
-            if self.teacher_heldout_logits is None:
-                self.teacher_heldout_logits = self.teacher.model(input_ids=self.heldout, use_cache=False).logits
-            logits = model(input_ids=self.heldout, use_cache=False).logits
-            value = kd_loss(logits, self.teacher_heldout_logits, 1.0).item()
-            return value, {"kld": value}
-        from .scoring import lm_eval_scores  # lm-eval is slow to import; only load it when scoring with it
-
-        scores = lm_eval_scores(
-            model, self.teacher.tokenizer, list(spec.tasks), spec.data_dir, limit=spec.limit, batch_size=spec.batch_size
+    def objective(self, trial: optuna.Trial) -> float:
+        attrs = trial.user_attrs
+        if "rung" not in attrs:
+            raise optuna.TrialPruned("no queued candidate left")  # another worker popped it first
+        duplicate = _earlier_live(self.study, trial)
+        if duplicate is not None:
+            trial.set_user_attr("duplicate_of", duplicate)
+            raise optuna.TrialPruned(f"duplicate of trial {duplicate}")
+        rung = self.schedule.rungs[attrs["rung"]]
+        arch = Architecture(**{**attrs["architecture"], "layers": None})
+        timings: dict[str, float] = {}
+        try:
+            start = time.perf_counter()
+            student = prune(self.teacher.model, self.rankings, arch)
+            timings["prune"] = time.perf_counter() - start
+            if rung.index == 0:
+                before = self.rung_metric.measure(student)
+                timings["before"] = before.seconds
+                trial.set_user_attr("before", before.value)
+                trial.set_user_attr("before_stderr", before.stderr)
+            base = self.space.retrain.settings(self.space.seed)
+            settings = replace(base, steps=rung.steps, warmup_steps=max(1, rung.steps // 10), eval_every=0)
+            result = retrain(student, self.train, self.cache, settings, progress=False)
+            timings["retrain"] = result.seconds
+            trial.set_user_attr("tokens_trained", result.tokens_seen)
+            trial.set_user_attr("retrain_curve", [list(p) for p in result.curve])
+            value = self.rung_metric.measure(student)
+            timings["measure"] = value.seconds
+            trial.set_user_attr("value", value.value)
+            trial.set_user_attr("stderr", value.stderr)
+            trial.set_user_attr("per_item", value.per_item)
+            score = None
+            if rung.index == self.last:
+                score = value if self.score_metric is self.rung_metric else self.score_metric.measure(student)
+                if score is not value:
+                    timings["score"] = score.seconds
+                trial.set_user_attr("score", score.value)
+                trial.set_user_attr("score_stderr", score.stderr)
+                trial.set_user_attr("score_per_item", score.per_item)
+                trial.set_user_attr("score_details", score.details)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            _queue(self.study, rung.index, self.schedule, {k: attrs[k] for k in ("architecture", "key", "params_total", "params_non_embedding")})
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            trial.set_user_attr("timings", {k: round(v, 3) for k, v in timings.items()})
+        if not math.isfinite(value.value):
+            raise MinitronError(f"candidate {attrs['key']} scored {value.value}: the retrained model diverged")
+        extra = f" · {self.score_metric.name} {_fmt(score)}" if score is not None and score is not value else ""
+        _say(
+            f"rung {rung.index} ({rung.tokens:,} tokens) · {attrs['key']} · {attrs['params_total'] / 1e6:.1f}M · "
+            f"{self.rung_metric.name} {_fmt(value)}{extra} · {sum(timings.values()):.0f} s"
         )
-        primary = [task.get("acc_norm", task.get("acc")) for task in scores.values()]
-        primary = [p for p in primary if p is not None]
-        if not primary:
-            raise MinitronError("scoring.tasks have no accuracy metric to optimise: choose multiple-choice tasks")
-        return sum(primary) / len(primary), scores
+        return value.value
 
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        write_outputs(study, self.out, self.space, self.score_metric.maximize)
+        if self.on_trial is not None:
+            self.on_trial(study, trial)
 
-def _storage(url: str | None, out: Path):
-    url = url or f"sqlite:///{(out / 'study.db').resolve()}"
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
-    if url.endswith((".log", ".journal")):
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-    raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+    def advance(self) -> bool:
+        """Queue the next rung if the current one is closed; False when nothing is left to run."""
+        trials = _states(self.study, WAITING, RUNNING, COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+        current = max((t.user_attrs["rung"] for t in trials), default=0)
+        if current >= self.last:
+            return False
+        done = rung_values(self.study, current)
+        keep = min(self.schedule.rungs[current + 1].candidates, len(done))
+        if keep == 0:
+            return False  # every candidate of the rung failed
+        survivors = promote({k: t.user_attrs["value"] for k, t in done.items()}, keep, maximize=False)
+        _say(f"rung {current} closed: {len(done)} finished, the best {keep} by {self.rung_metric.name} go on")
+        for key in survivors:
+            attrs = done[key].user_attrs
+            _queue(self.study, current + 1, self.schedule, {k: attrs[k] for k in ("architecture", "key", "params_total", "params_non_embedding")})
+        return True
 
-
-def _sampler(space: SearchSpace, feasible: list[Candidate]):
-    """Grid: every candidate is queued once as a WAITING trial (popped atomically by workers)."""
-    kind = space.sampler
-    if kind == "auto":
-        kind = "grid" if len(feasible) <= GRID_LIMIT else "nsga2"
-    if kind == "grid":
-        return kind, optuna.samplers.RandomSampler(seed=space.seed)  # never consulted: params are queued
-    if kind == "tpe":
-        return kind, optuna.samplers.TPESampler(seed=space.seed)
-    return kind, optuna.samplers.NSGAIISampler(seed=space.seed)
-
-
-def _queue_grid(study: optuna.Study, feasible: list[Candidate]) -> None:
-    if study.user_attrs.get("grid_size") is None and not study.trials:
-        study.set_user_attr("grid_size", len(feasible))
-        for index in range(len(feasible)):
-            study.enqueue_trial({"candidate": index})
-
-
-def _waiting(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-
-
-def _suggest(trial: optuna.Trial, kind: str, feasible: list[Candidate]) -> Candidate:
-    """Grid: the candidate index. TPE/NSGA-II: a value per axis, snapped to the nearest feasible."""
-    if kind == "grid":
-        return feasible[trial.suggest_categorical("candidate", list(range(len(feasible))))]
-    wanted = {}
-    for axis in AXES:
-        values = sorted({_axis(c.arch, axis) for c in feasible})
-        wanted[axis] = trial.suggest_categorical(axis, values)
-
-    def distance(c: Candidate) -> float:
-        return sum(abs(_axis(c.arch, a) - wanted[a]) / max(1, wanted[a]) for a in AXES)
-
-    return min(feasible, key=distance)
-
-
-def _axis(arch: Architecture, axis: str) -> int:
-    return arch.heads_per_group if axis == "heads_per_group" else getattr(arch, axis)
-
-
-def _heartbeats(study: optuna.Study) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(study._storage)
-
-
-def _await_other_workers(study: optuna.Study) -> int:
-    """A grid worker whose queue ran dry stays while other workers' trials run.
-
-    If one of those workers dies, its trial's heartbeat goes stale: it is failed and queued
-    again (once), and this worker takes it. Returns how many trials wait to be run.
-    """
-    if not _heartbeats(study):
-        return 0
-    while not _waiting(study) and study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        time.sleep(HEARTBEAT_SECONDS)
-        optuna.storages.fail_stale_trials(study)
-    return _waiting(study)
-
-
-def open_study(space: SearchSpace, out: Path, storage: str | None, resume: bool, maximize: bool, kind: str, sampler, feasible):
-    directions = ["maximize" if maximize else "minimize"]
-    if kind == "nsga2":
-        directions.append("minimize")  # parameters
-    store = _storage(storage, out)
-    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-    if STUDY_NAME in names and not resume:
-        raise MinitronError(f"a study already exists in '{storage or out / 'study.db'}': pass --resume or choose another --out")
-    pruner = optuna.pruners.SuccessiveHalvingPruner() if len(directions) == 1 else optuna.pruners.NopPruner()
-    study = optuna.create_study(
-        storage=store, study_name=STUDY_NAME, directions=directions, sampler=sampler, pruner=pruner, load_if_exists=True
-    )
-    study.set_user_attr("space", space.source)
-    study.set_user_attr("metric", space.scoring.metric)
-    if kind == "grid":
-        _queue_grid(study, feasible)
-    return study
+    def work(self, n_trials: int | None) -> None:
+        """Run queued trials, queue rungs as they close, wait for other workers' trials."""
+        heartbeats = self.heartbeats
+        ran = 0
+        while n_trials is None or ran < n_trials:
+            if heartbeats:
+                optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial: failed, retried once
+            if _states(self.study, WAITING):
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self.after_trial], gc_after_trial=True)
+                ran += 1
+                continue
+            if _states(self.study, RUNNING):
+                if not heartbeats:
+                    _say("other workers' trials are still running; rerun with --resume once they finish")
+                    return
+                time.sleep(HEARTBEAT_SECONDS)  # their rung closes when they finish (or are failed as stale)
+                continue
+            if not self.advance():
+                return
 
 
 def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
     folder = out / "rankings"
     if (folder / "rankings.json").is_file():
         return Rankings.load(folder, teacher.fingerprint)
+    from .pipeline import RankSettings, rank
+
     spec = space.ranking
     return rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+
+
+def _metric(name: str, space: SearchSpace, teacher: Teacher, heldout: torch.Tensor, heldout_cache: TeacherLogitCache) -> Metric:
+    if name == "kld":
+        return HeldoutKLD(heldout, heldout_cache, space.retrain.batch_size)
+    if name == "heldout_loss":
+        return HeldoutLoss(heldout, space.retrain.batch_size)
+    return LmEval(space.scoring, teacher.tokenizer)
 
 
 def run_search(
@@ -207,189 +330,108 @@ def run_search(
     n_trials: int | None = None,
     resume: bool = False,
     teacher: Teacher | None = None,
-    on_trial=None,
+    on_trial: Callable | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the study; writes study.db, trials.csv and best_arch.json into `out`."""
+    """Run (or resume) the search; writes study.db, trials.csv, candidates.csv and best_arch.json into `out`.
+
+    `on_trial(study, trial)` is called after every trial (the pipeline rebuilds the dashboard there).
+    """
     out = make_dir(Path(out))
     if teacher is None:
         require_feasible(space, load_config(space.teacher))  # an infeasible budget fails before the weights load
         teacher = load_teacher(space.teacher)
     feasible = require_feasible(space, teacher.model.config)
-    kind, sampler = _sampler(space, feasible)
-    scorer = Scorer(space, teacher, token_blocks(space.retrain.data, teacher.tokenizer, space.scoring.seq_len, space.scoring.heldout_samples, "heldout"))
-    study = open_study(space, out, storage, resume, scorer.maximize, kind, sampler, feasible)
-    if resume and _heartbeats(study):
-        optuna.storages.fail_stale_trials(study)  # a trial killed moments ago is caught later, by Optuna or at the end
+    pool = candidate_pool(space, feasible)
+    schedule = schedule_for(space, len(pool))
+    store = make_storage(storage, out)
+    study = open_study(space, store, storage or out / "study.db", resume, teacher.fingerprint, pool, schedule)
+    _say(f"search: {len(pool)} candidates of {len(feasible)} feasible; {schedule.describe()}")
     rankings = _rankings(teacher, space, out)
-    settings = space.retrain.settings(space.seed)
-    spec = space.retrain
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
-    retrain_heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, max(2, spec.batch_size), "heldout")
+    spec, settings = space.retrain, space.retrain.settings(space.seed)
+    longest = max(r.steps for r in schedule.rungs)
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, longest * spec.batch_size, "train")
     meta = {"teacher_fingerprint": teacher.fingerprint}
     cache = TeacherLogitCache.load_or_build(
         teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, out / "teacher_logits", meta
     )
-    heldout_cache = TeacherLogitCache.compute(
-        teacher.model, retrain_heldout, settings.top_k, settings.temperature, settings.batch_size, meta
-    )
-
-    def objective(trial: optuna.Trial):
-        if kind == "grid" and "fixed_params" not in study._storage.get_trial_system_attrs(trial._trial_id):
-            study.stop()  # the queue ran dry while this worker was asking: nothing left to try
-            raise optuna.TrialPruned("grid exhausted")
-        candidate = _suggest(trial, kind, feasible)
-        trial.set_user_attr("architecture", candidate.arch.to_dict())
-        trial.set_user_attr("params_total", candidate.total)
-        trial.set_user_attr("params_non_embedding", candidate.non_embedding)
-        duplicate = _evaluated(study, candidate, trial.number)
-        if duplicate is not None:
-            trial.set_user_attr("duplicate_of", duplicate.number)
-            for key in ("score_before", "score_after"):
-                trial.set_user_attr(key, duplicate.user_attrs.get(key))
-            return duplicate.values if len(duplicate.values) > 1 else duplicate.values[0]
-        timings = {}
-        try:
-            start = time.perf_counter()
-            student = prune(teacher.model, rankings, candidate.arch)
-            timings["prune"] = time.perf_counter() - start
-            start = time.perf_counter()
-            before, details_before = scorer(student)
-            timings["score_before"] = time.perf_counter() - start
-            trial.set_user_attr("score_before", before)
-            trial.set_user_attr("details_before", details_before)
-
-            def report(step: int, value: float) -> None:
-                if len(study.directions) == 1:
-                    trial.report(-value if scorer.maximize else value, step)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"pruned at step {step}")
-
-            start = time.perf_counter()
-            try:  # a pruned trial's retraining counts too
-                result = retrain(
-                    student, train, cache, settings, heldout_blocks=retrain_heldout, heldout_cache=heldout_cache, report=report
-                )
-            finally:
-                timings["retrain"] = time.perf_counter() - start
-            trial.set_user_attr("retrain_curve", [list(p) for p in result.curve])
-            trial.set_user_attr("retrain_eval_curve", [list(p) for p in result.eval_curve])
-            start = time.perf_counter()
-            after, details_after = scorer(student)
-            timings["score_after"] = time.perf_counter() - start
-            trial.set_user_attr("score_after", after)
-            trial.set_user_attr("details_after", details_after)
-        except optuna.TrialPruned:
-            trial.set_user_attr("timings", timings)
-            raise
-        except Exception as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            trial.set_user_attr("timings", timings)
-            raise
-        trial.set_user_attr("timings", timings)
-        if not math.isfinite(after):
-            raise MinitronError(f"candidate scored {after}: the retrained model diverged")
-        return (after, candidate.total) if len(study.directions) > 1 else after
-
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        write_outputs(study, out, space)
-        try:  # the dashboard is a view: it must never stop the search
-            from .report import build_dashboard
-
-            build_dashboard(out, study=study)
-        except Exception as err:  # noqa: BLE001
-            logging.getLogger(__name__).warning("dashboard.html not rebuilt: %s: %s", type(err).__name__, err)
-        if on_trial is not None:
-            on_trial(study, trial)
-
-    if kind == "grid":
-        remaining = _waiting(study) if n_trials is None else min(n_trials, _waiting(study))
-    else:
-        remaining = n_trials if n_trials is not None else (space.trials or len(feasible))
-    while remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
-        remaining = _await_other_workers(study) if kind == "grid" and n_trials is None else 0
-    write_outputs(study, out, space)
+    scoring = space.scoring
+    heldout = token_blocks(spec.data, teacher.tokenizer, scoring.seq_len, scoring.heldout_samples, "heldout")
+    heldout_cache = TeacherLogitCache.compute(teacher.model, heldout, settings.top_k, settings.temperature, settings.batch_size, meta)
+    rung_metric = _metric(space.halving.rung_metric, space, teacher, heldout, heldout_cache)
+    score_metric = rung_metric if scoring.metric == space.halving.rung_metric else _metric(scoring.metric, space, teacher, heldout, heldout_cache)
+    heartbeats = isinstance(store, optuna.storages.RDBStorage)
+    search = _Search(space, out, study, teacher, rankings, schedule, train, cache, rung_metric, score_metric, heartbeats, on_trial)
+    search.work(n_trials)
+    write_outputs(study, out, space, score_metric.maximize)
+    if n_trials is None and not final_ranking(study, score_metric.maximize) and not _states(study, WAITING, RUNNING):
+        failed = _states(study, optuna.trial.TrialState.FAIL)
+        first = next((t.user_attrs["error"] for t in failed if t.user_attrs.get("error")), "no error recorded")
+        raise MinitronError(f"every candidate of the search failed ({len(failed)} trials; first: {first}): see {out / 'trials.csv'}")
     return study
 
 
-def _evaluated(study: optuna.Study, candidate: Candidate, number: int):
-    target = candidate.arch.to_dict()
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.number != number and t.user_attrs.get("architecture") == target and "duplicate_of" not in t.user_attrs:
-            return t
-    return None
+def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
+    """Per rung: candidates finished and kept, Kendall tau with the previous rung (with its n),
+    and how many cut candidates were within one standard error of the last one kept."""
+    rungs = study.user_attrs.get("rungs", 1)
+    summary = []
+    previous = None
+    for index in range(rungs):
+        done = rung_values(study, index)
+        values = {k: t.user_attrs["value"] for k, t in done.items()}
+        row = {"rung": index, "finished": len(done)}
+        if index == 0:
+            before = {k: t.user_attrs["before"] for k, t in done.items() if t.user_attrs.get("before") is not None}
+            row["tau_before_retraining"], row["tau_before_n"] = rung_tau(before, values)
+        if previous is not None:
+            row["tau_with_previous"], row["tau_n"] = rung_tau(previous, values)
+        following = rung_values(study, index + 1) if index + 1 < rungs else {}
+        if following:
+            kept = [k for k in done if k in following]
+            row["kept"] = len(kept)
+            worst = max(kept, key=lambda k: values[k]) if kept else None
+            if worst is not None:
+                w = measurement(done[worst])
+                row["cut_within_one_se"] = sum(
+                    1
+                    for k, t in done.items()
+                    if k not in following and (se := paired_stderr(w, measurement(t))) is not None and abs(values[k] - w.value) <= se
+                )
+        summary.append(row)
+        previous = values
+    return summary
 
 
-def trials_table(study: optuna.Study) -> pd.DataFrame:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.PRUNED and "architecture" not in t.user_attrs:
-            continue  # a worker that found the grid queue empty
-        arch = t.user_attrs.get("architecture") or {}
-        rows.append(
-            {
-                "trial": t.number,
-                "state": t.state.name,
-                **{k: arch.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")},
-                "params_total": t.user_attrs.get("params_total"),
-                "params_non_embedding": t.user_attrs.get("params_non_embedding"),
-                "score_before": t.user_attrs.get("score_before"),
-                "score_after": t.user_attrs.get("score_after"),
-                "duplicate_of": t.user_attrs.get("duplicate_of"),
-                "seconds": t.duration.total_seconds() if t.duration else None,
-                "error": t.user_attrs.get("error"),
-            }
-        )
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        counts = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-                  "params_total", "params_non_embedding", "duplicate_of"]
-        table[counts] = table[counts].astype("Int64")  # integers, blank for queued trials
-        table["kendall_tau_before_after"] = kendall_tau(table)
-    return table
-
-
-def kendall_tau(table: pd.DataFrame) -> float | None:
-    """Rank agreement of scores before and after retraining over distinct finished candidates."""
-    done = table[(table.state == "COMPLETE") & table.duplicate_of.isna()].dropna(subset=["score_before", "score_after"])
-    if len(done) < 2:
-        return None
-    from scipy.stats import kendalltau
-
-    tau = kendalltau(done.score_before, done.score_after).statistic
-    return None if math.isnan(tau) else float(tau)
-
-
-def best_trial(study: optuna.Study):
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    if not complete:
-        return None
-    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
-    return max(complete, key=lambda t: sign * t.values[0])
-
-
-def write_outputs(study: optuna.Study, out: Path, space: SearchSpace) -> None:
-    """trials.csv and best_arch.json, each replaced atomically."""
+def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_score: bool) -> None:
+    """trials.csv, candidates.csv and best_arch.json, each replaced atomically."""
     table = trials_table(study)
-    tmp = out / ".trials.csv.partial"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / "trials.csv")
-    best = best_trial(study)
-    if best is None:
+    write_text_atomic(out / "trials.csv", table.to_csv(index=False))
+    candidates = candidates_table(study, maximize_score)
+    write_text_atomic(out / "candidates.csv", candidates.to_csv(index=False))
+    cost = search_cost(study)
+    study.set_user_attr("search_cost", cost)
+    ranking = final_ranking(study, maximize_score)
+    if not ranking:
         return
+    best = ranking[0]
+    tied = candidates[candidates.tied_with_best & ~candidates.best].key.tolist() if not candidates.empty else []
     payload = {
         "architecture": best.user_attrs["architecture"],
+        "key": best.user_attrs["key"],
         "params_total": best.user_attrs["params_total"],
         "params_non_embedding": best.user_attrs["params_non_embedding"],
-        "score_before": best.user_attrs.get("score_before"),
-        "score_after": best.user_attrs.get("score_after"),
         "metric": space.scoring.metric,
+        "score": best.user_attrs["score"],
+        "score_stderr": best.user_attrs.get("score_stderr"),
+        "tied_with": tied,
+        "rung_metric": space.halving.rung_metric,
         "trial": best.number,
+        "rungs": rung_summary(study, maximize_score),
+        "schedule": study.user_attrs.get("schedule"),
+        "search_tokens": cost["tokens"],
+        "search_seconds": cost["seconds"],
+        "budget_tokens": study.user_attrs.get("budget_tokens"),
         "space": space.source,
         "budget": asdict(space.budget),
-        "kendall_tau_before_after": kendall_tau(table),
     }
-    tmp = out / ".best_arch.json.partial"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out / "best_arch.json")
-
+    write_text_atomic(out / "best_arch.json", json.dumps(payload, indent=2))

@@ -17,10 +17,11 @@ import yaml
 from .architecture import Architecture, ParamCounter, head_dim_of, student_config, validate
 from .errors import MinitronError
 
-SAMPLERS = ("auto", "grid", "tpe", "nsga2")
+SAMPLERS = ("auto", "grid", "random")
+RUNG_METRICS = ("kld", "heldout_loss")
 METRICS = ("lm_eval", "heldout_loss", "kld")
 AXES = ("hidden_size", "intermediate_size", "heads_per_group", "num_key_value_heads", "num_hidden_layers")
-GRID_LIMIT = 64  # "auto" searches exhaustively up to this many feasible candidates
+GRID_LIMIT = 64  # "auto" starts rung 0 with every feasible candidate up to this many, else a random sample
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,37 @@ class DistillSpec:
 
 
 @dataclass(frozen=True)
+class HalvingSpec:
+    """How the search spends its retraining tokens: synchronous successive halving (halving.py)."""
+
+    eta: int = 3
+    """Each rung keeps the best 1/eta of its candidates; the next rung retrains them on eta x the tokens."""
+    budget_tokens: int | None = None
+    """Training tokens the whole search may spend; None: `budget_fraction` of `distill.tokens`."""
+    budget_fraction: float | None = 0.25
+    """The search's budget as a fraction of the final distillation's tokens (None and no
+    `budget_tokens`: no limit, every candidate retrains on `retrain.tokens`)."""
+    rung_metric: str = "kld"
+    """What the rungs before the last compare on, at equal tokens: kld or heldout_loss."""
+    min_steps: int = 2
+    """Fewest optimizer steps of a rung-0 retraining."""
+    final_candidates: int = 2
+    """Fewest candidates the last rung keeps (ranked there by `scoring.metric`)."""
+
+    def budget(self, distill_tokens: int) -> int | None:
+        if self.budget_tokens is not None:
+            return self.budget_tokens
+        return None if self.budget_fraction is None else int(self.budget_fraction * distill_tokens)
+
+
+@dataclass(frozen=True)
 class ScoringSpec:
     metric: str = "heldout_loss"
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     batch_size: int = 16  # lm-eval requests per forward pass
     data_dir: str = "../shared/data"
-    heldout_samples: int = 8
+    heldout_samples: int = 32
     seq_len: int = 256
 
 
@@ -134,6 +159,7 @@ class SearchSpace:
     retrain: RetrainSpec = RetrainSpec()
     scoring: ScoringSpec = ScoringSpec()
     distill: DistillSpec = DistillSpec()
+    halving: HalvingSpec = HalvingSpec()
     family: tuple[int, ...] = ()  # several budgets: each pruned from the previous, largest first
     sampler: str = "auto"
     trials: int | None = None
@@ -212,6 +238,7 @@ def load_space(path: str | Path) -> SearchSpace:
         retrain=_section(RetrainSpec, data.get("retrain"), "retrain"),
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
         distill=_section(DistillSpec, data.get("distill"), "distill"),
+        halving=_section(HalvingSpec, data.get("halving"), "halving"),
         family=tuple(int(float(b)) for b in data.get("family") or ()),
         sampler=data.get("sampler", "auto"),
         trials=data.get("trials"),
@@ -220,6 +247,8 @@ def load_space(path: str | Path) -> SearchSpace:
     )
     if space.sampler not in SAMPLERS:
         raise MinitronError(f"unknown sampler '{space.sampler}': use one of {', '.join(SAMPLERS)}")
+    if space.halving.rung_metric not in RUNG_METRICS:
+        raise MinitronError(f"unknown halving.rung_metric '{space.halving.rung_metric}': use one of {', '.join(RUNG_METRICS)}")
     if space.scoring.metric not in METRICS:
         raise MinitronError(f"unknown scoring.metric '{space.scoring.metric}': use one of {', '.join(METRICS)}")
     if space.distill.intermediate not in ("auto", "on", "off"):

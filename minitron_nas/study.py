@@ -1,0 +1,185 @@
+"""The Optuna study a search writes and the report reads: storage, tables, the winner.
+
+One trial is one candidate retrained at one rung (halving.py). Its user attributes say
+which: `architecture`, `key` (the architecture as text), `rung`, `steps`, `tokens`; and
+what came out: `value` / `stderr` / `per_item` of the rung metric, `score` / `score_stderr`
+of the space's own metric at the last rung, `before` (rung 0, before retraining),
+`tokens_trained`, `timings`. A trial's Optuna value is its rung metric.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from .errors import MinitronError
+from .metrics import Measurement, paired_stderr
+
+__all__ = [
+    "STUDY_NAME",
+    "HEARTBEAT_SECONDS",
+    "GRACE_SECONDS",
+    "make_storage",
+    "measurement",
+    "trials_table",
+    "candidates_table",
+    "rung_values",
+    "final_ranking",
+    "search_cost",
+]
+
+STUDY_NAME = "minitron"
+ARCH_COLUMNS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) <= 0:
+        raise MinitronError(f"{name}={raw!r} is not a whole number of seconds > 0: fix or unset it")
+    return int(raw)
+
+
+# A running trial beats every HEARTBEAT_SECONDS; one silent for GRACE_SECONDS is failed and
+# retried once (its worker died). The environment overrides both (tests use a few seconds).
+HEARTBEAT_SECONDS = _env_seconds("MINITRON_NAS_HEARTBEAT_SECONDS", 10)
+GRACE_SECONDS = _env_seconds("MINITRON_NAS_GRACE_SECONDS", 30)
+if GRACE_SECONDS <= HEARTBEAT_SECONDS:
+    raise MinitronError(
+        f"MINITRON_NAS_GRACE_SECONDS ({GRACE_SECONDS}) must exceed MINITRON_NAS_HEARTBEAT_SECONDS ({HEARTBEAT_SECONDS}): "
+        "a live worker would be taken for dead; raise the grace period"
+    )
+
+
+def make_storage(url: str | None, out: Path):
+    """SQLite in the run folder by default; any RDB URL with heartbeats; or a journal file."""
+    url = url or f"sqlite:///{(Path(out) / 'study.db').resolve()}"
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+    if url.endswith((".log", ".journal")):
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+
+
+def _candidate_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:
+    """Trials that ran a candidate: not a worker's empty ask, not a duplicate of another trial."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=states)
+        if "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs
+    ]
+
+
+_FIELDS = {"value": ("value", "stderr", "per_item"), "score": ("score", "score_stderr", "score_per_item")}
+
+
+def measurement(trial: optuna.trial.FrozenTrial, which: str = "value") -> Measurement | None:
+    """The rung metric ("value") or the space's score ("score") a trial recorded."""
+    value, stderr, per_item = (trial.user_attrs.get(name) for name in _FIELDS[which])
+    return None if value is None else Measurement(value, stderr, 0.0, per_item)
+
+
+def rung_values(study: optuna.Study, rung: int) -> dict[str, optuna.trial.FrozenTrial]:
+    """Finished trials of one rung, by architecture key."""
+    done = _candidate_trials(study, (optuna.trial.TrialState.COMPLETE,))
+    return {t.user_attrs["key"]: t for t in done if t.user_attrs["rung"] == rung}
+
+
+def final_ranking(study: optuna.Study, maximize_score: bool) -> list[optuna.trial.FrozenTrial]:
+    """The last rung's finished candidates, best first by the space's score."""
+    last = study.user_attrs.get("rungs", 1) - 1
+    done = [t for t in rung_values(study, last).values() if t.user_attrs.get("score") is not None]
+    sign = -1 if maximize_score else 1
+    return sorted(done, key=lambda t: (sign * t.user_attrs["score"], t.user_attrs["key"]))
+
+
+def search_cost(study: optuna.Study) -> dict:
+    """Training tokens and seconds of every trial that ran (finished, failed or interrupted)."""
+    tokens = seconds = 0.0
+    for t in _candidate_trials(study):
+        tokens += t.user_attrs.get("tokens_trained", 0)
+        seconds += sum(t.user_attrs.get("timings", {}).values())
+    return {"tokens": int(tokens), "seconds": round(seconds, 1)}
+
+
+def _int(value):
+    return None if value is None else int(value)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per candidate trial (every rung), with its value, error and cost."""
+    rows = []
+    for t in _candidate_trials(study):
+        arch = t.user_attrs.get("architecture") or {}
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "rung": t.user_attrs["rung"],
+                "tokens": t.user_attrs.get("tokens"),
+                **{k: arch.get(k) for k in ARCH_COLUMNS},
+                "params_total": t.user_attrs.get("params_total"),
+                "params_non_embedding": t.user_attrs.get("params_non_embedding"),
+                "before": t.user_attrs.get("before"),
+                "before_stderr": t.user_attrs.get("before_stderr"),
+                "value": t.user_attrs.get("value"),
+                "stderr": t.user_attrs.get("stderr"),
+                "score": t.user_attrs.get("score"),
+                "score_stderr": t.user_attrs.get("score_stderr"),
+                "tokens_trained": t.user_attrs.get("tokens_trained"),
+                "seconds": round(sum(t.user_attrs.get("timings", {}).values()), 2) if t.user_attrs.get("timings") else None,
+                "key": t.user_attrs["key"],
+                "error": t.user_attrs.get("error"),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        counts = [*ARCH_COLUMNS, "params_total", "params_non_embedding", "tokens", "tokens_trained"]
+        table[counts] = table[counts].astype("Int64")
+    return table
+
+
+def candidates_table(study: optuna.Study, maximize_score: bool) -> pd.DataFrame:
+    """One row per architecture at the last rung it reached, with `tied_with_best`.
+
+    A candidate is tied with the best when their difference is within one standard error
+    (paired over the held-out blocks when both have per-block values): the search has no
+    evidence that one is better.
+    """
+    table = trials_table(study)
+    if table.empty:
+        return table
+    finished = table[table.state == "COMPLETE"]
+    rows = []
+    for key, group in table.groupby("key", sort=False):
+        done = finished[finished.key == key]
+        row = (done if not done.empty else group).sort_values("rung").iloc[-1].to_dict()
+        row["last_rung"] = int(row.pop("rung"))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    ranking = final_ranking(study, maximize_score)
+    out["tied_with_best"] = False
+    out["best"] = False
+    if ranking:
+        best = ranking[0]
+        best_m = measurement(best, "score")
+        for trial in ranking:
+            other = measurement(trial, "score")
+            se = paired_stderr(best_m, other)
+            tie = trial is best or (se is not None and abs(best_m.value - other.value) <= se)
+            out.loc[out.key == trial.user_attrs["key"], "tied_with_best"] = tie
+        out.loc[out.key == best.user_attrs["key"], "best"] = True
+    out = out.sort_values(["last_rung", "value"], ascending=[False, True], kind="stable")
+    return out.reset_index(drop=True)

@@ -1,0 +1,59 @@
+"""Metrics with standard errors, checked against hand computations on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minitron_nas.distill import TeacherLogitCache
+from minitron_nas.losses import kd_loss
+from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr, tied
+from minitron_nas.scoring import lm_loss
+
+from conftest import random_blocks, tiny_model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_model("llama", seed=0, vocab_size=128).eval(), tiny_model("llama", seed=1, vocab_size=128).eval()
+
+
+def test_heldout_loss_is_the_token_mean_with_the_standard_error_of_block_means(models):
+    student, _ = models
+    blocks = random_blocks(10, 16, vocab=128)
+    m = HeldoutLoss(blocks, batch_size=3).measure(student)
+    assert m.value == pytest.approx(lm_loss(student, blocks), rel=1e-5)  # equal blocks: mean of means = token mean
+    with torch.no_grad():
+        per_block = [lm_loss(student, blocks[i : i + 1]) for i in range(10)]
+    assert m.per_item == pytest.approx(per_block, rel=1e-5)
+    assert m.stderr == pytest.approx(np.std(per_block, ddof=1) / math.sqrt(10), rel=1e-5)
+
+
+def test_heldout_kld_at_k_equal_vocab_is_the_full_kl(models):
+    student, teacher = models
+    blocks = random_blocks(6, 16, vocab=128)
+    cache = TeacherLogitCache.compute(teacher, blocks, top_k=128, meta={"teacher_fingerprint": "t"})
+    m = HeldoutKLD(blocks, cache, batch_size=4).measure(student)
+    with torch.no_grad():
+        full = kd_loss(student(input_ids=blocks).logits, teacher(input_ids=blocks).logits).item()
+    assert m.value == pytest.approx(full, rel=0.03)  # the cache keeps float16 log-probabilities
+    assert HeldoutKLD(blocks, cache).measure(teacher).value == pytest.approx(0.0, abs=1e-3)
+
+
+def test_paired_errors_are_smaller_than_unpaired_for_shared_blocks():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0, 1.0, 50)  # block difficulty, common to both candidates
+    a_items = list(shared + rng.normal(0, 0.05, 50))
+    b_items = list(shared + 0.1 + rng.normal(0, 0.05, 50))
+    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x)))  # noqa: E731
+    a = Measurement(float(np.mean(a_items)), se(a_items), 0.0, a_items)
+    b = Measurement(float(np.mean(b_items)), se(b_items), 0.0, b_items)
+    diff = [x - y for x, y in zip(a_items, b_items)]
+    assert paired_stderr(a, b) == pytest.approx(se(diff))
+    assert paired_stderr(a, b) < math.hypot(a.stderr, b.stderr) / 5
+    assert not tied(a, b)  # 0.1 apart, paired SE ~0.01
+    unpaired = Measurement(a.value, a.stderr, 0.0), Measurement(b.value, b.stderr, 0.0)
+    assert tied(*unpaired)  # the same gap is inside the noise without pairing
