@@ -201,16 +201,29 @@ def search(
     n_trials: int = typer.Option(None, help="trials to run now (default: the space's trials, or the whole grid)"),
     resume: bool = typer.Option(False, help="continue the study already in the run folder or storage"),
 ):
-    """Budget-constrained architecture search: prune, score, retrain by KD, score again."""
-    from .search import best_trial, run_search
+    """Budget-constrained architecture search: every candidate retrained by KD in rungs of growing tokens."""
+    from .search import run_search
     from .space import load_space
 
     spec = load_space(space)
-    study = run_search(spec, _run_folder(space, out), storage, n_trials, resume)
-    best = best_trial(study)
-    if best is None:
-        raise MinitronError(f"no trial finished in {out}: see trials.csv for the errors")
-    console.print(f"best: {best.user_attrs['architecture']} score {best.values[0]:.4f} -> {_run_folder(space, out) / 'best_arch.json'}")
+    folder = _run_folder(space, out)
+    try:
+        run_search(spec, folder, storage, n_trials, resume)
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted: finished trials are kept in {folder} and the running candidate is queued again; "
+            "rerun the same command with --resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    best = folder / "best_arch.json"
+    if best.is_file():
+        found = json.loads(best.read_text())
+        error = "" if found.get("score_stderr") is None else f" ± {found['score_stderr']:.4f}"
+        console.print(f"best: {found['key']} ({found['params_total']:,} parameters), {found['metric']} {found['score']:.4f}{error} -> {best}")
+    else:
+        console.print(f"no candidate reached the last rung yet: run more trials with --resume ({folder / 'trials.csv'})")
 
 
 def _run_folder(space: Path, out: Path | None) -> Path:

@@ -84,8 +84,9 @@ def plan_schedule(
 ) -> Schedule:
     """The rungs for `n` candidates whose last rung retrains on `full_steps` steps.
 
-    Without a budget every candidate retrains fully (one rung). With one, the fewest
-    halvings whose total fits the budget (the fewest candidates cut on cheap evidence);
+    Without a budget, as many halvings as keep `final_candidates` at the last rung and
+    `min_steps` at rung 0. With one, the fewest halvings whose total fits the budget (the
+    fewest candidates cut on cheap evidence);
     when even the most halvings do not fit, the last rung's steps shrink until they do.
     The total never exceeds the budget.
     """
@@ -93,11 +94,14 @@ def plan_schedule(
         raise MinitronError(f"a search needs candidates and steps, got {n} candidates and {full_steps} steps: widen the space")
     if eta < 2:
         raise MinitronError(f"halving.eta is {eta}: use 2 or more (each rung keeps 1/eta of the candidates)")
+    if budget_tokens is None:
+        levels = _max_levels(n, eta, full_steps, min_steps, final_candidates)
+        return Schedule(_rungs(n, eta, levels, full_steps, tokens_per_step, min_steps), eta, None)
     for steps in range(full_steps, min_steps - 1, -1):
         top = _max_levels(n, eta, steps, min_steps, final_candidates)
         for levels in range(top + 1):
             schedule = Schedule(_rungs(n, eta, levels, steps, tokens_per_step, min_steps), eta, budget_tokens)
-            if budget_tokens is None or schedule.total_tokens <= budget_tokens:
+            if schedule.total_tokens <= budget_tokens:
                 return schedule
     cheapest = Schedule(_rungs(n, eta, _max_levels(n, eta, min_steps, min_steps, final_candidates), min_steps, tokens_per_step, min_steps), eta, None)
     raise MinitronError(

@@ -4,20 +4,21 @@
 is embedded once; nothing is fetched from the network) with a figure per question, each in
 a div with a stable id:
 
-- `pareto`: parameters vs score of every finished candidate, the non-dominated ones
-  highlighted and joined (the metric's direction is the study's: lower is better for
-  heldout_loss and kld, higher for lm_eval);
-- `parallel`: parallel coordinates over hidden, ffn, heads, kv groups, layers, parameters
-  and score, coloured by any axis (menu);
-- `rank-stability`: score before vs after the short retraining, Kendall tau in the title;
-- `retrain-curves`: the retraining loss and held-out curves, one line per trial;
+- `pareto`: parameters vs the rung metric of every candidate at the last rung it reached
+  (one trace per rung, error bars of one standard error), the last rung's non-dominated
+  candidates by the space's score joined;
+- `parallel`: parallel coordinates over hidden, ffn, heads, kv groups, layers, parameters,
+  last rung and value, coloured by any axis (menu);
+- `rank-stability`: values at one rung against the next, Kendall tau with its n per pair;
+- `retrain-curves`: the retraining loss of each candidate at the last rung it reached;
 - `head-importance`, `neuron-channel-importance`, `layer-importance`: the rankings in
   RUN_DIR/rankings (heads per layer; neuron and channel score distributions; Block
   Importance and, when ranked with --layer-loss, the loss with each layer dropped);
 - `distill-curves`: the final distillation of the winner, from RUN_DIR/distill/curve.json.
 
 `write_report(run_dir)` writes RUN_DIR/report.md: budget, feasible count, trial counts, the
-top candidates, the Pareto front, errors, and the winner before and after full distillation
+search's cost, the rungs (kept, Kendall tau with its n, cuts inside the noise), the
+candidates with their standard errors and ties with the best, errors, and the winner before and after full distillation
 beside the teacher (RUN_DIR/distill/summary.json).
 
 Files written by the final distillation, read here when present (each is optional):
@@ -65,6 +66,8 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .errors import MinitronError
+from .halving import rung_tau
+from .study import STUDY_NAME, candidates_table, rung_values, search_cost, trials_table
 
 DASHBOARD, REPORT = "dashboard.html", "report.md"
 DISTILL_CURVE, DISTILL_SUMMARY = Path("distill") / "curve.json", Path("distill") / "summary.json"
@@ -101,9 +104,7 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def open_run_study(run_dir: str | Path, storage: str | None = None) -> optuna.Study:
-    """The run's study (search.STUDY_NAME) from `storage`, by default sqlite RUN_DIR/study.db."""
-    from .search import STUDY_NAME
-
+    """The run's study (study.STUDY_NAME) from `storage`, by default sqlite RUN_DIR/study.db."""
     run_dir = Path(run_dir)
     url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     journal = url.endswith((".log", ".journal"))
@@ -128,8 +129,8 @@ def open_run_study(run_dir: str | Path, storage: str | None = None) -> optuna.St
 
 
 def maximizes(study: optuna.Study) -> bool:
-    """The study's own direction decides; the metric attribute only labels it."""
-    return study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    """Whether the space's score (the last rung's ranking) is higher-is-better, as the search recorded it."""
+    return bool(study.user_attrs.get("score_maximize", False))
 
 
 # --------------------------------------------------------------------------- data
@@ -159,20 +160,22 @@ def pareto_front(params, scores, maximize: bool) -> list[int]:
 
 
 def finished(study: optuna.Study) -> pd.DataFrame:
-    """Completed, distinct (not duplicate) trials with a finite score, with their curves."""
-    from .search import trials_table
+    """Every candidate that finished a rung, at the last rung it reached, with its curves.
 
-    table = trials_table(study)
+    `pareto` marks the non-dominated candidates of the last rung by (parameters, score):
+    values of different rungs are not comparable, so the front is drawn among equals.
+    """
+    table = candidates_table(study, maximizes(study))
     if table.empty:
         return table
-    done = table[(table.state == "COMPLETE") & table.duplicate_of.isna()].copy()
-    done = done[pd.to_numeric(done.score_after, errors="coerce").map(lambda v: v is not None and math.isfinite(v))]
+    done = table[table.state == "COMPLETE"].copy()
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     done["retrain_curve"] = [by_number[n].user_attrs.get("retrain_curve") or [] for n in done.trial]
-    done["retrain_eval_curve"] = [by_number[n].user_attrs.get("retrain_eval_curve") or [] for n in done.trial]
-    front = pareto_front(list(done.params_total), list(done.score_after), maximizes(study))
+    last = study.user_attrs.get("rungs", 1) - 1
+    final = done[(done.last_rung == last) & done.score.notna()]
+    front = pareto_front(list(final.params_total), list(final.score), maximizes(study))
     done["pareto"] = False
-    done.loc[done.index[front], "pareto"] = True
+    done.loc[final.index[front], "pareto"] = True
     done = done.reset_index(drop=True)
     done["hover"] = [_hover(row) for _, row in done.iterrows()]
     return done
@@ -252,7 +255,9 @@ def _hover(row) -> str:
     return (
         f"<b>trial {row.trial}</b>{' (Pareto)' if row.get('pareto') else ''}<br>{arch}<br>"
         f"params {_fmt(_int(row.params_total))} (non-embedding {_fmt(_int(row.params_non_embedding))})<br>"
-        f"score before {_fmt(_float(row.score_before))} → after {_fmt(_float(row.score_after))}"
+        f"stopped at rung {row.last_rung} ({_fmt(_int(row.tokens))} tokens): {_fmt(_float(row.value))} ± {_fmt(_float(row.stderr))}"
+        + ("" if _float(row.score) is None else f"<br>score {_fmt(_float(row.score))} ± {_fmt(_float(row.score_stderr))}")
+        + (" (tied with the best)" if row.get("tied_with_best") else "")
     )
 
 
@@ -261,30 +266,30 @@ def _int(v):
 
 
 def _float(v):
-    return None if v is None else float(v)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
 def pareto_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
-    title = "Pareto front: parameters vs score"
+    title = "Every candidate at its last rung: parameters vs value"
     if done.empty:
         return _empty(title, "no finished trial yet")
-    hover = list(done.hover)
-    front = done[done.pareto].sort_values("params_total")
+    rung_metric = study.user_attrs.get("rung_metric", "kld")
     fig = go.Figure(layout=dict(template=TEMPLATE, height=480))
-    fig.add_scatter(
-        name="all finished trials", x=list(done.params_total), y=list(done.score_after), mode="markers",
-        text=hover, hovertemplate="%{text}<extra></extra>",
-        marker=dict(size=9, color="rgba(99,110,250,0.45)", line=dict(width=1, color="rgb(99,110,250)")),
-    )
-    fig.add_scatter(
-        name=f"Pareto front ({len(front)})", x=list(front.params_total), y=list(front.score_after), mode="lines+markers",
-        text=[hover[i] for i in front.index], hovertemplate="%{text}<extra></extra>",
-        line=dict(color="rgb(239,85,59)", width=2, shape="hv"),
-        marker=dict(size=12, color="rgb(239,85,59)", symbol="diamond"),
-    )
+    for rung, group in done.groupby("last_rung"):
+        fig.add_scatter(
+            name=f"stopped at rung {rung} ({len(group)})", x=list(group.params_total), y=list(group.value),
+            error_y=dict(type="data", array=[_float(v) or 0.0 for v in group.stderr], visible=True),
+            mode="markers", text=list(group.hover), hovertemplate="%{text}<extra></extra>", marker=dict(size=9 + 3 * int(rung)),
+        )
+    front = done[done.pareto].sort_values("params_total")
+    if not front.empty:
+        fig.add_scatter(
+            name=f"Pareto front of the last rung by score ({len(front)})", x=list(front.params_total), y=list(front.value),
+            mode="lines", line=dict(color="rgb(239,85,59)", width=2, shape="hv"), hoverinfo="skip",
+        )
     fig.update_layout(
-        title=f"{title} ({len(done)} finished candidates, {len(front)} non-dominated)",
-        xaxis_title="parameters (total)", yaxis_title=_score_label(study),
+        title=f"{title} ({len(done)} candidates; bars: one standard error)",
+        xaxis_title="parameters (total)", yaxis_title=f"{METRIC_LABELS.get(rung_metric, rung_metric)} at the last rung reached, lower is better",
         legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
     )
     return fig
@@ -294,9 +299,9 @@ def parallel_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
     title = "All candidates over every axis"
     if done.empty:
         return _empty(title, "no finished trial yet")
-    columns = {**ARCH_COLUMNS, "params_total": "params", "score_after": "score"}
+    columns = {**ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "value": "score"}
     values = {label: [float(v) for v in done[col]] for col, label in columns.items()}
-    lower_is_better = not maximizes(study)
+    lower_is_better = True  # the rung metric
 
     def colouring(label):
         reverse = label == "score" and lower_is_better  # the brightest line is the best score
@@ -323,22 +328,31 @@ def parallel_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
     return fig
 
 
-def rank_stability_figure(done: pd.DataFrame, study: optuna.Study, tau: float | None) -> go.Figure:
-    title = "Score before vs after the short retraining"
-    done = done.dropna(subset=["score_before"]) if not done.empty else done
-    if done.empty:
-        return _empty(title, "no finished trial with both scores yet")
-    tau_text = f"Kendall τ = {tau:.3f}" if tau is not None else "Kendall τ needs 2 distinct candidates"
-    fig = go.Figure(go.Scatter(
-        name="trials", x=list(done.score_before), y=list(done.score_after), mode="markers+text",
-        text=[str(n) for n in done.trial], textposition="top center",
-        customdata=list(done.hover), hovertemplate="%{customdata}<extra></extra>",
-        marker=dict(size=10, color=["rgb(239,85,59)" if p else "rgb(99,110,250)" for p in done.pareto]),
-    ))
-    fig.update_layout(
-        template=TEMPLATE, height=440, title=f"{title}: {tau_text} over {len(done)} candidates",
-        xaxis_title="score after pruning, before retraining", yaxis_title="score after retraining",
-    )
+def rank_stability_figure(done: pd.DataFrame, study: optuna.Study, tau: float | None = None) -> go.Figure:
+    """Each candidate's value at one rung against the next (and before retraining against rung 0)."""
+    title = "Rank stability between rungs"
+    rungs = study.user_attrs.get("rungs", 1)
+    pairs = []
+    first = rung_values(study, 0)
+    before = {k: t.user_attrs["before"] for k, t in first.items() if t.user_attrs.get("before") is not None}
+    pairs.append(("before retraining → rung 0", before, {k: t.user_attrs["value"] for k, t in first.items()}))
+    for index in range(rungs - 1):
+        a, b = rung_values(study, index), rung_values(study, index + 1)
+        pairs.append((f"rung {index} → rung {index + 1}", {k: t.user_attrs["value"] for k, t in a.items()},
+                      {k: t.user_attrs["value"] for k, t in b.items()}))
+    fig = go.Figure(layout=dict(template=TEMPLATE, height=440))
+    notes = []
+    for label, x, y in pairs:
+        shared = sorted(set(x) & set(y))
+        if not shared:
+            continue
+        value, n = rung_tau(x, y)
+        notes.append(f"{label}: τ {'-' if value is None else f'{value:.2f}'} (n={n})")
+        fig.add_scatter(name=f"{label} (n={n})", x=[x[k] for k in shared], y=[y[k] for k in shared], mode="markers",
+                        text=shared, hovertemplate="%{text}<br>%{x:.4f} → %{y:.4f}<extra></extra>", marker=dict(size=10))
+    if not fig.data:
+        return _empty(title, "no candidate measured at two points yet")
+    fig.update_layout(title=f"{title}: " + "; ".join(notes), xaxis_title="value at the earlier point", yaxis_title="value at the later point")
     return fig
 
 
@@ -347,14 +361,14 @@ def retrain_curves_figure(done: pd.DataFrame) -> go.Figure | dict:
     title = "Retraining by distillation, per trial"
     if done.empty or not any(len(c) for c in done.retrain_curve):
         return _empty(title, "no retraining curve recorded yet")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("training KD loss per step", "held-out value at eval steps"))
+    fig = make_subplots(rows=1, cols=1, subplot_titles=("training KD loss per step, at the last rung reached",))
     fig.update_xaxes(title_text="optimizer step")
     fig.update_layout(template=TEMPLATE, height=440, title=title)
     palette = pio.templates[TEMPLATE].layout.colorway or ("#636efa",)
     traces = []
-    for k, (trial, train, held) in enumerate(zip(done.trial, done.retrain_curve, done.retrain_eval_curve)):
+    for k, (trial, train) in enumerate(zip(done.trial, done.retrain_curve)):
         colour, name = palette[k % len(palette)], f"trial {trial}"
-        for axis, curve in (("", train), ("2", held)):
+        for axis, curve in (("", train),):
             if curve:
                 traces.append(dict(
                     type="scatter", x=[p[0] for p in curve], y=[p[1] for p in curve], xaxis=f"x{axis}", yaxis=f"y{axis}",
@@ -444,13 +458,13 @@ def distill_figure(curve: list[dict] | None, problem: str | None) -> go.Figure:
     return fig
 
 
-def figures(run_dir: Path, study: optuna.Study, done: pd.DataFrame, tau: float | None) -> dict[str, go.Figure | dict]:
+def figures(run_dir: Path, study: optuna.Study, done: pd.DataFrame) -> dict[str, go.Figure | dict]:
     rankings, problem = _load_rankings(run_dir)
     curve, curve_problem = load_distill_curve(run_dir)
     return {
         "pareto": pareto_figure(done, study),
         "parallel": parallel_figure(done, study),
-        "rank-stability": rank_stability_figure(done, study, tau),
+        "rank-stability": rank_stability_figure(done, study),
         "retrain-curves": retrain_curves_figure(done),
         "head-importance": head_figure(rankings, problem),
         "neuron-channel-importance": neuron_channel_figure(rankings, problem),
@@ -472,17 +486,24 @@ def _atomic_write(path: Path, text: str) -> Path:
     return path
 
 
-def _summary(study: optuna.Study, done: pd.DataFrame, tau: float | None) -> str:
-    states = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
+def _best_line(study: optuna.Study, done: pd.DataFrame) -> str:
+    row = _best(study, done)
+    if row is None:
+        return "no candidate has finished the last rung yet"
+    arch = ", ".join(f"{label} {_int(row[col])}" for col, label in ARCH_COLUMNS.items())
+    tied = done[done.tied_with_best & ~done.best]
+    ties = f"; tied within one standard error with {len(tied)} other(s): {', '.join(tied.key)}" if len(tied) else ""
+    return f"trial {row.trial}: {arch}; {_int(row.params_total):,} parameters; score {row.score:.4f} ± {_fmt(_float(row.score_stderr))}{ties}"
+
+
+def _summary(study: optuna.Study, done: pd.DataFrame) -> str:
+    states = pd.Series([t.state.name for t in study.get_trials(deepcopy=False) if "rung" in t.user_attrs]).value_counts()
     counts = ", ".join(f"{n} {s.lower()}" for s, n in states.items()) or "no trials yet"
-    best, row = "-", _best(study, done)
-    if row is not None:
-        arch = ", ".join(f"{label} {_int(row[col])}" for col, label in ARCH_COLUMNS.items())
-        best = f"trial {row.trial}: {arch}; {_int(row.params_total):,} parameters; score {row.score_after:.4f}"
+    cost = search_cost(study)
     return (
         f"<p><b>metric</b> {html.escape(_score_label(study))} · <b>trials</b> {html.escape(counts)} · "
-        f"<b>Kendall τ before/after retraining</b> {'-' if tau is None else f'{tau:.3f}'}</p>"
-        f"<p><b>best</b> {html.escape(best)}</p>"
+        f"<b>search cost</b> {cost['tokens']:,} training tokens, {cost['seconds']:,.0f} s</p>"
+        f"<p><b>best</b> {html.escape(_best_line(study, done))}</p>"
     )
 
 
@@ -506,16 +527,12 @@ Studies open in optuna-dashboard too: <code>optuna-dashboard {storage}</code>.</
 
 def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: optuna.Study | None = None) -> Path:
     """Write RUN_DIR/dashboard.html (atomically) and return its path. `study` skips reopening the storage."""
-    from .search import kendall_tau, trials_table
-
     run_dir = Path(run_dir)
     study = study or open_run_study(run_dir, storage)
     run_dir.mkdir(parents=True, exist_ok=True)
     done = finished(study)
-    table = trials_table(study)
-    tau = kendall_tau(table) if not table.empty else None
     sections = []
-    for k, (div_id, fig) in enumerate(figures(run_dir, study, done, tau).items()):
+    for k, (div_id, fig) in enumerate(figures(run_dir, study, done).items()):
         fig = fig if isinstance(fig, dict) else fig.to_plotly_json()
         fig["layout"]["autosize"] = True
         snippet = pio.to_html(
@@ -526,7 +543,7 @@ def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: o
     url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     page = PAGE.format(
         title=html.escape(f"minitron_nas search: {run_dir.resolve().name}"),
-        summary=_summary(study, done, tau),
+        summary=_summary(study, done),
         when=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         source=html.escape(str(run_dir.resolve())),
         storage=html.escape(url),
@@ -574,15 +591,39 @@ def _md(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".4f", intfmt=",")
 
 
+def _pm(value, stderr) -> str:
+    value, stderr = _float(value), _float(stderr)
+    return "-" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
 def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
-    columns = {"trial": "trial", **ARCH_COLUMNS, "params_total": "params", "params_non_embedding": "non-embedding",
-               "score_before": "score before", "score_after": "score after", "pareto": "Pareto", "seconds": "seconds"}
+    columns = {"trial": "trial", **ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "tokens": "tokens"}
     out = frame[list(columns)].rename(columns=columns)
-    out["Pareto"] = out["Pareto"].map({True: "yes", False: ""})
-    for col in ("hidden", "ffn", "heads", "kv groups", "layers", "params", "non-embedding"):
+    for col in ("hidden", "ffn", "heads", "kv groups", "layers", "params", "tokens"):
         out[col] = out[col].astype("int64")
-    out["seconds"] = out["seconds"].map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.0f}")
+    out["value"] = [_pm(v, e) for v, e in zip(frame.value, frame.stderr)]
+    out["score"] = [_pm(v, e) for v, e in zip(frame.score, frame.score_stderr)]
+    out["tied with best"] = frame.tied_with_best.map({True: "yes", False: ""}).to_numpy()
+    out["Pareto"] = frame.pareto.map({True: "yes", False: ""}).to_numpy()
+    out["seconds"] = frame.seconds.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.0f}").to_numpy()
     return out
+
+
+def _rungs_table(study: optuna.Study) -> pd.DataFrame:
+    from .search import rung_summary  # the same figures best_arch.json records
+
+    schedule = study.user_attrs.get("schedule") or []
+    rows = []
+    for row in rung_summary(study, maximizes(study)):
+        planned = schedule[row["rung"]] if row["rung"] < len(schedule) else {}
+        tau, n = row.get("tau_with_previous", row.get("tau_before_retraining")), row.get("tau_n", row.get("tau_before_n"))
+        rows.append({
+            "rung": row["rung"], "tokens each": planned.get("tokens"), "planned": planned.get("candidates"),
+            "finished": row["finished"], "kept": row.get("kept", "-"),
+            "Kendall tau (n)": f"{'-' if tau is None else f'{tau:.2f}'} (n={n})" + (" vs before retraining" if row["rung"] == 0 else " vs previous rung"),
+            "cut within 1 SE of the last kept": row.get("cut_within_one_se", "-"),
+        })
+    return pd.DataFrame(rows)
 
 
 def _numbers(row, prefix: str = "") -> dict:
@@ -609,9 +650,8 @@ def _teacher_params(study: optuna.Study) -> int | None:
 
 
 def _best(study: optuna.Study, done: pd.DataFrame):
-    if done.empty:
-        return None
-    return done.loc[done.score_after.idxmax() if maximizes(study) else done.score_after.idxmin()]
+    best = done[done.best] if not done.empty else done
+    return None if best.empty else best.iloc[0]
 
 
 def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> list[str]:
@@ -619,8 +659,8 @@ def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> 
     best = _best(study, done)
     if best is not None:
         lines += [f"In the search the winner (trial {best.trial}, {int(best.params_total):,} parameters) scored "
-                  f"{best.score_before:.4f} after pruning and {best.score_after:.4f} after its short retraining "
-                  f"({study.user_attrs.get('metric', 'score')}).", ""]
+                  f"{_pm(best.score, best.score_stderr)} ({study.user_attrs.get('metric', 'score')}) after retraining on "
+                  f"{int(best.tokens):,} tokens at the last rung.", ""]
     summary, problem = load_distill_summary(run_dir)
     if summary is None:
         missing = problem is not None and problem.endswith("not found")
@@ -646,16 +686,14 @@ def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> 
 
 def write_report(run_dir: str | Path, storage: str | None = None, *, study: optuna.Study | None = None, top: int = 10) -> Path:
     """Write RUN_DIR/report.md (atomically) and return its path."""
-    from .search import kendall_tau, trials_table
-
     run_dir = Path(run_dir)
     study = study or open_run_study(run_dir, storage)
     run_dir.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
     done = finished(study)
-    tau = kendall_tau(table) if not table.empty else None
     maximize = maximizes(study)
     states = table.state.value_counts().to_dict() if not table.empty else {}
+    cost = search_cost(study)
     lines = [
         f"# Search report: {run_dir.resolve().name}",
         "",
@@ -664,24 +702,26 @@ def write_report(run_dir: str | Path, storage: str | None = None, *, study: optu
         "## Budget and search space",
         "",
         *_space_facts(study, run_dir),
-        f"- metric: {_score_label(study)}",
-        f"- trials: {', '.join(f'{n} {s.lower()}' for s, n in states.items()) or 'none yet'}; "
-        f"{len(done)} distinct finished candidates"
-        + (f", {int(table.duplicate_of.notna().sum())} duplicates" if not table.empty else ""),
-        f"- Kendall tau of scores before vs after retraining: {'-' if tau is None else f'{tau:.3f}'}",
+        f"- metric: {_score_label(study)}; rungs compared on {study.user_attrs.get('rung_metric', 'kld')} at equal tokens",
+        f"- trials: {', '.join(f'{n} {s.lower()}' for s, n in states.items()) or 'none yet'}; {len(done)} candidates finished a rung",
+        f"- search cost: {cost['tokens']:,} training tokens (budget {_fmt(study.user_attrs.get('budget_tokens'))}), {cost['seconds']:,.0f} s",
+        f"- best: {_best_line(study, done)}",
         "",
-        f"## Top candidates ({'highest' if maximize else 'lowest'} score after retraining first)",
+        "## Rungs",
         "",
     ]
+    rungs = _rungs_table(study)
+    lines.append(_md(rungs) if not rungs.empty else "No rung has started.")
+    lines += ["", "## Candidates (last rung first; values are the rung metric at the last rung reached, ± one standard error)", ""]
     if done.empty:
         lines.append("No finished trial yet.")
     else:
-        ranked = done.sort_values("score_after", ascending=not maximize).head(top)
+        last = done.last_rung.max()
+        final = done[done.last_rung == last].sort_values("score", ascending=not maximize)
+        ranked = pd.concat([final, done[done.last_rung != last]]).head(top)
         lines.append(_md(_candidates(ranked)))
-        lines += ["", "## Pareto front (fewer parameters and a better score)", ""]
-        lines.append(_md(_candidates(done[done.pareto].sort_values("params_total"))))
     errors = table[table.error.notna()] if not table.empty else table
     if not errors.empty:
-        lines += ["", "## Failed trials", "", _md(errors[["trial", "state", "error"]])]
+        lines += ["", "## Failed trials", "", _md(errors[["trial", "state", "rung", "key", "error"]])]
     lines += ["", *_distill_section(study, done, run_dir), ""]
     return _atomic_write(run_dir / REPORT, "\n".join(lines))

@@ -250,6 +250,7 @@ class _Search:
             raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            _say(f"rung {rung.index} · {attrs['key']} · failed: {type(err).__name__}: {' '.join(str(err).split())}")
             raise
         finally:
             trial.set_user_attr("timings", {k: round(v, 3) for k, v in timings.items()})
@@ -337,6 +338,7 @@ def run_search(
     `on_trial(study, trial)` is called after every trial (the pipeline rebuilds the dashboard there).
     """
     out = make_dir(Path(out))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line of our own per trial instead
     if teacher is None:
         require_feasible(space, load_config(space.teacher))  # an infeasible budget fails before the weights load
         teacher = load_teacher(space.teacher)
@@ -366,7 +368,8 @@ def run_search(
     if n_trials is None and not final_ranking(study, score_metric.maximize) and not _states(study, WAITING, RUNNING):
         failed = _states(study, optuna.trial.TrialState.FAIL)
         first = next((t.user_attrs["error"] for t in failed if t.user_attrs.get("error")), "no error recorded")
-        raise MinitronError(f"every candidate of the search failed ({len(failed)} trials; first: {first}): see {out / 'trials.csv'}")
+        first = " ".join(first.split())
+        raise MinitronError(f"no candidate finished the search ({len(failed)} trials failed; first: {first}): see {out / 'trials.csv'}")
     return study
 
 
@@ -410,6 +413,7 @@ def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_s
     write_text_atomic(out / "candidates.csv", candidates.to_csv(index=False))
     cost = search_cost(study)
     study.set_user_attr("search_cost", cost)
+    study.set_user_attr("score_maximize", maximize_score)
     ranking = final_ranking(study, maximize_score)
     if not ranking:
         return

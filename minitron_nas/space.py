@@ -123,9 +123,9 @@ class HalvingSpec:
     """Each rung keeps the best 1/eta of its candidates; the next rung retrains them on eta x the tokens."""
     budget_tokens: int | None = None
     """Training tokens the whole search may spend; None: `budget_fraction` of `distill.tokens`."""
-    budget_fraction: float | None = 0.25
-    """The search's budget as a fraction of the final distillation's tokens (None and no
-    `budget_tokens`: no limit, every candidate retrains on `retrain.tokens`)."""
+    budget_fraction: float | None = None
+    """The search's budget as a fraction of the final distillation's tokens, e.g. 0.25 (with
+    neither budget: as many halvings as keep `final_candidates`, the last at `retrain.tokens`)."""
     rung_metric: str = "kld"
     """What the rungs before the last compare on, at equal tokens: kld or heldout_loss."""
     min_steps: int = 2

@@ -12,10 +12,11 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.halving import TAU_MIN_N, plan_schedule, promote, rung_tau
 
 
-def test_without_a_budget_every_candidate_retrains_fully():
-    schedule = plan_schedule(8, full_steps=16, tokens_per_step=512)
-    assert [(r.candidates, r.steps) for r in schedule.rungs] == [(8, 16)]
-    assert schedule.total_tokens == 8 * 16 * 512
+def test_without_a_budget_the_deepest_halving_ends_at_the_full_retraining():
+    schedule = plan_schedule(8, full_steps=16, tokens_per_step=512, eta=2)
+    assert [(r.candidates, r.steps) for r in schedule.rungs] == [(8, 4), (4, 8), (2, 16)]
+    assert schedule.total_tokens == (8 * 4 + 4 * 8 + 2 * 16) * 512
+    assert len(plan_schedule(2, 16, 512).rungs) == 1  # nothing to halve
 
 
 @pytest.mark.parametrize("n, steps, eta, budget_steps", list(itertools.product([2, 5, 8, 27, 64], [3, 9, 32, 100], [2, 3, 4], [1, 7, 40, 300, 5000])))
