@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import sys
@@ -266,7 +267,10 @@ class _Search:
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         write_outputs(study, self.out, self.space, self.score_metric.maximize)
         if self.on_trial is not None:
-            self.on_trial(study, trial)
+            try:  # a view (the dashboard): it must never stop the search
+                self.on_trial(study, trial)
+            except Exception as err:  # noqa: BLE001
+                logging.getLogger(__name__).warning("dashboard.html not rebuilt: %s: %s", type(err).__name__, err)
 
     def advance(self) -> bool:
         """Queue the next rung if the current one is closed; False when nothing is left to run."""

@@ -26,7 +26,7 @@ from minitron_nas.cli import app
 from minitron_nas.errors import MinitronError
 from minitron_nas.ranking import Rankings
 from minitron_nas.report import FIGURE_IDS, build_dashboard, finished, open_run_study, pareto_front, write_report
-from minitron_nas.search import STUDY_NAME, kendall_tau, trials_table
+from minitron_nas.study import STUDY_NAME
 from minitron_nas.space import enumerate_candidates, load_space
 from minitron_nas.teachers import load_config
 
@@ -34,17 +34,19 @@ from conftest import TINY_CONFIGS
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
-# (hidden, ffn, heads, kv groups, layers), params_total, score_before, score_after (held-out loss: lower is better)
+# (hidden, ffn, heads, kv groups, layers), params_total, before retraining, rung-0 value (KLD: lower is better)
 DISTINCT = [
-    ((32, 48, 2, 2, 3), 30_000, 6.0, 5.0),  # front
-    ((32, 96, 2, 2, 3), 35_000, 5.8, 4.6),  # front
-    ((48, 48, 2, 2, 3), 36_000, 5.9, 4.8),  # dominated by the one above
-    ((48, 96, 6, 2, 3), 42_000, 5.5, 4.3),  # front
-    ((32, 48, 6, 2, 4), 45_000, 5.6, 4.4),  # dominated by the one above
-    ((48, 96, 6, 2, 4), 50_000, 5.2, 4.1),  # front, the best
+    ((32, 48, 2, 2, 3), 30_000, 6.0, 5.0),
+    ((32, 96, 2, 2, 3), 35_000, 5.8, 4.6),
+    ((48, 48, 2, 2, 3), 36_000, 5.9, 4.8),
+    ((48, 96, 6, 2, 3), 42_000, 5.5, 4.3),  # rung 1
+    ((32, 48, 6, 2, 4), 45_000, 5.6, 4.4),  # rung 1
+    ((48, 96, 6, 2, 4), 50_000, 5.2, 4.1),  # rung 1
 ]
-FRONT = [0, 1, 3, 5]
+LAST = {3: (4.0, 3.15), 4: (4.2, 3.4), 5: (3.9, 3.1)}  # rung-1 value and score; 3 ties 5 (0.05 apart, SE 0.07)
+FRONT = [3, 5]  # of the last rung by (parameters, score): 4 is dominated by 3
 KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+SE = 0.05
 
 
 # --------------------------------------------------------------------------- synthetic runs
@@ -54,22 +56,45 @@ def _arch(shape) -> dict:
     return {**dict(zip(KEYS, shape)), "layers": None}
 
 
-def _trial(shape, params, before, after, n: int):
-    return optuna.trial.create_trial(
-        value=after,
-        user_attrs={
-            "architecture": _arch(shape),
-            "params_total": params,
-            "params_non_embedding": params - 12_000,
-            "score_before": before,
-            "score_after": after,
-            "details_before": {"heldout_loss": before},
-            "details_after": {"heldout_loss": after},
-            "retrain_curve": [[s, after + 2.0 / s] for s in range(1, 7)],
-            "retrain_eval_curve": [[0, before], [3, (before + after) / 2], [6, after]],
-            "timings": {"prune": 0.1, "retrain": 10.0 + n},
-        },
-    )
+def _key(shape) -> str:
+    return f"{shape[0]}/{shape[1]}/{shape[2]}:{shape[3]}/{shape[4]}"
+
+
+def _trial(shape, params, rung, value, n: int, before=None, score=None, state=optuna.trial.TrialState.COMPLETE, **extra):
+    attrs = {
+        "architecture": _arch(shape), "key": _key(shape), "params_total": params, "params_non_embedding": params - 12_000,
+        "rung": rung, "steps": 2 + 2 * rung, "tokens": 256 * (1 + rung), "value": value, "stderr": SE if value is not None else None,
+        "tokens_trained": 256 * (1 + rung), "retrain_curve": [[s, (value or 9.0) + 2.0 / s] for s in range(1, 7)],
+        "timings": {"prune": 0.1, "retrain": 10.0 + n},
+    }
+    if before is not None:
+        attrs.update(before=before, before_stderr=SE)
+    if score is not None:
+        attrs.update(score=score, score_stderr=SE)
+    attrs.update(extra)
+    return optuna.trial.create_trial(state=state, value=value if state == optuna.trial.TrialState.COMPLETE else None, user_attrs=attrs)
+
+
+def make_study(path: Path, maximize: bool = False, metric: str = "heldout_loss", space: str | None = None,
+               distinct=DISTINCT, last=LAST, extras: bool = True) -> optuna.Study:
+    study = optuna.create_study(storage=f"sqlite:///{path}", study_name=STUDY_NAME, direction="minimize")
+    study.set_user_attr("metric", metric)
+    study.set_user_attr("rung_metric", "kld")
+    study.set_user_attr("score_maximize", maximize)
+    study.set_user_attr("rungs", 2)
+    study.set_user_attr("schedule", [{"index": 0, "candidates": 6, "steps": 2, "tokens": 256}, {"index": 1, "candidates": 3, "steps": 4, "tokens": 512}])
+    study.set_user_attr("space", space or "missing-space.yaml")
+    for n, (shape, params, before, value) in enumerate(distinct):
+        study.add_trial(_trial(shape, params, 0, value, n, before=before))
+    for n, (value, score) in last.items():
+        shape, params, _, _ = distinct[n]
+        study.add_trial(_trial(shape, params, 1, value, n, score=score))
+    if extras:
+        shape, params, _, _ = distinct[5]
+        study.add_trial(_trial(shape, params, 1, None, 9, duplicate_of=len(distinct) + 2, state=optuna.trial.TrialState.PRUNED))
+        study.add_trial(_trial((48, 48, 6, 2, 4), 47_000, 0, None, 10, state=optuna.trial.TrialState.FAIL,
+                               error="MinitronError: candidate 48/48/6:2/4 scored nan: the retrained model diverged"))
+    return study
 
 
 def write_space(folder: Path) -> Path:
@@ -87,32 +112,6 @@ def write_space(folder: Path) -> Path:
     return path
 
 
-def make_study(path: Path, direction: str = "minimize", metric: str = "heldout_loss", space: str | None = None,
-               distinct=DISTINCT, extras: bool = True) -> optuna.Study:
-    study = optuna.create_study(storage=f"sqlite:///{path}", study_name=STUDY_NAME, direction=direction)
-    study.set_user_attr("metric", metric)
-    study.set_user_attr("space", space or "missing-space.yaml")
-    for n, (shape, params, before, after) in enumerate(distinct):
-        study.add_trial(_trial(shape, params, before, after, n))
-    if extras:
-        dup = _trial(*distinct[-1], n=len(distinct))
-        dup.user_attrs.update({"duplicate_of": len(distinct) - 1})
-        for key in ("retrain_curve", "retrain_eval_curve", "details_before", "details_after", "timings"):
-            dup.user_attrs.pop(key)
-        study.add_trial(dup)
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.FAIL,
-            user_attrs={"architecture": _arch((48, 48, 6, 2, 4)), "params_total": 47_000, "params_non_embedding": 35_000,
-                        "error": "MinitronError: candidate scored nan: the retrained model diverged"},
-        ))
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.PRUNED, intermediate_values={3: 9.0},
-            user_attrs={"architecture": _arch((32, 96, 6, 2, 4)), "params_total": 48_000, "params_non_embedding": 36_000,
-                        "score_before": 7.0},
-        ))
-    return study
-
-
 _STUDIES: dict[bool, Path] = {}  # one study file per kind, copied: sqlite writes are slow
 
 
@@ -124,7 +123,7 @@ def make_run(root: Path, rankings: bool = True, layer_loss: bool = True, distill
         folder = tempfile.mkdtemp(prefix="minitron-study-")
         atexit.register(shutil.rmtree, folder, True)
         _STUDIES[trials] = Path(folder) / "study.db"
-        make_study(_STUDIES[trials], distinct=DISTINCT if trials else [], extras=trials)
+        make_study(_STUDIES[trials], distinct=DISTINCT if trials else [], last=LAST if trials else {}, extras=trials)
     shutil.copy(_STUDIES[trials], run / "study.db")
     optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{run / 'study.db'}").set_user_attr("space", str(space))
     if rankings:
@@ -178,17 +177,20 @@ def test_pareto_front_ties_missing_scores_and_equal_parameters():
     assert pareto_front([], [], maximize=True) == []
 
 
-def test_finished_trials_exclude_duplicates_failures_and_pruned_and_follow_the_study_direction(tmp_path):
+def test_finished_lists_every_candidate_at_its_last_rung_and_the_front_of_the_last_rung(tmp_path):
     done = finished(make_study(tmp_path / "min.db"))
-    assert list(done.trial) == list(range(len(DISTINCT)))
-    assert list(done.trial[done.pareto]) == FRONT
+    assert sorted(done.key) == sorted(_key(d[0]) for d in DISTINCT)  # failures and duplicates left out
+    last = {_key(DISTINCT[n][0]) for n in LAST}
+    assert set(done.key[done.last_rung == 1]) == last and set(done.key[done.last_rung == 0]).isdisjoint(last)
+    assert sorted(done.key[done.pareto]) == sorted(_key(DISTINCT[n][0]) for n in FRONT)
+    best = done[done.best].iloc[0]
+    assert best.key == _key(DISTINCT[5][0]) and best.score == 3.1
+    assert set(done.key[done.tied_with_best]) == {_key(DISTINCT[5][0]), _key(DISTINCT[3][0])}  # 0.05 apart, SE 0.07
 
-    # the same scores read as accuracies: the cheapest candidate also scores highest, so it alone is non-dominated
-    done = finished(make_study(tmp_path / "max.db", direction="maximize", metric="lm_eval"))
-    assert list(done.trial[done.pareto]) == [0]
-    flipped = [(shape, params, -before, -after) for shape, params, before, after in DISTINCT]
-    done = finished(make_study(tmp_path / "flipped.db", direction="maximize", metric="lm_eval", distinct=flipped))
-    assert list(done.trial[done.pareto]) == FRONT
+    # the same scores read as accuracies: higher is better, so 4 (3.4) is best and alone on the front with 3 beaten
+    done = finished(make_study(tmp_path / "max.db", maximize=True, metric="lm_eval"))
+    assert done[done.best].iloc[0].key == _key(DISTINCT[4][0])
+    assert sorted(done.key[done.pareto]) == sorted(_key(DISTINCT[n][0]) for n in (3, 4))
 
 
 # --------------------------------------------------------------------------- dashboard.html (no browser)
@@ -238,7 +240,7 @@ def test_missing_study_is_a_one_line_error(tmp_path):
 # --------------------------------------------------------------------------- report.md
 
 
-def test_report_lists_budget_feasible_count_top_candidates_front_failures_and_distillation(run, tmp_path):
+def test_report_lists_budget_rungs_candidates_with_errors_ties_failures_and_distillation(run, tmp_path):
     text = write_report(run).read_text()
     space = load_space(tmp_path / "space" / "space.yaml")
     feasible, valid = enumerate_candidates(space, load_config(space.teacher))
@@ -246,22 +248,26 @@ def test_report_lists_budget_feasible_count_top_candidates_front_failures_and_di
     assert "- budget: 40,000 total parameters +/- 25%" in text
     assert f"- feasible architectures: {len(feasible):,} of {len(valid):,} valid ones" in text
     assert "lower is better" in text
-    assert "6 distinct finished candidates, 1 duplicates" in text
-    tau = kendall_tau(trials_table(open_run_study(run)))
-    assert f"Kendall tau of scores before vs after retraining: {tau:.3f}" in text
+    tokens = 256 * len(DISTINCT) + 512 * len(LAST) + 256  # every trial's tokens_trained, the failed one's too
+    assert f"- search cost: {tokens:,} training tokens" in text
+    assert "tied within one standard error with 1 other(s): 48/96/6:2/3" in text
 
-    top = text.split("## Top candidates")[1].split("## Pareto front")[0]
-    rows = [line for line in top.splitlines() if line.startswith("|") and "---" not in line][1:]
-    assert [int(r.split("|")[1]) for r in rows] == [5, 3, 4, 1, 2, 0]  # lowest loss first
-    assert "50,000" in rows[0] and "4.1000" in rows[0] and "yes" in rows[0]
+    rungs = text.split("## Rungs")[1].split("## Candidates")[0]
+    rows = [line for line in rungs.splitlines() if line.startswith("|") and "---" not in line][1:]
+    assert len(rows) == 2
+    assert "(n=6) vs before retraining" in rows[0]  # tau of 6 rung-0 candidates, before vs after
+    assert "(n=3) vs previous rung" in rows[1]  # 3 < 5 pairs: tau withheld, n shown
+    assert "- (n=3)" in rows[1]
 
-    front = text.split("## Pareto front")[1].split("## Failed trials")[0]
-    rows = [line for line in front.splitlines() if line.startswith("|") and "---" not in line][1:]
-    assert [int(r.split("|")[1]) for r in rows] == FRONT
+    table = text.split("## Candidates")[1].split("## Failed trials")[0]
+    rows = [line for line in table.splitlines() if line.startswith("|") and "---" not in line][1:]
+    assert [int(r.split("|")[1]) for r in rows[:3]] == [8, 6, 7]  # last rung by score: 5 (3.1), 3 (3.15), 4 (3.4)
+    assert "3.1000 ± 0.0500" in rows[0] and rows[0].count("yes") == 2  # tied with best (itself) and Pareto
+    assert len(rows) == len(DISTINCT)  # every candidate, the stopped ones too
 
-    assert "candidate scored nan" in text.split("## Failed trials")[1]
+    assert "scored nan" in text.split("## Failed trials")[1]
     distill = text.split("## Winner before and after full distillation")[1]
-    assert "trial 5, 50,000 parameters" in distill and "5.2000 after pruning and 4.1000" in distill
+    assert "50,000 parameters) scored 3.1000 ± 0.0500" in distill
     lines = {line.split("|")[1].strip(): line for line in distill.splitlines() if line.startswith("| ")}
     assert "3.0123" in lines["teacher"]
     assert "5.2345" in lines["winner, pruned, before distillation"]
@@ -296,7 +302,7 @@ def test_cli_dashboard_rebuilds_both_files(run):
     result = runner.invoke(app, ["dashboard", str(run)])
     assert result.exit_code == 0, result.output
     assert (run / "dashboard.html").stat().st_size > 3_000_000
-    assert "## Top candidates" in (run / "report.md").read_text()
+    assert "## Candidates" in (run / "report.md").read_text()
 
 
 def test_cli_dashboard_reads_another_storage(run, tmp_path):
@@ -316,10 +322,10 @@ def test_cli_dashboard_without_a_study_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- the search hook
 
 
-def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, monkeypatch, caplog):
+def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, caplog):
     from minitron_nas.export import save_model
     from minitron_nas.search import run_search
-    from minitron_nas.space import Budget, RankingSpec, RetrainSpec, ScoringSpec, SearchSpace
+    from minitron_nas.space import Budget, HalvingSpec, RankingSpec, RetrainSpec, ScoringSpec, SearchSpace
     from minitron_nas.teachers import load_teacher
 
     from conftest import byte_tokenizer, tiny_model
@@ -332,27 +338,27 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
         axes={"hidden_size": (32, 48), "intermediate_size": (48, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (3, 4)},
         budget=Budget(parameters=40_000, tolerance=0.25),
         ranking=RankingSpec(data=corpus, samples=4, seq_len=32),
-        retrain=RetrainSpec(tokens=2 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus, eval_every=1),
+        retrain=RetrainSpec(tokens=2 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus),
         scoring=ScoringSpec(metric="heldout_loss", heldout_samples=2, seq_len=32),
+        halving=HalvingSpec(min_steps=1),
         sampler="grid",
     )
-    real, calls = report.build_dashboard, []
+    calls = []
 
-    def first_one_fails(out, storage=None, *, study=None):
+    def first_one_fails(study, trial):
         calls.append(sum(t.state.name == "COMPLETE" for t in study.trials))
         if len(calls) == 1:
             raise RuntimeError("dashboard bug")
-        return real(out, storage, study=study)
+        build_dashboard(run, study=study)
 
-    monkeypatch.setattr(report, "build_dashboard", first_one_fails)
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="minitron_nas.search"):
-        study = run_search(space, run, n_trials=2, teacher=teacher)
+        study = run_search(space, run, n_trials=2, teacher=teacher, on_trial=first_one_fails)
     assert calls == [1, 2]  # after every trial, with the finished trial already in the study
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2  # the failure did not stop the search
     assert any("dashboard.html not rebuilt: RuntimeError: dashboard bug" in r.getMessage() for r in caplog.records)
     text = (run / "dashboard.html").read_text()
-    assert '"Pareto front (' in text and 'id="retrain-curves"' in text
+    assert "stopped at rung 0" in text and 'id="retrain-curves"' in text
 
 
 # --------------------------------------------------------------------------- in a real browser
@@ -437,17 +443,18 @@ def test_dashboard_renders_every_figure_offline_without_errors(browser, run):
         assert state["traces"] and all(t["n"] > 0 for t in state["traces"]), (div_id, state["traces"])
 
     pareto = states["pareto"]
-    assert [t["n"] for t in pareto["traces"]] == [len(DISTINCT), len(FRONT)]
-    assert pareto["drawnPoints"] == [len(DISTINCT), len(FRONT)]  # drawn in the SVG, not only in the data
+    stopped, final = len(DISTINCT) - len(LAST), len(LAST)
+    assert [t["n"] for t in pareto["traces"]] == [stopped, final, len(FRONT)]  # every candidate at its last rung, then the front
+    assert pareto["drawnPoints"][:2] == [stopped, final]  # drawn in the SVG, not only in the data
     assert "lower is better" in browser.execute_script("return document.getElementById('pareto').layout.yaxis.title.text")
-    front_x = browser.execute_script("return Array.from(document.getElementById('pareto').data[1].x)")
+    front_x = browser.execute_script("return Array.from(document.getElementById('pareto').data[2].x)")
     assert front_x == [DISTINCT[i][1] for i in FRONT]
 
     parallel = states["parallel"]["traces"][0]
-    assert parallel["type"] == "parcoords" and parallel["dims"] == 7 and parallel["n"] == len(DISTINCT)
-    tau = kendall_tau(trials_table(open_run_study(run)))
-    assert f"Kendall τ = {tau:.3f}" in states["rank-stability"]["title"]
-    assert len(states["retrain-curves"]["traces"]) == 2 * len(DISTINCT)  # training and held-out line per trial
+    assert parallel["type"] == "parcoords" and parallel["dims"] == 8 and parallel["n"] == len(DISTINCT)
+    title = states["rank-stability"]["title"]
+    assert "before retraining → rung 0: τ" in title and "(n=6)" in title and "rung 0 → rung 1: τ - (n=3)" in title
+    assert len(states["retrain-curves"]["traces"]) == len(DISTINCT)  # one line per candidate, at its last rung
     heads = states["head-importance"]["traces"][0]
     assert heads["type"] == "heatmap" and heads["n"] == 4
     assert [t["type"] for t in states["neuron-channel-importance"]["traces"]] == ["box", "histogram"]
@@ -467,7 +474,8 @@ def test_dashboard_renders_every_figure_offline_without_errors(browser, run):
         const gd = document.getElementById('parallel');
         const button = gd.layout.updatemenus[0].buttons.find(b => b.label === 'colour by layers');
         return Plotly.restyle(gd, ...button.args).then(() => Array.from(gd._fullData[0].line.color));""")
-    assert colours == [float(shape[4]) for shape, *_ in DISTINCT]  # the menu recolours by the chosen axis
+    layers = browser.execute_script("return Array.from(document.getElementById('parallel').data[0].dimensions[4].values)")
+    assert colours == layers and sorted(colours) == sorted(float(shape[4]) for shape, *_ in DISTINCT)  # recoloured by the axis
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
