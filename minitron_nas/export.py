@@ -77,7 +77,7 @@ def model_card(name: str, provenance: dict, scores: dict[str, dict[str, dict[str
         "## Training",
         "",
         f"- distillation tokens: {provenance.get('distill_tokens', 0):,}",
-        f"- search retraining tokens per candidate: {provenance.get('search_retrain_tokens', 0):,}",
+        f"- search: {(provenance.get('search') or {}).get('search_tokens') or 0:,} training tokens over every candidate and rung",
         f"- rankings: {json.dumps(provenance.get('rankings', {}))}",
         f"- budget: {json.dumps(provenance.get('budget', {}))}",
         "",

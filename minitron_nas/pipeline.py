@@ -13,6 +13,7 @@ import torch
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
 from .export import save_model
+from .errors import MinitronError
 from .files import check_writable
 from .pruning import prune
 from .ranking import Aggregation, Rankings, compute_rankings
@@ -150,9 +151,12 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
         _mark_done(out, "rank", {"rankings": str(folder)})
     if "search" not in done:
         resume = (out / "study.db").is_file() or storage is not None
-        run_search(space, out, storage, n_trials, resume=resume, teacher=teacher)
-        best = json.loads((out / "best_arch.json").read_text())
-        _mark_done(out, "search", {"best_architecture": best["architecture"], "score_after": best["score_after"]})
+        run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
+        best_file = out / "best_arch.json"
+        if not best_file.is_file():
+            raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")
+        best = json.loads(best_file.read_text())
+        _mark_done(out, "search", {"best_architecture": best["architecture"], "score": best["score"], "search_tokens": best["search_tokens"]})
     if "distill" not in done:
         summary = distill_winner(space, out, teacher)
         _mark_done(out, "distill", {"heldout_loss_after": summary.get("heldout_loss_after")})
@@ -253,8 +257,7 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
         "rankings": {**{k: rankings.meta.get(k) for k in ("data", "samples", "seq_len", "aggregation")},
                      "sha256": _sha256(out / "rankings" / "rankings.safetensors")},
         "budget": asdict(space.budget),
-        "search": {k: best.get(k) for k in ("metric", "score_before", "score_after", "trial", "kendall_tau_before_after")},
-        "search_retrain_tokens": space.retrain.tokens,
+        "search": {k: best.get(k) for k in ("metric", "score", "score_stderr", "tied_with", "rung_metric", "trial", "rungs", "search_tokens")},
         "distill_tokens": summary["tokens"],
         "space": space.source,
     }
