@@ -75,8 +75,14 @@ def _rows(units: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = "block_importance"):
-    """A new model of the teacher's class, sliced to `arch` along `rankings`."""
+def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = "block_importance", norm_correction: bool = False):
+    """A new model of the teacher's class, sliced to `arch` along `rankings`.
+
+    `norm_correction`: rescale every hidden-size norm's gain by sqrt(mean square of its
+    input over the kept channels / over all channels), measured in the calibration pass.
+    An RMSNorm of the pruned model divides by the root mean square of fewer channels, the
+    most important (largest) ones, so without it every normalised output shrinks.
+    """
     family = family_for(model.config)
     teacher_arch = Architecture.from_config(model.config)
     validate(arch, teacher_arch)
@@ -106,6 +112,8 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
             if axis is not None:
                 tensor = tensor.index_select(dim, index[axis].to(tensor.device))
         state[name] = tensor
+    if norm_correction and arch.hidden_size != teacher_arch.hidden_size:
+        _correct_norm_gains(state, rankings, family, chosen, teacher_arch.num_hidden_layers)
     _keep_embedding_scale(state, family, teacher_arch.hidden_size, arch.hidden_size, config)
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -113,6 +121,26 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     student.tie_weights()
     student.eval()
     return student
+
+
+def _correct_norm_gains(state: dict, rankings: Rankings, family, chosen: Selection, n_teacher_layers: int) -> None:
+    """gain_c *= sqrt(mean_{kept} E[x_c^2] / mean_{all} E[x_c^2]) for every sliced hidden norm."""
+    if rankings.norm_inputs is None:
+        raise MinitronError("these rankings have no norm statistics: rank the teacher again to use norm correction")
+    per_layer = len(family.layer_norms)
+    for name in state:
+        parts = name.split(".")
+        if name == "model.norm.weight":
+            row = n_teacher_layers * per_layer
+        elif len(parts) >= 2 and parts[-2] in family.layer_norms and _LAYER_NAME.search(name):
+            position = int(_LAYER_NAME.search(name).group(1))
+            row = chosen.layers[position] * per_layer + family.layer_norms.index(parts[-2])
+        else:
+            continue
+        squares = rankings.norm_inputs[row].double()
+        ratio = (squares[chosen.channels].mean() / squares.mean()).sqrt().item()
+        gain = state[name] + family.norm_offset
+        state[name] = gain * ratio - family.norm_offset
 
 
 def _keep_embedding_scale(state: dict, family, old_hidden: int, new_hidden: int, config) -> None:

@@ -30,7 +30,7 @@ from .files import atomic_dir
 from .scoring import lm_loss
 
 REDUCTIONS = ("mean", "l2", "var")
-_TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss")
+_TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class Rankings:
     channels: torch.Tensor  # [hidden]
     block_importance: torch.Tensor  # [layers]
     layer_loss: torch.Tensor | None = None  # [layers] held-out loss with the layer skipped
+    norm_inputs: torch.Tensor | None = None  # [norms, hidden] mean square of each hidden norm's input per channel
     meta: dict = field(default_factory=dict)
 
     def save(self, out: Path, overwrite: bool = False) -> None:
@@ -126,7 +127,10 @@ class Rankings:
 
 
 def _hidden_norms(model, family):
-    """Every norm whose output lives in the hidden space, final norm included."""
+    """Every norm whose output lives in the hidden space, final norm included.
+
+    Order: layer by layer, `family.layer_norms` within a layer, then the final norm (the
+    rows of `Rankings.norm_inputs`)."""
     norms = []
     for layer in layers_of(model):
         norms += [getattr(layer, name) for name in family.layer_norms]
@@ -162,6 +166,8 @@ def compute_rankings(
     acc_neurons = [_BatchAccumulator(aggregation.batch) for _ in layers]
     norms = _hidden_norms(model, family)
     acc_channels = [_BatchAccumulator(aggregation.batch) for _ in norms]
+    norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64)  # sum over tokens of x_c^2
+    norm_tokens = [0]
     cos_sum = torch.zeros(len(layers), dtype=torch.float64)
     cos_count = [0]
     previous = [None]  # (last layer output, its version, its unit rows): usually the next layer's input
@@ -183,6 +189,10 @@ def compute_rankings(
     def channel_hook(index):
         def hook(module, args, output):
             acc_channels[index].add(_reduce_seq(output.abs(), aggregation.seq))
+            x = args[0]  # [B, S, hidden]: what the norm divides by its root mean square
+            norm_squares[index] += x.float().pow(2).sum(dim=(0, 1)).double().cpu()
+            if index == 0:
+                norm_tokens[0] += x.shape[0] * x.shape[1]
 
         return hook
 
@@ -226,6 +236,7 @@ def compute_rankings(
         neurons=torch.stack([a.result() for a in acc_neurons]),
         channels=torch.stack([a.result() for a in acc_channels]).sum(0),
         block_importance=(1 - cos_sum / cos_count[0]).float(),
+        norm_inputs=(norm_squares / norm_tokens[0]).float(),
         meta={
             **(meta or {}),
             "aggregation": asdict(aggregation),

@@ -340,3 +340,50 @@ def test_prune_validates_architecture():
         prune(model, random_rankings(teacher), Architecture(64, 96, 6, 2, 4))
     with pytest.raises(MinitronError, match="transformers refuses"):
         prune(model, random_rankings(teacher), Architecture(47, 96, 6, 2, 4))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_norm_correction_scales_each_gain_by_the_calibrated_rms_ratio(family):
+    import numpy as np
+
+    from minitron_nas.families import family_for
+    from minitron_nas.ranking import compute_rankings
+
+    model = tiny_model(family)
+    offset = family_for(model.config).norm_offset
+    per_layer = 4 if family == "gemma3" else 2
+    calibration = random_blocks(8, 32)
+    rankings = compute_rankings(model, calibration, progress=False)
+    assert rankings.norm_inputs.shape == (4 * per_layer + 1, 48)
+    # Row 0 is layer 0's input norm: its input is the embedding, so its mean squares are known.
+    embedded = model.model.embed_tokens(calibration).detach().double().numpy()  # Gemma's module applies its scale
+    assert np.allclose(rankings.norm_inputs[0].numpy(), (embedded**2).mean(axis=(0, 1)), rtol=1e-4)
+
+    teacher = Architecture.from_config(model.config)
+    arch = Architecture.from_dict({"hidden_size": 24, "num_hidden_layers": 3}, teacher)
+    chosen = select(rankings, arch, teacher)
+    student = prune(model, rankings, arch, norm_correction=True)
+    squares = rankings.norm_inputs.double().numpy()
+    kept = chosen.channels.numpy()
+    for position, layer in enumerate(chosen.layers):
+        row = layer * per_layer  # input_layernorm of that teacher layer
+        ratio = np.sqrt(squares[row, kept].mean() / squares[row].mean())
+        gain = layers_of(model)[layer].input_layernorm.weight.detach().double().numpy()[kept] + offset
+        got = layers_of(student)[position].input_layernorm.weight.detach().double().numpy() + offset
+        assert np.allclose(got, gain * ratio, rtol=1e-5)
+    ratio = np.sqrt(squares[-1, kept].mean() / squares[-1].mean())
+    final = (model.model.norm.weight.detach().double().numpy()[kept] + offset) * ratio
+    if family == "gemma3":  # tied embeddings: the final norm also undoes the embedding scale change
+        final /= family_for(model.config).embedding_scale(48) / family_for(model.config).embedding_scale(24)
+    assert np.allclose(student.model.norm.weight.detach().double().numpy() + offset, final, rtol=1e-5)
+
+    ids = random_blocks(2, 32, seed=7)
+    same = prune(model, rankings, teacher, norm_correction=True)
+    assert torch.allclose(logits(same, ids), logits(model, ids), atol=1e-5)  # nothing to correct at full width
+
+
+def test_norm_correction_needs_norm_statistics():
+    model = tiny_model("llama")
+    teacher = Architecture.from_config(model.config)
+    with pytest.raises(MinitronError, match="no norm statistics"):
+        prune(model, random_rankings(teacher), SMALL, norm_correction=True)
