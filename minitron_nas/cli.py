@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import MinitronError
+from .errors import MinitronError, resume_hint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pruning and architecture search.")
 console = Console(stderr=True)
@@ -32,16 +35,67 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+# What an interrupted command kept and how to go on, unless the work in progress said more.
+INTERRUPTED = {
+    "rank": "rankings not written; rerun the same command",
+    "prune": "pruned model not written; rerun the same command",
+    "search": "finished trials are kept in the study; rerun with --resume to continue",
+    "distill": "the last checkpoint (if any) is kept in RUN/distill; rerun the same command to resume",
+    "export": "export not written (the distilled model is kept); rerun the same command",
+    "run": "finished stages are kept in the run folder; rerun the same command to resume",
+}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: outputs stay whole, one line is printed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _storage_error(err: Exception) -> str | None:
+    """A lost database connection (the study's server restarted or went away), as one line."""
+    sqlalchemy = sys.modules.get("sqlalchemy.exc")
+    if sqlalchemy is None or not isinstance(err, (sqlalchemy.OperationalError, sqlalchemy.InterfaceError)):
+        return None
+    first = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:160]
+    return f"lost the connection to the study's database ({first}): check that the server runs, then rerun with --resume"
+
+
 def _one_line_errors(command):
-    """Bad input -> `error: ...` on one line and exit status 2, never a traceback."""
+    """Bad input -> `error: ...` on one line and exit status 2, never a traceback.
+
+    Ctrl-C or SIGTERM -> `interrupted: <what was kept; how to resume>` and exit status 130.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            _quiet_libraries()
-            return command(*args, **kwargs)
+            with _terminate_as_interrupt():
+                _quiet_libraries()
+                return command(*args, **kwargs)
         except MinitronError as err:
             console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as err:
+            hint = resume_hint(err) or INTERRUPTED.get(command.__name__, "nothing was written; rerun the same command")
+            console.print(f"\ninterrupted: {hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        except Exception as err:
+            message = _storage_error(err)
+            if message is None:
+                raise
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
