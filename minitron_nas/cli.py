@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import MinitronError, resume_hint
@@ -85,17 +86,17 @@ def _one_line_errors(command):
                 _quiet_libraries()
                 return command(*args, **kwargs)
         except MinitronError as err:
-            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:
             hint = resume_hint(err) or INTERRUPTED.get(command.__name__, "nothing was written; rerun the same command")
-            console.print(f"\ninterrupted: {hint}", highlight=False, soft_wrap=True)
+            console.print(f"\ninterrupted: {escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as err:
             message = _storage_error(err)
             if message is None:
                 raise
-            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

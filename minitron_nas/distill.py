@@ -51,6 +51,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -484,14 +485,19 @@ class Checkpoint:
         except OSError as err:
             raise MinitronError(f"cannot write checkpoint to '{self.folder}' ({err.strerror}): free disk space or move the run") from None
 
-    def restore(self, model, extra, optimizer, scheduler, result) -> int:
-        import random
+    def verify(self) -> None:
+        """Refuse, before any training, a checkpoint that is unreadable or was made from other inputs."""
+        if self.exists():
+            self._load(mmap=True)
 
-        import numpy as np
-
+    def _load(self, mmap: bool = False):
         try:
-            state = torch.load(self.folder / "state.pt", weights_only=False)
-            tensors = load_file(str(self.folder / "weights.safetensors"))
+            state = torch.load(self.folder / "state.pt", weights_only=False, mmap=mmap)
+            if mmap:  # the header only: its offsets must cover the file
+                with safe_open(str(self.folder / "weights.safetensors"), "pt") as handle:
+                    tensors = list(handle.keys())
+            else:
+                tensors = load_file(str(self.folder / "weights.safetensors"))
         except Exception as err:  # noqa: BLE001  truncated or corrupt files
             raise MinitronError(
                 f"the checkpoint in '{self.folder}' is unreadable ({type(err).__name__}): delete it to start the distillation over"
@@ -505,6 +511,14 @@ class Checkpoint:
                     f"the checkpoint in '{self.folder}' was made for other {what} ({_short(have)}, now {_short(want)}): "
                     "resume with the original, or delete the checkpoint to start over"
                 )
+        return state, tensors
+
+    def restore(self, model, extra, optimizer, scheduler, result) -> int:
+        import random
+
+        import numpy as np
+
+        state, tensors = self._load()
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if extra is not None:
             extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
@@ -828,6 +842,8 @@ def distill(
         intermediate = IntermediateStates(
             layer_map, student.config.hidden_size, teacher.config.hidden_size, channels, settings.alpha, settings.intermediate_loss
         )
+    checkpoint = Checkpoint(folder, settings, student, teacher, train_blocks)
+    checkpoint.verify()
     result = retrain(
         student,
         train_blocks,
@@ -837,7 +853,7 @@ def distill(
         teacher=teacher,
         progress=progress,
         intermediate=intermediate,
-        checkpoint=Checkpoint(folder, settings, student, teacher, train_blocks),
+        checkpoint=checkpoint,
     )
     result.settings["intermediate_active"] = active
     evals = dict(result.eval_curve)
