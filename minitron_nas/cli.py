@@ -64,13 +64,48 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _storage_error(err: Exception) -> str | None:
-    """A lost database connection (the study's server restarted or went away), as one line."""
-    sqlalchemy = sys.modules.get("sqlalchemy.exc")
-    if sqlalchemy is None or not isinstance(err, (sqlalchemy.OperationalError, sqlalchemy.InterfaceError)):
+def _lost_connection(err: BaseException | None) -> BaseException | None:
+    """The database error behind `err`, if any: libraries wrap it (Optuna raises others while handling it)."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    if exc is None:
         return None
-    first = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:160]
-    return f"lost the connection to the study's database ({first}): check that the server runs, then rerun with --resume"
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (exc.OperationalError, exc.InterfaceError)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    return (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def _storage_message(err: BaseException) -> str:
+    return f"lost the connection to the study's database ({_reason(err)}): check that the server runs, then rerun with --resume"
+
+
+@contextmanager
+def _quiet_heartbeat_threads():
+    """A trial's heartbeat thread that loses the database says so in one line, not a traceback."""
+    previous = threading.excepthook
+
+    def hook(args):
+        lost = _lost_connection(args.exc_value)
+        if lost is None:
+            return previous(args)
+        console.print(
+            f"\nwarning: a trial's heartbeat stopped ({escape(_reason(lost))}); "
+            "another worker may fail and retry that trial",
+            highlight=False, soft_wrap=True,
+        )
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _one_line_errors(command):
@@ -82,7 +117,7 @@ def _one_line_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            with _terminate_as_interrupt():
+            with _terminate_as_interrupt(), _quiet_heartbeat_threads():
                 _quiet_libraries()
                 return command(*args, **kwargs)
         except MinitronError as err:
@@ -93,10 +128,10 @@ def _one_line_errors(command):
             console.print(f"\ninterrupted: {escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as err:
-            message = _storage_error(err)
-            if message is None:
+            lost = _lost_connection(err)
+            if lost is None:
                 raise
-            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(_storage_message(lost))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -105,6 +105,7 @@ def _storage(url: str | None, out: Path):
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True},  # a dropped connection (the server restarted) is replaced
         )
     if url.endswith((".log", ".journal")):
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
