@@ -163,13 +163,18 @@ class Range:
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
 
     def words(self) -> str:
+        low, high = _bound(self.low), _bound(self.high)
         if self.low == 0 and self.low_open and self.high is None:
             return "positive"
         if self.low is not None and self.high is None:
-            return f">= {self.low:g}" if not self.low_open else f"> {self.low:g}"
+            return f">= {low}" if not self.low_open else f"> {low}"
         if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        return f"<= {self.high:g}" if self.high is not None else ""
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return f"<= {high}" if self.high is not None else ""
+
+
+def _bound(value) -> str:
+    return "" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 POSITIVE = Range(0, low_open=True)
@@ -261,10 +266,13 @@ def check_value(key: str, value, hint, default=MISSING, rule: Range = NON_NEGATI
     if hint is int or hint is float:
         kind = hint.__name__
         number = _number(value)
-        ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
-        if ok and hint is int:
-            ok = float(number).is_integer()
-            number = int(number) if ok else number
+        try:
+            ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+            if ok and hint is int:
+                ok = float(number).is_integer()
+                number = int(number) if ok else number
+        except OverflowError:  # an integer beyond any float
+            ok = False
         if not ok or not rule.allows(number):
             raise MinitronError(f"{key} is {_shown(value)}: {_wanted(kind, rule, default)}")
         return hint(number)
