@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -379,12 +380,26 @@ class Checkpoint:
     the curves so far. A checkpoint made with other settings is refused.
     """
 
-    def __init__(self, folder: Path, settings: RetrainSettings):
+    def __init__(self, folder: Path, settings: RetrainSettings, student=None, teacher=None, train_blocks=None):
         self.folder = Path(folder) / "checkpoint"
         self.signature = json.dumps(asdict(settings), sort_keys=True)
+        # What the trajectory was made from: resuming it with any of them changed is refused.
+        self.made_from = {
+            "training data": None if train_blocks is None else blocks_sha256(train_blocks),
+            "teacher": None if teacher is None else fingerprint(teacher),
+            "student architecture": None if student is None else _architecture_of(student.config),
+        }
 
     def exists(self) -> bool:
         return (self.folder / "state.pt").is_file()
+
+    @staticmethod
+    def saved_step(folder: Path) -> int | None:
+        """The step of the checkpoint kept in `folder` (a run's distill folder), without loading it."""
+        try:
+            return int(json.loads((Path(folder) / "checkpoint" / "step.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def save(self, step, model, extra, optimizer, scheduler, result) -> None:
         import random
@@ -394,6 +409,7 @@ class Checkpoint:
         state = {
             "step": step,
             "signature": self.signature,
+            "made_from": self.made_from,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
@@ -406,18 +422,44 @@ class Checkpoint:
             with atomic_dir(self.folder, overwrite=True) as tmp:
                 save_file(tensors, str(tmp / "weights.safetensors"))
                 torch.save(state, tmp / "state.pt")
+                (tmp / "step.json").write_text(json.dumps({"step": step}))
         except OSError as err:
             raise MinitronError(f"cannot write checkpoint to '{self.folder}' ({err.strerror}): free disk space or move the run") from None
+
+    def verify(self) -> None:
+        """Refuse, before any training, a checkpoint that is unreadable or was made from other inputs."""
+        if self.exists():
+            self._load(mmap=True)
+
+    def _load(self, mmap: bool = False):
+        try:
+            state = torch.load(self.folder / "state.pt", weights_only=False, mmap=mmap)
+            if mmap:  # the header only: its offsets must cover the file
+                with safe_open(str(self.folder / "weights.safetensors"), "pt") as handle:
+                    tensors = list(handle.keys())
+            else:
+                tensors = load_file(str(self.folder / "weights.safetensors"))
+        except Exception as err:  # noqa: BLE001  truncated or corrupt files
+            raise MinitronError(
+                f"the checkpoint in '{self.folder}' is unreadable ({type(err).__name__}): delete it to start the distillation over"
+            ) from None
+        if state["signature"] != self.signature:
+            raise MinitronError(f"the checkpoint in '{self.folder}' was made with other settings: use another folder or delete it")
+        for what, have in state.get("made_from", {}).items():
+            want = self.made_from.get(what)
+            if have is not None and want is not None and have != want:
+                raise MinitronError(
+                    f"the checkpoint in '{self.folder}' was made for other {what} ({_short(have)}, now {_short(want)}): "
+                    "resume with the original, or delete the checkpoint to start over"
+                )
+        return state, tensors
 
     def restore(self, model, extra, optimizer, scheduler, result) -> int:
         import random
 
         import numpy as np
 
-        state = torch.load(self.folder / "state.pt", weights_only=False)
-        if state["signature"] != self.signature:
-            raise MinitronError(f"the checkpoint in '{self.folder}' was made with other settings: use another folder or delete it")
-        tensors = load_file(str(self.folder / "weights.safetensors"))
+        state, tensors = self._load()
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if extra is not None:
             extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
@@ -429,6 +471,17 @@ class Checkpoint:
         for key, value in state["result"].items():
             setattr(result, key, [tuple(p) for p in value] if isinstance(value, list) else value)
         return state["step"]
+
+
+def _architecture_of(config) -> dict:
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size")
+    return {key: getattr(config, key, None) for key in keys}
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
+    return str(value)
 
 
 def make_accelerator():
@@ -730,6 +783,8 @@ def distill(
         intermediate = IntermediateStates(
             layer_map, student.config.hidden_size, teacher.config.hidden_size, channels, settings.alpha, settings.intermediate_loss
         )
+    checkpoint = Checkpoint(folder, settings, student, teacher, train_blocks)
+    checkpoint.verify()
     result = retrain(
         student,
         train_blocks,
@@ -739,7 +794,7 @@ def distill(
         teacher=teacher,
         progress=progress,
         intermediate=intermediate,
-        checkpoint=Checkpoint(folder, settings),
+        checkpoint=checkpoint,
     )
     result.settings["intermediate_active"] = active
     evals = dict(result.eval_curve)

@@ -12,8 +12,8 @@ import torch
 
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
+from .errors import MinitronError, add_resume_hint, resume_hint
 from .export import save_model
-from .errors import MinitronError
 from .files import check_writable
 from .pruning import prune
 from .ranking import Aggregation, Rankings, compute_rankings
@@ -142,32 +142,128 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     from .search import run_search
 
     done = finished_stages(out)
+    made_from = _made_from(space)
+    _check_made_from(out, made_from)  # settings and data: before the teacher loads
     teacher = teacher or load_teacher(space.teacher)
-    if "rank" not in done:
-        spec = space.ranking
-        folder = out / "rankings"
-        if not (folder / "rankings.json").is_file():
-            rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
-        _mark_done(out, "rank", {"rankings": str(folder)})
-    if "search" not in done:
-        resume = (out / "study.db").is_file() or storage is not None
-        run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
-        best_file = out / "best_arch.json"
-        if not best_file.is_file():
-            raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")
-        best = json.loads(best_file.read_text())
-        _mark_done(out, "search", {"best_architecture": best["architecture"], "score": best["score"], "search_tokens": best["search_tokens"]})
-    if "distill" not in done:
-        summary = distill_winner(space, out, teacher)
-        _mark_done(out, "distill", {"heldout_loss_after": summary.get("heldout_loss_after")})
-    if "export" not in done:
-        export_stage(space, out, teacher)
-        _mark_done(out, "export", {"folder": str(out / "export")})
-    if "report" not in done:
-        build_dashboard(out, storage)
-        write_report(out, storage)
-        _mark_done(out, "report", {"dashboard": str(out / "dashboard.html")})
+    made_from["teacher_fingerprint"] = teacher.fingerprint
+    _check_made_from(out, made_from)
+    _write_json(out / RUN_FILE, made_from)
+    stage = STAGES[0]
+    try:
+        stage = "rank"
+        if "rank" not in done:
+            spec = space.ranking
+            folder = out / "rankings"
+            if not (folder / "rankings.json").is_file():
+                rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+            _mark_done(out, "rank", {"rankings": str(folder)})
+        stage = "search"
+        if "search" not in done:
+            resume = (out / "study.db").is_file() or storage is not None
+            run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
+            best_file = out / "best_arch.json"
+            if not best_file.is_file():
+                raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")
+            best = json.loads(best_file.read_text())
+            _mark_done(out, "search", {"best_architecture": best["architecture"], "score": best["score"], "search_tokens": best["search_tokens"]})
+        stage = "distill"
+        if "distill" not in done:
+            summary = distill_winner(space, out, teacher)
+            _mark_done(out, "distill", {"heldout_loss_after": summary.get("heldout_loss_after")})
+        stage = "export"
+        if "export" not in done:
+            export_stage(space, out, teacher)
+            _mark_done(out, "export", {"folder": str(out / "export")})
+        stage = "report"
+        if "report" not in done:
+            build_dashboard(out, storage)
+            write_report(out, storage)
+            _mark_done(out, "report", {"dashboard": str(out / "dashboard.html")})
+    except KeyboardInterrupt as err:
+        kept = list(finished_stages(out))
+        inner = resume_hint(err)
+        err.resume_hint = (
+            f"{stage} stage stopped; {', '.join(kept) if kept else 'no stage'} finished and kept in '{out}'; "
+            + (inner if inner and stage == "distill" else "rerun the same command to resume")
+        )
+        raise
     return out / "export"
+
+
+# --------------------------------------------------------------------------- what a run was made from
+
+RUN_FILE = "run.json"
+
+
+def _made_from(space) -> dict:
+    """The settings (teacher excepted: its fingerprint stands for it) and the data of a run."""
+    settings = json.loads(json.dumps(asdict(space), default=str))
+    for key in ("source", "teacher"):
+        settings.pop(key, None)
+    source = Path(space.source) if space.source else None
+    names = {f"{section}.data": getattr(space, section).data for section in ("ranking", "retrain", "distill")}
+    return {
+        "space": space.source,
+        "space_sha256": _sha256(source) if source and source.is_file() else None,
+        "settings": settings,
+        "data": {key: {"name": name, "signature": data_signature(name)} for key, name in names.items()},
+    }
+
+
+def data_signature(spec: str) -> str:
+    """A file or folder by name, size and sampled content (first and last MiB); other names as they are."""
+    path = Path(spec)
+    if not path.exists():
+        return spec
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(2**20))
+            handle.seek(max(0, size - 2**20))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def _first_difference(old, new, key: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{key} was {json.dumps(old)}, now {json.dumps(new)}"
+
+
+def _check_made_from(out: Path, now: dict) -> None:
+    """A run folder resumes only what it was made from: refuse changed settings, data or teacher."""
+    path = out / RUN_FILE
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        raise MinitronError(f"'{path}' is corrupt: delete it to accept the run folder as it is, or use another --out") from None
+    fix = "use another --out, or put the original back"
+    change = _first_difference(before.get("settings"), now["settings"])
+    if change:
+        raise MinitronError(f"run folder '{out}' was made from other settings ({change}): {fix}")
+    for key, data in now["data"].items():
+        old = before.get("data", {}).get(key)
+        if old and old != data:
+            what = f"'{old['name']}', now '{data['name']}'" if old["name"] != data["name"] else f"'{data['name']}' whose content changed"
+            raise MinitronError(f"run folder '{out}' was made from other data ({key} was {what}): {fix}")
+    old, new = before.get("teacher_fingerprint"), now.get("teacher_fingerprint")
+    if old and new and old != new:
+        raise MinitronError(f"run folder '{out}' was made from another teacher (fingerprint {old}, now {new}): {fix}")
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.parent / f".{path.name}.partial"
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -193,10 +289,24 @@ def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
 
 def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes)."""
+    folder = out / "distill"
+    try:
+        return _distill_winner(space, out, teacher, folder)
+    except KeyboardInterrupt as err:
+        from .distill import Checkpoint
+
+        step, steps = Checkpoint.saved_step(folder), space.distill.steps
+        if step is None:
+            add_resume_hint(err, f"no checkpoint yet (the first comes at step {min(space.distill.checkpoint_every, steps)} of {steps}); rerun the same command to start the distillation again")
+        else:
+            add_resume_hint(err, f"checkpoint at step {step} of {steps} kept in '{folder}'; rerun the same command to resume from it")
+        raise
+
+
+def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
     from .distill import distill
     from .pruning import select
 
-    folder = out / "distill"
     arch, rankings, _ = winner(out, teacher)
     chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
@@ -224,12 +334,12 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
 
 def export_stage(space, out: Path, teacher: Teacher) -> Path:
     """out/export: the distilled winner, best_arch.json with provenance, and a model card."""
-    from transformers import AutoModelForCausalLM
-
     from .export import export_winner
+    from .teachers import load_model
 
     arch, rankings, best = winner(out, teacher)
-    model = AutoModelForCausalLM.from_pretrained(str(out / "distill" / "model")).eval()
+    fix = "delete it and rerun `minitron-nas distill` (it resumes from its last checkpoint)"
+    model = load_model(out / "distill" / "model", fix=fix).eval()
     summary = json.loads((out / "distill" / "summary.json").read_text())
     counter = ParamCounter(teacher.model.config)
     teacher_arch = Architecture.from_config(teacher.model.config)

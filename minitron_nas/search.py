@@ -147,6 +147,7 @@ def open_study(space: SearchSpace, store, where, resume: bool, teacher_fingerpri
                 f"the study in '{where}' was made from another search (changed: {', '.join(changed)}): "
                 "resume with the original space and teacher, or choose another --out"
             )
+        study.set_user_attr("resumed", True)
         return study
     study.set_user_attr("made_from", want)
     study.set_user_attr("space", space.source)
@@ -251,7 +252,7 @@ class _Search:
             raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            _say(f"rung {rung.index} · {attrs['key']} · failed: {type(err).__name__}: {' '.join(str(err).split())}")
+            _say(f"trial {trial.number} · rung {rung.index} · {attrs['key']} · failed: {type(err).__name__}: {' '.join(str(err).split())}")
             raise
         finally:
             trial.set_user_attr("timings", {k: round(v, 3) for k, v in timings.items()})
@@ -259,7 +260,7 @@ class _Search:
             raise MinitronError(f"candidate {attrs['key']} scored {value.value}: the retrained model diverged")
         extra = f" · {self.score_metric.name} {_fmt(score)}" if score is not None and score is not value else ""
         _say(
-            f"rung {rung.index} ({rung.tokens:,} tokens) · {attrs['key']} · {attrs['params_total'] / 1e6:.1f}M · "
+            f"trial {trial.number} · rung {rung.index} ({rung.tokens:,} tokens) · {attrs['key']} · {attrs['params_total'] / 1e6:.1f}M · "
             f"{self.rung_metric.name} {_fmt(value)}{extra} · {sum(timings.values()):.0f} s"
         )
         return value.value
@@ -351,7 +352,7 @@ def run_search(
     schedule = schedule_for(space, len(pool))
     store = make_storage(storage, out)
     study = open_study(space, store, storage or out / "study.db", resume, teacher.fingerprint, pool, schedule)
-    _say(f"search: {len(pool)} candidates of {len(feasible)} feasible; {schedule.describe()}")
+    _say(f"search ({'resumed' if study.user_attrs.get('resumed') else 'new study'}): {len(pool)} candidates of {len(feasible)} feasible; {schedule.describe()}")
     rankings = _rankings(teacher, space, out)
     spec, settings = space.retrain, space.retrain.settings(space.seed)
     longest = max(r.steps for r in schedule.rungs)

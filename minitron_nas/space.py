@@ -9,7 +9,11 @@ exact parameter count (or memory, weights plus KV cache) lies within the budget.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, fields
+import math
+import sys
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -167,36 +171,214 @@ class SearchSpace:
     source: str = field(default="", compare=False)
 
 
+# --------------------------------------------------------------------------- checking values
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers of a setting: [low, high], either end open or absent."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def words(self) -> str:
+        low, high = _bound(self.low), _bound(self.high)
+        if self.low == 0 and self.low_open and self.high is None:
+            return "positive"
+        if self.low is not None and self.high is None:
+            return f">= {low}" if not self.low_open else f"> {low}"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return f"<= {high}" if self.high is not None else ""
+
+
+def _bound(value) -> str:
+    return "" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+# Ranges by `section.key` or by bare key (any section). Numbers not listed must be >= 0; a
+# field can also carry its own: `field(default=..., metadata={"range": Range(...)})`.
+RANGES: dict[str, Range] = {
+    **{key: POSITIVE for key in (
+        "parameters", "memory_gb", "context", "batch", "bytes_per_value", "samples", "seq_len", "tokens",
+        "batch_size", "lr", "temperature", "top_k", "checkpoint_every", "heldout_samples", "limit", "trials",
+        "family", "budget_tokens", "budget_fraction", "min_steps", "final_candidates",
+    )},
+    "halving.eta": Range(2),  # each rung keeps 1/eta
+    "scoring.heldout_samples": Range(2),  # a standard error needs two blocks
+    "tolerance": Range(0, 1, low_open=True, high_open=True),
+    "seed": Range(0, 2**32 - 1),  # numpy's seeds
+}
+
+
+def _rule(section: str, key: str, metadata) -> Range:
+    if metadata and "range" in metadata:
+        return metadata["range"]
+    return RANGES.get(f"{section}.{key}" if section else key, RANGES.get(key, NON_NEGATIVE))
+
+
+def _hints(cls) -> dict:
+    """Resolved field annotations; one that cannot be resolved is left unchecked."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001  a forward reference this module cannot see
+        hints = {}
+        namespace = {**{name: getattr(typing, name) for name in typing.__all__}, **vars(sys.modules[cls.__module__])}
+        for name, text in getattr(cls, "__annotations__", {}).items():
+            try:
+                hints[name] = eval(text, namespace) if isinstance(text, str) else text  # noqa: S307
+            except Exception:  # noqa: BLE001
+                pass
+        return hints
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _wanted(kind: str, rule: Range, default) -> str:
+    words = rule.words()
+    text = {"int": "a whole number", "float": "a number"}[kind]
+    if words == "positive":
+        text = f"a positive {text[2:]}"
+    elif words:
+        text = f"{text} {words}"
+    if default is not None and default is not MISSING and not isinstance(default, bool) and isinstance(default, (int, float)) and rule.allows(default):
+        text += f" such as {_shown(default)}"
+    return f"give {text}"
+
+
+def _number(value):
+    """YAML reads 3e-4 and 4.5e9 (no dot) as text: numbers written so are numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip().replace("_", ""))
+        except ValueError:
+            return value
+    return value
+
+
+def check_value(key: str, value, hint, default=MISSING, rule: Range = NON_NEGATIVE):
+    """`value` converted to the annotated type `hint`, or a one-line MinitronError naming `key`.
+
+    Knows int, float, bool, str, Optional/unions, tuple[X, ...], list[X] and dict; any other
+    annotation is passed through unchecked.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        first = None
+        for option in options:
+            try:
+                return check_value(key, value, option, default, rule)
+            except MinitronError as err:
+                first = first or err
+        if first is None:
+            return value
+        raise first
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise MinitronError(f"{key} is {_shown(value)}: give true or false")
+        return value
+    if hint is int or hint is float:
+        kind = hint.__name__
+        number = _number(value)
+        try:
+            ok = isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+            if ok and hint is int:
+                ok = float(number).is_integer()
+                number = int(number) if ok else number
+        except OverflowError:  # an integer beyond any float
+            ok = False
+        if not ok or not rule.allows(number):
+            raise MinitronError(f"{key} is {_shown(value)}: {_wanted(kind, rule, default)}")
+        return hint(number)
+    if hint is str:
+        if isinstance(value, bool):  # YAML reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if not isinstance(value, str) or not value:
+            example = f" such as {default!r}" if isinstance(default, str) and default else ""
+            raise MinitronError(f"{key} is {_shown(value)}: give a text value{example}")
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        kind = origin or hint
+        if not isinstance(value, (list, tuple)):
+            raise MinitronError(f"{key} is {_shown(value)}: give a list such as [a, b]")
+        item = args[0] if args and (len(args) == 1 or args[1] is Ellipsis) else None
+        items = [check_value(f"{key}[{i}]", v, item, MISSING, rule) if item is not None else v for i, v in enumerate(value)]
+        return kind(items)
+    if hint is dict or origin in (dict, typing.Mapping) or (origin is not None and getattr(origin, "__name__", "") == "Mapping"):
+        if not isinstance(value, dict):
+            raise MinitronError(f"{key} is {_shown(value)}: give a mapping of key: value pairs")
+        return value
+    return value
+
+
 def _values(key: str, spec) -> tuple[int, ...]:
     """An axis is a list of ints or {range: [lo, hi], step: s} / {range: [lo, hi], divisor: d}."""
-    if isinstance(spec, list) and spec and all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
-        return tuple(sorted(set(spec)))
-    if isinstance(spec, dict) and set(spec) <= {"range", "step", "divisor"} and "range" in spec:
-        lo, hi = spec["range"]
+    usage = "give a list of positive integers or {range: [lo, hi], step: s}"
+    if isinstance(spec, list) and spec:
+        return tuple(sorted({check_value(f"axes.{key}[{i}]", v, int, rule=POSITIVE) for i, v in enumerate(spec)}))
+    if isinstance(spec, dict) and set(spec) <= {"range", "step", "divisor"} and "range" in spec and not {"step", "divisor"} <= set(spec):
+        bounds = spec["range"]
+        if not isinstance(bounds, list) or len(bounds) != 2:
+            raise MinitronError(f"axes.{key}.range is {bounds!r}: give two integers [lo, hi]")
+        lo, hi = (check_value(f"axes.{key}.range[{i}]", v, int, rule=POSITIVE) for i, v in enumerate(bounds))
+        if lo > hi:
+            raise MinitronError(f"axes.{key}.range is [{lo}, {hi}]: give the lower bound first")
         if "divisor" in spec:
-            return tuple(v for v in range(lo, hi + 1) if v % spec["divisor"] == 0)
-        return tuple(range(lo, hi + 1, spec.get("step", 1)))
-    raise MinitronError(
-        f"axes.{key} must be a list of integers or {{range: [lo, hi], step: s}}, got {spec!r}"
-    )
+            divisor = check_value(f"axes.{key}.divisor", spec["divisor"], int, rule=POSITIVE)
+            values = tuple(v for v in range(lo, hi + 1) if v % divisor == 0)
+        else:
+            values = tuple(range(lo, hi + 1, check_value(f"axes.{key}.step", spec.get("step", 1), int, rule=POSITIVE)))
+        if not values:
+            raise MinitronError(f"axes.{key} allows no value ({spec!r}): widen the range or change the divisor")
+        return values
+    raise MinitronError(f"axes.{key} is {spec!r}: {usage}")
 
 
 def _section(cls, data, name: str):
-    if data is None:
-        return cls()
+    """A settings dataclass from a YAML mapping, each key checked against its field's type and range."""
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise MinitronError(f"'{name}' must be a mapping of settings")
-    allowed = {f.name for f in fields(cls)}
+        raise MinitronError(f"'{name}' is {_shown(data)}: give a mapping of its settings (key: value lines under {name}:)")
+    known = {f.name: f for f in fields(cls)}
     for key in data:
-        if key not in allowed:
-            raise MinitronError(f"unknown key '{name}.{key}': allowed are {', '.join(sorted(allowed))}")
-    values = dict(data)
-    if "tasks" in values:
-        values["tasks"] = tuple(values["tasks"])
+        if key not in known:
+            raise MinitronError(f"unknown key '{name}.{key}': allowed are {', '.join(sorted(known))}")
+    hints = _hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING and f.init:
+                raise MinitronError(f"'{name}' lacks '{f.name}': add {name}.{f.name}")
+            continue
+        default = f.default if f.default is not MISSING else MISSING
+        values[f.name] = check_value(f"{name}.{f.name}", data[f.name], hints.get(f.name), default, _rule(name, f.name, f.metadata))
     try:
         return cls(**values)
     except TypeError as err:
-        raise MinitronError(f"'{name}' is malformed: {err}") from None
+        raise MinitronError(f"'{name}' is malformed ({err}): fix its keys") from None
+
+
+def _top_level(data: dict, key: str, default):
+    """A top-level scalar of the space (seed, trials, sampler, family, teacher), checked like a section key."""
+    if data.get(key) is None:
+        return default
+    f = next(f for f in fields(SearchSpace) if f.name == key)
+    given = f.default if f.default is not MISSING else MISSING
+    return check_value(key, data[key], _hints(SearchSpace).get(key), given, _rule("", key, f.metadata))
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -210,7 +392,7 @@ def load_space(path: str | Path) -> SearchSpace:
         where = f" at line {mark.line + 1}" if mark else ""
         raise MinitronError(f"search space '{path}' is not valid YAML{where}: fix the syntax") from None
     if not isinstance(data, dict):
-        raise MinitronError(f"search space '{path}' must be a YAML mapping")
+        raise MinitronError(f"search space '{path}' must be a YAML mapping: give keys such as teacher, axes and budget")
     allowed = {f.name for f in fields(SearchSpace)} - {"source"}
     for key in data:
         if key not in allowed:
@@ -219,15 +401,15 @@ def load_space(path: str | Path) -> SearchSpace:
         if key not in data:
             raise MinitronError(f"search space '{path}' lacks '{key}': add it")
     axes = data["axes"] or {}
+    if not isinstance(axes, dict):
+        raise MinitronError(f"'axes' is {_shown(axes)}: give a mapping of axis: values, e.g. hidden_size: [384, 576]")
     for key in axes:
         if key not in AXES:
             raise MinitronError(f"unknown key 'axes.{key}': allowed are {', '.join(AXES)}")
-    if isinstance(data["budget"], dict) and "parameters" in data["budget"]:
-        data["budget"]["parameters"] = int(float(data["budget"]["parameters"]))  # YAML reads 4.5e9 as text
     budget = _section(Budget, data["budget"], "budget")
     if budget.count not in ("total", "non_embedding"):
-        raise MinitronError(f"budget.count must be 'total' or 'non_embedding', got '{budget.count}'")
-    teacher = str(data["teacher"])
+        raise MinitronError(f"budget.count is '{budget.count}': use total or non_embedding")
+    teacher = check_value("teacher", data["teacher"], str)
     if (path.parent / teacher).exists():  # a config or model path relative to the YAML file
         teacher = str(path.parent / teacher)
     space = SearchSpace(
@@ -239,10 +421,10 @@ def load_space(path: str | Path) -> SearchSpace:
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
         distill=_section(DistillSpec, data.get("distill"), "distill"),
         halving=_section(HalvingSpec, data.get("halving"), "halving"),
-        family=tuple(int(float(b)) for b in data.get("family") or ()),
-        sampler=data.get("sampler", "auto"),
-        trials=data.get("trials"),
-        seed=data.get("seed", 0),
+        family=_top_level(data, "family", ()) or (),
+        sampler=_top_level(data, "sampler", "auto"),
+        trials=_top_level(data, "trials", None),
+        seed=_top_level(data, "seed", 0),
         source=str(path),
     )
     if space.sampler not in SAMPLERS:
@@ -252,7 +434,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if space.scoring.metric not in METRICS:
         raise MinitronError(f"unknown scoring.metric '{space.scoring.metric}': use one of {', '.join(METRICS)}")
     if space.distill.intermediate not in ("auto", "on", "off"):
-        raise MinitronError(f"distill.intermediate must be auto, on or off, got '{space.distill.intermediate}'")
+        raise MinitronError(f"distill.intermediate is '{space.distill.intermediate}': use auto, on or off")
     if space.scoring.metric == "lm_eval" and not space.scoring.tasks:
         raise MinitronError("scoring.metric is lm_eval but scoring.tasks is empty: list tasks such as [arc_easy, piqa]")
     from .lm_eval_tasks import SUPPORTED

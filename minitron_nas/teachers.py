@@ -65,8 +65,16 @@ def _gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF file into a plain safetensors checkpoint plus tokenizer."""
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except MinitronError:
+        raise
+    except Exception as err:  # noqa: BLE001  the gguf reader fails in many ways on a cut file
+        raise MinitronError(
+            f"GGUF file '{gguf}' is unreadable ({_reason(err)}; {gguf.stat().st_size:,} bytes): "
+            "it may be truncated; download it again or give another --model"
+        ) from None
     config = loaded.config
     for key in ("quantization_config", "gguf_file"):
         if hasattr(config, key):
@@ -139,9 +147,40 @@ def _not_loadable(spec: str, err: Exception) -> str:
     )
 
 
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def load_model(folder, spec: str | None = None, dtype: torch.dtype = torch.float32, fix: str | None = None):
+    """A causal LM from a folder; missing or unreadable weights are refused in one line naming it."""
+    spec = str(spec or folder)
+    path = Path(folder)
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise MinitronError(f"'{spec}' holds no weights (no model.safetensors): {fix or 'give a folder written by save_pretrained'}")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except MinitronError:
+        raise
+    except Exception as err:  # noqa: BLE001  safetensors, torch and transformers each raise their own
+        if not path.is_dir():
+            raise MinitronError(_not_loadable(spec, err)) from None
+        raise MinitronError(
+            f"the weights in '{spec}' are unreadable ({_reason(err)}): {fix or 'the file may be truncated; save or copy the model again'}"
+        ) from None
+
+
 def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Teacher:
     name, folder = resolve(spec)
     load_config(str(folder))  # refuse unsupported families before loading weights
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = load_model(folder, spec, dtype).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001
+        raise MinitronError(
+            f"cannot load the tokenizer of '{spec}' ({_reason(err)}): save the tokenizer into the model folder (tokenizer.save_pretrained)"
+        ) from None
     return Teacher(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model), path=Path(folder))

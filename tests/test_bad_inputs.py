@@ -25,9 +25,11 @@ import yaml
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
-from minitron_nas import ranking
+from minitron_nas import pipeline, ranking
 from minitron_nas.cli import app
 from minitron_nas.export import save_model
+from minitron_nas.space import Budget, RetrainSpec, ScoringSpec, load_space, require_feasible
+from minitron_nas.teachers import EMBEDDED, embedded_gguf, load_config
 
 from conftest import byte_tokenizer, tiny_model
 
@@ -103,7 +105,7 @@ def space_dict(teacher: Path, corpus: str, **changes) -> dict:
     }
     for key, value in changes.items():
         if isinstance(value, dict):
-            space[key] = {**space[key], **value}
+            space[key] = {**space.get(key, {}), **value}
         else:
             space[key] = value
     return space
@@ -316,5 +318,226 @@ def test_nan_loss_during_retraining(root, teacher, corpus):
     result = invoke("search", space, "--out", out)
     assert_one_line_error(result, "no trial finished", "see trials.csv for the errors", alone=False)
     table = pd.read_csv(out / "trials.csv")
-    assert len(table) == 3 and (table.state == "FAIL").all(), table
+    spec = load_space(space)
+    assert len(table) == len(require_feasible(spec, load_config(spec.teacher))) and (table.state == "FAIL").all(), table
     assert table.error.str.contains("NaN|inf|non-finite|diverged", regex=True).all(), table.error.tolist()
+
+
+
+# --------------------------------------------------------------------------- types and ranges of the space's keys
+
+LR = RetrainSpec().lr
+TOLERANCE = Budget(parameters=1).tolerance
+
+
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        ({"retrain": {"lr": "abc"}}, (f"retrain.lr is 'abc': give a positive number such as {LR:g}",)),
+        ({"budget": {"tolerance": 2}}, (f"budget.tolerance is 2: give a number in (0, 1) such as {TOLERANCE:g}",)),
+        ({"budget": {"parameters": "many"}}, ("budget.parameters is 'many'", "give a positive whole number")),
+        ({"seed": -1}, ("seed is -1", "give a whole number in [0,")),
+        ({"trials": 1.5}, ("trials is 1.5", "give a positive whole number")),
+        ({"scoring": {"limit": 0}}, ("scoring.limit is 0", "give a positive whole number")),
+        ({"scoring": {"heldout_samples": "four"}}, ("scoring.heldout_samples is 'four'", f"such as {ScoringSpec().heldout_samples}")),
+        ({"axes": {**AXES, "hidden_size": {"range": [32]}}}, ("axes.hidden_size.range is [32]", "give two integers [lo, hi]")),
+        ({"family": [40000, "big"]}, ("family[1] is 'big'", "give a positive whole number")),
+        ({"distill": {"intermediate": "sometimes"}}, ("distill.intermediate is 'sometimes'", "use auto, on or off")),
+        ({"retrain": "fast"}, ("'retrain' is 'fast'", "give a mapping of its settings")),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_bad_value_in_search_space(root, teacher, corpus, intact_run, changes, fragments):
+    space = space_dict(teacher, corpus)
+    for key, value in changes.items():
+        space[key] = {**space[key], **value} if isinstance(value, dict) and isinstance(space.get(key), dict) and key != "axes" else value
+    path = write_space(root, "bad-value.yaml", space)
+    result = invoke("search", path, "--out", intact_run, "--resume")
+    assert_one_line_error(result, *fragments)
+
+
+def test_budget_without_parameters(root, teacher, corpus, intact_run):
+    space = space_dict(teacher, corpus)
+    space["budget"] = {"tolerance": 0.25}
+    result = invoke("search", write_space(root, "no-parameters.yaml", space), "--out", intact_run, "--resume")
+    assert_one_line_error(result, "'budget' lacks 'parameters'", "add budget.parameters")
+
+
+# --------------------------------------------------------------------------- unreadable model files
+
+
+def test_truncated_gguf(tmp_path, intact_rankings, monkeypatch):
+    source = embedded_gguf(next(iter(EMBEDDED)))
+    if not source.is_file():
+        pytest.fail(f"the embedded GGUF teacher is missing ({source}): run `make setup`")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 3])
+    monkeypatch.setenv("MINITRON_NAS_CACHE", str(tmp_path / "cache"))
+    result = invoke("rank", "--model", cut, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"GGUF file '{cut}' is unreadable", "may be truncated", "download it again")
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_unreadable_model_weights(root, teacher, intact_rankings, damage):
+    broken = root / f"teacher-{damage}"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(teacher, broken)
+    weights = broken / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\0" * 64)
+    else:
+        weights.unlink()
+    before = snapshot(broken)
+    result = invoke("rank", "--model", broken, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    if damage == "missing":
+        assert_one_line_error(result, f"'{broken}' holds no weights", "save_pretrained")
+    else:
+        assert_one_line_error(result, f"the weights in '{broken}' are unreadable", "SafetensorError", "may be truncated")
+    assert snapshot(broken) == before
+
+
+# --------------------------------------------------------------------------- stages out of order, lost storage
+
+
+@pytest.mark.parametrize("command, fragments", [
+    ("distill", ("no best_arch.json in", "run `minitron-nas search` first")),
+    ("export", ("no distilled model in", "run `minitron-nas distill` first")),
+])
+def test_stage_before_its_inputs_exist(good_space, tmp_path, command, fragments):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    result = invoke(command, good_space, "--out", empty)
+    assert_one_line_error(result, *fragments)
+    assert not any(empty.iterdir())
+
+
+def test_unreachable_database(good_space, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/minitron"
+    result = invoke("search", good_space, "--out", tmp_path / "run", "--storage", url)
+    assert_one_line_error(result, "lost the connection to the study's database", "rerun with --resume", alone=False)
+
+
+# --------------------------------------------------------------------------- resuming from changed inputs
+
+SMALL_DISTILL = {"tokens": 4 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 2, "heldout_samples": 4}
+
+
+@pytest.fixture(scope="module")
+def distill_space(root, teacher, corpus) -> Path:
+    return write_space(root, "distill.yaml", space_dict(teacher, corpus, distill={**SMALL_DISTILL, "data": corpus}))
+
+
+@pytest.fixture(scope="module")
+def distilled_run(root, previous_run, distill_space) -> Path:
+    """The previous search run, distilled: distill/checkpoint (last step) and distill/model."""
+    out = root / "distilled-run"
+    shutil.copytree(previous_run, out)
+    result = invoke("distill", distill_space, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def intact_distilled(distilled_run):
+    before = snapshot(distilled_run)
+    yield distilled_run
+    assert snapshot(distilled_run) == before, "the distilled run was modified"
+    assert not leftovers(distilled_run.parent)
+
+
+def test_distillation_resumed_with_other_data(root, teacher, corpus, intact_distilled):
+    other = root / "other-corpus.txt"
+    other.write_text(Path(corpus).read_text()[::-1])
+    space = write_space(root, "other-data.yaml", space_dict(teacher, corpus, distill={**SMALL_DISTILL, "data": str(other)}))
+    result = invoke("distill", space, "--out", intact_distilled)
+    assert_one_line_error(result, "was made for other training data", "resume with the original", alone=False)
+
+
+def test_distillation_resumed_for_another_student(root, distill_space, distilled_run):
+    out = root / "other-student"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(distilled_run, out)
+    best = json.loads((out / "best_arch.json").read_text())
+    best["architecture"]["intermediate_size"] = 96 if best["architecture"]["intermediate_size"] != 96 else 48
+    (out / "best_arch.json").write_text(json.dumps(best))
+    before = snapshot(out)
+    result = invoke("distill", distill_space, "--out", out)
+    assert_one_line_error(result, "was made for other student architecture", "intermediate_size", alone=False)
+    assert snapshot(out) == before
+
+
+def test_corrupt_distillation_checkpoint(root, distill_space, distilled_run):
+    out = root / "corrupt-checkpoint"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(distilled_run, out)
+    state = out / "distill" / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    before = snapshot(out)
+    result = invoke("distill", distill_space, "--out", out)
+    assert_one_line_error(result, "checkpoint in", "is unreadable", "delete it to start the distillation over", alone=False)
+    assert snapshot(out) == before
+
+
+def test_export_of_an_unreadable_distilled_model(root, distill_space, distilled_run):
+    out = root / "unreadable-distilled"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(distilled_run, out)
+    weights = out / "distill" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    before = snapshot(out)
+    result = invoke("export", distill_space, "--out", out)
+    assert_one_line_error(result, "are unreadable", "rerun `minitron-nas distill`", alone=False)
+    assert snapshot(out) == before and not (out / "export").exists()
+
+
+@pytest.fixture(scope="module")
+def started_run(root, teacher, corpus) -> tuple[Path, Path, Path]:
+    """(space, its corpus, run folder) of a `run` stopped at its first stage: run.json written, nothing else finished."""
+    data = root / "run-corpus.txt"
+    shutil.copy(corpus, data)
+    space = write_space(root, "run.yaml", space_dict(teacher, str(data), ranking={"data": str(data)}, distill={**SMALL_DISTILL, "data": str(data)}))
+    out = root / "started-run"
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "compute_rankings", stop)
+        result = invoke("run", space, "--out", out)
+    assert result.exit_code == 130 and (out / "run.json").is_file(), result.output
+    return space, data, out
+
+
+@pytest.mark.parametrize("change", ["settings", "data", "teacher"])
+def test_run_resumed_from_changed_inputs(root, teacher, started_run, change):
+    space, data, out = started_run
+    text = yaml.safe_load(space.read_text())
+    before = snapshot(out)
+    original = data.read_bytes()
+    try:
+        if change == "settings":
+            text["retrain"]["lr"] = text["retrain"]["lr"] * 2
+            fragments = ("was made from other settings", f"retrain.lr was {json.dumps(text['retrain']['lr'] / 2)}")
+        elif change == "data":
+            data.write_bytes(original[: len(original) // 2])
+            fragments = ("was made from other data", f"'{data}' whose content changed")
+        else:
+            other = root / "other-run-teacher"
+            if not other.exists():
+                save_model(tiny_model("llama", seed=2, vocab_size=257), other, byte_tokenizer())
+            text["teacher"] = str(other)
+            fragments = ("was made from another teacher", "fingerprint")
+        changed = write_space(root, f"run-changed-{change}.yaml", text)
+        result = invoke("run", changed, "--out", out)
+        assert_one_line_error(result, f"run folder '{out}'", *fragments, "use another --out", alone=change != "teacher")
+    finally:
+        data.write_bytes(original)
+    assert snapshot(out) == before and not leftovers(out)

@@ -86,3 +86,22 @@ def test_checkpoint_of_other_settings_is_refused(setup, tmp_path):
     run(setup, tmp_path / "d")
     with pytest.raises(MinitronError, match="other settings"):
         run(setup, tmp_path / "d", replace(SETTINGS, lr=5e-4))
+
+
+def test_checkpoint_of_other_data_teacher_or_student_is_refused(setup, tmp_path):
+    """Settings alike, inputs not: each of the three is named, and nothing is trained."""
+    teacher, rankings, arch, chosen = setup
+    run(setup, tmp_path / "d")
+    saved = (tmp_path / "d" / "checkpoint" / "state.pt").read_bytes()
+    other_teacher = tiny_model("llama", seed=5)
+    cases = [
+        ("training data", prune(teacher, rankings, arch), teacher, random_blocks(16, 32, seed=9), arch),
+        ("teacher", prune(other_teacher, rankings, arch), other_teacher, random_blocks(16, 32, seed=3), arch),
+        ("student architecture", *(lambda a: (prune(teacher, rankings, a), teacher, random_blocks(16, 32, seed=3), a))(
+            Architecture(36, 48, 6, 2, 2))),
+    ]
+    for what, student, model, blocks, target in cases:
+        picked = select(rankings, target, Architecture.from_config(teacher.config))
+        with pytest.raises(MinitronError, match=f"made for other {what}"):
+            distill(student, model, blocks, SETTINGS, tmp_path / "d", random_blocks(4, 32, seed=4), picked.layers, picked.channels, progress=False)
+    assert (tmp_path / "d" / "checkpoint" / "state.pt").read_bytes() == saved

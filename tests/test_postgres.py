@@ -67,6 +67,7 @@ def spaces(tmp_path_factory, shared_data) -> dict[str, Path]:
             "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
             "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
             "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+            "halving": {"eta": 3},
             "sampler": "grid",
         }))
     return files
@@ -94,7 +95,7 @@ class Worker:
 
     def trials_run(self) -> set[int]:
         """Trial numbers this worker finished, from Optuna's log lines in its own output."""
-        return {int(n) for n in re.findall(r"Trial (\d+) (?:finished|pruned|failed)", self.text())}
+        return {int(n) for n in re.findall(r"^trial (\d+) · ", self.text(), flags=re.MULTILINE)}
 
     def signal(self, sig: int) -> None:
         os.killpg(self.process.pid, sig)
@@ -161,17 +162,23 @@ def states(trials, *wanted: optuna.trial.TrialState):
     return [t for t in trials if t.state in wanted]
 
 
-def assert_every_candidate_once(trials, n: int) -> list:
-    evaluated = [t for t in states(trials, *DONE) if "candidate" in t.params]  # without: "grid exhausted" stops
-    candidates = sorted(t.params["candidate"] for t in evaluated)
-    assert candidates == list(range(n)), f"candidates evaluated {candidates}, grid of {n}"
+def planned(space_file: Path) -> list[int]:
+    """Candidates per rung of the space's schedule."""
+    spec = load_space(space_file)
+    return [r.candidates for r in search.schedule_for(spec, len(require_feasible(spec, load_config(spec.teacher)))).rungs]
+
+
+def assert_every_candidate_once(trials, space_file: Path) -> list:
+    """Each (rung, architecture) finished exactly once, as many per rung as planned, nothing left."""
+    evaluated = [t for t in states(trials, optuna.trial.TrialState.COMPLETE) if "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+    pairs = [(t.user_attrs["rung"], t.user_attrs["key"]) for t in evaluated]
+    assert len(pairs) == len(set(pairs)), f"a candidate ran twice at one rung: {sorted(pairs)}"
+    per_rung = [sum(1 for rung, _ in pairs if rung == r) for r in range(len(planned(space_file)))]
+    assert per_rung == planned(space_file), f"per rung {per_rung}, planned {planned(space_file)}"
     assert not states(trials, WAITING, RUNNING)
     for t in evaluated:  # every result stored in the shared study
-        assert t.user_attrs["architecture"] and t.user_attrs["params_total"] > 0 and t.user_attrs["score_before"] > 0
-        if t.state.name == "COMPLETE":
-            assert t.value == pytest.approx(t.user_attrs["score_after"]) and t.user_attrs["retrain_curve"]
-        else:
-            assert t.intermediate_values  # pruned on a reported held-out value
+        assert t.user_attrs["architecture"] and t.user_attrs["params_total"] > 0 and t.user_attrs["stderr"] > 0
+        assert t.value == pytest.approx(t.user_attrs["value"]) and t.user_attrs["retrain_curve"]
     return evaluated
 
 
@@ -186,9 +193,9 @@ def test_three_workers_share_one_grid_each_candidate_once(spaces, postgres_url, 
 
     trials = load(postgres_url).trials
     assert not states(trials, optuna.trial.TrialState.FAIL), [t.user_attrs.get("error") for t in trials]
-    evaluated = assert_every_candidate_once(trials, n)
+    evaluated = assert_every_candidate_once(trials, space_file)
     ran = [w.trials_run() & {t.number for t in evaluated} for w in workers]
-    assert sum(len(r) for r in ran) == n and set().union(*ran) == {t.number for t in evaluated}  # no trial run twice
+    assert sum(len(r) for r in ran) == sum(planned(space_file)) and set().union(*ran) == {t.number for t in evaluated}  # none twice
     assert sum(1 for r in ran if r) >= 2, f"the grid was not shared: {ran}"
     for w in workers:  # each worker's local view lists the whole shared study
         assert (tmp_path / w.name / "trials.csv").is_file() and (tmp_path / w.name / "rankings" / "rankings.json").is_file()
@@ -196,10 +203,13 @@ def test_three_workers_share_one_grid_each_candidate_once(spaces, postgres_url, 
 
 def queue_grid(space_file: Path, url: str, out: Path) -> None:
     """Create the study and queue the grid as a first worker does (open_study), from this process."""
+    from minitron_nas.study import make_storage
+    from minitron_nas.teachers import load_teacher
+
     spec = load_space(space_file)
-    feasible = require_feasible(spec, load_config(spec.teacher))
-    kind, sampler = search._sampler(spec, feasible)
-    search.open_study(spec, out, url, False, False, kind, sampler, feasible)
+    pool = search.candidate_pool(spec, require_feasible(spec, load_config(spec.teacher)))
+    teacher = load_teacher(spec.teacher)
+    search.open_study(spec, make_storage(url, out), url, False, teacher.fingerprint, pool, search.schedule_for(spec, len(pool)))
 
 
 def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried_once(spaces, postgres_url, tmp_path, workers):
@@ -241,7 +251,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried_once(space
     assert len(retries) == 1, "retried exactly once (RetryHeartbeatStaleTrialCallback(max_retry=1))"
     retry = retries[0]
     assert retry.system_attrs["retry_history"] == [killed.number]
-    assert retry.state in DONE and retry.params == killed.params
+    assert retry.state in DONE and (retry.user_attrs["rung"], retry.user_attrs["key"]) == (killed.user_attrs["rung"], killed.user_attrs["key"])
     assert retry.number in survivors[0].trials_run() | survivors[1].trials_run()  # picked up by a live worker
-    evaluated = assert_every_candidate_once(trials, n)
+    evaluated = assert_every_candidate_once(trials, space_file)
     assert retry.number in {t.number for t in evaluated}

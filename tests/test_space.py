@@ -104,11 +104,11 @@ def test_shipped_smollm2_spaces_have_candidates():
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\ncolour: red\n", "unknown key 'colour'"),
         ("teacher: x\naxes: {width: [1]}\nbudget: {parameters: 10}\n", "unknown key 'axes.width'"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10, slack: 1}\n", "unknown key 'budget.slack'"),
-        ("teacher: x\naxes: {hidden_size: [a]}\nbudget: {parameters: 10}\n", "axes.hidden_size must be"),
+        ("teacher: x\naxes: {hidden_size: [a]}\nbudget: {parameters: 10}\n", "axes.hidden_size\\[0\\] is 'a': give a positive whole number"),
         ("axes: {}\nbudget: {parameters: 10}\n", "lacks 'teacher'"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nsampler: random\n", "unknown sampler 'random'"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nscoring: {metric: lm_eval}\n", "scoring.tasks is empty"),
-        ("teacher: x\naxes: {}\nbudget: {parameters: 10, count: all}\n", "budget.count must be"),
+        ("teacher: x\naxes: {}\nbudget: {parameters: 10, count: all}\n", "budget.count is 'all': use total or non_embedding"),
         ("- a list\n", "must be a YAML mapping"),
     ],
 )
@@ -129,3 +129,98 @@ def test_ranges_with_step_and_divisor(tmp_path):
     }))
     space = load_space(path)
     assert space.axes == {"hidden_size": (64, 128, 192, 256), "intermediate_size": (112, 128)}
+
+
+def _space_text(**sections) -> str:
+    import yaml
+
+    return yaml.safe_dump({"teacher": "x", "axes": {}, "budget": {"parameters": 10}, **sections})
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"retrain": {"lr": "abc"}}, "retrain.lr is 'abc': give a positive number such as 0.0001"),
+        ({"retrain": {"lr": -1}}, "retrain.lr is -1: give a positive number"),
+        ({"retrain": {"lr": None}}, "retrain.lr is None: give a positive number"),
+        ({"retrain": {"tokens": 2.5}}, "retrain.tokens is 2.5: give a positive whole number such as 8192"),
+        ({"retrain": {"eval_every": -3}}, "retrain.eval_every is -3: give a whole number >= 0 such as 5"),
+        ({"budget": {"parameters": 10, "tolerance": 2}}, r"budget.tolerance is 2: give a number in \(0, 1\) such as 0.05"),
+        ({"budget": {"parameters": 10, "tolerance": 0}}, r"budget.tolerance is 0: give a number in \(0, 1\)"),
+        ({"budget": {"parameters": "many"}}, "budget.parameters is 'many': give a positive whole number"),
+        ({"budget": {"tolerance": 0.1}}, "'budget' lacks 'parameters': add budget.parameters"),
+        ({"budget": None}, "'budget' lacks 'parameters'"),
+        ({"budget": {"parameters": 10, "memory_gb": "lots"}}, "budget.memory_gb is 'lots': give a positive number"),
+        ({"scoring": {"limit": 0}}, "scoring.limit is 0: give a positive whole number"),
+        ({"scoring": {"tasks": "arc_easy"}}, "scoring.tasks is 'arc_easy': give a list"),
+        ({"scoring": {"tasks": [1]}}, r"scoring.tasks\[0\] is 1: give a text value"),
+        ({"ranking": {"data": 5}}, "ranking.data is 5: give a text value such as 'shakespeare'"),
+        ({"distill": {"top_k": "all"}}, "distill.top_k is 'all': give a positive whole number"),
+        ({"distill": {"intermediate": "sometimes"}}, "distill.intermediate is 'sometimes': use auto, on or off"),
+        ({"retrain": [1, 2]}, "'retrain' is \\[1, 2\\]: give a mapping"),
+        ({"seed": -1}, "seed is -1: give a whole number in \\[0, 4294967295\\] such as 0"),
+        ({"seed": "x"}, "seed is 'x': give a whole number"),
+        ({"trials": 0}, "trials is 0: give a positive whole number"),
+        ({"trials": 10**400}, "trials is 1000.*: give a positive whole number"),
+        ({"retrain": {"lr": "nan"}}, "retrain.lr is 'nan': give a positive number"),
+        ({"family": [10, "big"]}, r"family\[1\] is 'big': give a positive whole number"),
+        ({"family": 10}, "family is 10: give a list"),
+        ({"sampler": 3}, "sampler is 3: give a text value such as 'auto'"),
+        ({"axes": {"hidden_size": [0, 8]}}, r"axes.hidden_size\[0\] is 0: give a positive whole number"),
+        ({"axes": {"hidden_size": {"range": [64]}}}, r"axes.hidden_size.range is \[64\]: give two integers"),
+        ({"axes": {"hidden_size": {"range": [64, 32]}}}, "give the lower bound first"),
+        ({"axes": {"hidden_size": {"range": [64, 128], "step": 0}}}, "axes.hidden_size.step is 0: give a positive whole number"),
+        ({"axes": {"hidden_size": {"range": [65, 70], "divisor": 64}}}, "axes.hidden_size allows no value"),
+        ({"axes": [1, 2]}, "'axes' is \\[1, 2\\]: give a mapping"),
+        ({"teacher": None}, "teacher is None: give a text value"),
+    ],
+)
+def test_every_key_is_checked_for_type_and_range(tmp_path, sections, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(_space_text(**sections))
+    with pytest.raises(MinitronError, match=message) as info:
+        load_space(path)
+    text = str(info.value)
+    assert "\n" not in text and ": " in text
+
+
+def test_numbers_yaml_reads_as_text_and_yaml_booleans_are_accepted(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("teacher: x\naxes: {}\nbudget: {parameters: 4.5e9}\nretrain: {lr: 3e-4, tokens: 1e4}\n"
+                    "distill: {intermediate: off, top_k: null}\nfamily: [2e9, 1e9]\nscoring: {tasks: [piqa], metric: lm_eval}\n")
+    space = load_space(path)
+    assert space.budget.parameters == 4_500_000_000 and isinstance(space.budget.parameters, int)
+    assert space.retrain.lr == 3e-4 and space.retrain.tokens == 10_000 and isinstance(space.retrain.tokens, int)
+    assert space.distill.intermediate == "off" and space.distill.top_k is None
+    assert space.family == (2_000_000_000, 1_000_000_000) and space.scoring.tasks == ("piqa",)
+
+
+def test_fields_added_later_are_checked_from_their_annotations():
+    """A new section needs no change to the checker: its annotations and metadata drive it."""
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    from minitron_nas.space import Range, _section
+
+    @dataclass(frozen=True)
+    class Halving:
+        eta: int = field(default=3, metadata={"range": Range(2)})
+        budget_tokens: Optional[int] = None
+        budget_fraction: float | None = field(default=None, metadata={"range": Range(0, 1, low_open=True)})
+        rungs: tuple[int, ...] = ()
+        name: str = "halving"
+        extra: dict = field(default_factory=dict)
+        opaque: "SomethingUnknown" = None  # noqa: F821  an unresolvable annotation is left unchecked
+
+    assert _section(Halving, {"eta": "4", "budget_tokens": None, "rungs": [1, 2], "extra": {"a": 1}, "opaque": object}, "halving").eta == 4
+    for data, message in [
+        ({"eta": 1}, "halving.eta is 1: give a whole number >= 2 such as 3"),
+        ({"budget_tokens": "x"}, "halving.budget_tokens is 'x': give a whole number >= 0"),
+        ({"budget_fraction": 1.5}, r"halving.budget_fraction is 1.5: give a number in \(0, 1\]"),
+        ({"rungs": [1, -2]}, r"halving.rungs\[1\] is -2: give a whole number >= 0"),
+        ({"name": ["a"]}, "halving.name is \\['a'\\]: give a text value such as 'halving'"),
+        ({"extra": [1]}, "halving.extra is \\[1\\]: give a mapping"),
+        ({"eta": True}, "halving.eta is True: give a whole number"),
+    ]:
+        with pytest.raises(MinitronError, match=message):
+            _section(Halving, data, "halving")
