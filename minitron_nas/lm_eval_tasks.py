@@ -25,7 +25,6 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import uuid
 from difflib import get_close_matches
@@ -413,7 +412,12 @@ class TaskPlan:
 
     def manager(self):
         """lm-eval's TaskManager for the plan (built once per process for the same paths)."""
-        return _manager(tuple(self.include_path) + tuple(str(p.folder) for p in self.local), self.defaults)
+        return _manager(self.include_path, self.defaults)
+
+    def load_spec(self, name: str) -> str:
+        """What to hand TaskManager.load: a converted task's own YAML file, else the name."""
+        local = {p.name: p for p in self.local}
+        return str(local[name].yaml) if name in local else name
 
 
 @lru_cache(maxsize=8)
@@ -471,7 +475,7 @@ def plan_tasks(
             defaults = True
             # our seven exist in every supported lm-eval: no need to index its thousands of YAMLs to know that
             if not all(n in TASKS and (lm_eval_tasks_dir() / TASKS[n].builtin_yaml).is_file() for n in builtin):
-                known = _manager(include + tuple(str(p.folder) for p in prepared), True).all_tasks  # the one scoring reuses
+                known = _manager(include, True).all_tasks  # the one scoring reuses
                 for n in builtin:
                     if n not in known:
                         raise _unknown_task(n, known, include)
@@ -540,20 +544,3 @@ def offline():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = old
-
-
-_METRIC_KEY = re.compile(r"^(?P<metric>[^,]+),(?P<filter>.+)$")
-
-
-def clean_results(results: dict, names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """lm-eval's `results` section -> {task: {metric: value}} without stderrs, aliases or filter names."""
-    out = {}
-    for name in names:
-        metrics = {}
-        for key, value in results.get(name, {}).items():
-            match = _METRIC_KEY.match(key)
-            if match is None or "_stderr" in match["metric"] or not isinstance(value, (int, float)):
-                continue
-            metrics[match["metric"]] = float(value)
-        out[name] = metrics
-    return out

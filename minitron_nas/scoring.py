@@ -46,6 +46,11 @@ def set_lm_eval_verbose(flag: bool) -> None:
 # --------------------------------------------------------------------------- checking a spec
 
 
+def _key(where: str, name: str) -> str:
+    """A setting's name as the user wrote it: scoring.num_fewshot in a space, --num-fewshot on the CLI."""
+    return "--" + name.replace("_", "-") if where == "--" else where + name
+
+
 def _count(value, what: str, allow_zero: bool) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -118,22 +123,23 @@ def _check(spec: ScoringSpec, where: str = ""):
     from .lm_eval_tasks import parse_tasks, plan_tasks
 
     tasks = parse_tasks(list(spec.tasks))
-    _per_task(spec.limit, f"{where}limit", tasks, allow_zero=False)
-    _per_task(spec.num_fewshot, f"{where}num_fewshot", tasks, allow_zero=True)
-    _count(spec.batch_size, f"{where}batch_size", allow_zero=False)
+    _per_task(spec.limit, _key(where, "limit"), tasks, allow_zero=False)
+    _per_task(spec.num_fewshot, _key(where, "num_fewshot"), tasks, allow_zero=True)
+    _count(spec.batch_size, _key(where, "batch_size"), allow_zero=False)
     terms = objective_terms(spec)
     if terms:
         lm_eval_higher_is_better(spec)
     if spec.data_dir is not None and not Path(spec.data_dir).expanduser().is_dir():
         if spec.tasks_optional:
             logging.getLogger("minitron_nas").warning(
-                "lm-eval tasks skipped: data folder '%s' not found; scoring on held-out KL divergence to the teacher instead (%stasks_optional)",
-                spec.data_dir, where,
+                "lm-eval tasks skipped: data folder '%s' not found; scoring on held-out KL divergence to the teacher instead (%s)",
+                spec.data_dir, _key(where, "tasks_optional"),
             )
             return replace(spec, metric="kld"), None
+        optional = "" if where == "--" else f", or set {_key(where, 'tasks_optional')}: true to score on held-out KLD without them"
         raise MinitronError(
-            f"{where}data_dir '{spec.data_dir}' not found: put the benchmark files there (see ../shared/data/MANIFEST.md), "
-            f"drop {where}data_dir to load the tasks from the Hugging Face Hub, or set {where}tasks_optional: true to score on held-out KLD without them"
+            f"{_key(where, 'data_dir')} '{spec.data_dir}' not found: put the benchmark files there (see ../shared/data/MANIFEST.md), "
+            f"or drop {_key(where, 'data_dir')} to load the tasks from the Hugging Face Hub{optional}"
         )
     return spec, plan_tasks(tasks, spec.data_dir, spec.include_path, spec.num_fewshot)
 
@@ -254,7 +260,7 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
             objects, tasks, groups, members = [], {}, {}, {}
             for name in plan.names:
                 try:
-                    loaded = manager.load(name)
+                    loaded = manager.load(plan.load_spec(name))
                 except Exception as err:  # lm-eval and datasets raise anything from a missing dataset
                     reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
                     raise MinitronError(
@@ -272,7 +278,7 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
                 leaf: list(range(min(n, len(tasks[leaf].eval_docs)))) for name, n in spec.limit.items() for leaf in members[name]
             })
             bar = tqdm(desc=f"lm-eval {label}", unit=" forward", file=console, disable=not progress or verbose, leave=True, dynamic_ncols=True)
-            hook = model.register_forward_hook(lambda *_: bar.update(1))
+            hook = model.register_forward_hook(lambda *_: bar.update(1) and None)  # a hook's return value replaces the output
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
             output = simple_evaluate(
                 model=lm, tasks=objects, num_fewshot=None, limit=limit, samples=samples, task_manager=manager,
