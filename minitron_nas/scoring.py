@@ -277,7 +277,9 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
             limit, samples = (spec.limit, None) if not isinstance(spec.limit, dict) else (None, {
                 leaf: list(range(min(n, len(tasks[leaf].eval_docs)))) for name, n in spec.limit.items() for leaf in members[name]
             })
-            bar = tqdm(desc=f"lm-eval {label}", unit=" forward", file=console, disable=not progress or verbose, leave=True, dynamic_ncols=True)
+            # one line: redrawn live on a terminal, printed once at the end into a file or pipe
+            live = progress and not verbose and console.isatty()
+            bar = tqdm(desc=f"lm-eval {label}", unit=" forward", file=console, disable=not live, leave=True, dynamic_ncols=True)
             hook = model.register_forward_hook(lambda *_: bar.update(1) and None)  # a hook's return value replaces the output
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
             output = simple_evaluate(
@@ -286,8 +288,11 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
                 log_samples=True,
             )
             _add_stderrs(output, tasks, groups)
-            bar.set_postfix_str(f"done in {time.perf_counter() - start:.1f} s", refresh=False)
+            seconds = time.perf_counter() - start
+            bar.set_postfix_str(f"done in {seconds:.1f} s", refresh=False)
             bar.close()
+            if progress and not verbose and not live:
+                print(f"lm-eval {label}: {bar.n} forward passes in {seconds:.1f} s", file=console, flush=True)
     finally:
         if hook is not None:
             hook.remove()

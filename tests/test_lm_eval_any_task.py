@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,7 +212,7 @@ def write_space(tmp_path: Path, scoring: dict) -> Path:
 @pytest.mark.parametrize("scoring, fragments", [
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "data_dir": "/no/such/data"},
      ("scoring.data_dir '/no/such/data' not found", "drop scoring.data_dir", "scoring.tasks_optional: true")),
-    ({"metric": "lm_eval", "tasks": ["arc_easy", "pica"], "data_dir": "SHARED"}, ("unknown lm-eval task 'pica'", "did you mean piqa")),
+    ({"metric": "lm_eval", "tasks": ["arc_easy", "pica"], "data_dir": "SHARED"}, ("unknown lm-eval task 'pica' (did you mean", " piqa,")),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "num_fewshot": {"piqa": 2}}, ("scoring.num_fewshot names 'piqa'",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "limit": 0}, ("scoring.limit must be a whole number >= 1",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy"}, ("is not 'task/metric'",)),
@@ -294,7 +295,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
     model = saved_tiny_model(tmp_path / "tiny")
-    # LAMBADA few-shot and --limit both make lm-eval warn; the run also logs its usual INFO lines
+    # LAMBADA few-shot (drawn from its test split) and a model object instead of a name both make lm-eval warn
     args = ["evaluate", "--model", str(model), "--tasks", "lambada_openai,arc_easy", "--data-dir", str(shared_data),
             "--limit", "2", "--num-fewshot", "lambada_openai=1"]
     quiet = run_cli(*args)
@@ -302,10 +303,10 @@ def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
     out = json.loads(quiet.stdout)
     assert list(out["scores"]) == ["lambada_openai", "arc_easy"] and out["num_fewshot"] == {"lambada_openai": 1}
     lines = [line for line in quiet.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].split("\r")[-1].startswith("lm-eval lambada_openai (1-shot), arc_easy:"), quiet.stderr
-    assert "done in" in lines[0] and not any(word in quiet.stderr for word in ("WARNING", "INFO", "Warning", "it/s]"))
+    assert len(lines) == 1 and re.fullmatch(r"lm-eval lambada_openai \(1-shot\), arc_easy: \d+ forward passes in [\d.]+ s", lines[0]), quiet.stderr
 
     loud = run_cli("--verbose", *args)
     assert loud.returncode == 0, loud.stderr[-3000:]
-    assert "WARNING" in loud.stderr and "INFO" in loud.stderr and "SHOULD ONLY BE USED FOR TESTING" in loud.stderr.upper()
+    # what the quiet run folded away: lm-eval's warnings and its per-request bars
+    assert "WARNING" in loud.stderr and "Running loglikelihood requests" in loud.stderr and len(loud.stderr.splitlines()) > 3
     assert json.loads(loud.stdout)["scores"] == out["scores"]
