@@ -119,6 +119,52 @@ def test_user_task_yaml_in_include_path_gets_lm_eval_s_number(tmp_path, shared_d
     assert len(output["samples"]["my_capitals"]) == len(CAPITALS)
 
 
+def test_user_group_and_tag_aggregate_as_lm_eval_does(tmp_path, shared_data):
+    """A group's row and its stderr (pooled over members by lm-eval's Group.aggregate); a tag expands to its members."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    folder = user_tasks(tmp_path / "my_tasks", shared_data)
+    capitals = yaml.safe_load((folder / "capitals.yaml").read_text())
+    (folder / "capitals_q.yaml").write_text(yaml.safe_dump({**capitals, "task": "my_capitals_q", "tag": ["my_tag"],
+                                                             "doc_to_text": "Q: What is the capital of {{country}}?\nA:"}))
+    (folder / "capitals.yaml").write_text(yaml.safe_dump({**capitals, "tag": ["my_tag"]}))
+    (folder / "group.yaml").write_text(yaml.safe_dump({
+        "group": "my_group", "task": ["my_capitals", "my_capitals_q"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+    }))
+    tokenizer, model = byte_tokenizer(), byte_model(seed=1)
+    group = ScoringSpec(metric="lm_eval", tasks=("my_group",), include_path=(str(folder),), limit={"my_group": 6})
+    scores = lm_eval_evaluate(model, tokenizer, group)[0]
+    assert list(scores) == ["my_group", "my_capitals", "my_capitals_q"] and scores.members == {"my_group": ["my_capitals", "my_capitals_q"]}
+    direct = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=["my_group"], limit=6,
+                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]
+    for name in scores:
+        assert scores[name]["acc"] == pytest.approx(direct[name]["acc,none"])
+        assert scores[name]["acc_stderr"] == pytest.approx(direct[name]["acc_stderr,none"])
+    assert lm_eval_objective(scores, group)[:2] == (pytest.approx(scores["my_group"]["acc"]), pytest.approx(scores["my_group"]["acc_stderr"]))
+
+    tag = ScoringSpec(metric="lm_eval", tasks=("my_tag",), include_path=(str(folder),), limit=6)
+    by_tag = lm_eval_evaluate(model, tokenizer, tag)[0]
+    assert set(by_tag) == {"my_capitals", "my_capitals_q"}
+    value, se, up = lm_eval_objective(by_tag, tag)  # the mean over the tag's members
+    assert value == pytest.approx((scores["my_capitals"]["acc"] + scores["my_capitals_q"]["acc"]) / 2) and up
+
+
+def test_a_hub_task_not_in_the_cache_fails_in_one_line_when_offline(tmp_path, monkeypatch):
+    import datasets.config
+
+    from minitron_nas.lm_eval_tasks import offline
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")  # whatever this machine has cached
+    with offline(), pytest.raises(MinitronError) as err:
+        lm_eval_evaluate(byte_model(), byte_tokenizer(), ScoringSpec(metric="lm_eval", tasks=("hellaswag",), limit=2))
+    message = str(err.value)
+    assert message.startswith("lm-eval could not load task 'hellaswag' (") and "\n" not in message
+    assert "Hugging Face Hub or in the local cache" in message
+
+
 def test_include_path_must_exist(tmp_path):
     with pytest.raises(MinitronError, match=r"include_path '.*nowhere' not found: give a folder or YAML file"):
         check_lm_eval(ScoringSpec(metric="lm_eval", tasks=("my_task",), include_path=(str(tmp_path / "nowhere"),)))
