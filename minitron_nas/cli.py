@@ -200,11 +200,15 @@ def evaluate(
     check_lm_eval(spec, where="--")  # bad names, folders or files fail before the model loads
     teacher = load_teacher(model)
     scores = lm_eval_scores(teacher.model, teacher.tokenizer, spec, verbose=_VERBOSE or verbose)
-    value, stderr, higher = lm_eval_objective(scores, spec)
-    print(json.dumps({
-        "model": teacher.name, "limit": spec.limit, "num_fewshot": spec.num_fewshot, "scores": scores,
-        "objective": {"name": objective or "mean acc_norm (else acc)", "value": value, "stderr": stderr, "higher_is_better": higher},
-    }, indent=1))
+    summary = None
+    try:
+        value, stderr, higher = lm_eval_objective(scores, spec)
+        summary = {"name": objective or "mean acc_norm (else acc)", "value": value, "stderr": stderr, "higher_is_better": higher}
+    except MinitronError:
+        if objective:
+            raise
+        # no accuracy among the tasks (e.g. wikitext alone) and none asked for: scores only
+    print(json.dumps({"model": teacher.name, "limit": spec.limit, "num_fewshot": spec.num_fewshot, "scores": scores, "objective": summary}, indent=1))
 
 
 @app.command("enumerate")

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from .errors import MinitronError
 
 # Bump when a converter's output changes, so old cache folders are not reused.
@@ -280,8 +282,6 @@ def _file_hash(path: Path) -> str:
 
 
 def _yaml_text(spec: TaskSpec, builtin: Path, data_files: dict[str, Path], hf_cache: Path, data_dir: Path) -> str:
-    import yaml
-
     split_of = lambda s: s if s in data_files else None  # noqa: E731
     config = {
         "include": str(builtin),
@@ -480,6 +480,30 @@ def plan_tasks(
                     if n not in known:
                         raise _unknown_task(n, known, include)
     return TaskPlan(tuple(names), tuple(prepared), include, defaults)
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs without importing the functions their !function tags name."""
+
+
+_TolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def builtin_metrics(name: str) -> list[str] | None:
+    """The metric names one of our converted tasks reports, from the installed lm-eval's YAML (None: unknown)."""
+    if name not in TASKS:
+        return None
+    path = lm_eval_tasks_dir() / TASKS[name].builtin_yaml
+    for _ in range(4):  # follow `include:` (arc_challenge includes arc_easy)
+        if not path.is_file():
+            return None
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader) or {}  # noqa: S506 - a SafeLoader
+        if "metric_list" in config:
+            return [m["metric"] for m in config["metric_list"] if isinstance(m, dict) and "metric" in m]
+        if "include" not in config:
+            return None
+        path = path.parent / config["include"]
+    return None
 
 
 @contextmanager

@@ -120,7 +120,7 @@ def check_lm_eval(spec: ScoringSpec, where: str = "") -> ScoringSpec:
 
 
 def _check(spec: ScoringSpec, where: str = ""):
-    from .lm_eval_tasks import parse_tasks, plan_tasks
+    from .lm_eval_tasks import TASKS, builtin_metrics, parse_tasks, plan_tasks
 
     tasks = parse_tasks(list(spec.tasks))
     _per_task(spec.limit, _key(where, "limit"), tasks, allow_zero=False)
@@ -141,14 +141,22 @@ def _check(spec: ScoringSpec, where: str = ""):
             f"{_key(where, 'data_dir')} '{spec.data_dir}' not found: put the benchmark files there (see ../shared/data/MANIFEST.md), "
             f"or drop {_key(where, 'data_dir')} to load the tasks from the Hugging Face Hub{optional}"
         )
-    return spec, plan_tasks(tasks, spec.data_dir, spec.include_path, spec.num_fewshot)
+    plan = plan_tasks(tasks, spec.data_dir, spec.include_path, spec.num_fewshot)
+    if terms and all(n in TASKS for n in tasks):  # plain tasks whose metrics are known before scoring
+        for task, metric, _ in terms:
+            if task not in tasks:
+                raise MinitronError(f"{_key(where, 'objective')} names task '{task}', which is not in tasks ({', '.join(tasks)}): name one of them")
+            known = builtin_metrics(task)
+            if known and metric not in known:
+                raise MinitronError(f"{_key(where, 'objective')} names metric '{metric}' of {task}, which reports {', '.join(known)}: name one of them")
+    return spec, plan
 
 
 def _as_spec(tasks, data_dir, limit, batch_size, num_fewshot, include_path) -> ScoringSpec:
     if isinstance(tasks, ScoringSpec):
         return tasks if tasks.metric == "lm_eval" else replace(tasks, metric="lm_eval")
     return ScoringSpec(
-        metric="lm_eval", tasks=tuple([tasks] if isinstance(tasks, str) else tasks or ()), data_dir=None if data_dir is None else str(data_dir),
+        metric="lm_eval", tasks=tasks if isinstance(tasks, str) else tuple(tasks or ()), data_dir=None if data_dir is None else str(data_dir),
         limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, include_path=include_path,
     )
 
@@ -280,7 +288,13 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
             # one line: redrawn live on a terminal, printed once at the end into a file or pipe
             live = progress and not verbose and console.isatty()
             bar = tqdm(desc=f"lm-eval {label}", unit=" forward", file=console, disable=not live, leave=True, dynamic_ncols=True)
-            hook = model.register_forward_hook(lambda *_: bar.update(1) and None)  # a hook's return value replaces the output
+            passes = [0]
+
+            def tick(*_):  # returns None: a hook's return value would replace the model's output
+                passes[0] += 1
+                bar.update(1)
+
+            hook = model.register_forward_hook(tick)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
             output = simple_evaluate(
                 model=lm, tasks=objects, num_fewshot=None, limit=limit, samples=samples, task_manager=manager,
@@ -292,7 +306,7 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
             bar.set_postfix_str(f"done in {seconds:.1f} s", refresh=False)
             bar.close()
             if progress and not verbose and not live:
-                print(f"lm-eval {label}: {bar.n} forward passes in {seconds:.1f} s", file=console, flush=True)
+                print(f"lm-eval {label}: {passes[0]} forward passes in {seconds:.1f} s", file=console, flush=True)
     finally:
         if hook is not None:
             hook.remove()

@@ -144,8 +144,9 @@ class ScoringSpec:
 
     def __post_init__(self):
         # YAML gives lists and single strings; keep the frozen spec's sequences immutable
-        if isinstance(self.tasks, (list, str)):
-            object.__setattr__(self, "tasks", tuple(self.tasks) if isinstance(self.tasks, list) else (self.tasks,))
+        if isinstance(self.tasks, (list, str)):  # 'arc_easy,piqa' as on the command line
+            names = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
+            object.__setattr__(self, "tasks", tuple(n.strip() if isinstance(n, str) else n for n in names if n != ""))
         if isinstance(self.include_path, (list, str)):
             object.__setattr__(self, "include_path", tuple(self.include_path) if isinstance(self.include_path, list) else (self.include_path,))
 

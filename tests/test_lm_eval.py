@@ -374,8 +374,10 @@ WIKITEXT_LIMIT = 1  # one article (Robert Boulter, 1.4k tokens); the next one is
 
 def assert_accuracies(metrics: dict[str, float], limit: int) -> None:
     for name, value in metrics.items():
-        if name.startswith("acc"):  # a count of right answers out of `limit`
+        if name.startswith("acc") and not name.endswith("_stderr"):  # a count of right answers out of `limit`
             assert 0.0 <= value <= 1.0 and value * limit == pytest.approx(round(value * limit)), (name, value)
+            # lm-eval's closed-form standard error of a mean of 0/1 values: sqrt(p (1 - p) / (n - 1))
+            assert metrics[name + "_stderr"] == pytest.approx(math.sqrt(value * (1 - value) / (limit - 1))), name
 
 
 @pytest.mark.teacher

@@ -262,6 +262,9 @@ def write_space(tmp_path: Path, scoring: dict) -> Path:
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "num_fewshot": {"piqa": 2}}, ("scoring.num_fewshot names 'piqa'",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "limit": 0}, ("scoring.limit must be a whole number >= 1",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy"}, ("is not 'task/metric'",)),
+    ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy/accuracy"},
+     ("scoring.objective names metric 'accuracy' of arc_easy, which reports acc, acc_norm",)),
+    ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "piqa/acc"}, ("scoring.objective names task 'piqa', which is not in tasks",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy", "wikitext"], "objective": {"arc_easy/acc": 1, "wikitext/word_perplexity": 1}},
      ("mixes metrics that improve upwards and downwards",)),
 ])
@@ -349,7 +352,7 @@ def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
     out = json.loads(quiet.stdout)
     assert list(out["scores"]) == ["lambada_openai", "arc_easy"] and out["num_fewshot"] == {"lambada_openai": 1}
     lines = [line for line in quiet.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and re.fullmatch(r"lm-eval lambada_openai \(1-shot\), arc_easy: \d+ forward passes in [\d.]+ s", lines[0]), quiet.stderr
+    assert len(lines) == 1 and re.fullmatch(r"lm-eval lambada_openai \(1-shot\), arc_easy: [1-9]\d* forward passes in [\d.]+ s", lines[0]), quiet.stderr
 
     loud = run_cli("--verbose", *args)
     assert loud.returncode == 0, loud.stderr[-3000:]
