@@ -359,3 +359,21 @@ def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
     # what the quiet run folded away: lm-eval's warnings and its per-request bars
     assert "WARNING" in loud.stderr and "Running loglikelihood requests" in loud.stderr and len(loud.stderr.splitlines()) > 3
     assert json.loads(loud.stdout)["scores"] == out["scores"]
+
+
+def test_evaluate_scores_a_user_task_from_include_path(shared_data, tmp_path):
+    from minitron_nas.cli import app
+
+    folder = user_tasks(tmp_path / "my_tasks", shared_data)
+    model = saved_tiny_model(tmp_path / "tiny")
+    args = ["evaluate", "--model", str(model), "--tasks", "my_capitals,my_bard", "--include-path", str(folder),
+            "--limit", "my_bard=3", "--objective", "my_capitals/acc"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["limit"] == {"my_bard": 3} and set(out["scores"]) == {"my_capitals", "my_bard"}
+    objective = out["objective"]
+    assert objective["value"] == out["scores"]["my_capitals"]["acc"] and objective["stderr"] == out["scores"]["my_capitals"]["acc_stderr"]
+    assert objective["higher_is_better"] is True and out["scores"]["my_bard"]["bits_per_byte"] > 0
+    line = one_error_line(CliRunner().invoke(app, ["evaluate", "--tasks", "my_capitals", "--include-path", str(tmp_path / "none")]))
+    assert "include_path" in line and "not found" in line
