@@ -428,24 +428,24 @@ def _manager(paths: tuple[str, ...], defaults: bool):
         return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
 
 
-def _include_paths(include_path) -> tuple[str, ...]:
+def _include_paths(include_path, key: str = "include_path") -> tuple[str, ...]:
     paths = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
     out = []
     for entry in paths:
         path = Path(str(entry)).expanduser()
         if not path.exists():
-            raise MinitronError(f"include_path '{entry}' not found: give a folder or YAML file of lm-eval task configs")
+            raise MinitronError(f"{key} '{entry}' not found: give a folder or YAML file of lm-eval task configs")
         out.append(str(path.resolve()))
     return tuple(out)
 
 
-def _unknown_task(name: str, known: Sequence[str], include: Sequence[str]) -> MinitronError:
+def _unknown_task(name: str, known: Sequence[str], include: Sequence[str], key: str) -> MinitronError:
     close = get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "no known task is close"
     where = f"lm-eval's {len(known)} tasks, groups and tags" + (f" and {', '.join(include)}" if include else "")
     return MinitronError(
         f"unknown lm-eval task '{name}' ({hint}): give a name from {where} (`lm-eval ls tasks` lists them), "
-        "or add your task YAML folder with include_path"
+        f"or add your task YAML folder with {key}"
     )
 
 
@@ -455,14 +455,16 @@ def plan_tasks(
     include_path: str | Sequence[str] = (),
     num_fewshot: int | dict | None = None,
     cache_dir: str | Path | None = None,
+    include_key: str = "include_path",
 ) -> TaskPlan:
     """Check every name, folder and file, convert what comes from `data_dir`; nothing loads a model.
 
     Our converted tasks come from `data_dir` when it is given; every other name must be known
-    to lm-eval's TaskManager (built-in, or defined under `include_path`).
+    to lm-eval's TaskManager (built-in, or defined under `include_path`). `include_key`: the
+    setting's name in messages (scoring.include_path, --include-path).
     """
     names = parse_tasks(tasks)
-    include = _include_paths(include_path)
+    include = _include_paths(include_path, include_key)
     local = [n for n in names if n in TASKS] if data_dir is not None else []
     fewshot = [n for n in local if (fewshot_of(num_fewshot, n) or 0) > 0]
     prepared = prepare_tasks(local, data_dir, cache_dir, fewshot) if local else []
@@ -478,7 +480,7 @@ def plan_tasks(
                 known = _manager(include, True).all_tasks  # the one scoring reuses
                 for n in builtin:
                     if n not in known:
-                        raise _unknown_task(n, known, include)
+                        raise _unknown_task(n, known, include, include_key)
     return TaskPlan(tuple(names), tuple(prepared), include, defaults)
 
 

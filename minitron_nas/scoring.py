@@ -141,7 +141,7 @@ def _check(spec: ScoringSpec, where: str = ""):
             f"{_key(where, 'data_dir')} '{spec.data_dir}' not found: put the benchmark files there (see ../shared/data/MANIFEST.md), "
             f"or drop {_key(where, 'data_dir')} to load the tasks from the Hugging Face Hub{optional}"
         )
-    plan = plan_tasks(tasks, spec.data_dir, spec.include_path, spec.num_fewshot)
+    plan = plan_tasks(tasks, spec.data_dir, spec.include_path, spec.num_fewshot, include_key=_key(where, "include_path"))
     if terms and all(n in TASKS for n in tasks):  # plain tasks whose metrics are known before scoring
         for task, metric, _ in terms:
             if task not in tasks:
