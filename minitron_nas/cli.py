@@ -21,6 +21,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pru
 console = Console(stderr=True)
 
 
+_VERBOSE = False
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", help="show lm-eval's own logs, warnings and progress bars")):
+    """Minitron pruning and architecture search."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    if verbose:
+        from .scoring import set_lm_eval_verbose
+
+        set_lm_eval_verbose(True)
+
+
 def _tables() -> Console:
     """Stdout console; wide when piped so tables are not truncated."""
     return Console() if sys.stdout.isatty() else Console(width=160)
@@ -237,25 +251,54 @@ def loss(
     print(json.dumps({"model": teacher.name, "data": data, "split": split, "loss": round(value, 4)}))
 
 
+def _per_task_option(value: str | None, what: str):
+    """'5' -> 5; 'arc_easy=5,piqa=0' -> {'arc_easy': 5, 'piqa': 0}; None stays None."""
+    if value is None:
+        return None
+    try:
+        if "=" not in value:
+            return int(value)
+        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in value.split(",") if part.strip())}
+    except ValueError:
+        raise MinitronError(f"--{what} '{value}' is not a number or task=number list: give e.g. 5 or arc_easy=5,piqa=0") from None
+
+
 @app.command()
 @_one_line_errors
 def evaluate(
     model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks: arc_easy, arc_challenge, piqa, winogrande, lambada_openai, boolq, wikitext"),
-    data_dir: Path = typer.Option(..., help="folder of the upstream benchmark files (e.g. ../shared/data)"),
-    limit: int = typer.Option(None, help="score only the first N documents of each task"),
+    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks or groups (any lm-eval knows, or defined under --include-path)"),
+    data_dir: Path = typer.Option(None, help="folder of upstream benchmark files for the converted tasks (arc_easy, arc_challenge, "
+                                             "piqa, winogrande, lambada_openai, boolq, wikitext), scored offline; default: lm-eval loads them"),
+    include_path: list[Path] = typer.Option(None, help="folder or YAML file of your own lm-eval task configs (repeatable)"),
+    limit: str = typer.Option(None, help="score only the first N documents of each task: N, or task=N,task=N"),
     batch_size: int = typer.Option(8),
-    num_fewshot: int = typer.Option(0),
+    num_fewshot: str = typer.Option(None, help="few-shot examples per prompt: N, or task=N,task=N (default: each task's own, mostly 0)"),
+    objective: str = typer.Option(None, help="also report an objective: task/metric (default: mean acc_norm, else acc)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show lm-eval's own logs, warnings and progress bars"),
 ):
-    """lm-evaluation-harness scores (its own prompts and metrics) on local files, offline, as JSON."""
-    from .lm_eval_tasks import prepare_tasks
-    from .scoring import lm_eval_scores
+    """lm-evaluation-harness scores (its own prompts, metrics and standard errors) as JSON."""
+    from .scoring import check_lm_eval, lm_eval_objective, lm_eval_scores
+    from .space import ScoringSpec
     from .teachers import load_teacher
 
-    names = [p.name for p in prepare_tasks(tasks, data_dir)]  # bad names or files fail before the model loads
+    spec = ScoringSpec(
+        metric="lm_eval", tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), data_dir=None if data_dir is None else str(data_dir),
+        include_path=tuple(str(p) for p in include_path or ()), limit=_per_task_option(limit, "limit"),
+        num_fewshot=_per_task_option(num_fewshot, "num-fewshot"), batch_size=batch_size, objective=objective,
+    )
+    check_lm_eval(spec, where="--")  # bad names, folders or files fail before the model loads
     teacher = load_teacher(model)
-    scores = lm_eval_scores(teacher.model, teacher.tokenizer, names, data_dir, limit, batch_size, num_fewshot)
-    print(json.dumps({"model": teacher.name, "limit": limit, "num_fewshot": num_fewshot, "scores": scores}, indent=1))
+    scores = lm_eval_scores(teacher.model, teacher.tokenizer, spec, verbose=_VERBOSE or verbose)
+    summary = None
+    try:
+        value, stderr, higher = lm_eval_objective(scores, spec)
+        summary = {"name": objective or "mean acc_norm (else acc)", "value": value, "stderr": stderr, "higher_is_better": higher}
+    except MinitronError:
+        if objective:
+            raise
+        # no accuracy among the tasks (e.g. wikitext alone) and none asked for: scores only
+    print(json.dumps({"model": teacher.name, "limit": spec.limit, "num_fewshot": spec.num_fewshot, "scores": scores, "objective": summary}, indent=1))
 
 
 @app.command("enumerate")

@@ -6,8 +6,12 @@ converts the upstream files of a data folder into the exact field layout of the 
 built-in task reads, writes them as JSON lines into a cache folder, and writes a task YAML
 that `include`s the built-in YAML of the installed lm_eval package and overrides only the
 dataset location and the split names. Prompts, targets, choices and metrics therefore stay
-lm-eval's own, so scores are comparable to published lm-eval numbers (zero-shot; few-shot
-examples come from the splits available here, not always from lm-eval's training split).
+lm-eval's own, so scores are comparable to published lm-eval numbers. Few-shot examples come
+from the split lm-eval takes them from (the training split, LAMBADA's test split); a task
+scored few-shot needs its upstream training file in the data folder.
+
+Any other task or group is resolved by lm-eval's own `TaskManager` (built-in tasks, plus the
+folders or files of `include_path`) and loaded the way lm-eval loads it.
 
 The cache folder of a task is keyed by a hash of its source files' contents, written
 atomically, and reused while the sources are unchanged:
@@ -21,13 +25,16 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import uuid
+from difflib import get_close_matches
+from functools import lru_cache
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from .errors import MinitronError
 
@@ -45,6 +52,8 @@ class TaskSpec:
     builtin_yaml: str  # relative to lm_eval/tasks/
     splits: dict[str, tuple[tuple[str, ...], Callable[..., Iterable[Record]]]]  # split -> (source files, converter)
     eval_split: str  # the split lm-eval scores on (its published numbers use this one)
+    fewshot_split: str = "train"  # the split lm-eval draws few-shot examples from
+    train: tuple[tuple[str, ...], Callable[..., Iterable[Record]]] | None = None  # optional: present when its files are
 
 
 # --------------------------------------------------------------------------- readers
@@ -179,12 +188,19 @@ _ARC_C = (("arc/ARC-Challenge-Test.jsonl",), _arc)
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("arc_easy", "arc/arc_easy.yaml", {"test": _ARC_E, "validation": (("arc/ARC-Easy-Dev.jsonl",), _arc)}, "test"),
-        TaskSpec("arc_challenge", "arc/arc_challenge.yaml", {"test": _ARC_C, "validation": (("arc/ARC-Challenge-Dev.jsonl",), _arc)}, "test"),
-        TaskSpec("piqa", "piqa/piqa.yaml", {"validation": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), _piqa)}, "validation"),
-        TaskSpec("winogrande", "winogrande/default.yaml", {"validation": (("winogrande/dev.jsonl",), _winogrande)}, "validation"),
-        TaskSpec("lambada_openai", "lambada/lambada_openai.yaml", {"test": (("lambada/lambada_test.jsonl",), _lambada)}, "test"),
-        TaskSpec("boolq", "super_glue/boolq/default.yaml", {"validation": (("boolq/superglue_val.jsonl",), _boolq)}, "validation"),
+        TaskSpec("arc_easy", "arc/arc_easy.yaml", {"test": _ARC_E, "validation": (("arc/ARC-Easy-Dev.jsonl",), _arc)}, "test",
+                 train=(("arc/ARC-Easy-Train.jsonl",), _arc)),
+        TaskSpec("arc_challenge", "arc/arc_challenge.yaml", {"test": _ARC_C, "validation": (("arc/ARC-Challenge-Dev.jsonl",), _arc)}, "test",
+                 train=(("arc/ARC-Challenge-Train.jsonl",), _arc)),
+        TaskSpec("piqa", "piqa/piqa.yaml", {"validation": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), _piqa)}, "validation",
+                 train=(("piqa/train.jsonl", "piqa/train-labels.lst"), _piqa)),
+        TaskSpec("winogrande", "winogrande/default.yaml", {"validation": (("winogrande/dev.jsonl",), _winogrande)}, "validation",
+                 train=(("winogrande/train_xl.jsonl",), _winogrande)),
+        # lm-eval's LAMBADA has no training split: its few-shot examples come from the test split
+        TaskSpec("lambada_openai", "lambada/lambada_openai.yaml", {"test": (("lambada/lambada_test.jsonl",), _lambada)}, "test",
+                 fewshot_split="test"),
+        TaskSpec("boolq", "super_glue/boolq/default.yaml", {"validation": (("boolq/superglue_val.jsonl",), _boolq)}, "validation",
+                 train=(("boolq/superglue_train.jsonl",), _boolq)),
         TaskSpec("wikitext", "wikitext/wikitext.yaml", {"test": (("wikitext2_raw/wiki.test.raw", "wikitext2/test.txt"), _wikitext)}, "test"),
     )
 }
@@ -192,13 +208,12 @@ SUPPORTED = tuple(TASKS)
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
-    """'arc_easy,piqa' or a list -> checked, de-duplicated task names in order."""
+    """'arc_easy,piqa' or a list -> de-duplicated task names in order (not yet checked)."""
+    if not isinstance(tasks, (str, list, tuple)) or not all(isinstance(t, str) for t in ([] if isinstance(tasks, str) else tasks)):
+        raise MinitronError(f"tasks must be lm-eval task names, got {tasks!r}: give e.g. [arc_easy, piqa]")
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
     if not names:
-        raise MinitronError(f"no task given: name one or more of {', '.join(SUPPORTED)}")
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise MinitronError(f"unknown task {', '.join(map(repr, unknown))}: supported tasks are {', '.join(SUPPORTED)}")
+        raise MinitronError("no task given: name one or more lm-eval tasks, e.g. arc_easy,piqa")
     return list(dict.fromkeys(names))
 
 
@@ -228,7 +243,16 @@ class PreparedTask:
     eval_split: str
 
 
-def _sources(spec: TaskSpec, data_dir: Path) -> dict[str, list[Path]]:
+def _all_splits(spec: TaskSpec) -> dict[str, tuple[tuple[str, ...], Callable[..., Iterable[Record]]]]:
+    return {**spec.splits, **({"train": spec.train} if spec.train else {})}
+
+
+def _sources(spec: TaskSpec, data_dir: Path, fewshot: bool = False) -> dict[str, list[Path]]:
+    """The source files of every split; the training split only when its files are all there.
+
+    `fewshot`: the task is scored with few-shot examples, so the split lm-eval draws them
+    from must be present (lm-eval would otherwise silently take them from another split).
+    """
     if not data_dir.is_dir():
         raise MinitronError(f"data folder '{data_dir}' not found: pass the folder holding the upstream benchmark files (e.g. ../shared/data)")
     out = {}
@@ -238,6 +262,14 @@ def _sources(spec: TaskSpec, data_dir: Path) -> dict[str, list[Path]]:
             if not path.is_file():
                 raise MinitronError(f"task {spec.name} needs '{path}', which is missing: put the upstream file there or pass another data folder")
         out[split] = paths
+    if spec.train and all((data_dir / f).is_file() for f in spec.train[0]):
+        out["train"] = [data_dir / f for f in spec.train[0]]
+    if fewshot and spec.fewshot_split not in out:
+        where = " and ".join(f"'{data_dir / f}'" for f in spec.train[0]) if spec.train else "no local file"
+        raise MinitronError(
+            f"{spec.name} draws its few-shot examples from its {spec.fewshot_split} split ({where}), which is missing: "
+            f"put the upstream file there, score {spec.name} zero-shot, or drop data_dir to load it from the Hugging Face Hub"
+        )
     return out
 
 
@@ -250,8 +282,6 @@ def _file_hash(path: Path) -> str:
 
 
 def _yaml_text(spec: TaskSpec, builtin: Path, data_files: dict[str, Path], hf_cache: Path, data_dir: Path) -> str:
-    import yaml
-
     split_of = lambda s: s if s in data_files else None  # noqa: E731
     config = {
         "include": str(builtin),
@@ -292,7 +322,7 @@ def _convert(spec: TaskSpec, sources: dict[str, list[Path]], folder: Path, prove
     try:
         counts = {}
         for split, paths in sources.items():
-            _, convert = spec.splits[split]
+            _, convert = _all_splits(spec)[split]
             with (tmp / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
                 counts[split] = 0
                 for record in convert(*paths):
@@ -309,12 +339,13 @@ def _convert(spec: TaskSpec, sources: dict[str, list[Path]], folder: Path, prove
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None = None) -> PreparedTask:
+def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None = None, fewshot: bool = False) -> PreparedTask:
     """Convert one task's upstream files (once per content) and write its task YAML."""
-    (name,) = parse_tasks([name])
+    if name not in TASKS:
+        raise MinitronError(f"no local converter for task '{name}': the converted tasks are {', '.join(SUPPORTED)}")
     spec = TASKS[name]
     data_dir = Path(data_dir).expanduser()
-    sources = _sources(spec, data_dir)
+    sources = _sources(spec, data_dir, fewshot)
     builtin = lm_eval_tasks_dir() / spec.builtin_yaml
     if not builtin.is_file():
         raise MinitronError(f"the installed lm-eval has no '{spec.builtin_yaml}': install lm-eval>=0.4.8")
@@ -323,7 +354,7 @@ def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None =
     key = hashlib.sha256(json.dumps([CONVERTER_VERSION, name, hashes], sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = folder.resolve() / f"{name}-{key}"
-    data_files = {split: folder / f"{split}.jsonl" for split in spec.splits}
+    data_files = {split: folder / f"{split}.jsonl" for split in sources}
 
     if not (folder / "source.json").is_file():
         _convert(spec, sources, folder, {"task": name, "data_dir": str(data_dir.resolve()), "sha256": hashes})
@@ -334,12 +365,20 @@ def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None =
     return PreparedTask(name, folder, yaml_path, data_files, spec.eval_split)
 
 
-def prepare_tasks(tasks: str | Sequence[str], data_dir: str | Path, cache_dir: str | Path | None = None) -> list[PreparedTask]:
-    """Check every name and file first, then convert; `tasks` as 'a,b' or a list."""
+def prepare_tasks(
+    tasks: str | Sequence[str], data_dir: str | Path, cache_dir: str | Path | None = None, fewshot: Sequence[str] = ()
+) -> list[PreparedTask]:
+    """Check every name and file first, then convert; `tasks` as 'a,b' or a list.
+
+    `fewshot`: the tasks scored with few-shot examples (their few-shot split must be there).
+    """
     names = parse_tasks(tasks)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise MinitronError(f"no local converter for task {', '.join(map(repr, unknown))}: the converted tasks are {', '.join(SUPPORTED)}")
     for name in names:
-        _sources(TASKS[name], Path(data_dir).expanduser())
-    return [prepare_task(name, data_dir, cache_dir) for name in names]
+        _sources(TASKS[name], Path(data_dir).expanduser(), name in fewshot)
+    return [prepare_task(name, data_dir, cache_dir, name in fewshot) for name in names]
 
 
 def task_manager(prepared: Sequence[PreparedTask]):
@@ -347,6 +386,155 @@ def task_manager(prepared: Sequence[PreparedTask]):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[str(p.folder) for p in prepared], include_defaults=False)
+
+
+# --------------------------------------------------------------------------- any lm-eval task
+
+
+def fewshot_of(num_fewshot: int | dict | None, name: str) -> int | None:
+    """The few-shot count for one requested task: one number for all, or {task: n} (None: the task's default)."""
+    return num_fewshot.get(name) if isinstance(num_fewshot, dict) else num_fewshot
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """Where each requested task comes from, settled before any model loads."""
+
+    names: tuple[str, ...]  # as requested: tasks, groups or tags
+    local: tuple[PreparedTask, ...]  # fed from converted upstream files
+    include_path: tuple[str, ...]  # the user's task folders and files
+    defaults: bool  # lm-eval's built-in tasks are needed
+
+    @property
+    def offline(self) -> bool:
+        """Every task is one of ours on local files: nothing may reach the network."""
+        return len(self.local) == len(self.names)
+
+    def manager(self):
+        """lm-eval's TaskManager for the plan (built once per process for the same paths)."""
+        return _manager(self.include_path, self.defaults)
+
+    def load_spec(self, name: str) -> str:
+        """What to hand TaskManager.load: a converted task's own YAML file, else the name."""
+        local = {p.name: p for p in self.local}
+        return str(local[name].yaml) if name in local else name
+
+
+@lru_cache(maxsize=8)
+def _manager(paths: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    with quiet_lm_eval():  # indexing warns about every task a later folder overrides
+        return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
+
+
+def _include_paths(include_path, key: str = "include_path") -> tuple[str, ...]:
+    paths = (include_path,) if isinstance(include_path, str) else tuple(include_path or ())
+    out = []
+    for entry in paths:
+        path = Path(str(entry)).expanduser()
+        if not path.exists():
+            raise MinitronError(f"{key} '{entry}' not found: give a folder or YAML file of lm-eval task configs")
+        out.append(str(path.resolve()))
+    return tuple(out)
+
+
+def _unknown_task(name: str, known: Sequence[str], include: Sequence[str], key: str) -> MinitronError:
+    close = get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "no known task is close"
+    where = f"lm-eval's {len(known)} tasks, groups and tags" + (f" and {', '.join(include)}" if include else "")
+    return MinitronError(
+        f"unknown lm-eval task '{name}' ({hint}): give a name from {where} (`lm-eval ls tasks` lists them), "
+        f"or add your task YAML folder with {key}"
+    )
+
+
+def plan_tasks(
+    tasks: str | Sequence[str],
+    data_dir: str | Path | None = None,
+    include_path: str | Sequence[str] = (),
+    num_fewshot: int | dict | None = None,
+    cache_dir: str | Path | None = None,
+    include_key: str = "include_path",
+) -> TaskPlan:
+    """Check every name, folder and file, convert what comes from `data_dir`; nothing loads a model.
+
+    Our converted tasks come from `data_dir` when it is given; every other name must be known
+    to lm-eval's TaskManager (built-in, or defined under `include_path`). `include_key`: the
+    setting's name in messages (scoring.include_path, --include-path).
+    """
+    names = parse_tasks(tasks)
+    include = _include_paths(include_path, include_key)
+    local = [n for n in names if n in TASKS] if data_dir is not None else []
+    fewshot = [n for n in local if (fewshot_of(num_fewshot, n) or 0) > 0]
+    prepared = prepare_tasks(local, data_dir, cache_dir, fewshot) if local else []
+    others = [n for n in names if n not in local]
+    defaults = False
+    if others:
+        found = set(_manager(include, False).all_tasks) if include else set()
+        builtin = [n for n in others if n not in found]
+        if builtin:
+            defaults = True
+            # our seven exist in every supported lm-eval: no need to index its thousands of YAMLs to know that
+            if not all(n in TASKS and (lm_eval_tasks_dir() / TASKS[n].builtin_yaml).is_file() for n in builtin):
+                known = _manager(include, True).all_tasks  # the one scoring reuses
+                for n in builtin:
+                    if n not in known:
+                        raise _unknown_task(n, known, include, include_key)
+    return TaskPlan(tuple(names), tuple(prepared), include, defaults)
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs without importing the functions their !function tags name."""
+
+
+_TolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def builtin_metrics(name: str) -> list[str] | None:
+    """The metric names one of our converted tasks reports, from the installed lm-eval's YAML (None: unknown)."""
+    if name not in TASKS:
+        return None
+    path = lm_eval_tasks_dir() / TASKS[name].builtin_yaml
+    for _ in range(4):  # follow `include:` (arc_challenge includes arc_easy)
+        if not path.is_file():
+            return None
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader) or {}  # noqa: S506 - a SafeLoader
+        if "metric_list" in config:
+            return [m["metric"] for m in config["metric_list"] if isinstance(m, dict) and "metric" in m]
+        if "include" not in config:
+            return None
+        path = path.parent / config["include"]
+    return None
+
+
+@contextmanager
+def quiet_lm_eval(verbose: bool = False):
+    """lm-eval, datasets and transformers quiet for the duration: no warnings, logs or per-request bars.
+
+    Their bars and printed warnings go to stderr, which is redirected; the real stderr is
+    yielded for the caller's own progress line. `verbose` leaves everything as it is.
+    """
+    import logging
+    import sys
+    import warnings
+    from contextlib import redirect_stderr
+
+    if verbose:
+        yield sys.stderr
+        return
+    real = sys.stderr
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "datasets", "transformers", "huggingface_hub", "evaluate", "accelerate")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield real
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # --------------------------------------------------------------------------- running offline
@@ -382,20 +570,3 @@ def offline():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = old
-
-
-_METRIC_KEY = re.compile(r"^(?P<metric>[^,]+),(?P<filter>.+)$")
-
-
-def clean_results(results: dict, names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """lm-eval's `results` section -> {task: {metric: value}} without stderrs, aliases or filter names."""
-    out = {}
-    for name in names:
-        metrics = {}
-        for key, value in results.get(name, {}).items():
-            match = _METRIC_KEY.match(key)
-            if match is None or "_stderr" in match["metric"] or not isinstance(value, (int, float)):
-                continue
-            metrics[match["metric"]] = float(value)
-        out[name] = metrics
-    return out

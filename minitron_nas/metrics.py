@@ -153,16 +153,17 @@ class HeldoutKLD(_PerBlock):
 class LmEval(Metric):
     """The space's lm-eval objective (tasks, metric, weights), scored on the in-memory model.
 
-    Its direction is lm-eval's `higher_is_better` for the objective, known after a first
-    measurement (accuracy-like until then).
+    Its direction is lm-eval's `higher_is_better` of the objective's metrics.
     """
 
     name = "lm_eval"
-    maximize = True
 
     def __init__(self, scoring, tokenizer):
+        from .scoring import lm_eval_higher_is_better
+
         self.scoring = scoring
         self.tokenizer = tokenizer
+        self.maximize = lm_eval_higher_is_better(scoring)
 
     def measure(self, model) -> Measurement:
         from .scoring import lm_eval_objective, lm_eval_scores  # lm-eval is slow to import

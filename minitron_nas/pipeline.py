@@ -350,9 +350,9 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
         spec = space.scoring
         scores["teacher"] = _cached_json(
             out / "teacher_scores.json",
-            lambda: lm_eval_scores(teacher.model, teacher.tokenizer, list(spec.tasks), spec.data_dir, spec.limit, spec.batch_size),
+            lambda: lm_eval_scores(teacher.model, teacher.tokenizer, spec),
         )
-        scores["student"] = lm_eval_scores(model, teacher.tokenizer, list(spec.tasks), spec.data_dir, spec.limit, spec.batch_size)
+        scores["student"] = lm_eval_scores(model, teacher.tokenizer, spec)
     scores["teacher"]["heldout"] = {"loss": summary["teacher"]["heldout_loss"]}
     scores["student"]["heldout"] = {"loss": summary["after"]["heldout_loss"], "kld_to_teacher": summary["after"]["kld"]}
     n, t = counter.count(arch), counter.count(teacher_arch)

@@ -13,7 +13,7 @@ import math
 import sys
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -145,13 +145,39 @@ class HalvingSpec:
 
 @dataclass(frozen=True)
 class ScoringSpec:
+    """How a candidate is scored: lm-eval tasks, held-out loss, or KL divergence to the teacher."""
+
     metric: str = "heldout_loss"
+    """lm_eval, heldout_loss or kld."""
     tasks: tuple[str, ...] = ()
-    limit: int | None = None
-    batch_size: int = 16  # lm-eval requests per forward pass
-    data_dir: str = "../shared/data"
+    """lm-eval task, group or tag names: any lm-eval knows, or one defined under include_path."""
+    limit: int | dict[str, int] | None = None
+    """Documents scored per task (the first N), one number or {task: N}; None scores all."""
+    num_fewshot: int | dict[str, int] | None = None
+    """Few-shot examples per prompt, one number or {task: n}; None keeps each task's default (0 for most)."""
+    include_path: tuple[str, ...] = ()
+    """Folders or YAML files of your own lm-eval task configs (lm-eval's --include_path)."""
+    objective: str | dict[str, float] | None = None
+    """'task/metric', or {'task/metric': weight} for a weighted mean; None: mean over tasks of acc_norm (else acc)."""
+    batch_size: int = 16
+    """lm-eval requests per forward pass."""
+    data_dir: str | None = None
+    """Folder of upstream benchmark files: the seven converted tasks are scored from it offline.
+    None: lm-eval loads every task itself (the Hugging Face Hub, or its cache when offline)."""
+    tasks_optional: bool = False
+    """True: when data_dir is missing, score on held-out KL divergence instead of refusing the space."""
     heldout_samples: int = 32
+    """Held-out blocks for heldout_loss and kld (their standard errors are over blocks)."""
     seq_len: int = 256
+    """Tokens per held-out block."""
+
+    def __post_init__(self):
+        # YAML gives lists and single strings; keep the frozen spec's sequences immutable
+        if isinstance(self.tasks, (list, str)):  # 'arc_easy,piqa' as on the command line
+            names = self.tasks.split(",") if isinstance(self.tasks, str) else self.tasks
+            object.__setattr__(self, "tasks", tuple(n.strip() if isinstance(n, str) else n for n in names if n != ""))
+        if isinstance(self.include_path, (list, str)):
+            object.__setattr__(self, "include_path", tuple(self.include_path) if isinstance(self.include_path, list) else (self.include_path,))
 
 
 @dataclass(frozen=True)
@@ -437,11 +463,13 @@ def load_space(path: str | Path) -> SearchSpace:
         raise MinitronError(f"distill.intermediate is '{space.distill.intermediate}': use auto, on or off")
     if space.scoring.metric == "lm_eval" and not space.scoring.tasks:
         raise MinitronError("scoring.metric is lm_eval but scoring.tasks is empty: list tasks such as [arc_easy, piqa]")
-    from .lm_eval_tasks import SUPPORTED
+    if space.scoring.metric == "lm_eval":
+        from .scoring import check_lm_eval
 
-    unknown = [task for task in space.scoring.tasks if task not in SUPPORTED]
-    if unknown:
-        raise MinitronError(f"unknown lm-eval task '{unknown[0]}' in scoring.tasks: supported are {', '.join(SUPPORTED)}")
+        # names, folders and files checked now, before any teacher loads
+        scoring = check_lm_eval(space.scoring, where="scoring.")
+        if scoring is not space.scoring:
+            space = replace(space, scoring=scoring)
     return space
 
 

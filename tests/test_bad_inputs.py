@@ -182,7 +182,7 @@ def test_infeasible_budget(root, teacher, corpus, intact_run, command):
 
 def test_unknown_lm_eval_task(teacher, shared_data):
     result = invoke("evaluate", "--model", teacher, "--tasks", "arc_easy,nope", "--data-dir", shared_data)
-    assert_one_line_error(result, "unknown task 'nope'", "supported tasks are", "arc_easy")
+    assert_one_line_error(result, "unknown lm-eval task 'nope'", "lm-eval ls tasks", "--include-path")
 
 
 # --------------------------------------------------------------------------- data

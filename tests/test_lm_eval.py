@@ -15,7 +15,6 @@ import torch
 from minitron_nas.errors import MinitronError
 from minitron_nas.lm_eval_tasks import (
     SUPPORTED,
-    clean_results,
     lm_eval_tasks_dir,
     offline,
     prepare_task,
@@ -235,8 +234,10 @@ def test_cli_evaluate_errors_are_one_line(shared_data, tmp_path):
     from minitron_nas.cli import app
 
     for args, fragment in (
-        (["--tasks", "arc_easy,nope", "--data-dir", str(shared_data)], "supported tasks are arc_easy"),
+        (["--tasks", "arc_easy,nope", "--data-dir", str(shared_data)], "unknown lm-eval task 'nope'"),
         (["--tasks", "piqa", "--data-dir", str(tmp_path / "missing")], "not found"),
+        (["--tasks", "piqa", "--data-dir", str(shared_data), "--num-fewshot", "piqa=x"], "is not a number"),
+        (["--tasks", "piqa", "--data-dir", str(shared_data), "--limit", "arc_easy=3"], "--limit names 'arc_easy'"),
     ):
         result = CliRunner().invoke(app, ["evaluate", *args])
         lines = [line for line in result.output.splitlines() if line.strip()]
@@ -257,15 +258,15 @@ def test_offline_sets_and_restores_the_flags(monkeypatch):
     assert not huggingface_hub.constants.is_offline_mode() and not datasets.config.HF_HUB_OFFLINE
 
 
-def test_clean_results_keeps_metrics_only():
-    raw = {
-        "arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": "N/A", "acc_norm,none": 0.25, "acc_norm_stderr,none": 0.1},
-        "wikitext": {"alias": "wikitext", "word_perplexity,none": 20.0, "byte_perplexity,none": 1.8, "bits_per_byte,none": 0.85},
-    }
-    assert clean_results(raw, ["arc_easy", "wikitext"]) == {
-        "arc_easy": {"acc": 0.5, "acc_norm": 0.25},
-        "wikitext": {"word_perplexity": 20.0, "byte_perplexity": 1.8, "bits_per_byte": 0.85},
-    }
+def test_metric_names_keep_the_filter_only_where_a_metric_has_several():
+    from minitron_nas.scoring import _clean
+
+    row = {"alias": "gsm8k", "sample_len": 4, "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+           "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": "N/A", "acc,none": 0.5, "acc_stderr,none": 0.2}
+    metrics, base = _clean(row)
+    assert metrics == {"exact_match,strict-match": 0.25, "exact_match,strict-match_stderr": 0.1,
+                       "exact_match,flexible-extract": 0.5, "exact_match,flexible-extract_stderr": None, "acc": 0.5, "acc_stderr": 0.2}
+    assert base["exact_match,strict-match"] == "exact_match" and base["acc"] == "acc"
 
 
 # --------------------------------------------------------------------------- the real teacher
@@ -318,14 +319,23 @@ def test_lm_eval_scores_on_an_in_memory_model(shared_data, no_network):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(config).train()
     rng = torch.random.get_rng_state()
-    scores = lm_eval_scores(model, tokenizer, ["piqa", "arc_easy", "lambada_openai", "wikitext"], shared_data, limit=3, num_fewshot=2)
+    # LAMBADA draws its few-shot examples from its test split, which is here; the others stay zero-shot
+    scores = lm_eval_scores(model, tokenizer, ["piqa", "arc_easy", "lambada_openai", "wikitext"], shared_data, limit=3,
+                            num_fewshot={"lambada_openai": 2})
     assert model.training and torch.equal(rng, torch.random.get_rng_state())
     assert list(scores) == ["piqa", "arc_easy", "lambada_openai", "wikitext"]
-    assert set(scores["piqa"]) == {"acc", "acc_norm"} and set(scores["lambada_openai"]) == {"acc", "perplexity"}
-    assert set(scores["wikitext"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    with_se = lambda *names: {n + s for n in names for s in ("", "_stderr")}  # noqa: E731
+    assert set(scores["piqa"]) == with_se("acc", "acc_norm") and set(scores["lambada_openai"]) == with_se("acc", "perplexity")
+    assert set(scores["wikitext"]) == with_se("word_perplexity", "byte_perplexity", "bits_per_byte")
     for metrics in scores.values():
         for name, value in metrics.items():
-            assert math.isfinite(value) and (not name.startswith("acc") or value in (0, 1 / 3, 2 / 3, 1))
+            if name.endswith("_stderr"):
+                # closed form for accuracies (sample stddev / sqrt(n)); perplexities have none without a bootstrap
+                acc = metrics[name[: -len("_stderr")]]
+                assert (value is None) == ("perplexity" in name or "bits" in name)
+                assert value is None or value == pytest.approx(math.sqrt(acc * (1 - acc) * 3 / 2 / 3))
+            else:
+                assert math.isfinite(value) and (not name.startswith("acc") or value in (0, 1 / 3, 2 / 3, 1))
     # random weights: hopeless at language modelling (the teacher: ~60 and ~0.84)
     assert scores["lambada_openai"]["perplexity"] > 1000 and scores["wikitext"]["bits_per_byte"] > 2
 
@@ -353,7 +363,7 @@ def test_lm_eval_scores_refuses_bad_limits(shared_data):
     from minitron_nas.scoring import lm_eval_scores
 
     for limit in (0, 0.5, -3):
-        with pytest.raises(MinitronError, match="limit must be a positive number"):
+        with pytest.raises(MinitronError, match="limit must be a whole number >= 1"):
             lm_eval_scores(None, None, ["piqa"], shared_data, limit=limit)
 
 
@@ -364,8 +374,10 @@ WIKITEXT_LIMIT = 1  # one article (Robert Boulter, 1.4k tokens); the next one is
 
 def assert_accuracies(metrics: dict[str, float], limit: int) -> None:
     for name, value in metrics.items():
-        if name.startswith("acc"):  # a count of right answers out of `limit`
+        if name.startswith("acc") and not name.endswith("_stderr"):  # a count of right answers out of `limit`
             assert 0.0 <= value <= 1.0 and value * limit == pytest.approx(round(value * limit)), (name, value)
+            # lm-eval's closed-form standard error of a mean of 0/1 values: sqrt(p (1 - p) / (n - 1))
+            assert metrics[name + "_stderr"] == pytest.approx(math.sqrt(value * (1 - value) / (limit - 1))), name
 
 
 @pytest.mark.teacher
@@ -387,7 +399,8 @@ def test_teacher_scores(shared_data, no_network):
     print(json.dumps(scores, indent=1))
     assert model.training and torch.equal(rng, torch.random.get_rng_state())
 
-    assert set(scores["arc_easy"]) == {"acc", "acc_norm"} and set(scores["lambada_openai"]) == {"acc", "perplexity"}
+    assert set(scores["arc_easy"]) == {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
+    assert set(scores["lambada_openai"]) == {"acc", "perplexity", "acc_stderr", "perplexity_stderr"}
     # Measured on these documents: arc_easy 0.475, piqa 0.725, winogrande 0.475, lambada 0.325 / ppl 58.7,
     # boolq 0.30, wikitext word ppl 20.8 / 0.844 bits per byte. The bounds leave a few documents of room
     # and are far from what random weights give (chance accuracy, perplexities in the thousands).
