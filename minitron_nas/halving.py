@@ -66,9 +66,12 @@ def _rungs(n: int, eta: int, levels: int, full_steps: int, tokens_per_step: int,
 
 
 def _max_levels(n: int, eta: int, full_steps: int, min_steps: int, final_candidates: int) -> int:
-    """Most halvings that keep >= final_candidates at the last rung and >= min_steps at rung 0."""
+    """Most halvings that keep >= final_candidates at the last rung, with rungs of distinct lengths."""
+    def steps(levels_down: int) -> int:
+        return max(min_steps, round(full_steps / eta**levels_down))
+
     levels = 0
-    while math.ceil(n / eta ** (levels + 1)) >= max(1, final_candidates) and full_steps / eta ** (levels + 1) >= min_steps:
+    while math.ceil(n / eta ** (levels + 1)) >= max(1, final_candidates) and steps(levels + 1) < steps(levels):
         levels += 1
     return levels
 
