@@ -23,15 +23,15 @@ from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr
 from minitron_nas.pipeline import RankSettings, rank
 from minitron_nas.pruning import prune
+from minitron_nas.ranking import Rankings
 from minitron_nas.teachers import load_teacher
 
-ARCHS = [  # hidden / FFN / heads:KV / layers; the first five cut the hidden size only
-    {"hidden_size": 528},
-    {"hidden_size": 480},
+ARCHS = [  # hidden / FFN / heads:KV / layers; the first four cut the hidden size only
+    {"hidden_size": 504},
     {"hidden_size": 432},
-    {"hidden_size": 384},
+    {"hidden_size": 360},
     {"hidden_size": 288},
-    {"hidden_size": 480, "intermediate_size": 1024, "num_attention_heads": 9, "num_hidden_layers": 24},
+    {"hidden_size": 480, "intermediate_size": 1024, "num_attention_heads": 6, "num_hidden_layers": 24},
     {"hidden_size": 432, "intermediate_size": 1280, "num_attention_heads": 6, "num_hidden_layers": 22},
 ]
 
@@ -41,11 +41,16 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=32, help="WikiText-2 test blocks of 256 tokens")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--out", type=Path, default=REPORTS / "norm_correction.md")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-norm"), help="keeps the rankings between runs")
     args = parser.parse_args()
     run = Run()
     data = Path(args.data_dir)
     teacher = load_teacher("smollm2-135m")
-    rankings = rank(teacher, RankSettings(data=str(data / "wikitext2/valid.txt"), samples=64, seq_len=256))
+    folder = args.work / "rankings"
+    if (folder / "rankings.json").is_file():
+        rankings = Rankings.load(folder, teacher.fingerprint)
+    else:
+        rankings = rank(teacher, RankSettings(data=str(data / "wikitext2/valid.txt"), samples=64, seq_len=256), folder)
     test = token_blocks(str(data / "wikitext2/test.txt"), teacher.tokenizer, 256, args.blocks, "all")
     cache = TeacherLogitCache.compute(teacher.model, test, 64, 1.0, 4, {"teacher_fingerprint": teacher.fingerprint})
     metrics = {"loss": HeldoutLoss(test, 4), "kld": HeldoutKLD(test, cache, 4)}

@@ -106,7 +106,7 @@ def test_shipped_smollm2_spaces_have_candidates():
         ("teacher: x\naxes: {}\nbudget: {parameters: 10, slack: 1}\n", "unknown key 'budget.slack'"),
         ("teacher: x\naxes: {hidden_size: [a]}\nbudget: {parameters: 10}\n", "axes.hidden_size\\[0\\] is 'a': give a positive whole number"),
         ("axes: {}\nbudget: {parameters: 10}\n", "lacks 'teacher'"),
-        ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nsampler: random\n", "unknown sampler 'random'"),
+        ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nsampler: tpe\n", "unknown sampler 'tpe'"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nscoring: {metric: lm_eval}\n", "scoring.tasks is empty"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10, count: all}\n", "budget.count is 'all': use total or non_embedding"),
         ("- a list\n", "must be a YAML mapping"),
@@ -215,7 +215,7 @@ def test_fields_added_later_are_checked_from_their_annotations():
     assert _section(Halving, {"eta": "4", "budget_tokens": None, "rungs": [1, 2], "extra": {"a": 1}, "opaque": object}, "halving").eta == 4
     for data, message in [
         ({"eta": 1}, "halving.eta is 1: give a whole number >= 2 such as 3"),
-        ({"budget_tokens": "x"}, "halving.budget_tokens is 'x': give a whole number >= 0"),
+        ({"budget_tokens": "x"}, "halving.budget_tokens is 'x': give a positive whole number"),  # RANGES: positive
         ({"budget_fraction": 1.5}, r"halving.budget_fraction is 1.5: give a number in \(0, 1\]"),
         ({"rungs": [1, -2]}, r"halving.rungs\[1\] is -2: give a whole number >= 0"),
         ({"name": ["a"]}, "halving.name is \\['a'\\]: give a text value such as 'halving'"),
