@@ -192,6 +192,7 @@ def prune(
     arch: str = typer.Option(..., help="architecture JSON file or inline object (HF config names)"),
     out: Path = typer.Option(..., help="folder for the pruned model and tokenizer"),
     layer_criterion: str = typer.Option("block_importance", help="depth choice: block_importance, layer_loss, last"),
+    norm_correction: bool = typer.Option(False, help="rescale norm gains for the kept hidden channels (see reports/benchmarks/norm_correction.md)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ):
     """Slice the teacher to an architecture; the result loads with plain transformers."""
@@ -209,7 +210,7 @@ def prune(
     student_config(config, target, list(target.layers or range(target.num_hidden_layers)))
     teacher = load_teacher(model)
     ranked = Rankings.load(rankings, teacher.fingerprint)
-    prune_to(teacher, ranked, target, out, layer_criterion, overwrite)
+    prune_to(teacher, ranked, target, out, layer_criterion, overwrite, norm_correction)
     n = ParamCounter(config).count(target)
     console.print(f"pruned {teacher.name} to {n.total:,} parameters ({n.non_embedding:,} non-embedding) -> {out}")
 

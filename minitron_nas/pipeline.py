@@ -67,11 +67,12 @@ def prune_to(
     out: Path | None = None,
     layer_criterion: str = "block_importance",
     overwrite: bool = False,
+    norm_correction: bool = False,
 ):
     """Prune the teacher to `arch`; with `out`, save model + tokenizer + provenance there."""
     if out is not None:
         check_writable(out, overwrite)
-    student = prune(teacher.model, rankings, arch, layer_criterion)
+    student = prune(teacher.model, rankings, arch, layer_criterion, norm_correction)
     if out is not None:
         count = ParamCounter(teacher.model.config).count(arch)
         save_model(

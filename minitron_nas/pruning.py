@@ -81,7 +81,9 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     `norm_correction`: rescale every hidden-size norm's gain by sqrt(mean square of its
     input over the kept channels / over all channels), measured in the calibration pass.
     An RMSNorm of the pruned model divides by the root mean square of fewer channels, the
-    most important (largest) ones, so without it every normalised output shrinks.
+    most important (largest) ones. Off by default: on the real teacher it lowers the
+    pruned loss when only the hidden size is cut and raises it when heads, FFN and depth
+    are cut too (reports/benchmarks/norm_correction.md).
     """
     family = family_for(model.config)
     teacher_arch = Architecture.from_config(model.config)

@@ -85,9 +85,9 @@ def space(root, corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def searched(root, space) -> Path:
-    """A run folder after a one-trial search: best_arch.json and rankings/."""
+    """A run folder after a whole search: best_arch.json and rankings/."""
     out = root / "searched"
-    result = invoke("search", space, "--out", out, "--n-trials", "1")
+    result = invoke("search", space, "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
