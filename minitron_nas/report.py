@@ -258,6 +258,7 @@ def _hover(row) -> str:
         f"stopped at rung {row.last_rung} ({_fmt(_int(row.tokens))} tokens): {_fmt(_float(row.value))} ± {_fmt(_float(row.stderr))}"
         + ("" if _float(row.score) is None else f"<br>score {_fmt(_float(row.score))} ± {_fmt(_float(row.score_stderr))}")
         + (" (tied with the best)" if row.get("tied_with_best") else "")
+        + ("" if _float(row.get("decode_tokens_per_s")) is None else f"<br>decode {row.decode_tokens_per_s:,.0f} tokens/s")
     )
 
 
@@ -300,6 +301,8 @@ def parallel_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
     if done.empty:
         return _empty(title, "no finished trial yet")
     columns = {**ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "value": "score"}
+    if done.decode_tokens_per_s.notna().all():  # measured (latency section of the space): one more axis
+        columns = {**columns, "decode_tokens_per_s": "decode tok/s"}
     values = {label: [float(v) for v in done[col]] for col, label in columns.items()}
     lower_is_better = True  # the rung metric
 
@@ -606,6 +609,8 @@ def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
     out["tied with best"] = frame.tied_with_best.map({True: "yes", False: ""}).to_numpy()
     out["Pareto"] = frame.pareto.map({True: "yes", False: ""}).to_numpy()
     out["seconds"] = frame.seconds.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.0f}").to_numpy()
+    if frame.decode_tokens_per_s.notna().any():
+        out["decode tok/s"] = frame.decode_tokens_per_s.map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}").to_numpy()
     return out
 
 

@@ -62,6 +62,8 @@ from .teachers import Teacher, load_config, load_teacher
 
 __all__ = ["run_search", "candidate_pool", "schedule_for", "write_outputs", "made_from"]
 
+# What a candidate's trials at later rungs inherit from its rung-0 trial.
+CARRIED = ("architecture", "key", "params_total", "params_non_embedding", "prefill_tokens_per_s", "decode_tokens_per_s")
 WAITING, RUNNING, COMPLETE = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
 
 
@@ -221,6 +223,8 @@ class _Search:
             start = time.perf_counter()
             student = prune(self.teacher.model, self.rankings, arch)
             timings["prune"] = time.perf_counter() - start
+            if rung.index == 0 and self.space.latency.active:
+                self._latency(trial, student, timings)
             if rung.index == 0:
                 before = self.rung_metric.measure(student)
                 timings["before"] = before.seconds
@@ -248,7 +252,7 @@ class _Search:
                 trial.set_user_attr("score_details", score.details)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
-            _queue(self.study, rung.index, self.schedule, {k: attrs[k] for k in ("architecture", "key", "params_total", "params_non_embedding")})
+            _queue(self.study, rung.index, self.schedule, {k: attrs[k] for k in CARRIED[:4]})
             raise
         except Exception as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
@@ -264,6 +268,24 @@ class _Search:
             f"{self.rung_metric.name} {_fmt(value)}{extra} · {sum(timings.values()):.0f} s"
         )
         return value.value
+
+    def _latency(self, trial: optuna.Trial, student, timings: dict) -> None:
+        """Prefill/decode throughput on the run's device; too slow for the constraint: stopped here."""
+        from .latency import measure_latency
+
+        spec = self.space.latency
+        start = time.perf_counter()
+        speed = measure_latency(student, spec.batch_size, spec.context, spec.new_tokens, spec.repeats)
+        timings["latency"] = time.perf_counter() - start
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            trial.set_user_attr(key, speed[key])
+        if spec.min_decode_tokens_per_s is not None and speed["decode_tokens_per_s"] < spec.min_decode_tokens_per_s:
+            trial.set_user_attr("too_slow", True)
+            _say(
+                f"trial {trial.number} · {trial.user_attrs['key']} · decodes {speed['decode_tokens_per_s']:.0f} tokens/s "
+                f"< latency.min_decode_tokens_per_s {spec.min_decode_tokens_per_s:g}: stopped"
+            )
+            raise optuna.TrialPruned("slower than latency.min_decode_tokens_per_s")
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         write_outputs(study, self.out, self.space, self.score_metric.maximize)
@@ -287,7 +309,7 @@ class _Search:
         _say(f"rung {current} closed: {len(done)} finished, the best {keep} by {self.rung_metric.name} go on")
         for key in survivors:
             attrs = done[key].user_attrs
-            _queue(self.study, current + 1, self.schedule, {k: attrs[k] for k in ("architecture", "key", "params_total", "params_non_embedding")})
+            _queue(self.study, current + 1, self.schedule, {k: attrs[k] for k in CARRIED if k in attrs})
         return True
 
     def work(self, n_trials: int | None) -> None:

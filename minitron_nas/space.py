@@ -144,6 +144,28 @@ class HalvingSpec:
 
 
 @dataclass(frozen=True)
+class LatencySpec:
+    """Inference speed of each candidate on the run's device (latency.py), a constraint if asked."""
+
+    measure: bool = False
+    """Measure prefill and decode throughput of every candidate at rung 0."""
+    batch_size: int = 1
+    """Sequences per forward pass."""
+    context: int = 256
+    """Prompt tokens per sequence (prefill)."""
+    new_tokens: int = 32
+    """Tokens generated per sequence through the KV cache (decode)."""
+    repeats: int = 3
+    """Timed repeats; the median is kept (one untimed warm-up first)."""
+    min_decode_tokens_per_s: float | None = None
+    """Candidates that decode slower than this are stopped at rung 0 and never promoted (implies measure)."""
+
+    @property
+    def active(self) -> bool:
+        return self.measure or self.min_decode_tokens_per_s is not None
+
+
+@dataclass(frozen=True)
 class ScoringSpec:
     """How a candidate is scored: lm-eval tasks, held-out loss, or KL divergence to the teacher."""
 
@@ -190,6 +212,7 @@ class SearchSpace:
     scoring: ScoringSpec = ScoringSpec()
     distill: DistillSpec = DistillSpec()
     halving: HalvingSpec = HalvingSpec()
+    latency: LatencySpec = LatencySpec()
     family: tuple[int, ...] = ()  # several budgets: each pruned from the previous, largest first
     sampler: str = "auto"
     trials: int | None = None
@@ -237,7 +260,8 @@ RANGES: dict[str, Range] = {
     **{key: POSITIVE for key in (
         "parameters", "memory_gb", "context", "batch", "bytes_per_value", "samples", "seq_len", "tokens",
         "batch_size", "lr", "temperature", "top_k", "checkpoint_every", "heldout_samples", "limit", "trials",
-        "family", "budget_tokens", "budget_fraction", "min_steps", "final_candidates",
+        "family", "budget_tokens", "budget_fraction", "min_steps", "final_candidates", "new_tokens", "repeats",
+        "min_decode_tokens_per_s",
     )},
     "halving.eta": Range(2),  # each rung keeps 1/eta
     "scoring.heldout_samples": Range(2),  # a standard error needs two blocks
@@ -447,6 +471,7 @@ def load_space(path: str | Path) -> SearchSpace:
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
         distill=_section(DistillSpec, data.get("distill"), "distill"),
         halving=_section(HalvingSpec, data.get("halving"), "halving"),
+        latency=_section(LatencySpec, data.get("latency"), "latency"),
         family=_top_level(data, "family", ()) or (),
         sampler=_top_level(data, "sampler", "auto"),
         trials=_top_level(data, "trials", None),

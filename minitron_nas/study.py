@@ -139,6 +139,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "score": t.user_attrs.get("score"),
                 "score_stderr": t.user_attrs.get("score_stderr"),
                 "tokens_trained": t.user_attrs.get("tokens_trained"),
+                "decode_tokens_per_s": t.user_attrs.get("decode_tokens_per_s"),
+                "prefill_tokens_per_s": t.user_attrs.get("prefill_tokens_per_s"),
                 "seconds": round(sum(t.user_attrs.get("timings", {}).values()), 2) if t.user_attrs.get("timings") else None,
                 "key": t.user_attrs["key"],
                 "error": t.user_attrs.get("error"),

@@ -267,3 +267,21 @@ def test_ctrl_c_mid_trial_queues_the_candidate_again_and_prints_one_line(teacher
     assert "interrupted" in tail.lower() and "--resume" in tail
     subprocess.run(command + ["--resume"], check=True, capture_output=True)
     _each_once(optuna.load_study(study_name="minitron", storage=storage), load_space(space_file), teacher)
+
+
+def test_latency_is_measured_carried_to_later_rungs_and_enforced(teacher, corpus, tmp_path):
+    from minitron_nas.space import LatencySpec
+
+    space = make_space(teacher, corpus, latency=LatencySpec(measure=True, context=16, new_tokens=4, repeats=1))
+    study = run_search(space, tmp_path / "run", teacher=teacher)
+    done = [t for t in study.trials if t.state.name == "COMPLETE" and "rung" in t.user_attrs]
+    assert all(t.user_attrs["decode_tokens_per_s"] > 0 and t.user_attrs["prefill_tokens_per_s"] > 0 for t in done)
+    assert any(t.user_attrs["rung"] > 0 for t in done)  # later rungs inherit the rung-0 measurement
+    table = pd.read_csv(tmp_path / "run" / "candidates.csv")
+    assert table.decode_tokens_per_s.notna().all()
+
+    too_fast = make_space(teacher, corpus, latency=LatencySpec(min_decode_tokens_per_s=1e12, context=16, new_tokens=4, repeats=1))
+    with pytest.raises(MinitronError, match="no candidate finished the search"):
+        run_search(too_fast, tmp_path / "slow", teacher=teacher)
+    stopped = optuna.load_study(study_name="minitron", storage=f"sqlite:///{tmp_path / 'slow' / 'study.db'}").trials
+    assert all(t.state.name == "PRUNED" and t.user_attrs.get("too_slow") for t in stopped if "rung" in t.user_attrs)
