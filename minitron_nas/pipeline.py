@@ -12,6 +12,7 @@ import torch
 
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
+from .devices import is_main_process, model_device, model_dtype, to_model_device, wait_for_everyone
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
@@ -141,7 +142,7 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     from .search import run_search
 
     done = finished_stages(out)
-    teacher = teacher or load_teacher(space.teacher)
+    teacher = teacher or load_teacher(space.teacher, space.device.device, space.device.dtype)
     if "rank" not in done:
         spec = space.ranking
         folder = out / "rankings"
@@ -168,13 +169,18 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
 
 @torch.no_grad()
 def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
-    """Held-out LM loss and KL divergence to the teacher (full vocabulary), both in nats."""
+    """Held-out LM loss and KL divergence to the teacher (full vocabulary), both in nats.
+
+    Student and teacher may live on different devices: each gets the batch on its own, and
+    the teacher's logits are brought to the student's.
+    """
     from .distill import kd_loss
 
     kld, tokens = 0.0, 0
     for batch in blocks.split(batch_size):
-        student_logits = model(input_ids=batch, use_cache=False).logits
-        teacher_logits = teacher_model(input_ids=batch, use_cache=False).logits
+        student_logits = model(input_ids=to_model_device(batch, model), use_cache=False).logits  # [B, S, V]
+        teacher_logits = teacher_model(input_ids=to_model_device(batch, teacher_model), use_cache=False).logits
+        teacher_logits = teacher_logits.to(student_logits.device)
         kld += kd_loss(student_logits, teacher_logits).item() * batch.numel()
         tokens += batch.numel()
     return {"heldout_loss": lm_loss(model, blocks, batch_size), "kld": kld / tokens}
@@ -213,8 +219,10 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
         "seconds": round(result.seconds, 1),
         "intermediate": result.settings.get("intermediate_active"),
     }
-    save_model(student, folder / "model", teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    if is_main_process():  # under `accelerate launch` every process holds the same student
+        save_model(student, folder / "model", teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    wait_for_everyone()
     return summary
 
 
@@ -225,7 +233,9 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
     from .export import export_winner
 
     arch, rankings, best = winner(out, teacher)
-    model = AutoModelForCausalLM.from_pretrained(str(out / "distill" / "model")).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(out / "distill" / "model"), dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
+    ).eval()  # scored where, and in the dtype in which, the teacher runs
     summary = json.loads((out / "distill" / "summary.json").read_text())
     counter = ParamCounter(teacher.model.config)
     teacher_arch = Architecture.from_config(teacher.model.config)

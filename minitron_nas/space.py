@@ -126,6 +126,28 @@ class ScoringSpec:
 
 
 @dataclass(frozen=True)
+class DeviceSpec:
+    """Where every stage runs and in which dtype the teacher (and so every student) is held."""
+
+    device: str = "auto"
+    """auto (this process's GPU if any, else the CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16 or float32."""
+
+    def __post_init__(self):
+        from .devices import check_device_name, check_dtype_name
+
+        check_device_name(self.device)
+        check_dtype_name(self.dtype)
+
+    def resolve(self):
+        """The concrete `Placement` on this machine (a missing GPU is refused here)."""
+        from .devices import placement
+
+        return placement(self.device, self.dtype)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     teacher: str
     axes: dict[str, tuple[int, ...]]
@@ -134,6 +156,7 @@ class SearchSpace:
     retrain: RetrainSpec = RetrainSpec()
     scoring: ScoringSpec = ScoringSpec()
     distill: DistillSpec = DistillSpec()
+    device: DeviceSpec = DeviceSpec()
     family: tuple[int, ...] = ()  # several budgets: each pruned from the previous, largest first
     sampler: str = "auto"
     trials: int | None = None
@@ -212,6 +235,7 @@ def load_space(path: str | Path) -> SearchSpace:
         retrain=_section(RetrainSpec, data.get("retrain"), "retrain"),
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
         distill=_section(DistillSpec, data.get("distill"), "distill"),
+        device=_section(DeviceSpec, data.get("device"), "device"),
         family=tuple(int(float(b)) for b in data.get("family") or ()),
         sampler=data.get("sampler", "auto"),
         trials=data.get("trials"),

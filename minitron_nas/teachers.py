@@ -139,9 +139,25 @@ def _not_loadable(spec: str, err: Exception) -> str:
     )
 
 
-def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Teacher:
+def load_teacher(spec: str = DEFAULT_TEACHER, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Teacher:
+    """Load the weights straight onto `device` in `dtype` (see `devices.placement` for "auto").
+
+    transformers reads the safetensors shards into tensors of the target dtype on the target
+    device (`dtype=` and `device_map=`), so no float32 copy of the teacher is ever held on
+    the host. A GGUF file is dequantised once into the safetensors cache (transformers
+    dequantises on the host), which is then loaded the same way. A teacher whose weights do
+    not fit in the device's free memory is refused before anything is read.
+    """
+    from .devices import check_fits, placement
+
+    place = placement(device, dtype)
     name, folder = resolve(spec)
-    load_config(str(folder))  # refuse unsupported families before loading weights
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    config = load_config(str(folder))  # refuse unsupported families before loading weights
+    check_fits(config, place, f"teacher '{name}'")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=place.dtype, device_map=place.device)
+    except (OSError, ValueError) as err:
+        raise MinitronError(_not_loadable(spec, err)) from None
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return Teacher(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model), path=Path(folder))
