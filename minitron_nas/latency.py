@@ -38,11 +38,11 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int, device: torch.device
     token = out.logits[:, -1:].argmax(-1)  # [B, 1], greedy
     synchronize(device)
     prefill = time.perf_counter() - start
-    past = out.past_key_values
+    cache = out.cache  # the KV cache the prefill filled
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache = out.cache
         token = out.logits[:, -1:].argmax(-1)  # [B, 1]
     synchronize(device)
     return prefill, time.perf_counter() - start
