@@ -125,6 +125,11 @@ def to_model_device(batch: Any, model: torch.nn.Module) -> Any:
     return to_device(batch, model_device(model))
 
 
+def process_count() -> int:
+    """Processes training together: 1 alone, N under `accelerate launch --num_processes N`."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def is_main_process() -> bool:
     """True alone, and on rank 0 under `accelerate launch`: the process that writes shared files."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

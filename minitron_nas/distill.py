@@ -23,12 +23,16 @@ safetensors plus a JSON of what it was made from (teacher fingerprint, SHA-256 o
 blocks, k, temperature, vocabulary size), and loading it for anything else is refused.
 
 **Trainer.** `retrain` uses `accelerate.Accelerator`: the same code runs on CPU, on one
-GPU (bf16 autocast) or on several under `accelerate launch` (each process takes its slice
-of every global batch; `batch_size` is per process and micro-batch). AdamW, linear warmup
+GPU or on several under `accelerate launch` (each process takes its slice of every global
+batch; `batch_size` is per process and micro-batch). It trains where the student was
+placed; a bf16/fp16 student trains with float32 master weights under autocast to its dtype
+and is cast back at the end. The intermediate-state projection is prepared with the
+student, so under several processes its gradients are averaged and clipped with them. AdamW, linear warmup
 then cosine decay, gradient accumulation, gradient clipping, a data order fixed by the
 seed. Every `eval_every` optimizer steps (and after the last) the held-out blocks are
 scored and the value is passed to `report(step, value)`; an exception raised by `report`
-(for instance an Optuna `TrialPruned`) propagates and stops training.
+(for instance an Optuna `TrialPruned`) propagates and stops training. Held-out sums are
+gathered from every process (`gather_for_metrics`), so all report the same value.
 
 Held-out metric: the KD loss against the teacher (the objective being trained, top-k when
 `settings.top_k` is set) whenever teacher logits for the held-out blocks are available,

@@ -12,7 +12,7 @@ import torch
 
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
-from .devices import is_main_process, model_device, model_dtype, to_model_device, wait_for_everyone
+from .devices import is_main_process, model_device, process_count, model_dtype, to_model_device, wait_for_everyone
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
@@ -194,7 +194,11 @@ def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
 
 
 def distill_winner(space, out: Path, teacher: Teacher) -> dict:
-    """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes)."""
+    """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes).
+
+    Under `accelerate launch` with N processes, `distill.tokens` stays the total: each
+    optimizer step takes N x batch_size blocks, so there are N times fewer steps.
+    """
     from .distill import distill
     from .pruning import select
 
@@ -204,7 +208,11 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     student = prune(teacher.model, rankings, arch)
     spec = space.distill
     settings = spec.settings(space.seed)
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
+    processes = process_count()
+    if processes > 1:
+        steps = max(1, settings.steps // processes)
+        settings = replace(settings, steps=steps, warmup_steps=max(1, steps // 20))
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size * processes, "train")
     heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, spec.heldout_samples, "heldout")
     before = heldout_metrics(student, teacher.model, heldout)
     result = distill(student, teacher.model, train, settings, folder, heldout, chosen.layers, chosen.channels)
