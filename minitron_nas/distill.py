@@ -27,9 +27,9 @@ GPU or on several under `accelerate launch` (each process takes its slice of eve
 batch; `batch_size` is per process and micro-batch). It trains where the student was
 placed; a bf16/fp16 student trains with float32 master weights under autocast to its dtype
 and is cast back at the end. The intermediate-state projection is prepared with the
-student, so under several processes its gradients are averaged and clipped with them. AdamW, linear warmup
-then cosine decay, gradient accumulation, gradient clipping, a data order fixed by the
-seed. Every `eval_every` optimizer steps (and after the last) the held-out blocks are
+student, so under several processes its gradients are averaged and clipped with them.
+AdamW, linear warmup then cosine decay, gradient accumulation, gradient clipping, a data
+order fixed by the seed. Every `eval_every` optimizer steps (and after the last) the held-out blocks are
 scored and the value is passed to `report(step, value)`; an exception raised by `report`
 (for instance an Optuna `TrialPruned`) propagates and stops training. Held-out sums are
 gathered from every process (`gather_for_metrics`), so all report the same value.
@@ -676,7 +676,6 @@ def retrain(
     # before the optimizer: fused AdamW needs its parameters' device
     student.to(device, torch.float32 if dtype in HALF else dtype)
     optimizer = make_optimizer(student, settings)
-    projection = None  # the intermediate states' module, as prepared (DDP-wrapped under several processes)
     if intermediate is not None:
         if teacher is None:
             raise MinitronError("intermediate-state distillation needs the live teacher: pass teacher=")
@@ -687,11 +686,11 @@ def retrain(
     # Not prepared: accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
     if intermediate is not None and intermediate.project is not None:
-        # Prepared with the model: its gradients are averaged across processes like the student's.
+        # Prepared with the model (DDP-wrapped under several processes): its gradients are averaged like the student's.
         model, projection, optimizer = accelerator.prepare(student, intermediate, optimizer)
     else:
         model, optimizer = accelerator.prepare(student, optimizer)
-        projection = intermediate
+        projection = intermediate  # None, or nothing to learn: nothing to average
     clipped = list(model.parameters()) + (list(projection.parameters()) if projection is not None else [])
     result = RetrainResult(curve=[], eval_curve=[], eval_metric=metric, settings=asdict(settings))
     processes, rank, per_step = accelerator.num_processes, accelerator.process_index, settings.batch_size

@@ -276,3 +276,14 @@ def test_weight_bytes_is_parameters_times_bytes_per_value():
     config = teachers.load_config(str(REPO / "search_spaces" / "configs" / "llama-3.1-8b.json"))
     assert devices.weight_bytes(config, torch.bfloat16) * 2 == devices.weight_bytes(config, torch.float32)
     assert json.loads((REPO / "search_spaces" / "configs" / "llama-3.1-8b.json").read_text())["hidden_size"] == 4096
+
+
+def test_cli_dtype_reaches_the_teacher(teacher_folder, shared_data, tmp_path):
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    out = tmp_path / "rankings"
+    result = CliRunner().invoke(app, ["rank", "--model", str(teacher_folder), "--data", corpus, "--out", str(out), "--samples", "2",
+                                      "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    made_for = json.loads((out / "rankings.json").read_text())["teacher_fingerprint"]
+    assert made_for == teachers.load_teacher(str(teacher_folder), "cpu", "bfloat16").fingerprint
+    assert made_for != teachers.load_teacher(str(teacher_folder), "cpu", "float32").fingerprint
