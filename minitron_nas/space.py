@@ -137,14 +137,8 @@ class DeviceSpec:
     def __post_init__(self):
         from .devices import check_device_name, check_dtype_name
 
-        check_device_name(self.device)
+        check_device_name(self.device)  # syntax only: whether the GPU exists is asked where a model loads
         check_dtype_name(self.dtype)
-
-    def resolve(self):
-        """The concrete `Placement` on this machine (a missing GPU is refused here)."""
-        from .devices import placement
-
-        return placement(self.device, self.dtype)
 
 
 @dataclass(frozen=True)
