@@ -12,7 +12,7 @@ import torch
 
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
-from .devices import is_main_process, model_device, process_count, model_dtype, to_model_device, wait_for_everyone
+from .devices import is_main_process, model_device, model_dtype, process_count, to_model_device, wait_for_everyone
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
