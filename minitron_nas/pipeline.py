@@ -50,6 +50,7 @@ def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, over
         meta={
             "teacher": teacher.name,
             "teacher_fingerprint": teacher.fingerprint,
+            "teacher_dtype": str(model_dtype(teacher.model)).removeprefix("torch."),  # the fingerprint depends on it
             "data": settings.data,
             "split": settings.split,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -128,7 +128,8 @@ class Rankings:
         if teacher_fingerprint is not None and meta.get("teacher_fingerprint") != teacher_fingerprint:
             raise MinitronError(
                 f"rankings in '{folder}' were made for teacher '{meta.get('teacher')}' "
-                f"({meta.get('teacher_fingerprint')}), not this one ({teacher_fingerprint}): rank this teacher first"
+                f"({meta.get('teacher_fingerprint')}{', in ' + meta['teacher_dtype'] if meta.get('teacher_dtype') else ''}), "
+                f"not this one ({teacher_fingerprint}): rank this teacher first (in the same --dtype)"
             )
         return cls(**{k: tensors.get(k) for k in _TENSORS}, meta=meta)
 

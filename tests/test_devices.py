@@ -287,3 +287,15 @@ def test_cli_dtype_reaches_the_teacher(teacher_folder, shared_data, tmp_path):
     made_for = json.loads((out / "rankings.json").read_text())["teacher_fingerprint"]
     assert made_for == teachers.load_teacher(str(teacher_folder), "cpu", "bfloat16").fingerprint
     assert made_for != teachers.load_teacher(str(teacher_folder), "cpu", "float32").fingerprint
+
+
+def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, shared_data, tmp_path):
+    from minitron_nas.ranking import Rankings
+
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    full = teachers.load_teacher(str(teacher_folder), "cpu", "float32")
+    rank(full, RankSettings(data=corpus, samples=2, seq_len=16, batch_size=2), tmp_path / "rankings")
+    half = teachers.load_teacher(str(teacher_folder), "cpu", "bfloat16")
+    with pytest.raises(MinitronError, match=r"in float32\), not this one .*same --dtype"):
+        Rankings.load(tmp_path / "rankings", half.fingerprint)
+    assert Rankings.load(tmp_path / "rankings", full.fingerprint).meta["teacher_dtype"] == "float32"
