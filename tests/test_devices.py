@@ -299,3 +299,26 @@ def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, sh
     with pytest.raises(MinitronError, match=r"in float32\), not this one .*same --dtype"):
         Rankings.load(tmp_path / "rankings", half.fingerprint)
     assert Rankings.load(tmp_path / "rankings", full.fingerprint).meta["teacher_dtype"] == "float32"
+
+
+def test_a_bf16_student_trains_with_float32_master_weights_and_returns_in_bf16(monkeypatch):
+    from minitron_nas import distill
+
+    teacher = tiny_model("llama").to(torch.bfloat16)
+    blocks = random_blocks(4, 16)
+    student = prune(teacher, compute_rankings(teacher, blocks, progress=False), Architecture(48, 48, 6, 2, 4))
+    seen = []
+    real = distill.make_optimizer
+
+    def make_optimizer(model, settings):
+        seen.extend(p.dtype for p in model.parameters())
+        return real(model, settings)
+
+    monkeypatch.setattr(distill, "make_optimizer", make_optimizer)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    settings = RetrainSettings(steps=2, batch_size=2, warmup_steps=0, lr=1e-3, top_k=None)
+    result = distill.retrain(student, blocks, None, settings, teacher=teacher, progress=False, heldout_blocks=blocks[:2])
+    assert seen and set(seen) == {torch.float32}
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.eval_curve)
