@@ -41,6 +41,19 @@ def _tables() -> Console:
 
 MODEL_HELP = "Hugging Face id or folder, a .gguf file, or 'smollm2-135m' (embedded)"
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
+DEVICE_HELP = "auto (this process's GPU, else the CPU), cpu, cuda or cuda:N"
+DTYPE_HELP = "auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16 or float32"
+SPACE_DEVICE_HELP = DEVICE_HELP + "; default: the space's device section"
+SPACE_DTYPE_HELP = DTYPE_HELP + "; default: the space's device section"
+
+
+def _with_device(spec, device: str | None, dtype: str | None):
+    """The space with --device / --dtype, where given, replacing its `device:` section."""
+    from dataclasses import replace
+
+    from .space import DeviceSpec
+
+    return replace(spec, device=DeviceSpec(device or spec.device.device, dtype or spec.device.dtype))
 
 
 def _quiet_libraries() -> None:
@@ -166,6 +179,8 @@ def rank(
     layer_loss: bool = typer.Option(False, help="also score layers by held-out loss with each one dropped"),
     heldout_samples: int = typer.Option(16, help="held-out blocks for --layer-loss"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
     from .files import check_writable
@@ -175,7 +190,7 @@ def rank(
 
     settings = RankSettings(data, samples, seq_len, batch_size, Aggregation(batch_agg, seq_agg), layer_loss, heldout_samples, split)
     check_writable(out, overwrite)
-    teacher = load_teacher(model)
+    teacher = load_teacher(model, device, dtype)
     rankings = rank_stage(teacher, settings, out, overwrite)
     bi = rankings.block_importance
     console.print(
@@ -194,6 +209,8 @@ def prune(
     layer_criterion: str = typer.Option("block_importance", help="depth choice: block_importance, layer_loss, last"),
     norm_correction: bool = typer.Option(False, help="rescale norm gains for the kept hidden channels (see reports/benchmarks/norm_correction.md)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Slice the teacher to an architecture; the result loads with plain transformers."""
     from .architecture import Architecture, ParamCounter, student_config, validate
@@ -208,7 +225,7 @@ def prune(
     target = Architecture.load(arch, teacher_arch)
     validate(target, teacher_arch)
     student_config(config, target, list(target.layers or range(target.num_hidden_layers)))
-    teacher = load_teacher(model)
+    teacher = load_teacher(model, device, dtype)
     ranked = Rankings.load(rankings, teacher.fingerprint)
     prune_to(teacher, ranked, target, out, layer_criterion, overwrite, norm_correction)
     n = ParamCounter(config).count(target)
@@ -242,12 +259,14 @@ def loss(
     samples: int = typer.Option(32),
     seq_len: int = typer.Option(256),
     split: str = typer.Option("heldout", help="train, heldout or all"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """Mean next-token loss (nats) of a model on text."""
     from .pipeline import heldout_loss
     from .teachers import load_teacher
 
-    teacher = load_teacher(model)
+    teacher = load_teacher(model, device, dtype)
     value = heldout_loss(teacher.model, teacher.tokenizer, data, samples, seq_len, split)
     print(json.dumps({"model": teacher.name, "data": data, "split": split, "loss": round(value, 4)}))
 
@@ -277,6 +296,8 @@ def evaluate(
     num_fewshot: str = typer.Option(None, help="few-shot examples per prompt: N, or task=N,task=N (default: each task's own, mostly 0)"),
     objective: str = typer.Option(None, help="also report an objective: task/metric (default: mean acc_norm, else acc)"),
     verbose: bool = typer.Option(False, "--verbose", help="show lm-eval's own logs, warnings and progress bars"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ):
     """lm-evaluation-harness scores (its own prompts, metrics and standard errors) as JSON."""
     from .scoring import check_lm_eval, lm_eval_objective, lm_eval_scores
@@ -289,7 +310,7 @@ def evaluate(
         num_fewshot=_per_task_option(num_fewshot, "num-fewshot"), batch_size=batch_size, objective=objective,
     )
     check_lm_eval(spec, where="--")  # bad names, folders or files fail before the model loads
-    teacher = load_teacher(model)
+    teacher = load_teacher(model, device, dtype)
     scores = lm_eval_scores(teacher.model, teacher.tokenizer, spec, verbose=_VERBOSE or verbose)
     summary = None
     try:
@@ -334,15 +355,20 @@ def search(
     storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
     n_trials: int = typer.Option(None, help="trials to run now (default: the space's trials, or the whole grid)"),
     resume: bool = typer.Option(False, help="continue the study already in the run folder or storage"),
+    device: str = typer.Option(None, help=SPACE_DEVICE_HELP + "; one worker per GPU: --device cuda:N"),
+    dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
 ):
     """Budget-constrained architecture search: every candidate retrained by KD in rungs of growing tokens."""
     from .search import run_search
-    from .space import load_space
+    from .space import load_space, require_feasible
+    from .teachers import load_config, load_teacher
 
-    spec = load_space(space)
+    spec = _with_device(load_space(space), device, dtype)
+    require_feasible(spec, load_config(spec.teacher))  # an infeasible budget fails before the weights load
     folder = _run_folder(space, out)
+    teacher = load_teacher(spec.teacher, spec.device.device, spec.device.dtype)
     try:
-        run_search(spec, folder, storage, n_trials, resume)
+        run_search(spec, folder, storage, n_trials, resume, teacher=teacher)
     except KeyboardInterrupt as err:
         add_resume_hint(err, f"finished trials are kept in {folder} and the running candidate is queued again; rerun the same command with --resume")
         raise
@@ -366,12 +392,14 @@ def run(
     out: Path = typer.Option(None, help="run folder (default: runs/<space name>)"),
     storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
     n_trials: int = typer.Option(None, help="search trials (default: the space's trials, or the whole grid)"),
+    device: str = typer.Option(None, help=SPACE_DEVICE_HELP),
+    dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
 ):
     """The whole recipe: rank -> search -> distill -> export -> report; a rerun resumes."""
     from .pipeline import run as run_pipeline
     from .space import load_space
 
-    exported = run_pipeline(load_space(space), _run_folder(space, out), storage, n_trials)
+    exported = run_pipeline(_with_device(load_space(space), device, dtype), _run_folder(space, out), storage, n_trials)
     console.print(f"exported model (loads with AutoModelForCausalLM.from_pretrained): {exported}")
 
 
@@ -380,17 +408,19 @@ def run(
 def distill(
     space: Path = typer.Argument(..., help="search space YAML (its distill section)"),
     out: Path = typer.Option(None, help="run folder holding best_arch.json and rankings/"),
+    device: str = typer.Option(None, help=SPACE_DEVICE_HELP + "; under accelerate launch: auto"),
+    dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
 ):
-    """Fully distill the search's winner (checkpointed: a rerun resumes)."""
+    """Fully distill the search's winner (checkpointed: a rerun resumes; several GPUs with accelerate launch)."""
     from .pipeline import distill_winner
     from .space import load_space
     from .teachers import load_teacher
 
-    spec = load_space(space)
+    spec = _with_device(load_space(space), device, dtype)
     folder = _run_folder(space, out)
     if not (folder / "best_arch.json").is_file():
         raise MinitronError(f"no best_arch.json in '{folder}': run `minitron-nas search` first")
-    summary = distill_winner(spec, folder, load_teacher(spec.teacher))
+    summary = distill_winner(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))
     console.print(f"held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
                   f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {folder / 'distill'}")
 
@@ -400,17 +430,19 @@ def distill(
 def export(
     space: Path = typer.Argument(..., help="search space YAML"),
     out: Path = typer.Option(None, help="run folder holding distill/model"),
+    device: str = typer.Option(None, help=SPACE_DEVICE_HELP),
+    dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
 ):
     """Write RUN_DIR/export: the distilled winner, best_arch.json with provenance, a model card."""
     from .pipeline import export_stage
     from .space import load_space
     from .teachers import load_teacher
 
-    spec = load_space(space)
+    spec = _with_device(load_space(space), device, dtype)
     folder = _run_folder(space, out)
     if not (folder / "distill" / "model").is_dir():
         raise MinitronError(f"no distilled model in '{folder}': run `minitron-nas distill` first")
-    console.print(f"exported -> {export_stage(spec, folder, load_teacher(spec.teacher))}")
+    console.print(f"exported -> {export_stage(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))}")
 
 
 @app.command()

@@ -14,12 +14,16 @@ safetensors plus a JSON of what it was made from (teacher fingerprint, SHA-256 o
 blocks, k, temperature, vocabulary size), and loading it for anything else is refused.
 
 **Trainer.** `retrain` uses `accelerate.Accelerator`: the same code runs on CPU, on one
-GPU (bf16 autocast) or on several under `accelerate launch` (each process takes its slice
-of every global batch; `batch_size` is per process and micro-batch). AdamW, linear warmup
-then cosine decay, gradient accumulation, gradient clipping, a data order fixed by the
-seed. Every `eval_every` optimizer steps (and after the last) the held-out blocks are
+GPU or on several under `accelerate launch` (each process takes its slice of every global
+batch; `batch_size` is per process and micro-batch). It trains where the student was
+placed; a bf16/fp16 student trains with float32 master weights under autocast to its dtype
+and is cast back at the end. The intermediate-state projection is prepared with the
+student, so under several processes its gradients are averaged and clipped with them.
+AdamW, linear warmup then cosine decay, gradient accumulation, gradient clipping, a data
+order fixed by the seed. Every `eval_every` optimizer steps (and after the last) the held-out blocks are
 scored and the value is passed to `report(step, value)`; an exception raised by `report`
-(for instance an Optuna `TrialPruned`) propagates and stops training.
+(for instance an Optuna `TrialPruned`) propagates and stops training. Held-out sums are
+gathered from every process (`gather_for_metrics`), so all report the same value.
 
 Held-out metric: the KD loss against the teacher (the objective being trained, top-k when
 `settings.top_k` is set) whenever teacher logits for the held-out blocks are available,
@@ -35,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .devices import HALF, is_main_process, model_device, model_dtype, resolve_device, to_model_device
 from .errors import MinitronError
 from .losses import clm_loss, kd_loss, kd_loss_topk
 from .files import atomic_dir, check_writable
@@ -149,14 +155,13 @@ class TeacherLogitCache:
         meta = dict(meta or {})
         if "teacher_fingerprint" not in meta:
             meta["teacher_fingerprint"] = fingerprint(teacher_model)
-        device = next(teacher_model.parameters()).device
         was_training = teacher_model.training
         teacher_model.eval()
         values, ids = [], []
         start = time.perf_counter()
         try:
             for batch in tqdm(blocks.split(batch_size), desc="teacher top-k", disable=not progress, unit="batch"):
-                v, i = teacher_topk(teacher_model, batch.to(device), top_k, temperature)
+                v, i = teacher_topk(teacher_model, to_model_device(batch, teacher_model), top_k, temperature)  # [B, S, k]
                 values.append(v.to("cpu", torch.float16))
                 ids.append(i.to("cpu", torch.int32))
         finally:
@@ -359,6 +364,10 @@ class IntermediateStates(torch.nn.Module):
                 kept = channels if channels is not None else torch.arange(student_hidden)
                 self.project.weight[kept.long(), torch.arange(student_hidden)] = 1.0
 
+    def forward(self, student_states, teacher_states) -> torch.Tensor:
+        """alpha * `loss`: called as a module so that, prepared by accelerate, its gradients are averaged."""
+        return self.alpha * self.loss(student_states, teacher_states)
+
     def loss(self, student_states, teacher_states) -> torch.Tensor:
         total = 0.0
         for s, t in self.pairs:
@@ -484,12 +493,36 @@ def _short(value) -> str:
     return str(value)
 
 
-def make_accelerator():
-    """CPU / one GPU / `accelerate launch`; bf16 autocast where the GPU supports it."""
+def make_accelerator(device: str | torch.device | None = None):
+    """An Accelerator on `device` (default: this process's GPU, else the CPU); one per process.
+
+    Mixed precision is not asked of accelerate: `retrain` autocasts to the student's own
+    dtype (bf16 students train with float32 master weights), so the dtype chosen for the
+    teacher is the one every stage computes in. Under `accelerate launch` each process
+    takes its local GPU; alone, `cuda:N` becomes the current GPU, which accelerate uses.
+    """
     from accelerate import Accelerator
 
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    device = resolve_device("auto" if device is None else device)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    try:
+        accelerator = Accelerator(cpu=device.type == "cpu")
+    except ValueError as err:  # accelerate's state is per process and was set up for another device
+        raise MinitronError(f"cannot train on {device} in this process ({str(err).splitlines()[0][:120]}): run one device per process") from None
+    if accelerator.device.type != device.type:
+        raise MinitronError(
+            f"accelerate runs this process on {accelerator.device}, the model is on {device}: "
+            "pass the same --device to every stage of one process"
+        )
+    return accelerator
+
+
+def _autocast(accelerator, dtype: torch.dtype):
+    """Autocast to a half `dtype` (bf16/fp16 students), else whatever the accelerator was set up for."""
+    if dtype in HALF:
+        return torch.autocast(device_type=accelerator.device.type, dtype=dtype)
+    return accelerator.autocast()
 
 
 def make_optimizer(model, settings: RetrainSettings) -> torch.optim.Optimizer:
@@ -520,7 +553,7 @@ def batch_loss(
         with torch.no_grad():
             t_out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True)
         kd = kd_loss(out.logits, t_out.logits, settings.temperature)
-        total = kd + intermediate.alpha * intermediate.loss(out.hidden_states, t_out.hidden_states)
+        total = kd + intermediate(out.hidden_states, t_out.hidden_states)  # alpha * L_is
         if settings.clm_weight:
             total = total + settings.clm_weight * clm_loss(out.logits, input_ids)
         return total, kd.detach()
@@ -549,22 +582,26 @@ def _row_stream(n: int, seed: int):
 
 
 @torch.no_grad()
-def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator) -> tuple[float | None, float]:
-    """(held-out KD loss or None, held-out LM loss), token-weighted over all processes."""
+def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator, dtype=torch.float32) -> tuple[float | None, float]:
+    """(held-out KD loss or None, held-out LM loss), token-weighted over all processes.
+
+    Each process scores its share of the blocks; the per-process sums are gathered
+    (`gather_for_metrics`) and added, so every process returns the same values.
+    """
     was_training = model.training
     model.eval()
-    device = accelerator.device
+    device = model_device(model)
     rows = torch.arange(len(blocks))[accelerator.process_index :: accelerator.num_processes]
     totals = [0.0, 0.0, 0.0, 0.0]  # kd * tokens, ce * targets, tokens, targets
     try:
         for chunk in rows.split(settings.batch_size):
-            ids = blocks[chunk].to(device)
-            with accelerator.autocast():
+            ids = to_model_device(blocks[chunk], model)  # [B, S]
+            with _autocast(accelerator, dtype):
                 logits = model(input_ids=ids, use_cache=False).logits
                 kd = None
                 if heldout_topk is not None:
                     lp, ix = heldout_topk[chunk]
-                    kd = kd_loss_topk(logits, lp.to(device), ix.to(device), settings.temperature)
+                    kd = kd_loss_topk(logits, *to_model_device((lp, ix), model), settings.temperature)
                 elif teacher is not None:  # full-vocabulary KD, live
                     kd = kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits, settings.temperature)
             if kd is not None:
@@ -574,8 +611,8 @@ def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator) -> tu
             totals[3] += ids[:, 1:].numel()
     finally:
         model.train(was_training)
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(torch.tensor(totals, device=device), "sum").tolist()
+    per_process = accelerator.gather_for_metrics(torch.tensor([totals], dtype=torch.float64, device=device))  # [P, 4]
+    totals = per_process.reshape(-1, 4).sum(0).tolist()
     has_kd = heldout_topk is not None or teacher is not None
     return (totals[0] / totals[2] if has_kd else None), totals[1] / totals[3]
 
@@ -611,7 +648,7 @@ def retrain(
     partly trained and should be discarded.
     """
     if accelerator is None:
-        accelerator = make_accelerator()
+        accelerator = make_accelerator(model_device(student))  # train where the student was placed
     if accelerator.gradient_accumulation_steps != 1:
         raise MinitronError("pass an Accelerator with gradient_accumulation_steps=1: retrain accumulates via settings.grad_accum")
     vocab = student.config.vocab_size
@@ -629,7 +666,9 @@ def retrain(
         _check_cache_settings(heldout_cache, settings, vocab, "held-out")
     metric = None if heldout_blocks is None else ("kd" if (heldout_cache is not None or teacher is not None) else "lm")
 
-    student.to(device)  # before the optimizer: fused AdamW needs its parameters' device
+    dtype = model_dtype(student)  # half students train with float32 master weights under autocast
+    # before the optimizer: fused AdamW needs its parameters' device
+    student.to(device, torch.float32 if dtype in HALF else dtype)
     optimizer = make_optimizer(student, settings)
     if intermediate is not None:
         if teacher is None:
@@ -640,7 +679,13 @@ def retrain(
 
     # Not prepared: accelerate would step a prepared scheduler once per process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
-    model, optimizer = accelerator.prepare(student, optimizer)
+    if intermediate is not None and intermediate.project is not None:
+        # Prepared with the model (DDP-wrapped under several processes): its gradients are averaged like the student's.
+        model, projection, optimizer = accelerator.prepare(student, intermediate, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(student, optimizer)
+        projection = intermediate  # None, or nothing to learn: nothing to average
+    clipped = list(model.parameters()) + (list(projection.parameters()) if projection is not None else [])
     result = RetrainResult(curve=[], eval_curve=[], eval_metric=metric, settings=asdict(settings))
     processes, rank, per_step = accelerator.num_processes, accelerator.process_index, settings.batch_size
     stream = _row_stream(len(train_blocks), settings.seed)
@@ -655,7 +700,7 @@ def retrain(
         bar.update(first - 1)
 
     def evaluate(step: int, call_report: bool) -> None:
-        kd, lm = _evaluate(model, heldout_blocks, heldout_cache, teacher if settings.top_k is None else None, settings, accelerator)
+        kd, lm = _evaluate(model, heldout_blocks, heldout_cache, teacher if settings.top_k is None else None, settings, accelerator, dtype)
         value = kd if metric == "kd" else lm
         result.eval_curve.append((step, value))
         result.eval_lm_curve.append((step, lm))
@@ -671,21 +716,23 @@ def retrain(
             for micro in range(settings.grad_accum):
                 global_rows = [next(stream) for _ in range(per_step * processes)]
                 rows = torch.tensor(global_rows[rank * per_step : (rank + 1) * per_step])
-                ids = train_blocks[rows].to(device)
+                ids = to_model_device(train_blocks[rows], model)  # [B, S]
                 topk = None
                 if cache is not None:
-                    lp, ix = cache[rows]
-                    topk = (lp.to(device, non_blocking=True), ix.to(device, non_blocking=True))
-                sync = contextlib.nullcontext() if micro == settings.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    with accelerator.autocast():
-                        loss, _ = batch_loss(model, ids, settings, topk, teacher if cache is None else None, intermediate)
+                    topk = to_model_device(cache[rows], model)  # ([B, S, k] log-probs, [B, S, k] ids)
+                with contextlib.ExitStack() as sync:
+                    if micro < settings.grad_accum - 1:  # gradients are averaged on the last micro-batch only
+                        sync.enter_context(accelerator.no_sync(model))
+                        if projection is not intermediate:
+                            sync.enter_context(accelerator.no_sync(projection))
+                    with _autocast(accelerator, dtype):
+                        loss, _ = batch_loss(model, ids, settings, topk, teacher if cache is None else None, projection)
                     if not _all_finite(loss, accelerator):
                         raise MinitronError(_nan_message(step, settings))
                     accelerator.backward(loss / settings.grad_accum)
                 step_loss += loss.detach().float() / settings.grad_accum
             if settings.max_grad_norm is not None:
-                norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(clipped, settings.max_grad_norm)  # student and projection
                 if not _all_finite(torch.as_tensor(norm), accelerator):
                     raise MinitronError(_nan_message(step, settings))
             optimizer.step()
@@ -711,6 +758,8 @@ def retrain(
         result.seconds = time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restore the plain forward
+        if dtype in HALF:
+            student.to(dtype)  # back to the dtype it came in (and is scored and saved) in
         student.eval()
         accelerator.free_memory()
     return result
@@ -799,7 +848,8 @@ def distill(
     result.settings["intermediate_active"] = active
     evals = dict(result.eval_curve)
     curve = [{"step": step, "train_loss": loss, "eval_loss": evals.get(step)} for step, loss in result.curve]
-    tmp = folder / ".curve.json.partial"
-    tmp.write_text(json.dumps(curve))
-    tmp.replace(folder / "curve.json")
+    if is_main_process():  # one writer under `accelerate launch`
+        tmp = folder / ".curve.json.partial"
+        tmp.write_text(json.dumps(curve))
+        tmp.replace(folder / "curve.json")
     return result

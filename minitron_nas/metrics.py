@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .devices import to_model_device
+
 __all__ = [
     "Measurement",
     "Metric",
@@ -87,10 +89,6 @@ class Metric(ABC):
         return -value if self.maximize else value
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 class _PerBlock(Metric):
     """A metric averaged per held-out block of [N, S] token ids, N >= 2 for an error."""
 
@@ -107,11 +105,10 @@ class _PerBlock(Metric):
         start = time.perf_counter()
         was_training = model.training
         model.eval()
-        device = _device(model)
         values: list[float] = []
         try:
             for rows in torch.arange(len(self.blocks)).split(self.batch_size):
-                ids = self.blocks[rows].to(device)
+                ids = to_model_device(self.blocks[rows], model)  # [B, S]
                 logits = model(input_ids=ids, use_cache=False).logits
                 values.extend(self._per_block(logits, ids, rows).tolist())
         finally:

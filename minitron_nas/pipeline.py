@@ -13,6 +13,7 @@ import torch
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
 from .errors import MinitronError, add_resume_hint, resume_hint
+from .devices import is_main_process, model_device, model_dtype, process_count, to_model_device, wait_for_everyone
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
@@ -50,6 +51,7 @@ def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, over
         meta={
             "teacher": teacher.name,
             "teacher_fingerprint": teacher.fingerprint,
+            "teacher_dtype": str(model_dtype(teacher.model)).removeprefix("torch."),  # the fingerprint depends on it
             "data": settings.data,
             "split": settings.split,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -145,7 +147,7 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     done = finished_stages(out)
     made_from = _made_from(space)
     _check_made_from(out, made_from)  # settings and data: before the teacher loads
-    teacher = teacher or load_teacher(space.teacher)
+    teacher = teacher or load_teacher(space.teacher, space.device.device, space.device.dtype)
     made_from["teacher_fingerprint"] = teacher.fingerprint
     _check_made_from(out, made_from)
     _write_json(out / RUN_FILE, made_from)
@@ -269,13 +271,18 @@ def _write_json(path: Path, value) -> None:
 
 @torch.no_grad()
 def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
-    """Held-out LM loss and KL divergence to the teacher (full vocabulary), both in nats."""
+    """Held-out LM loss and KL divergence to the teacher (full vocabulary), both in nats.
+
+    Student and teacher may live on different devices: each gets the batch on its own, and
+    the teacher's logits are brought to the student's.
+    """
     from .distill import kd_loss
 
     kld, tokens = 0.0, 0
     for batch in blocks.split(batch_size):
-        student_logits = model(input_ids=batch, use_cache=False).logits
-        teacher_logits = teacher_model(input_ids=batch, use_cache=False).logits
+        student_logits = model(input_ids=to_model_device(batch, model), use_cache=False).logits  # [B, S, V]
+        teacher_logits = teacher_model(input_ids=to_model_device(batch, teacher_model), use_cache=False).logits
+        teacher_logits = teacher_logits.to(student_logits.device)
         kld += kd_loss(student_logits, teacher_logits).item() * batch.numel()
         tokens += batch.numel()
     return {"heldout_loss": lm_loss(model, blocks, batch_size), "kld": kld / tokens}
@@ -289,7 +296,11 @@ def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
 
 
 def distill_winner(space, out: Path, teacher: Teacher) -> dict:
-    """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes)."""
+    """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes).
+
+    Under `accelerate launch` with N processes, `distill.tokens` stays the total: each
+    optimizer step takes N x batch_size blocks, so there are N times fewer steps.
+    """
     folder = out / "distill"
     try:
         return _distill_winner(space, out, teacher, folder)
@@ -313,7 +324,11 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
     student = prune(teacher.model, rankings, arch)
     spec = space.distill
     settings = spec.settings(space.seed)
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size, "train")
+    processes = process_count()
+    if processes > 1:
+        steps = max(1, settings.steps // processes)
+        settings = replace(settings, steps=steps, warmup_steps=max(1, steps // 20))
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size * processes, "train")
     heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, spec.heldout_samples, "heldout")
     before = heldout_metrics(student, teacher.model, heldout)
     result = distill(student, teacher.model, train, settings, folder, heldout, chosen.layers, chosen.channels)
@@ -328,8 +343,10 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
         "seconds": round(result.seconds, 1),
         "intermediate": result.settings.get("intermediate_active"),
     }
-    save_model(student, folder / "model", teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    if is_main_process():  # under `accelerate launch` every process holds the same student
+        save_model(student, folder / "model", teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    wait_for_everyone()
     return summary
 
 
@@ -340,7 +357,9 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
 
     arch, rankings, best = winner(out, teacher)
     fix = "delete it and rerun `minitron-nas distill` (it resumes from its last checkpoint)"
-    model = load_model(out / "distill" / "model", fix=fix).eval()
+    model = load_model(
+        out / "distill" / "model", fix=fix, dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
+    ).eval()  # scored where, and in the dtype in which, the teacher runs
     summary = json.loads((out / "distill" / "summary.json").read_text())
     counter = ParamCounter(teacher.model.config)
     teacher_arch = Architecture.from_config(teacher.model.config)

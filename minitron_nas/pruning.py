@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from .architecture import Architecture, head_dim_of, student_config, validate
@@ -93,8 +94,9 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     config = student_config(model.config, arch, chosen.layers)
     head_dim = head_dim_of(model.config)
     param = next(model.parameters())
+    # Built where the teacher lives, directly in its dtype: no float32 or host copy of the student.
     with no_init_weights(), torch.device(param.device):
-        student = type(model)(config).to(param.dtype)
+        student = AutoModelForCausalLM.from_config(config, dtype=param.dtype)
     student.tie_weights()  # no_init_weights also skips tying
 
     teacher_state = model.state_dict()

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .architecture import head_dim_of
+from .devices import model_device, to_model_device
 from .errors import MinitronError
 from .families import family_for, layers_of
 from .files import atomic_dir
@@ -65,25 +66,32 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _BatchAccumulator:
-    """Streams [B, N] rows into one [N] score: mean, L2 norm or variance over all rows."""
+    """Streams [B, N] rows into one [N] score: mean, L2 norm or variance over all rows.
+
+    Sums are float64 on the rows' own device: whatever the model's dtype (bf16 included),
+    scores accumulate in full precision, and a GPU pass never waits on a host copy per hook.
+    """
 
     def __init__(self, how: str):
         self.how, self.n, self.s1, self.s2 = how, 0, None, None
 
     def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().double().cpu()
+        rows = rows.detach().double()  # [B, N]
         s1, s2 = rows.sum(0), rows.pow(2).sum(0)
         self.s1 = s1 if self.s1 is None else self.s1 + s1
         self.s2 = s2 if self.s2 is None else self.s2 + s2
         self.n += rows.shape[0]
 
     def result(self) -> torch.Tensor:
+        """[N] float32 on the CPU."""
         if self.how == "mean":
-            return (self.s1 / self.n).float()
-        if self.how == "l2":
-            return self.s2.sqrt().float()
-        mean = self.s1 / self.n
-        return (self.s2 / self.n - mean**2).clamp_min(0).float()
+            value = self.s1 / self.n
+        elif self.how == "l2":
+            value = self.s2.sqrt()
+        else:
+            mean = self.s1 / self.n
+            value = (self.s2 / self.n - mean**2).clamp_min(0)
+        return value.float().cpu()
 
 
 @dataclass
@@ -121,7 +129,8 @@ class Rankings:
         if teacher_fingerprint is not None and meta.get("teacher_fingerprint") != teacher_fingerprint:
             raise MinitronError(
                 f"rankings in '{folder}' were made for teacher '{meta.get('teacher')}' "
-                f"({meta.get('teacher_fingerprint')}), not this one ({teacher_fingerprint}): rank this teacher first"
+                f"({meta.get('teacher_fingerprint')}{', in ' + meta['teacher_dtype'] if meta.get('teacher_dtype') else ''}), "
+                f"not this one ({teacher_fingerprint}): rank this teacher first (in the same --dtype)"
             )
         return cls(**{k: tensors.get(k) for k in _TENSORS}, meta=meta)
 
@@ -161,14 +170,14 @@ def compute_rankings(
     config = model.config
     head_dim = head_dim_of(config)
     layers = layers_of(model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     acc_heads = [_BatchAccumulator(aggregation.batch) for _ in layers]
     acc_neurons = [_BatchAccumulator(aggregation.batch) for _ in layers]
     norms = _hidden_norms(model, family)
     acc_channels = [_BatchAccumulator(aggregation.batch) for _ in norms]
-    norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64)  # sum over tokens of x_c^2
+    norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64, device=device)  # sum over tokens of x_c^2
     norm_tokens = [0]
-    cos_sum = torch.zeros(len(layers), dtype=torch.float64)
+    cos_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)  # [layers], no host sync per hook
     cos_count = [0]
     previous = [None]  # (last layer output, its version, its unit rows): usually the next layer's input
 
@@ -209,7 +218,7 @@ def compute_rankings(
             unit_out = _unit_rows(hidden_out.float())
             previous[0] = (hidden_out, hidden_out._version, unit_out)
             cos = unit_in.mul_(unit_out).sum(dim=-1)  # unit_in is not needed again
-            cos_sum[index] += cos.double().sum().cpu()
+            cos_sum[index] += cos.double().sum()
             if index == 0:
                 cos_count[0] += cos.numel()
 
@@ -225,7 +234,7 @@ def compute_rankings(
     start = time.perf_counter()
     try:
         for batch in tqdm(blocks.split(batch_size), desc="ranking", disable=not progress, unit="batch"):
-            model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
+            model(input_ids=to_model_device(batch, model), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
@@ -235,8 +244,8 @@ def compute_rankings(
         heads=torch.stack([a.result() for a in acc_heads]),
         neurons=torch.stack([a.result() for a in acc_neurons]),
         channels=torch.stack([a.result() for a in acc_channels]).sum(0),
-        block_importance=(1 - cos_sum / cos_count[0]).float(),
-        norm_inputs=(norm_squares / norm_tokens[0]).float(),
+        block_importance=(1 - cos_sum / cos_count[0]).float().cpu(),
+        norm_inputs=(norm_squares / norm_tokens[0]).float().cpu(),
         meta={
             **(meta or {}),
             "aggregation": asdict(aggregation),

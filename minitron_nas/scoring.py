@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .devices import to_model_device
 from .errors import MinitronError
 from .space import ScoringSpec
 
@@ -26,10 +27,9 @@ _VERBOSE = False
 @torch.no_grad()
 def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
     """Mean next-token cross-entropy (nats) over all predicted tokens of `blocks`."""
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in tqdm(blocks.split(batch_size), desc="loss", disable=not progress, unit="batch"):
-        batch = batch.to(device)
+        batch = to_model_device(batch, model)  # [B, S]
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()

@@ -368,7 +368,7 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line of our own per trial instead
     if teacher is None:
         require_feasible(space, load_config(space.teacher))  # an infeasible budget fails before the weights load
-        teacher = load_teacher(space.teacher)
+        teacher = load_teacher(space.teacher, space.device.device, space.device.dtype)
     feasible = require_feasible(space, teacher.model.config)
     pool = candidate_pool(space, feasible)
     schedule = schedule_for(space, len(pool))
@@ -394,9 +394,13 @@ def run_search(
     write_outputs(study, out, space, score_metric.maximize)
     if n_trials is None and not final_ranking(study, score_metric.maximize) and not _states(study, WAITING, RUNNING):
         failed = _states(study, optuna.trial.TrialState.FAIL)
+        slow = [t for t in _states(study, optuna.trial.TrialState.PRUNED) if t.user_attrs.get("too_slow")]
         first = next((t.user_attrs["error"] for t in failed if t.user_attrs.get("error")), "no error recorded")
         first = " ".join(first.split())
-        raise MinitronError(f"no candidate finished the search ({len(failed)} trials failed; first: {first}): see {out / 'trials.csv'}")
+        why = f"{len(failed)} trials failed; first: {first}" if failed else "every candidate was stopped by latency.min_decode_tokens_per_s"
+        if failed and slow:
+            why += f"; {len(slow)} stopped as too slow"
+        raise MinitronError(f"no candidate finished the search ({why}): see {out / 'trials.csv'}")
     return study
 
 

@@ -203,6 +203,22 @@ class ScoringSpec:
 
 
 @dataclass(frozen=True)
+class DeviceSpec:
+    """Where every stage runs and in which dtype the teacher (and so every student) is held."""
+
+    device: str = "auto"
+    """auto (this process's GPU if any, else the CPU), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16 or float32."""
+
+    def __post_init__(self):
+        from .devices import check_device_name, check_dtype_name
+
+        check_device_name(self.device)  # syntax only: whether the GPU exists is asked where a model loads
+        check_dtype_name(self.dtype)
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     teacher: str
     axes: dict[str, tuple[int, ...]]
@@ -213,6 +229,7 @@ class SearchSpace:
     distill: DistillSpec = DistillSpec()
     halving: HalvingSpec = HalvingSpec()
     latency: LatencySpec = LatencySpec()
+    device: DeviceSpec = DeviceSpec()
     family: tuple[int, ...] = ()  # several budgets: each pruned from the previous, largest first
     sampler: str = "auto"
     trials: int | None = None
@@ -470,6 +487,7 @@ def load_space(path: str | Path) -> SearchSpace:
         retrain=_section(RetrainSpec, data.get("retrain"), "retrain"),
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
         distill=_section(DistillSpec, data.get("distill"), "distill"),
+        device=_section(DeviceSpec, data.get("device"), "device"),
         halving=_section(HalvingSpec, data.get("halving"), "halving"),
         latency=_section(LatencySpec, data.get("latency"), "latency"),
         family=_top_level(data, "family", ()) or (),

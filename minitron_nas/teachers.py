@@ -155,14 +155,14 @@ def _reason(err: Exception) -> str:
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
-def load_model(folder, spec: str | None = None, dtype: torch.dtype = torch.float32, fix: str | None = None):
+def load_model(folder, spec: str | None = None, dtype: torch.dtype | str = torch.float32, fix: str | None = None, device_map=None):
     """A causal LM from a folder; missing or unreadable weights are refused in one line naming it."""
     spec = str(spec or folder)
     path = Path(folder)
     if path.is_dir() and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
         raise MinitronError(f"'{spec}' holds no weights (no model.safetensors): {fix or 'give a folder written by save_pretrained'}")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map)
     except MinitronError:
         raise
     except Exception as err:  # noqa: BLE001  safetensors, torch and transformers each raise their own
@@ -173,10 +173,22 @@ def load_model(folder, spec: str | None = None, dtype: torch.dtype = torch.float
         ) from None
 
 
-def load_teacher(spec: str = DEFAULT_TEACHER, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Teacher:
+def load_teacher(spec: str = DEFAULT_TEACHER, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Teacher:
+    """Load the weights straight onto `device` in `dtype` (see `devices.placement` for "auto").
+
+    transformers reads the safetensors shards into tensors of the target dtype on the target
+    device (`dtype=` and `device_map=`), so no float32 copy of the teacher is ever held on
+    the host. A GGUF file is dequantised once into the safetensors cache (transformers
+    dequantises on the host), which is then loaded the same way. A teacher whose weights do
+    not fit in the device's free memory is refused before anything is read.
+    """
+    from .devices import check_fits, placement
+
+    place = placement(device, dtype)
     name, folder = resolve(spec)
-    load_config(str(folder))  # refuse unsupported families before loading weights
-    model = load_model(folder, spec, dtype).to(device).eval()
+    config = load_config(str(folder))  # refuse unsupported families before loading weights
+    check_fits(config, place, f"teacher '{name}'")
+    model = load_model(folder, spec, place.dtype, device_map=place.device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # noqa: BLE001

@@ -92,3 +92,23 @@ def test_family_mode_prunes_each_member_from_the_previous(teacher_folder, shared
     assert small_card["parameters"]["total"] < big_card["parameters"]["total"]
     for folder in (big, small):
         AutoModelForCausalLM.from_pretrained(str(folder))
+
+
+def test_run_in_bfloat16_on_the_cpu_exports_a_bfloat16_model(teacher_folder, shared_data, tmp_path):
+    """rank, a search of 2 candidates, distill and export with every model held in bf16."""
+    from safetensors import safe_open
+
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    space = load_space(write_space(tmp_path / "space.yaml", teacher_folder, corpus, device={"device": "cpu", "dtype": "bfloat16"}))
+    out = tmp_path / "run"
+    exported = run(space, out, n_trials=2)
+    trials = [t for t in __import__("csv").DictReader((out / "trials.csv").open()) if t["state"] == "COMPLETE"]
+    assert len(trials) == 2
+    with safe_open(str(exported / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    model = AutoModelForCausalLM.from_pretrained(str(exported))
+    assert model.config.dtype == torch.bfloat16 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    summary = json.loads((out / "distill" / "summary.json").read_text())
+    assert summary["after"]["kld"] < summary["before"]["kld"]  # bf16 students still learn
+    rankings = json.loads((out / "rankings" / "rankings.json").read_text())
+    assert rankings["teacher_fingerprint"] == load_teacher(str(teacher_folder), "cpu", "bfloat16").fingerprint

@@ -1,0 +1,45 @@
+"""bench/bench_gpu.py: refuses a missing GPU in one line; its whole CPU path runs on a tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "bench_gpu.py"
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line():
+    assert not torch.cuda.is_available()
+    done = bench("--device", "cuda")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --device cuda"), done.stderr
+
+
+def test_cpu_path_runs_every_part_on_a_tiny_config(tmp_path):
+    config = json.loads((REPO / "search_spaces" / "configs" / "llama-3.1-8b.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, vocab_size=49152, max_position_embeddings=256)  # SmolLM2's tokenizer ids fit
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    done = bench("--device", "cpu", "--config", tmp_path / "tiny.json", "--samples", 2, "--seq-len", 32, "--batch-size", 2,
+                 "--distill-batch", 2, "--repeats", 1, "--candidates", 2, "--pipeline-seq-len", 32, "--retrain-tokens", 128,
+                 "--distill-tokens", 128, "--latency-context", 16, "--latency-new-tokens", 2,
+                 "--out", tmp_path / "gpu.md", "--work", tmp_path / "work")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "gpu.md").read_text()
+    for row in ("Importance pass", "Prune to ~half size", "(iv) Stage: rank", "(iv) Stage: search", "(iv) Stage: distill",
+                "(iv) Stage: export", "(v) Latency, teacher", "(v) Latency, exported student"):
+        assert f"| {row}" in report, row
+    assert "2 trials" in report
+    exported = json.loads((tmp_path / "work" / "run" / "export" / "config.json").read_text())
+    assert exported["dtype"] == "bfloat16" and exported["intermediate_size"] in (64, 80)

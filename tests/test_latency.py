@@ -1,0 +1,54 @@
+"""measure_latency: what it times, and that it tells a big model from a small one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minitron_nas.errors import MinitronError
+from minitron_nas.latency import measure_latency
+
+from conftest import tiny_model
+
+
+def test_times_one_prefill_and_one_step_per_new_token():
+    model = tiny_model("llama").train()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        result = measure_latency(model, batch_size=2, context=16, new_tokens=5, repeats=3, warmup=1)
+    finally:
+        handle.remove()
+    assert calls == ([(2, 16)] + [(2, 1)] * 5) * 4  # (warmup + repeats) x (prefill + 5 decode steps)
+    assert model.training  # mode restored
+    assert len(result["prefill_seconds"]) == len(result["decode_seconds"]) == 3
+    median_decode = sorted(result["decode_seconds"])[1]
+    assert result["decode_tokens_per_s"] == pytest.approx(2 * 5 / median_decode)
+    assert result["decode_ms_per_token"] == pytest.approx(median_decode / 5 * 1e3)
+    assert result["prefill_tokens_per_s"] == pytest.approx(2 * 16 / sorted(result["prefill_seconds"])[1])
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["peak_memory_gib"] is None
+
+
+def test_a_much_bigger_model_measures_slower():
+    """~400x the per-token compute and 8x the layers: slower by far more than timing noise."""
+    small = tiny_model("llama", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8)
+    big = tiny_model("llama", hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6,
+                     num_key_value_heads=2, head_dim=64, vocab_size=4096)
+    settings = dict(batch_size=4, context=64, new_tokens=8, repeats=5, warmup=1)
+    fast, slow = measure_latency(small, **settings), measure_latency(big, **settings)
+    assert slow["prefill_tokens_per_s"] < fast["prefill_tokens_per_s"] / 2
+    assert slow["decode_tokens_per_s"] < fast["decode_tokens_per_s"] / 2
+
+
+def test_bf16_model_is_measured_in_bf16():
+    assert measure_latency(tiny_model("llama").to(torch.bfloat16), context=8, new_tokens=2, repeats=1)["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"repeats": 0}, "repeats=0"), ({"context": -1}, "context=-1"), ({"new_tokens": 1.5}, "new_tokens=1.5"),
+    ({"context": 120, "new_tokens": 16}, "exceeds the model's 128 positions"),
+])
+def test_bad_settings_are_refused(kwargs, fragment):
+    with pytest.raises(MinitronError, match=fragment):
+        measure_latency(tiny_model("llama"), **kwargs)
