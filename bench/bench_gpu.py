@@ -352,9 +352,9 @@ def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, w
     arch = best["architecture"]
     notes = {
         "rank": f"{spec.samples} x {spec.seq_len} tokens of `{spec.data}`",
-        "search": f"{len(trials)} trials, {space.retrain.tokens:,} KD tokens each (cached top-{space.retrain.top_k}); winner "
+        "search": f"{len(trials)} trials in rungs, {best['search_tokens']:,} KD tokens in all (cached top-{space.retrain.top_k}); winner "
                   f"hidden {arch['hidden_size']}, FFN {arch['intermediate_size']}: {best['params_total']:,} parameters, "
-                  f"held-out loss {best['score_before']:.3f} -> {best['score_after']:.3f}",
+                  f"{best['metric']} {best['score']:.3f}",
         "distill": f"{summary['tokens']:,} KD tokens (live teacher, full vocabulary), {summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} "
                    f"tokens/s; held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
                    f"(teacher {summary['teacher']['heldout_loss']:.3f})",

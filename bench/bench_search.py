@@ -12,7 +12,7 @@ the teacher's parameters into --work, computes once (timed, in this process) wha
 computes once, the rankings and the teacher top-k logit cache, exactly as `run_search`
 would, and copies them into every run folder so the workers load instead of building.
 The time split comes from the finished study: each trial's start and end and the
-`timings` that search.py records per trial (prune, score_before, retrain, score_after).
+`timings` that search.py records per trial (prune, before, retrain, measure, score).
 Writes reports/benchmarks/search.md (or --out). Run from the repository root:
 
     .venv/bin/python bench/bench_search.py [--candidates 6] [--retrain-tokens 8192] [--fresh]
@@ -256,7 +256,7 @@ def split_time(study: optuna.Study, worker: Worker) -> dict[str, float]:
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
         timings = trial.user_attrs.get("timings", {})
         parts["prune"] += timings.get("prune", 0.0)
-        parts["scoring"] += timings.get("score_before", 0.0) + timings.get("score_after", 0.0)
+        parts["scoring"] += timings.get("before", 0.0) + timings.get("measure", 0.0) + timings.get("score", 0.0)
         parts["training"] += timings.get("retrain", 0.0)
         parts["in_trial"] += duration - sum(timings.values())
     parts["wall"] = worker.wall
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
          "token blocks, the held-out teacher cache for retraining, opening the study, loading the rankings and the "
          "teacher top-k cache"],
         ["Pruning", parts["prune"], "`prune` of every candidate (search.py's `timings.prune`)"],
-        ["Scoring", parts["scoring"], "held-out loss before and after retraining (`score_before` + `score_after`)"],
+        ["Scoring", parts["scoring"], "rung metric before and after retraining and the last rung's score (`before` + `measure` + `score`)"],
         ["Training", parts["training"], "`retrain` of every candidate (up to the pruner's stop for those it stopped), "
          "its held-out checks for the pruner included"],
         ["Within trials, besides the above", parts["in_trial"], "Optuna: suggesting the queued candidate, user attributes, "
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         f"as the teacher's) within {space.budget.parameters:,} +/- {space.budget.tolerance:.2%} parameters "
         f"({TARGET_SHARE:.0%} of the teacher); sampler grid",
         f"- Per candidate: retraining on {args.retrain_tokens:,} tokens ({pre['steps']} steps of {BATCH_SIZE} x "
-        f"{args.seq_len}, cached top-k {space.retrain.top_k}, held-out check every {space.retrain.eval_every} steps), "
+        f"{args.seq_len}, cached top-k {space.retrain.top_k}, ), "
         f"scored by held-out loss on {args.heldout_samples} x {args.seq_len} tokens before and after; data `{args.data}`",
         f"- Threads: one worker with OMP_NUM_THREADS={cores} (torch reported {threads_one}); two workers with "
         f"OMP_NUM_THREADS={half} each (torch reported {threads_two}); SQLite study; the second worker joins with --resume "
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "rankings and the teacher top-k cache were built in the bench process with the search's own settings and "
         "copied into every run folder; every worker loaded them (their files were unchanged after the run). The split "
         "comes from the finished study: each trial's start and end as Optuna stored them and the per-trial `timings` "
-        "search.py records. A candidate stopped early by Optuna's successive-halving pruner counts as a trial. Two "
+        "search.py records. Every rung trial counts as a trial. Two "
         "workers pop the queued grid from one SQLite study; a worker whose queue runs dry waits for the other's running "
         "trial (so that a trial of a worker that died is retried), so both exit at about the same time.",
     ]
