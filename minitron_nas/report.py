@@ -301,7 +301,7 @@ def parallel_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
     if done.empty:
         return _empty(title, "no finished trial yet")
     columns = {**ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "value": "score"}
-    if done.decode_tokens_per_s.notna().all():  # measured (latency section of the space): one more axis
+    if "decode_tokens_per_s" in done and done.decode_tokens_per_s.notna().all():  # measured (latency section of the space): one more axis
         columns = {**columns, "decode_tokens_per_s": "decode tok/s"}
     values = {label: [float(v) for v in done[col]] for col, label in columns.items()}
     lower_is_better = True  # the rung metric
@@ -609,7 +609,7 @@ def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
     out["tied with best"] = frame.tied_with_best.map({True: "yes", False: ""}).to_numpy()
     out["Pareto"] = frame.pareto.map({True: "yes", False: ""}).to_numpy()
     out["seconds"] = frame.seconds.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.0f}").to_numpy()
-    if frame.decode_tokens_per_s.notna().any():
+    if "decode_tokens_per_s" in frame and frame.decode_tokens_per_s.notna().any():
         out["decode tok/s"] = frame.decode_tokens_per_s.map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}").to_numpy()
     return out
 

@@ -260,7 +260,7 @@ def write_space(tmp_path: Path, scoring: dict) -> Path:
      ("scoring.data_dir '/no/such/data' not found", "drop scoring.data_dir", "scoring.tasks_optional: true")),
     ({"metric": "lm_eval", "tasks": ["arc_easy", "pica"], "data_dir": "SHARED"}, ("unknown lm-eval task 'pica' (did you mean", " piqa,")),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "num_fewshot": {"piqa": 2}}, ("scoring.num_fewshot names 'piqa'",)),
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "limit": 0}, ("scoring.limit must be a whole number >= 1",)),
+    ({"metric": "lm_eval", "tasks": ["arc_easy"], "limit": 0}, ("scoring.limit is 0: give a positive whole number",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy"}, ("is not 'task/metric'",)),
     ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy/accuracy"},
      ("scoring.objective names metric 'accuracy' of arc_easy, which reports acc, acc_norm",)),
