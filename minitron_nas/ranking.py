@@ -199,7 +199,7 @@ def compute_rankings(
         def hook(module, args, output):
             acc_channels[index].add(_reduce_seq(output.abs(), aggregation.seq))
             x = args[0]  # [B, S, hidden]: what the norm divides by its root mean square
-            norm_squares[index] += x.float().pow(2).sum(dim=(0, 1)).double().cpu()
+            norm_squares[index] += x.double().pow(2).sum(dim=(0, 1))  # on the device: no host sync per hook
             if index == 0:
                 norm_tokens[0] += x.shape[0] * x.shape[1]
 

@@ -95,15 +95,15 @@ def test_family_mode_prunes_each_member_from_the_previous(teacher_folder, shared
 
 
 def test_run_in_bfloat16_on_the_cpu_exports_a_bfloat16_model(teacher_folder, shared_data, tmp_path):
-    """rank, a search of 2 candidates, distill and export with every model held in bf16."""
+    """rank, the search, distill and export with every model held in bf16."""
     from safetensors import safe_open
 
     corpus = str(shared_data / "tinyshakespeare" / "input.txt")
     space = load_space(write_space(tmp_path / "space.yaml", teacher_folder, corpus, device={"device": "cpu", "dtype": "bfloat16"}))
     out = tmp_path / "run"
-    exported = run(space, out, n_trials=2)
+    exported = run(space, out)
     trials = [t for t in __import__("csv").DictReader((out / "trials.csv").open()) if t["state"] == "COMPLETE"]
-    assert len(trials) == 2
+    assert len(trials) >= 2
     with safe_open(str(exported / "model.safetensors"), "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
     model = AutoModelForCausalLM.from_pretrained(str(exported))
