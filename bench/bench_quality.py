@@ -51,7 +51,7 @@ from minitron_nas.pruning import prune
 from minitron_nas.ranking import Rankings
 from minitron_nas.scoring import lm_eval_scores, lm_loss
 from minitron_nas.search import run_search
-from minitron_nas.space import HalvingSpec, enumerate_candidates, load_space
+from minitron_nas.space import enumerate_candidates, load_space
 from minitron_nas.teachers import load_teacher
 
 TEACHER = "smollm2-135m"

@@ -28,8 +28,8 @@ from typer.testing import CliRunner
 from minitron_nas import pipeline, ranking
 from minitron_nas.cli import app
 from minitron_nas.export import save_model
-from minitron_nas.space import Budget, RetrainSpec, ScoringSpec, load_space, require_feasible
-from minitron_nas.teachers import EMBEDDED, embedded_gguf, load_config
+from minitron_nas.space import Budget, RetrainSpec, ScoringSpec
+from minitron_nas.teachers import EMBEDDED, embedded_gguf
 
 from conftest import byte_tokenizer, tiny_model
 
