@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -17,49 +17,11 @@ from .devices import is_main_process, model_device, model_dtype, process_count, 
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
-from .ranking import Aggregation, Rankings, compute_rankings
+from .ranking import RankSettings, Rankings, rank
+from .report import build_dashboard, write_report
+from .search import run_search
 from .scoring import lm_loss
 from .teachers import Teacher, load_teacher
-
-
-@dataclass(frozen=True)
-class RankSettings:
-    data: str = "shakespeare"
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-    aggregation: Aggregation = Aggregation()
-    layer_loss: bool = False
-    heldout_samples: int = 16
-    split: str = "train"
-
-
-def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, overwrite: bool = False) -> Rankings:
-    """Calibrate on `settings.data` and (optionally) save the rankings to `out`."""
-    if out is not None:
-        check_writable(out, overwrite)
-    blocks = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.samples, settings.split)
-    heldout = None
-    if settings.layer_loss:
-        heldout = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.heldout_samples, "heldout")
-    rankings = compute_rankings(
-        teacher.model,
-        blocks,
-        settings.aggregation,
-        settings.batch_size,
-        heldout=heldout,
-        meta={
-            "teacher": teacher.name,
-            "teacher_fingerprint": teacher.fingerprint,
-            "teacher_dtype": str(model_dtype(teacher.model)).removeprefix("torch."),  # the fingerprint depends on it
-            "data": settings.data,
-            "split": settings.split,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
-    if out is not None:
-        rankings.save(out, overwrite)
-    return rankings
 
 
 def prune_to(
@@ -141,9 +103,6 @@ def run(space, out: Path, storage: str | None = None, n_trials: int | None = Non
 
 
 def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
-    from .report import build_dashboard, write_report
-    from .search import run_search
-
     done = finished_stages(out)
     made_from = _made_from(space)
     _check_made_from(out, made_from)  # settings and data: before the teacher loads

@@ -14,6 +14,7 @@ held-out loss of the model with that layer skipped.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,11 +25,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .architecture import head_dim_of
-from .devices import model_device, to_model_device
+from .data import token_blocks
+from .devices import model_device, model_dtype, to_model_device
 from .errors import MinitronError
 from .families import family_for, layers_of
-from .files import atomic_dir
+from .files import atomic_dir, check_writable
 from .scoring import lm_loss
+from .teachers import Teacher
 
 REDUCTIONS = ("mean", "l2", "var")
 _TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
@@ -277,3 +280,46 @@ def layer_drop_losses(model, heldout: torch.Tensor, batch_size: int = 8, progres
         finally:
             handle.remove()
     return torch.tensor(losses, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- the rank stage
+
+
+@dataclass(frozen=True)
+class RankSettings:
+    data: str = "shakespeare"
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    aggregation: Aggregation = Aggregation()
+    layer_loss: bool = False
+    heldout_samples: int = 16
+    split: str = "train"
+
+
+def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, overwrite: bool = False) -> Rankings:
+    """Calibrate on `settings.data` and (optionally) save the rankings to `out`."""
+    if out is not None:
+        check_writable(out, overwrite)
+    blocks = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.samples, settings.split)
+    heldout = None
+    if settings.layer_loss:
+        heldout = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.heldout_samples, "heldout")
+    rankings = compute_rankings(
+        teacher.model,
+        blocks,
+        settings.aggregation,
+        settings.batch_size,
+        heldout=heldout,
+        meta={
+            "teacher": teacher.name,
+            "teacher_fingerprint": teacher.fingerprint,
+            "teacher_dtype": str(model_dtype(teacher.model)).removeprefix("torch."),  # the fingerprint depends on it
+            "data": settings.data,
+            "split": settings.split,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    if out is not None:
+        rankings.save(out, overwrite)
+    return rankings

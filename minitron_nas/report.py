@@ -67,7 +67,7 @@ from plotly.subplots import make_subplots
 
 from .errors import MinitronError
 from .halving import rung_tau
-from .study import STUDY_NAME, candidates_table, rung_values, search_cost, trials_table
+from .study import STUDY_NAME, candidates_table, rung_summary, rung_values, search_cost, trials_table
 
 DASHBOARD, REPORT = "dashboard.html", "report.md"
 DISTILL_CURVE, DISTILL_SUMMARY = Path("distill") / "curve.json", Path("distill") / "summary.json"
@@ -615,8 +615,6 @@ def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _rungs_table(study: optuna.Study) -> pd.DataFrame:
-    from .search import rung_summary  # the same figures best_arch.json records
-
     schedule = study.user_attrs.get("schedule") or []
     rows = []
     for row in rung_summary(study, maximizes(study)):

@@ -42,10 +42,10 @@ from .data import token_blocks
 from .distill import TeacherLogitCache, retrain
 from .errors import MinitronError
 from .files import make_dir, write_text_atomic
-from .halving import Schedule, plan_schedule, promote, rung_tau
-from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric, paired_stderr
+from .halving import Schedule, plan_schedule, promote
+from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
-from .ranking import Rankings
+from .ranking import RankSettings, Rankings, rank
 from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
 from .study import (
     HEARTBEAT_SECONDS,
@@ -53,7 +53,7 @@ from .study import (
     candidates_table,
     final_ranking,
     make_storage,
-    measurement,
+    rung_summary,
     rung_values,
     search_cost,
     trials_table,
@@ -337,8 +337,6 @@ def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
     folder = out / "rankings"
     if (folder / "rankings.json").is_file():
         return Rankings.load(folder, teacher.fingerprint)
-    from .pipeline import RankSettings, rank
-
     spec = space.ranking
     return rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
 
@@ -402,38 +400,6 @@ def run_search(
             why += f"; {len(slow)} stopped as too slow"
         raise MinitronError(f"no candidate finished the search ({why}): see {out / 'trials.csv'}")
     return study
-
-
-def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
-    """Per rung: candidates finished and kept, Kendall tau with the previous rung (with its n),
-    and how many cut candidates were within one standard error of the last one kept."""
-    rungs = study.user_attrs.get("rungs", 1)
-    summary = []
-    previous = None
-    for index in range(rungs):
-        done = rung_values(study, index)
-        values = {k: t.user_attrs["value"] for k, t in done.items()}
-        row = {"rung": index, "finished": len(done)}
-        if index == 0:
-            before = {k: t.user_attrs["before"] for k, t in done.items() if t.user_attrs.get("before") is not None}
-            row["tau_before_retraining"], row["tau_before_n"] = rung_tau(before, values)
-        if previous is not None:
-            row["tau_with_previous"], row["tau_n"] = rung_tau(previous, values)
-        following = rung_values(study, index + 1) if index + 1 < rungs else {}
-        if following:
-            kept = [k for k in done if k in following]
-            row["kept"] = len(kept)
-            worst = max(kept, key=lambda k: values[k]) if kept else None
-            if worst is not None:
-                w = measurement(done[worst])
-                row["cut_within_one_se"] = sum(
-                    1
-                    for k, t in done.items()
-                    if k not in following and (se := paired_stderr(w, measurement(t))) is not None and abs(values[k] - w.value) <= se
-                )
-        summary.append(row)
-        previous = values
-    return summary
 
 
 def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_score: bool) -> None:

@@ -17,6 +17,7 @@ import optuna
 import pandas as pd
 
 from .errors import MinitronError
+from .halving import rung_tau
 from .metrics import Measurement, paired_stderr
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "rung_values",
     "final_ranking",
     "search_cost",
+    "rung_summary",
 ]
 
 STUDY_NAME = "minitron"
@@ -185,3 +187,35 @@ def candidates_table(study: optuna.Study, maximize_score: bool) -> pd.DataFrame:
         out.loc[out.key == best.user_attrs["key"], "best"] = True
     out = out.sort_values(["last_rung", "value"], ascending=[False, True], kind="stable")
     return out.reset_index(drop=True)
+
+
+def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
+    """Per rung: candidates finished and kept, Kendall tau with the previous rung (with its n),
+    and how many cut candidates were within one standard error of the last one kept."""
+    rungs = study.user_attrs.get("rungs", 1)
+    summary = []
+    previous = None
+    for index in range(rungs):
+        done = rung_values(study, index)
+        values = {k: t.user_attrs["value"] for k, t in done.items()}
+        row = {"rung": index, "finished": len(done)}
+        if index == 0:
+            before = {k: t.user_attrs["before"] for k, t in done.items() if t.user_attrs.get("before") is not None}
+            row["tau_before_retraining"], row["tau_before_n"] = rung_tau(before, values)
+        if previous is not None:
+            row["tau_with_previous"], row["tau_n"] = rung_tau(previous, values)
+        following = rung_values(study, index + 1) if index + 1 < rungs else {}
+        if following:
+            kept = [k for k in done if k in following]
+            row["kept"] = len(kept)
+            worst = max(kept, key=lambda k: values[k]) if kept else None
+            if worst is not None:
+                w = measurement(done[worst])
+                row["cut_within_one_se"] = sum(
+                    1
+                    for k, t in done.items()
+                    if k not in following and (se := paired_stderr(w, measurement(t))) is not None and abs(values[k] - w.value) <= se
+                )
+        summary.append(row)
+        previous = values
+    return summary

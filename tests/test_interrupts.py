@@ -20,7 +20,7 @@ import optuna  # noqa: F401  imported here so Optuna's log handler binds to the 
 import pytest
 from typer.testing import CliRunner
 
-from minitron_nas import distill as distill_module
+from minitron_nas import ranking, distill as distill_module
 from minitron_nas import export as export_module
 from minitron_nas import pipeline
 from minitron_nas.cli import app
@@ -102,7 +102,7 @@ def copy_of(folder: Path, name: str) -> Path:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_rank_interrupted_writes_nothing(monkeypatch, space, corpus, root, sig):
     out = root / f"rankings-{sig.name}"
-    signal_after(monkeypatch, pipeline, "compute_rankings", sig)
+    signal_after(monkeypatch, ranking, "compute_rankings", sig)
     result = invoke("rank", "--model", root / "teacher", "--data", corpus, "--out", out, *TINY_RANK)
     assert interrupted_line(result.output, result.exit_code) == "interrupted: rankings not written; rerun the same command"
     assert not out.exists() and not leftovers(root)
