@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def finished_stages(out: Path) -> dict:
 
 
 def _mark_done(out: Path, stage: str, info: dict) -> None:
+    summary = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, (dict, list)))
+    print(f"stage {stage} done: {summary}", file=sys.stderr, flush=True)
     done = finished_stages(out)
     done[stage] = {"finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
     tmp = out / ".stages.json.partial"
@@ -122,7 +125,13 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
         stage = "search"
         if "search" not in done:
             resume = (out / "study.db").is_file() or storage is not None
-            run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
+            try:
+                run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
+            except MinitronError:  # e.g. every candidate failed: the views still show what happened
+                if (out / "study.db").is_file() or storage is not None:
+                    build_dashboard(out, storage)
+                    write_report(out, storage)
+                raise
             best_file = out / "best_arch.json"
             if not best_file.is_file():
                 raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")

@@ -112,3 +112,22 @@ def test_run_in_bfloat16_on_the_cpu_exports_a_bfloat16_model(teacher_folder, sha
     assert summary["after"]["kld"] < summary["before"]["kld"]  # bf16 students still learn
     rankings = json.loads((out / "rankings" / "rankings.json").read_text())
     assert rankings["teacher_fingerprint"] == load_teacher(str(teacher_folder), "cpu", "bfloat16").fingerprint
+
+
+def test_a_run_whose_every_candidate_fails_ends_in_one_line_and_still_reports(teacher_folder, shared_data, tmp_path, monkeypatch):
+    from minitron_nas import search
+    from minitron_nas.errors import MinitronError
+
+    def diverge(*args, **kwargs):
+        raise MinitronError("loss became NaN/inf at step 1: lower the learning rate")
+
+    monkeypatch.setattr(search, "retrain", diverge)
+    space = load_space(write_space(tmp_path / "space.yaml", teacher_folder, str(shared_data / "tinyshakespeare" / "input.txt")))
+    out = tmp_path / "run"
+    with pytest.raises(MinitronError, match="no candidate finished the search") as err:
+        run(space, out)
+    assert "\n" not in str(err.value)
+    assert list(finished_stages(out)) == ["rank"]
+    report = (out / "report.md").read_text()
+    assert "## Failed trials" in report and "NaN/inf" in report
+    assert (out / "dashboard.html").is_file()
