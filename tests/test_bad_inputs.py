@@ -515,7 +515,7 @@ def started_run(root, teacher, corpus) -> tuple[Path, Path, Path]:
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "compute_rankings", stop)
+        patch.setattr(ranking, "compute_rankings", stop)
         result = invoke("run", space, "--out", out)
     assert result.exit_code == 130 and (out / "run.json").is_file(), result.output
     return space, data, out
