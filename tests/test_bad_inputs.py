@@ -25,7 +25,7 @@ import yaml
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
-from minitron_nas import pipeline, ranking
+from minitron_nas import ranking
 from minitron_nas.cli import app
 from minitron_nas.export import save_model
 from minitron_nas.space import Budget, RetrainSpec, ScoringSpec
