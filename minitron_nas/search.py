@@ -320,7 +320,12 @@ class _Search:
             if heartbeats:
                 optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial: failed, retried once
             if _states(self.study, WAITING):
-                self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self.after_trial], gc_after_trial=True)
+                try:
+                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,), callbacks=[self.after_trial], gc_after_trial=True)
+                except ValueError as err:  # Optuna's tell of a trial another worker already failed as stale
+                    if "Cannot tell a" not in str(err):
+                        raise
+                    _say("a trial of this worker was taken for dead (its heartbeat lapsed) and its retry queued; going on")
                 ran += 1
                 continue
             if _states(self.study, RUNNING):

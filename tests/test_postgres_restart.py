@@ -45,8 +45,8 @@ def space_file(tmp_path, shared_data) -> Path:
         "axes": AXES,
         "budget": {"parameters": 40_000, "tolerance": 0.25},
         "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-        # long enough that all three workers are mid-trial at the restart; scored only at the end
-        "retrain": {"tokens": 192 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
+        # long enough that all three workers are mid-trial at the restart (rung 0: 1,000 steps)
+        "retrain": {"tokens": 3000 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
         "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
         "sampler": "grid",
     }))
