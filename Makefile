@@ -40,6 +40,7 @@ demo: setup
 	$(BIN)/minitron-nas run search_spaces/smollm2-135m-demo.yaml --out runs/demo
 
 test: setup browser postgres
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

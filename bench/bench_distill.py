@@ -29,15 +29,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import REPORTS, Run, markdown_table
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.data import token_blocks
-from minitron_nas.distill import RetrainSettings, TeacherLogitCache, batch_loss, make_optimizer
+from minitron_nas.distill import (
+    RetrainSettings,
+    TeacherLogitCache,
+    batch_loss,
+    make_optimizer,
+)
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.teachers import load_teacher
-
-from common import REPORTS, Run, markdown_table
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "distill.md"
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     def verdict(ok: bool) -> str:
         return "yes" if ok else "**no**"
 
-    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)
     rows_md = [
         (
             "Cached step / live-teacher step, same top-k objective (median of per-repeat ratios)",

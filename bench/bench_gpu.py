@@ -37,18 +37,22 @@ import time
 from pathlib import Path
 
 import torch
+from common import REPO, REPORTS, Run, markdown_table
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.architecture import Architecture, ParamCounter, head_dim_of
 from minitron_nas.devices import Placement, check_fits
-from minitron_nas.distill import RetrainSettings, TeacherLogitCache, batch_loss, make_optimizer
+from minitron_nas.distill import (
+    RetrainSettings,
+    TeacherLogitCache,
+    batch_loss,
+    make_optimizer,
+)
 from minitron_nas.errors import MinitronError
 from minitron_nas.latency import measure_latency
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.teachers import Teacher, fingerprint, load_config, load_teacher
-
-from common import REPO, REPORTS, Run, markdown_table
 
 DEFAULT_CONFIG = REPO / "search_spaces" / "configs" / "llama-3.1-8b.json"
 DEFAULT_OUT = REPORTS / "gpu.md"
@@ -293,13 +297,20 @@ def measures(args: argparse.Namespace, model, device: torch.device) -> tuple[lis
         "`torch.cuda.max_memory_allocated` over each timed call, teacher weights included, the largest over the "
         "repeats. Ratios are taken per repeat and the median reported."
     )
-    del student, optimizer, cache
     return rows_md, details, how
 
 
 def pipeline_space(args: argparse.Namespace, config, device: torch.device):
     """A grid of `--candidates` architectures: 3/4 of the hidden size, FFN from half of the teacher's up."""
-    from minitron_nas.space import Budget, DeviceSpec, DistillSpec, RankingSpec, RetrainSpec, ScoringSpec, SearchSpace
+    from minitron_nas.space import (
+        Budget,
+        DeviceSpec,
+        DistillSpec,
+        RankingSpec,
+        RetrainSpec,
+        ScoringSpec,
+        SearchSpace,
+    )
 
     teacher = Architecture.from_config(config)
     hidden = half_size(teacher).hidden_size

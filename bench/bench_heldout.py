@@ -24,19 +24,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from common import REPORTS, Run, markdown_table  # noqa: E402
-from scipy.stats import kendalltau  # noqa: E402
+import torch
+from common import REPORTS, Run, markdown_table
+from scipy.stats import kendalltau
 
-from minitron_nas.data import token_blocks  # noqa: E402
-from minitron_nas.distill import TeacherLogitCache, retrain  # noqa: E402
-from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr, paired_stderr  # noqa: E402
-from minitron_nas.pipeline import RankSettings, rank  # noqa: E402
-from minitron_nas.pruning import prune  # noqa: E402
-from minitron_nas.ranking import Rankings  # noqa: E402
-from minitron_nas.search import _key, schedule_for  # noqa: E402
-from minitron_nas.space import load_space, require_feasible  # noqa: E402
-from minitron_nas.teachers import load_teacher  # noqa: E402
+from minitron_nas.data import token_blocks
+from minitron_nas.distill import TeacherLogitCache, retrain
+from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr, paired_stderr
+from minitron_nas.pipeline import RankSettings, rank
+from minitron_nas.pruning import prune
+from minitron_nas.ranking import Rankings
+from minitron_nas.search import _key, schedule_for
+from minitron_nas.space import load_space, require_feasible
+from minitron_nas.teachers import load_teacher
 
 SPACE = "search_spaces/smollm2-135m-demo.yaml"
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from common import REPORTS, Run, markdown_table
+
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import TeacherLogitCache

@@ -40,8 +40,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from common import REPO, REPORTS, Run, markdown_table
+
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import RetrainSettings, TeacherLogitCache, retrain

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import REPORTS, Run, markdown_table
 from transformers import LlamaConfig
 
 from minitron_nas.architecture import Architecture, ParamCounter
@@ -33,8 +34,6 @@ from minitron_nas.data import token_blocks
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.teachers import load_teacher
-
-from common import REPORTS, Run, markdown_table
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "rank_prune.md"

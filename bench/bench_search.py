@@ -35,16 +35,21 @@ from pathlib import Path
 
 import optuna
 import yaml
+from common import REPORTS, Run, markdown_table, usable_cores
 
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.pipeline import RankSettings, rank
 from minitron_nas.search import STUDY_NAME
-from minitron_nas.space import Budget, SearchSpace, enumerate_candidates, load_space, require_feasible
+from minitron_nas.space import (
+    Budget,
+    SearchSpace,
+    enumerate_candidates,
+    load_space,
+    require_feasible,
+)
 from minitron_nas.teachers import load_config, load_teacher
-
-from common import REPORTS, Run, markdown_table, usable_cores
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "search.md"

@@ -33,7 +33,7 @@ class Architecture:
     layers: tuple[int, ...] | None = None
 
     @classmethod
-    def from_config(cls, config) -> "Architecture":
+    def from_config(cls, config) -> Architecture:
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -43,7 +43,7 @@ class Architecture:
         )
 
     @classmethod
-    def from_dict(cls, data: dict, base: "Architecture") -> "Architecture":
+    def from_dict(cls, data: dict, base: Architecture) -> Architecture:
         """Fields missing from `data` are taken from `base` (usually the teacher)."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
@@ -64,7 +64,7 @@ class Architecture:
         return replace(base, **{"layers": None, **values})
 
     @classmethod
-    def load(cls, source: str | Path, base: "Architecture") -> "Architecture":
+    def load(cls, source: str | Path, base: Architecture) -> Architecture:
         """From a JSON file path or an inline JSON object."""
         text = str(source)
         try:

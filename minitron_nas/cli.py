@@ -184,7 +184,8 @@ def rank(
 ):
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
     from .files import check_writable
-    from .pipeline import RankSettings, rank as rank_stage
+    from .pipeline import RankSettings
+    from .pipeline import rank as rank_stage
     from .ranking import Aggregation
     from .teachers import load_teacher
 

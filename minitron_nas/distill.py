@@ -41,9 +41,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +52,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .devices import HALF, is_main_process, model_device, model_dtype, resolve_device, to_model_device
+from .devices import (
+    HALF,
+    is_main_process,
+    model_device,
+    model_dtype,
+    resolve_device,
+    to_model_device,
+)
 from .errors import MinitronError
-from .losses import clm_loss, kd_loss, kd_loss_topk
 from .files import atomic_dir, check_writable
+from .losses import clm_loss, kd_loss, kd_loss_topk
 from .teachers import fingerprint
 
 CACHE_TENSORS = "teacher_topk.safetensors"
@@ -145,7 +152,7 @@ class TeacherLogitCache:
         batch_size: int = 8,
         meta: dict | None = None,
         progress: bool = False,
-    ) -> "TeacherLogitCache":
+    ) -> TeacherLogitCache:
         """Run the teacher over `blocks` once and keep its top-k (in memory; `save` writes it)."""
         vocab = teacher_model.config.vocab_size
         if not 1 <= top_k <= vocab:
@@ -196,7 +203,7 @@ class TeacherLogitCache:
         meta: dict | None = None,
         overwrite: bool = False,
         progress: bool = False,
-    ) -> "TeacherLogitCache":
+    ) -> TeacherLogitCache:
         """`compute` then `save` to `folder`. `meta` should carry `teacher_fingerprint`
         (from `Teacher.fingerprint`); without it the fingerprint is computed here."""
         check_writable(Path(folder), overwrite)  # fail before the teacher pass
@@ -205,7 +212,7 @@ class TeacherLogitCache:
         return cache
 
     @classmethod
-    def load(cls, folder: Path, expected_meta: dict | None = None) -> "TeacherLogitCache":
+    def load(cls, folder: Path, expected_meta: dict | None = None) -> TeacherLogitCache:
         """Load and check against `expected_meta`: any of teacher_fingerprint, blocks_sha256
         (or `blocks`, a tensor that is hashed), top_k, temperature, vocab_size, n_blocks,
         seq_len. A mismatch raises MinitronError."""
@@ -235,7 +242,7 @@ class TeacherLogitCache:
         folder: Path,
         meta: dict | None = None,
         progress: bool = False,
-    ) -> "TeacherLogitCache":
+    ) -> TeacherLogitCache:
         """Reuse the cache in `folder` if it was made for exactly this; build it if absent.
         A cache there made for something else is refused, never silently replaced."""
         if Path(folder).exists():
@@ -448,7 +455,7 @@ class Checkpoint:
                     tensors = list(handle.keys())
             else:
                 tensors = load_file(str(self.folder / "weights.safetensors"))
-        except Exception as err:  # noqa: BLE001  truncated or corrupt files
+        except Exception as err:
             raise MinitronError(
                 f"the checkpoint in '{self.folder}' is unreadable ({type(err).__name__}): delete it to start the distillation over"
             ) from None
@@ -540,7 +547,7 @@ def batch_loss(
     settings: RetrainSettings,
     topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     teacher=None,
-    intermediate: "IntermediateStates | None" = None,
+    intermediate: IntermediateStates | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, KD part) of one micro-batch: clm_weight * CE + KD (+ alpha * L_is).
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .errors import MinitronError
 
-__all__ = ["Rung", "Schedule", "plan_schedule", "promote", "rung_tau", "TAU_MIN_N"]
+__all__ = ["TAU_MIN_N", "Rung", "Schedule", "plan_schedule", "promote", "rung_tau"]
 
 TAU_MIN_N = 5  # Kendall tau over fewer pairs than this says nothing; it is not reported
 

@@ -27,11 +27,11 @@ import json
 import os
 import shutil
 import uuid
-from difflib import get_close_matches
-from functools import lru_cache
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from difflib import get_close_matches
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -282,7 +282,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _yaml_text(spec: TaskSpec, builtin: Path, data_files: dict[str, Path], hf_cache: Path, data_dir: Path) -> str:
-    split_of = lambda s: s if s in data_files else None  # noqa: E731
+    split_of = lambda s: s if s in data_files else None
     config = {
         "include": str(builtin),
         "task": spec.name,
@@ -499,7 +499,7 @@ def builtin_metrics(name: str) -> list[str] | None:
     for _ in range(4):  # follow `include:` (arc_challenge includes arc_easy)
         if not path.is_file():
             return None
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader) or {}  # noqa: S506 - a SafeLoader
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader) or {}
         if "metric_list" in config:
             return [m["metric"] for m in config["metric_list"] if isinstance(m, dict) and "metric" in m]
         if "include" not in config:

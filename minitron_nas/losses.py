@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "kd_loss_topk", "kd_loss_topk_per_token", "clm_loss"]
+__all__ = ["clm_loss", "kd_loss", "kd_loss_topk", "kd_loss_topk_per_token"]
 
 _TINY = torch.finfo(torch.float32).eps  # smallest tail exponent gap kept away from log(0)
 

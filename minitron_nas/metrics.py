@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from .devices import to_model_device
 
 __all__ = [
-    "Measurement",
-    "Metric",
     "HeldoutKLD",
     "HeldoutLoss",
     "LmEval",
+    "Measurement",
+    "Metric",
     "mean_and_stderr",
     "paired_stderr",
     "tied",
@@ -163,7 +163,10 @@ class LmEval(Metric):
         self.maximize = lm_eval_higher_is_better(scoring)
 
     def measure(self, model) -> Measurement:
-        from .scoring import lm_eval_objective, lm_eval_scores  # lm-eval is slow to import
+        from .scoring import (  # lm-eval is slow to import
+            lm_eval_objective,
+            lm_eval_scores,
+        )
 
         start = time.perf_counter()
         results = lm_eval_scores(model, self.tokenizer, self.scoring)

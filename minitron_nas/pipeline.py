@@ -13,15 +13,22 @@ import torch
 
 from .architecture import Architecture, ParamCounter
 from .data import token_blocks
+from .devices import (
+    is_main_process,
+    model_device,
+    model_dtype,
+    process_count,
+    to_model_device,
+    wait_for_everyone,
+)
 from .errors import MinitronError, add_resume_hint, resume_hint
-from .devices import is_main_process, model_device, model_dtype, process_count, to_model_device, wait_for_everyone
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
-from .ranking import RankSettings, Rankings, rank
+from .ranking import Rankings, RankSettings, rank
 from .report import build_dashboard, write_report
-from .search import run_search
 from .scoring import lm_loss
+from .search import run_search
 from .teachers import Teacher, load_teacher
 
 

@@ -116,7 +116,7 @@ class Rankings:
             (tmp / "rankings.json").write_text(json.dumps(self.meta, indent=2))
 
     @classmethod
-    def load(cls, folder: Path, teacher_fingerprint: str | None = None) -> "Rankings":
+    def load(cls, folder: Path, teacher_fingerprint: str | None = None) -> Rankings:
         folder = Path(folder)
         meta_file, tensor_file = folder / "rankings.json", folder / "rankings.safetensors"
         if not meta_file.is_file() or not tensor_file.is_file():

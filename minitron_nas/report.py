@@ -67,7 +67,14 @@ from plotly.subplots import make_subplots
 
 from .errors import MinitronError
 from .halving import rung_tau
-from .study import STUDY_NAME, candidates_table, rung_summary, rung_values, search_cost, trials_table
+from .study import (
+    STUDY_NAME,
+    candidates_table,
+    rung_summary,
+    rung_values,
+    search_cost,
+    trials_table,
+)
 
 DASHBOARD, REPORT = "dashboard.html", "report.md"
 DISTILL_CURVE, DISTILL_SUMMARY = Path("distill") / "curve.json", Path("distill") / "summary.json"
@@ -120,7 +127,7 @@ def open_run_study(run_dir: str | Path, storage: str | None = None) -> optuna.St
         else:
             store = optuna.storages.RDBStorage(url)  # read-only use: no heartbeat
         names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-    except Exception as err:  # noqa: BLE001 -- unreachable server, corrupt file, missing driver
+    except Exception as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise MinitronError(f"cannot open storage '{url}' ({type(err).__name__}: {first}): check the URL or file") from None
     if STUDY_NAME not in names:
@@ -570,7 +577,7 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
         b = space.budget
         memory = f", memory <= {b.memory_gb} GiB at context {b.context} x batch {b.batch}" if b.memory_gb is not None else ""
         lines.append(f"- budget: {b.parameters:,} {b.count} parameters +/- {b.tolerance:.0%}{memory} (space `{source}`)")
-    except Exception as err:  # noqa: BLE001 -- a report degrades, it never fails for this
+    except Exception as err:
         best, _ = _read_json(run_dir / "best_arch.json")
         budget = (best or {}).get("budget") if isinstance(best, dict) else None
         if budget:
@@ -585,7 +592,7 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
 
         feasible, valid = enumerate_candidates(space, load_config(space.teacher))
         lines.append(f"- feasible architectures: {len(feasible):,} of {len(valid):,} valid ones (teacher `{space.teacher}`)")
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         lines.append(f"- feasible architectures: unknown (teacher config `{space.teacher}` unavailable: {err})")
     return lines
 
@@ -648,7 +655,7 @@ def _teacher_params(study: optuna.Study) -> int | None:
 
         config = load_config(load_space(study.user_attrs["space"]).teacher)
         return ParamCounter(config).count(Architecture.from_config(config)).total
-    except Exception:  # noqa: BLE001 -- optional column
+    except Exception:
         return None
 
 

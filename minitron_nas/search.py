@@ -30,9 +30,9 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import torch
@@ -45,7 +45,7 @@ from .files import make_dir, write_text_atomic
 from .halving import Schedule, plan_schedule, promote
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
-from .ranking import RankSettings, Rankings, rank
+from .ranking import Rankings, RankSettings, rank
 from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
 from .study import (
     HEARTBEAT_SECONDS,
@@ -60,7 +60,7 @@ from .study import (
 )
 from .teachers import Teacher, load_config, load_teacher
 
-__all__ = ["run_search", "candidate_pool", "schedule_for", "write_outputs", "made_from"]
+__all__ = ["candidate_pool", "made_from", "run_search", "schedule_for", "write_outputs"]
 
 # What a candidate's trials at later rungs inherit from its rung-0 trial.
 CARRIED = ("architecture", "key", "params_total", "params_non_embedding", "prefill_tokens_per_s", "decode_tokens_per_s")
@@ -292,7 +292,7 @@ class _Search:
         if self.on_trial is not None:
             try:  # a view (the dashboard): it must never stop the search
                 self.on_trial(study, trial)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 logging.getLogger(__name__).warning("dashboard.html not rebuilt: %s: %s", type(err).__name__, err)
 
     def advance(self) -> bool:

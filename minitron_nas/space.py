@@ -18,7 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from .architecture import Architecture, ParamCounter, head_dim_of, student_config, validate
+from .architecture import (
+    Architecture,
+    ParamCounter,
+    head_dim_of,
+    student_config,
+    validate,
+)
 from .errors import MinitronError
 
 SAMPLERS = ("auto", "grid", "random")
@@ -297,13 +303,13 @@ def _hints(cls) -> dict:
     """Resolved field annotations; one that cannot be resolved is left unchecked."""
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001  a forward reference this module cannot see
+    except Exception:
         hints = {}
         namespace = {**{name: getattr(typing, name) for name in typing.__all__}, **vars(sys.modules[cls.__module__])}
         for name, text in getattr(cls, "__annotations__", {}).items():
             try:
-                hints[name] = eval(text, namespace) if isinstance(text, str) else text  # noqa: S307
-            except Exception:  # noqa: BLE001
+                hints[name] = eval(text, namespace) if isinstance(text, str) else text
+            except Exception:
                 pass
         return hints
 
@@ -580,7 +586,7 @@ def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], l
         c for c in valid
         if low <= c.budgeted(budget) <= high and (budget.memory_gb is None or c.memory_gb <= budget.memory_gb)
     ]
-    closeness = lambda c: (abs(c.budgeted(budget) - budget.parameters), -c.total, str(c.arch))  # noqa: E731
+    closeness = lambda c: (abs(c.budgeted(budget) - budget.parameters), -c.total, str(c.arch))
     feasible.sort(key=closeness)
     valid.sort(key=closeness)
     return feasible, valid

@@ -21,17 +21,17 @@ from .halving import rung_tau
 from .metrics import Measurement, paired_stderr
 
 __all__ = [
-    "STUDY_NAME",
-    "HEARTBEAT_SECONDS",
     "GRACE_SECONDS",
+    "HEARTBEAT_SECONDS",
+    "STUDY_NAME",
+    "candidates_table",
+    "final_ranking",
     "make_storage",
     "measurement",
-    "trials_table",
-    "candidates_table",
-    "rung_values",
-    "final_ranking",
-    "search_cost",
     "rung_summary",
+    "rung_values",
+    "search_cost",
+    "trials_table",
 ]
 
 STUDY_NAME = "minitron"

@@ -70,7 +70,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except MinitronError:
         raise
-    except Exception as err:  # noqa: BLE001  the gguf reader fails in many ways on a cut file
+    except Exception as err:
         raise MinitronError(
             f"GGUF file '{gguf}' is unreadable ({_reason(err)}; {gguf.stat().st_size:,} bytes): "
             "it may be truncated; download it again or give another --model"
@@ -165,7 +165,7 @@ def load_model(folder, spec: str | None = None, dtype: torch.dtype | str = torch
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map)
     except MinitronError:
         raise
-    except Exception as err:  # noqa: BLE001  safetensors, torch and transformers each raise their own
+    except Exception as err:
         if not path.is_dir():
             raise MinitronError(_not_loadable(spec, err)) from None
         raise MinitronError(
@@ -191,7 +191,7 @@ def load_teacher(spec: str = DEFAULT_TEACHER, device: str | torch.device = "auto
     model = load_model(folder, spec, place.dtype, device_map=place.device).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise MinitronError(
             f"cannot load the tokenizer of '{spec}' ({_reason(err)}): save the tokenizer into the model folder (tokenizer.save_pretrained)"
         ) from None

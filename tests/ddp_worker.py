@@ -15,12 +15,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import random_blocks, tiny_model  # noqa: E402
+from conftest import random_blocks, tiny_model
 
-from minitron_nas.architecture import Architecture  # noqa: E402
-from minitron_nas.distill import DistillSettings, IntermediateStates, make_accelerator, retrain  # noqa: E402
-from minitron_nas.pruning import prune, select  # noqa: E402
-from minitron_nas.ranking import compute_rankings  # noqa: E402
+from minitron_nas.architecture import Architecture
+from minitron_nas.distill import (
+    DistillSettings,
+    IntermediateStates,
+    make_accelerator,
+    retrain,
+)
+from minitron_nas.pruning import prune, select
+from minitron_nas.ranking import compute_rankings
 
 
 def main(out: Path) -> None:

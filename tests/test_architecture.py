@@ -7,10 +7,15 @@ import random
 
 import pytest
 import torch
+from conftest import TINY_CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import TINY_CONFIGS, tiny_model
-from minitron_nas.architecture import Architecture, ParamCounter, student_config, validate
+from minitron_nas.architecture import (
+    Architecture,
+    ParamCounter,
+    student_config,
+    validate,
+)
 from minitron_nas.errors import MinitronError
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import Rankings

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import transformers
 import yaml
+from conftest import byte_tokenizer, tiny_model
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
@@ -30,8 +31,6 @@ from minitron_nas.cli import app
 from minitron_nas.export import save_model
 from minitron_nas.space import Budget, RetrainSpec, ScoringSpec
 from minitron_nas.teachers import EMBEDDED, embedded_gguf
-
-from conftest import byte_tokenizer, tiny_model
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]

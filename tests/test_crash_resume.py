@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from minitron_nas.export import save_model
-
 from conftest import byte_tokenizer, tiny_model
 from test_pipeline import write_space
+
+from minitron_nas.export import save_model
 
 ENV = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3", "OMP_NUM_THREADS": "1"}
 

@@ -7,12 +7,10 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import EOS, byte_tokenizer
 
 from minitron_nas.data import HELDOUT_EVERY, paragraphs, token_blocks
 from minitron_nas.errors import MinitronError
-
-from conftest import EOS, byte_tokenizer
-
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +186,7 @@ def test_wikitext2_valid(shared_data, tokenizer):
     blocks = token_blocks(str(path), tokenizer, seq_len=256, max_blocks=64)
     assert blocks.shape == (64, 256)
     assert int(blocks.max()) <= EOS and int(blocks.min()) >= 0
-    first = "= Homarus gammarus =\n".encode()
+    first = b"= Homarus gammarus =\n"
     assert blocks[0, : len(first)].tolist() == list(first)
     assert blocks[0, len(first)].item() == EOS
     heldout = token_blocks(str(path), tokenizer, seq_len=256, max_blocks=64, split="heldout")

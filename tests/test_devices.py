@@ -14,13 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import byte_tokenizer, random_blocks, tiny_model
 from typer.testing import CliRunner
 
 from minitron_nas import devices, teachers
 from minitron_nas.architecture import Architecture
 from minitron_nas.cli import app
 from minitron_nas.devices import Placement, check_fits, placement, to_model_device
-from minitron_nas.distill import RetrainSettings, TeacherLogitCache, _evaluate, make_accelerator
+from minitron_nas.distill import (
+    RetrainSettings,
+    TeacherLogitCache,
+    _evaluate,
+    make_accelerator,
+)
 from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
 from minitron_nas.pipeline import RankSettings, heldout_metrics, prune_to, rank
@@ -28,8 +34,6 @@ from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.scoring import lm_loss
 from minitron_nas.space import DeviceSpec, load_space
-
-from conftest import byte_tokenizer, random_blocks, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30

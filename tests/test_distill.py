@@ -247,7 +247,7 @@ def test_data_order_is_fixed_by_the_seed_and_accumulation_matches_a_bigger_batch
     teacher, _, _, train, _ = pair
     cache = TeacherLogitCache.compute(teacher, train, 16, 1.0, 8, meta={"teacher_fingerprint": "abc"})
     base = RetrainSettings(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, top_k=16, seed=5, max_grad_norm=None)
-    run = lambda s: [v for _, v in retrain(_student(pair), train, cache, s, progress=False).curve]  # noqa: E731
+    run = lambda s: [v for _, v in retrain(_student(pair), train, cache, s, progress=False).curve]
     first = run(base)
     assert run(base) == first
     assert run(replace(base, seed=6))[0] != first[0]

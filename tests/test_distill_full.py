@@ -6,14 +6,18 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
-from minitron_nas.distill import Checkpoint, DistillSettings, IntermediateStates, distill
+from minitron_nas.distill import (
+    Checkpoint,
+    DistillSettings,
+    IntermediateStates,
+    distill,
+)
 from minitron_nas.errors import MinitronError
 from minitron_nas.pruning import prune, select
 from minitron_nas.ranking import compute_rankings
-
-from conftest import random_blocks, tiny_model
 
 SETTINGS = DistillSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, top_k=None, eval_every=2, checkpoint_every=2)
 

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
-from minitron_nas.distill import DistillSettings, IntermediateStates, make_accelerator, retrain
+from minitron_nas.distill import (
+    DistillSettings,
+    IntermediateStates,
+    make_accelerator,
+    retrain,
+)
 from minitron_nas.pruning import prune, select
 from minitron_nas.ranking import compute_rankings
-
-from conftest import random_blocks, tiny_model
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]

@@ -18,16 +18,15 @@ from pathlib import Path
 
 import optuna  # noqa: F401  imported here so Optuna's log handler binds to the real stderr, not a runner's
 import pytest
-from typer.testing import CliRunner
-
-from minitron_nas import ranking, distill as distill_module
-from minitron_nas import export as export_module
-from minitron_nas import pipeline
-from minitron_nas.cli import app
-from minitron_nas.export import save_model
-
 from conftest import byte_tokenizer, tiny_model
 from test_pipeline import write_space
+from typer.testing import CliRunner
+
+from minitron_nas import distill as distill_module
+from minitron_nas import export as export_module
+from minitron_nas import pipeline, ranking
+from minitron_nas.cli import app
+from minitron_nas.export import save_model
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]

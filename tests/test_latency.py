@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.latency import measure_latency
-
-from conftest import tiny_model
 
 
 def test_times_one_prefill_and_one_step_per_new_token():

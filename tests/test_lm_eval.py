@@ -324,7 +324,7 @@ def test_lm_eval_scores_on_an_in_memory_model(shared_data, no_network):
                             num_fewshot={"lambada_openai": 2})
     assert model.training and torch.equal(rng, torch.random.get_rng_state())
     assert list(scores) == ["piqa", "arc_easy", "lambada_openai", "wikitext"]
-    with_se = lambda *names: {n + s for n in names for s in ("", "_stderr")}  # noqa: E731
+    with_se = lambda *names: {n + s for n in names for s in ("", "_stderr")}
     assert set(scores["piqa"]) == with_se("acc", "acc_norm") and set(scores["lambada_openai"]) == with_se("acc", "perplexity")
     assert set(scores["wikitext"]) == with_se("word_perplexity", "byte_perplexity", "bits_per_byte")
     for metrics in scores.values():

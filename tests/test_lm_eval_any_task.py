@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_model
 from minitron_nas.errors import MinitronError
-from minitron_nas.scoring import Scores, check_lm_eval, lm_eval_evaluate, lm_eval_higher_is_better, lm_eval_objective
+from minitron_nas.scoring import (
+    Scores,
+    check_lm_eval,
+    lm_eval_evaluate,
+    lm_eval_higher_is_better,
+    lm_eval_objective,
+)
 from minitron_nas.space import ScoringSpec, load_space
 
 REPO = Path(__file__).resolve().parents[1]

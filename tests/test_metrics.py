@@ -7,13 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import random_blocks, tiny_model
 
 from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.losses import kd_loss
-from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr, tied
+from minitron_nas.metrics import (
+    HeldoutKLD,
+    HeldoutLoss,
+    Measurement,
+    paired_stderr,
+    tied,
+)
 from minitron_nas.scoring import lm_loss
-
-from conftest import random_blocks, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def test_paired_errors_are_smaller_than_unpaired_for_shared_blocks():
     shared = rng.normal(0, 1.0, 50)  # block difficulty, common to both candidates
     a_items = list(shared + rng.normal(0, 0.05, 50))
     b_items = list(shared + 0.1 + rng.normal(0, 0.05, 50))
-    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x)))  # noqa: E731
+    se = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x)))
     a = Measurement(float(np.mean(a_items)), se(a_items), 0.0, a_items)
     b = Measurement(float(np.mean(b_items)), se(b_items), 0.0, b_items)
     diff = [x - y for x, y in zip(a_items, b_items)]

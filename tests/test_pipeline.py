@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.export import save_model
 from minitron_nas.pipeline import STAGES, finished_stages, run
 from minitron_nas.space import load_space
 from minitron_nas.teachers import load_teacher
-
-from conftest import byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

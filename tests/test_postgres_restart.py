@@ -19,12 +19,11 @@ import optuna
 import pytest
 import sqlalchemy
 import yaml
+from conftest import byte_tokenizer, tiny_model
 
 from minitron_nas.export import save_model
 from minitron_nas.space import load_space, require_feasible
 from minitron_nas.teachers import load_config
-
-from conftest import byte_tokenizer, tiny_model
 
 pytestmark = pytest.mark.postgres
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILY_NAMES, random_blocks, tiny_model
+
 from minitron_nas.architecture import Architecture
 from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model

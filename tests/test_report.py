@@ -19,18 +19,24 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import TINY_CONFIGS
 from typer.testing import CliRunner
 
 from minitron_nas import report
 from minitron_nas.cli import app
 from minitron_nas.errors import MinitronError
 from minitron_nas.ranking import Rankings
-from minitron_nas.report import FIGURE_IDS, build_dashboard, finished, open_run_study, pareto_front, write_report
-from minitron_nas.study import STUDY_NAME
+from minitron_nas.report import (
+    FIGURE_IDS,
+    build_dashboard,
+    finished,
+    open_run_study,
+    pareto_front,
+    write_report,
+)
 from minitron_nas.space import enumerate_candidates, load_space
+from minitron_nas.study import STUDY_NAME
 from minitron_nas.teachers import load_config
-
-from conftest import TINY_CONFIGS
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -323,12 +329,19 @@ def test_cli_dashboard_without_a_study_is_one_line(tmp_path):
 
 
 def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, caplog):
+    from conftest import byte_tokenizer, tiny_model
+
     from minitron_nas.export import save_model
     from minitron_nas.search import run_search
-    from minitron_nas.space import Budget, HalvingSpec, RankingSpec, RetrainSpec, ScoringSpec, SearchSpace
+    from minitron_nas.space import (
+        Budget,
+        HalvingSpec,
+        RankingSpec,
+        RetrainSpec,
+        ScoringSpec,
+        SearchSpace,
+    )
     from minitron_nas.teachers import load_teacher
-
-    from conftest import byte_tokenizer, tiny_model
 
     save_model(tiny_model("llama", vocab_size=257), tmp_path / "teacher", byte_tokenizer())
     teacher = load_teacher(str(tmp_path / "teacher"))

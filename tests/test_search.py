@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import sqlalchemy
 import yaml
+from conftest import byte_tokenizer, tiny_model
 
 from minitron_nas import search
 from minitron_nas.data import token_blocks
@@ -25,10 +26,16 @@ from minitron_nas.metrics import HeldoutLoss, Measurement, Metric
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import Rankings
 from minitron_nas.search import candidate_pool, run_search, schedule_for
-from minitron_nas.space import Budget, HalvingSpec, RankingSpec, RetrainSpec, ScoringSpec, SearchSpace, require_feasible
+from minitron_nas.space import (
+    Budget,
+    HalvingSpec,
+    RankingSpec,
+    RetrainSpec,
+    ScoringSpec,
+    SearchSpace,
+    require_feasible,
+)
 from minitron_nas.teachers import Teacher, load_teacher
-
-from conftest import byte_tokenizer, tiny_model
 
 AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (2, 3, 4)}
 

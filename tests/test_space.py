@@ -7,14 +7,19 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.architecture import Architecture, student_config
 from minitron_nas.errors import MinitronError
-from minitron_nas.space import Budget, SearchSpace, enumerate_candidates, load_space, require_feasible
+from minitron_nas.space import (
+    Budget,
+    SearchSpace,
+    enumerate_candidates,
+    load_space,
+    require_feasible,
+)
 from minitron_nas.teachers import load_config
-
-from conftest import TINY_CONFIGS
 
 AXES = {
     "hidden_size": (24, 32, 40, 48),
@@ -198,19 +203,18 @@ def test_numbers_yaml_reads_as_text_and_yaml_booleans_are_accepted(tmp_path):
 def test_fields_added_later_are_checked_from_their_annotations():
     """A new section needs no change to the checker: its annotations and metadata drive it."""
     from dataclasses import dataclass, field
-    from typing import Optional
 
     from minitron_nas.space import Range, _section
 
     @dataclass(frozen=True)
     class Halving:
         eta: int = field(default=3, metadata={"range": Range(2)})
-        budget_tokens: Optional[int] = None
+        budget_tokens: int | None = None
         budget_fraction: float | None = field(default=None, metadata={"range": Range(0, 1, low_open=True)})
         rungs: tuple[int, ...] = ()
         name: str = "halving"
         extra: dict = field(default_factory=dict)
-        opaque: "SomethingUnknown" = None  # noqa: F821  an unresolvable annotation is left unchecked
+        opaque: SomethingUnknown = None  # noqa: F821  an unresolvable annotation is left unchecked
 
     assert _section(Halving, {"eta": "4", "budget_tokens": None, "rungs": [1, 2], "extra": {"a": 1}, "opaque": object}, "halving").eta == 4
     for data, message in [

@@ -36,7 +36,7 @@ def test_blocks(teacher, shared_data):
 
 def _random_rankings(like: Rankings, seed: int) -> Rankings:
     g = torch.Generator().manual_seed(seed)
-    rand = lambda t: torch.rand(t.shape, generator=g)  # noqa: E731
+    rand = lambda t: torch.rand(t.shape, generator=g)
     return Rankings(rand(like.heads), rand(like.neurons), rand(like.channels), rand(like.block_importance))
 
 
