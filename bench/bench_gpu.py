@@ -340,7 +340,8 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
 
 def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, work: Path) -> tuple[list[list[str]], list[str], str]:
     """(iv)-(v): every stage of the recipe on this teacher, then the latency of teacher and export."""
-    from minitron_nas.pipeline import RankSettings, distill_winner, export_stage, rank
+    from minitron_nas.pipeline import distill_winner, export_stage
+    from minitron_nas.ranking import RankSettings, rank
     from minitron_nas.search import run_search
 
     space = pipeline_space(args, teacher.model.config, device)

@@ -31,9 +31,8 @@ from scipy.stats import kendalltau
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import TeacherLogitCache, retrain
 from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr, paired_stderr
-from minitron_nas.pipeline import RankSettings, rank
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings
+from minitron_nas.ranking import RankSettings, load_or_rank
 from minitron_nas.search import _key, schedule_for
 from minitron_nas.space import load_space, require_feasible
 from minitron_nas.teachers import load_teacher
@@ -53,12 +52,8 @@ def main() -> None:
     feasible = require_feasible(space, teacher.model.config)
     rung = schedule_for(space, len(feasible)).rungs[0]
     args.work.mkdir(parents=True, exist_ok=True)
-    folder = args.work / "rankings"
-    if (folder / "rankings.json").is_file():
-        rankings = Rankings.load(folder, teacher.fingerprint)
-    else:
-        spec = space.ranking
-        rankings = rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+    spec = space.ranking
+    rankings = load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), args.work / "rankings")
     spec, base = space.retrain, space.retrain.settings(space.seed)
     settings = replace(base, steps=rung.steps, warmup_steps=max(1, rung.steps // 10), eval_every=0)
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, rung.steps * spec.batch_size, "train")

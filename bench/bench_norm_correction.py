@@ -22,9 +22,8 @@ from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr
-from minitron_nas.pipeline import RankSettings, rank
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings
+from minitron_nas.ranking import RankSettings, load_or_rank
 from minitron_nas.teachers import load_teacher
 
 ARCHS = [  # hidden / FFN / heads:KV / layers; the first four cut the hidden size only
@@ -47,11 +46,7 @@ def main() -> int:
     run = Run()
     data = Path(args.data_dir)
     teacher = load_teacher("smollm2-135m")
-    folder = args.work / "rankings"
-    if (folder / "rankings.json").is_file():
-        rankings = Rankings.load(folder, teacher.fingerprint)
-    else:
-        rankings = rank(teacher, RankSettings(data=str(data / "wikitext2/valid.txt"), samples=64, seq_len=256), folder)
+    rankings = load_or_rank(teacher, RankSettings(data=str(data / "wikitext2/valid.txt"), samples=64, seq_len=256), args.work / "rankings")
     test = token_blocks(str(data / "wikitext2/test.txt"), teacher.tokenizer, 256, args.blocks, "all")
     cache = TeacherLogitCache.compute(teacher.model, test, 64, 1.0, 4, {"teacher_fingerprint": teacher.fingerprint})
     metrics = {"loss": HeldoutLoss(test, 4), "kld": HeldoutKLD(test, cache, 4)}

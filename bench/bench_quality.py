@@ -46,9 +46,8 @@ from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import RetrainSettings, TeacherLogitCache, retrain
 from minitron_nas.metrics import HeldoutKLD
-from minitron_nas.pipeline import RankSettings, rank
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings
+from minitron_nas.ranking import RankSettings, load_or_rank
 from minitron_nas.scoring import lm_eval_scores, lm_loss
 from minitron_nas.search import run_search
 from minitron_nas.space import enumerate_candidates, load_space
@@ -167,11 +166,7 @@ class Bench:
         self.base = Architecture.from_config(self.teacher.model.config)
         self.counter = ParamCounter(self.teacher.model.config)
         self.teacher_total = self.counter.count(self.base).total
-        folder = work / "rankings"
-        if (folder / "rankings.json").is_file():
-            self.rankings = Rankings.load(folder, self.teacher.fingerprint)
-        else:
-            self.rankings = rank(self.teacher, RankSettings(data=self.train_text, samples=args.rank_samples, seq_len=256), folder)
+        self.rankings = load_or_rank(self.teacher, RankSettings(data=self.train_text, samples=args.rank_samples, seq_len=256), work / "rankings")
         self.test = token_blocks(test_text, self.teacher.tokenizer, 512, args.test_blocks, "all")
         meta = {"teacher_fingerprint": self.teacher.fingerprint}
         test_cache = TeacherLogitCache.load_or_build(self.teacher.model, self.test, 64, 1.0, 4, work / "teacher_logits-test", meta)

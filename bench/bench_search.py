@@ -40,7 +40,7 @@ from common import REPORTS, Run, markdown_table, usable_cores
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.distill import TeacherLogitCache
-from minitron_nas.pipeline import RankSettings, rank
+from minitron_nas.ranking import RankSettings, rank
 from minitron_nas.search import STUDY_NAME
 from minitron_nas.space import (
     Budget,

@@ -184,9 +184,8 @@ def rank(
 ):
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
     from .files import check_writable
-    from .pipeline import RankSettings
-    from .pipeline import rank as rank_stage
-    from .ranking import Aggregation
+    from .ranking import Aggregation, RankSettings
+    from .ranking import rank as rank_stage
     from .teachers import load_teacher
 
     settings = RankSettings(data, samples, seq_len, batch_size, Aggregation(batch_agg, seq_agg), layer_loss, heldout_samples, split)

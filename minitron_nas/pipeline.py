@@ -25,7 +25,7 @@ from .errors import MinitronError, add_resume_hint, resume_hint
 from .export import save_model
 from .files import check_writable
 from .pruning import prune
-from .ranking import Rankings, RankSettings, rank
+from .ranking import Rankings, RankSettings, load_or_rank
 from .report import build_dashboard, write_report
 from .scoring import lm_loss
 from .search import run_search
@@ -126,8 +126,7 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
         if "rank" not in done:
             spec = space.ranking
             folder = out / "rankings"
-            if not (folder / "rankings.json").is_file():
-                rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+            load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
             _mark_done(out, "rank", {"rankings": str(folder)})
         stage = "search"
         if "search" not in done:

@@ -323,3 +323,10 @@ def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, over
     if out is not None:
         rankings.save(out, overwrite)
     return rankings
+
+
+def load_or_rank(teacher: Teacher, settings: RankSettings, folder: Path) -> Rankings:
+    """The rankings saved in `folder` (refused if made for another teacher), else rank and save them there."""
+    if (Path(folder) / "rankings.json").is_file():
+        return Rankings.load(folder, teacher.fingerprint)
+    return rank(teacher, settings, folder)

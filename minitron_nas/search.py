@@ -45,7 +45,7 @@ from .files import make_dir, write_text_atomic
 from .halving import Schedule, plan_schedule, promote
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
-from .ranking import Rankings, RankSettings, rank
+from .ranking import Rankings, RankSettings, load_or_rank
 from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
 from .study import (
     HEARTBEAT_SECONDS,
@@ -339,11 +339,8 @@ class _Search:
 
 
 def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
-    folder = out / "rankings"
-    if (folder / "rankings.json").is_file():
-        return Rankings.load(folder, teacher.fingerprint)
     spec = space.ranking
-    return rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+    return load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), out / "rankings")
 
 
 def _metric(name: str, space: SearchSpace, teacher: Teacher, heldout: torch.Tensor, heldout_cache: TeacherLogitCache) -> Metric:

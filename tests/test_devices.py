@@ -29,9 +29,9 @@ from minitron_nas.distill import (
 )
 from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
-from minitron_nas.pipeline import RankSettings, heldout_metrics, prune_to, rank
+from minitron_nas.pipeline import heldout_metrics, prune_to
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings
+from minitron_nas.ranking import RankSettings, compute_rankings, rank
 from minitron_nas.scoring import lm_loss
 from minitron_nas.space import DeviceSpec, load_space
 
