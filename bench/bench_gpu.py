@@ -42,17 +42,13 @@ from transformers import AutoModelForCausalLM
 
 from minitron_nas.architecture import Architecture, ParamCounter, head_dim_of
 from minitron_nas.devices import Placement, check_fits
-from minitron_nas.distill import (
-    RetrainSettings,
-    TeacherLogitCache,
-    batch_loss,
-    make_optimizer,
-)
 from minitron_nas.errors import MinitronError
 from minitron_nas.latency import measure_latency
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
+from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import Teacher, fingerprint, load_config, load_teacher
+from minitron_nas.trainer import RetrainSettings, batch_loss, make_optimizer
 
 DEFAULT_CONFIG = REPO / "search_spaces" / "configs" / "llama-3.1-8b.json"
 DEFAULT_OUT = REPORTS / "gpu.md"

@@ -20,10 +20,10 @@ from common import REPORTS, Run, markdown_table
 
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
-from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import RankSettings, load_or_rank
+from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher
 
 ARCHS = [  # hidden / FFN / heads:KV / layers; the first four cut the hidden size only

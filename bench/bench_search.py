@@ -39,7 +39,6 @@ from common import REPORTS, Run, markdown_table, usable_cores
 
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
-from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.ranking import RankSettings, rank
 from minitron_nas.search import STUDY_NAME
 from minitron_nas.space import (
@@ -49,6 +48,7 @@ from minitron_nas.space import (
     load_space,
     require_feasible,
 )
+from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_config, load_teacher
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"

@@ -7,16 +7,39 @@ The Python API mirrors the CLI stages:
     rankings = compute_rankings(teacher.model, blocks)
     arch = Architecture.from_dict({"intermediate_size": 768}, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
+
+One function per command: `rank`, `run_search`, `distill_winner`, `export_stage` and `run`
+(all of them in order). Names are imported on first use (PEP 562), so `import minitron_nas` and `minitron-nas --help`
+do not pay for torch and transformers.
 """
 
-from .architecture import Architecture, ParamCount, ParamCounter
-from .data import token_blocks
-from .errors import MinitronError
-from .export import save_model
-from .pruning import prune, select
-from .ranking import Aggregation, Rankings, compute_rankings, layer_drop_losses
-from .scoring import lm_loss
-from .teachers import Teacher, load_config, load_teacher
+from importlib import import_module
+
+_WHERE = {
+    "Aggregation": "ranking",
+    "Architecture": "architecture",
+    "MinitronError": "errors",
+    "ParamCount": "architecture",
+    "ParamCounter": "architecture",
+    "Rankings": "ranking",
+    "Teacher": "teachers",
+    "compute_rankings": "ranking",
+    "distill_winner": "pipeline",
+    "export_stage": "pipeline",
+    "layer_drop_losses": "ranking",
+    "lm_loss": "scoring",
+    "load_config": "teachers",
+    "load_space": "space",
+    "load_teacher": "teachers",
+    "prune": "pruning",
+    "rank": "ranking",
+    "retrain": "trainer",
+    "run": "pipeline",
+    "run_search": "search",
+    "save_model": "export",
+    "select": "pruning",
+    "token_blocks": "data",
+}
 
 __all__ = [
     "Aggregation",
@@ -27,12 +50,32 @@ __all__ = [
     "Rankings",
     "Teacher",
     "compute_rankings",
+    "distill_winner",
+    "export_stage",
     "layer_drop_losses",
     "lm_loss",
     "load_config",
+    "load_space",
     "load_teacher",
     "prune",
+    "rank",
+    "retrain",
+    "run",
+    "run_search",
     "save_model",
     "select",
     "token_blocks",
 ]
+assert sorted(__all__) == sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'minitron_nas' has no attribute '{name}'")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

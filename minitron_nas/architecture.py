@@ -18,7 +18,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
 from .errors import MinitronError
-from .families import FFN, HIDDEN, KV, QUERY, family_for
+from .families import FFN, HIDDEN, KV, QUERY, family_for, layer_index
 
 
 @dataclass(frozen=True)
@@ -147,8 +147,9 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
         num_hidden_layers=arch.num_hidden_layers,
         head_dim=head_dim_of(teacher_config),
     )
-    if "max_window_layers" in data:
-        data["max_window_layers"] = min(data["max_window_layers"], arch.num_hidden_layers)
+    for key in family_for(teacher_config).layer_count_keys:
+        if key in data:
+            data[key] = min(data[key], arch.num_hidden_layers)
     try:
         return type(teacher_config).from_dict(data)
     except (ValueError, TypeError, StrictDataclassError) as err:
@@ -184,10 +185,10 @@ class ParamCounter:
                 if axis is None:
                     fixed *= size
             key = tuple(sorted(a for a in axes if a is not None))
-            if ".layers." in name:
-                index = int(name.split(".layers.")[1].split(".")[0])
+            index = layer_index(name)
+            if index is not None:
                 target = layer_terms.setdefault(index, {})
-            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            elif self.family.is_embedding(name):
                 target = self._embedding
             else:
                 target = self._global

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import MinitronError, add_resume_hint, resume_hint
+from .files import RunFolder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pruning and architecture search.")
 console = Console(stderr=True)
@@ -372,7 +373,7 @@ def search(
     except KeyboardInterrupt as err:
         add_resume_hint(err, f"finished trials are kept in {folder} and the running candidate is queued again; rerun the same command with --resume")
         raise
-    best = folder / "best_arch.json"
+    best = RunFolder(folder).best_arch
     if best.is_file():
         found = json.loads(best.read_text())
         error = "" if found.get("score_stderr") is None else f" ± {found['score_stderr']:.4f}"
@@ -418,11 +419,11 @@ def distill(
 
     spec = _with_device(load_space(space), device, dtype)
     folder = _run_folder(space, out)
-    if not (folder / "best_arch.json").is_file():
+    if not RunFolder(folder).best_arch.is_file():
         raise MinitronError(f"no best_arch.json in '{folder}': run `minitron-nas search` first")
     summary = distill_winner(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))
     console.print(f"held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
-                  f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {folder / 'distill'}")
+                  f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {RunFolder(folder).distill}")
 
 
 @app.command()
@@ -440,7 +441,7 @@ def export(
 
     spec = _with_device(load_space(space), device, dtype)
     folder = _run_folder(space, out)
-    if not (folder / "distill" / "model").is_dir():
+    if not RunFolder(folder).distilled_model.is_dir():
         raise MinitronError(f"no distilled model in '{folder}': run `minitron-nas distill` first")
     console.print(f"exported -> {export_stage(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))}")
 

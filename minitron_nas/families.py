@@ -9,6 +9,7 @@ Adding a Llama-like family is adding one `Family(...)` entry.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import MinitronError
@@ -51,6 +52,16 @@ class Family:
     scaled_embedding: bool = False
     # Gemma's RMSNorm computes x * (1 + w); the effective gain is w + norm_offset.
     norm_offset: float = 0.0
+    # Where ranking hooks in: the inputs of these per-layer modules are the attention
+    # heads' outputs (concatenated) and the MLP neurons' activations.
+    head_output_module: str = "self_attn.o_proj"
+    neuron_output_module: str = "mlp.down_proj"
+    # State-dict names of the token embedding, the output head and the final norm.
+    embedding_weight: str = "model.embed_tokens.weight"
+    lm_head_weight: str = "lm_head.weight"
+    final_norm_weight: str = "model.norm.weight"
+    # Config keys that count layers and must not exceed the student's depth (Qwen2's sliding window).
+    layer_count_keys: tuple[str, ...] = ()
 
     def axes(self, param_name: str) -> tuple[str | None, ...]:
         """Pruning axis of each dimension of a parameter of this family's CausalLM."""
@@ -68,12 +79,24 @@ class Family:
     def embedding_scale(self, hidden_size: int) -> float:
         return hidden_size**0.5 if self.scaled_embedding else 1.0
 
+    def is_embedding(self, param_name: str) -> bool:
+        """The vocabulary matrices (input embedding, output head): counted apart from the body."""
+        return param_name in (self.embedding_weight, self.lm_head_weight)
+
+    def head_output(self, layer):
+        """The module whose input holds one layer's attention heads, side by side."""
+        return layer.get_submodule(self.head_output_module)
+
+    def neuron_output(self, layer):
+        """The module whose input holds one layer's MLP neuron activations."""
+        return layer.get_submodule(self.neuron_output_module)
+
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
     Family("mistral", ("mistral",)),
-    Family("qwen2", ("qwen2",)),
-    Family("qwen3", ("qwen3",)),
+    Family("qwen2", ("qwen2",), layer_count_keys=("max_window_layers",)),
+    Family("qwen3", ("qwen3",), layer_count_keys=("max_window_layers",)),
     Family(
         "gemma3",
         ("gemma3_text",),
@@ -91,17 +114,41 @@ FAMILIES: tuple[Family, ...] = (
 
 def family_for(config) -> Family:
     """The family of a transformers config, or a one-line error naming the supported ones."""
-    model_type = getattr(config, "model_type", None)
+    return family_of_type(getattr(config, "model_type", None))
+
+
+def family_of_type(model_type: str | None) -> Family:
+    """The family of a config's `model_type`; asked before transformers parses the config,
+    so an unknown type is named here rather than in transformers' longer message."""
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise MinitronError(
-        f"unsupported model type '{model_type}': supported are {supported} "
-        "(add a Family entry in minitron_nas/families.py)"
+        f"Model type '{model_type}' is not supported. The supported types are {supported}; "
+        "a Llama-like family is added with one Family entry in minitron_nas/families.py."
     )
+
+
+_LAYER_NAME = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(param_name: str) -> int | None:
+    """The decoder layer a parameter belongs to ('model.layers.3.mlp...' -> 3), None outside layers."""
+    match = _LAYER_NAME.search(param_name)
+    return int(match.group(1)) if match else None
+
+
+def in_layer(param_name: str, index: int) -> str:
+    """The same parameter's name in decoder layer `index` (how a student's layer finds its teacher's)."""
+    return _LAYER_NAME.sub(f".layers.{index}.", param_name, count=1)
 
 
 def layers_of(model):
     """The decoder layers (a ModuleList) of a CausalLM of any supported family."""
     return model.model.layers
+
+
+def final_norm(model):
+    """The norm after the last decoder layer of a CausalLM of any supported family."""
+    return model.model.norm

@@ -1,18 +1,61 @@
-"""Outputs appear whole or not at all: write to a temporary sibling, then rename."""
+"""Where a run's outputs live, and how they are written: whole or not at all.
+
+`RunFolder` names every path inside a run folder (`--out`) once. Every output is written
+to a temporary sibling, then renamed over the old one (`atomic_dir` for folders,
+`write_text_atomic` / `write_json_atomic` for files), so a killed or failed run leaves
+the previous version in place.
+"""
 
 from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import shutil
 import signal
 import threading
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MinitronError
+
+__all__ = ["RunFolder", "atomic_dir", "check_writable", "make_dir", "write_json_atomic", "write_text_atomic"]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The layout of a run folder; each stage writes its part and reads the earlier ones."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # written before anything else, checked by every later stage
+    run_file = property(lambda self: self.root / "run.json")  # what the run was made from
+    stages = property(lambda self: self.root / "stages.json")  # the stages finished so far
+    # rank
+    rankings = property(lambda self: self.root / "rankings")
+    # search
+    study_db = property(lambda self: self.root / "study.db")
+    teacher_logits = property(lambda self: self.root / "teacher_logits")  # top-k over the retraining blocks
+    trials_csv = property(lambda self: self.root / "trials.csv")
+    candidates_csv = property(lambda self: self.root / "candidates.csv")
+    best_arch = property(lambda self: self.root / "best_arch.json")
+    # distill
+    distill = property(lambda self: self.root / "distill")  # checkpoint/ and curve.json while training
+    distill_curve = property(lambda self: self.root / "distill" / "curve.json")
+    distilled_model = property(lambda self: self.root / "distill" / "model")
+    distill_summary = property(lambda self: self.root / "distill" / "summary.json")
+    # export
+    export = property(lambda self: self.root / "export")
+    teacher_scores = property(lambda self: self.root / "teacher_scores.json")
+    # report
+    dashboard = property(lambda self: self.root / "dashboard.html")
+    report = property(lambda self: self.root / "report.md")
 
 
 def check_writable(out: Path, overwrite: bool = False) -> None:
@@ -112,13 +155,24 @@ def _alive(pid: int) -> bool:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    """Replace the file `path` by `text` whole: written beside it, then renamed over it."""
+    """Replace the file `path` by `text` whole: written beside it, then renamed over it.
+
+    The temporary name is unique, so several workers may write into one run folder.
+    """
     path = Path(path)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise MinitronError(_write_failed(path, err)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json_atomic(path: Path, value, indent: int | None = 2) -> Path:
+    """`write_text_atomic` of `value` as JSON."""
+    return write_text_atomic(path, json.dumps(value, indent=indent))

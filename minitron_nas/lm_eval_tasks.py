@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from .errors import MinitronError
+from .files import write_text_atomic
 
 # Bump when a converter's output changes, so old cache folders are not reused.
 CONVERTER_VERSION = 1
@@ -300,18 +301,18 @@ def _yaml_text(spec: TaskSpec, builtin: Path, data_files: dict[str, Path], hf_ca
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write `text` atomically unless the file already holds it."""
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        write_text_atomic(path, text)
 
 
 def _convert(spec: TaskSpec, sources: dict[str, list[Path]], folder: Path, provenance: dict) -> None:
     """Write the converted splits into a temporary sibling, then rename it into place.
 
-    A folder that appeared meanwhile (another process, same sources) is kept and ours dropped.
+    A folder that appeared meanwhile (another process, same sources) is kept and ours dropped:
+    unlike `files.atomic_dir`, which replaces, the first whole folder wins, so a worker
+    reading it never sees it change under it.
     """
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +362,7 @@ def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None =
 
     yaml_path = folder / f"{name}.yaml"
     # Rewritten when it differs (e.g. lm_eval moved): it names the installed package's YAML.
-    _write_text_atomic(yaml_path, _yaml_text(spec, builtin, data_files, folder / "hf_datasets", data_dir.resolve()))
+    _write_if_changed(yaml_path, _yaml_text(spec, builtin, data_files, folder / "hf_datasets", data_dir.resolve()))
     return PreparedTask(name, folder, yaml_path, data_files, spec.eval_split)
 
 

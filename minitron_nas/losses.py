@@ -9,7 +9,8 @@ can only lower a KL divergence, so `0 <= kd_loss_topk <= kd_loss` (up to float16
 of cached log-probabilities) and the two are equal when k = vocab. How much lower is
 measurable: for SmolLM2-135M pruned to FFN 768 / 26 layers, on WikiText-2 test text, top-64
 KD is 20% below full KD at T = 1 (1.51 vs 1.89 nats) and 62% below at T = 2; the part of the
-divergence inside the tail bucket is not trained.
+divergence inside the tail bucket is not trained. `IntermediateStates` is the paper's
+intermediate-state loss L_is, used when depth was cut.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["clm_loss", "kd_loss", "kd_loss_topk", "kd_loss_topk_per_token"]
+__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_topk", "kd_loss_topk_per_token"]
 
 _TINY = torch.finfo(torch.float32).eps  # smallest tail exponent gap kept away from log(0)
 
@@ -79,3 +80,40 @@ def clm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Ten
     """Next-token cross-entropy (nats) of [B, S, V] logits on [B, S] ids."""
     logits = student_logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+class IntermediateStates(torch.nn.Module):
+    """L_is: distance between mapped hidden states, through a learned projection if widths differ.
+
+    Pairs are (student layer i, teacher layer layer_map[i]) on the residual stream after each
+    layer but the last (HF applies the final norm to the last hidden state), plus the
+    embeddings. The projection starts as the channel selection (exact for a fresh prune).
+    """
+
+    def __init__(self, layer_map: list[int], student_hidden: int, teacher_hidden: int, channels=None, alpha=1.0, kind="nmse"):
+        super().__init__()
+        self.pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map[:-1])]
+        self.alpha, self.kind = alpha, kind
+        self.project = None
+        if student_hidden != teacher_hidden:
+            self.project = torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+            with torch.no_grad():
+                self.project.weight.zero_()
+                kept = channels if channels is not None else torch.arange(student_hidden)
+                self.project.weight[kept.long(), torch.arange(student_hidden)] = 1.0
+
+    def forward(self, student_states, teacher_states) -> torch.Tensor:
+        """alpha * `loss`: called as a module so that, prepared by accelerate, its gradients are averaged."""
+        return self.alpha * self.loss(student_states, teacher_states)
+
+    def loss(self, student_states, teacher_states) -> torch.Tensor:
+        total = 0.0
+        for s, t in self.pairs:
+            h_s, h_t = student_states[s].float(), teacher_states[t].float()
+            if self.project is not None:
+                h_s = self.project(h_s)
+            if self.kind == "cosine":
+                total = total + (1 - F.cosine_similarity(h_s, h_t, dim=-1)).mean()
+            else:
+                total = total + ((h_s - h_t).pow(2).sum(-1) / h_t.pow(2).sum(-1).clamp_min(1e-6)).mean()
+        return total / len(self.pairs)

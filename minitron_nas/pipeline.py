@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .architecture import Architecture, ParamCounter
+from .checkpoint import Checkpoint
 from .data import token_blocks
 from .devices import (
     is_main_process,
@@ -21,15 +22,17 @@ from .devices import (
     to_model_device,
     wait_for_everyone,
 )
+from .distill import distill
 from .errors import MinitronError, add_resume_hint, resume_hint
-from .export import save_model
-from .files import check_writable
-from .pruning import prune
+from .export import export_winner, save_model
+from .files import RunFolder, check_writable, write_json_atomic
+from .losses import kd_loss
+from .pruning import prune, select
 from .ranking import Rankings, RankSettings, load_or_rank
 from .report import build_dashboard, write_report
-from .scoring import lm_loss
+from .scoring import lm_eval_scores, lm_loss
 from .search import run_search
-from .teachers import Teacher, load_teacher
+from .teachers import Teacher, load_model, load_teacher
 
 
 def prune_to(
@@ -73,12 +76,8 @@ def heldout_loss(model, tokenizer, data: str, samples: int = 32, seq_len: int = 
 STAGES = ("rank", "search", "distill", "export", "report")
 
 
-def _stages_file(out: Path) -> Path:
-    return out / "stages.json"
-
-
 def finished_stages(out: Path) -> dict:
-    path = _stages_file(out)
+    path = RunFolder(out).stages
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -87,9 +86,7 @@ def _mark_done(out: Path, stage: str, info: dict) -> None:
     print(f"stage {stage} done: {summary}", file=sys.stderr, flush=True)
     done = finished_stages(out)
     done[stage] = {"finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
-    tmp = out / ".stages.json.partial"
-    tmp.write_text(json.dumps(done, indent=2))
-    tmp.replace(_stages_file(out))
+    write_json_atomic(RunFolder(out).stages, done)
 
 
 def run(space, out: Path, storage: str | None = None, n_trials: int | None = None, teacher: Teacher | None = None) -> Path:
@@ -119,26 +116,26 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     teacher = teacher or load_teacher(space.teacher, space.device.device, space.device.dtype)
     made_from["teacher_fingerprint"] = teacher.fingerprint
     _check_made_from(out, made_from)
-    _write_json(out / RUN_FILE, made_from)
+    write_json_atomic(RunFolder(out).run_file, made_from)
     stage = STAGES[0]
     try:
         stage = "rank"
         if "rank" not in done:
             spec = space.ranking
-            folder = out / "rankings"
+            folder = RunFolder(out).rankings
             load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
             _mark_done(out, "rank", {"rankings": str(folder)})
         stage = "search"
         if "search" not in done:
-            resume = (out / "study.db").is_file() or storage is not None
+            resume = RunFolder(out).study_db.is_file() or storage is not None
             try:
                 run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
             except MinitronError:  # e.g. every candidate failed: the views still show what happened
-                if (out / "study.db").is_file() or storage is not None:
+                if RunFolder(out).study_db.is_file() or storage is not None:
                     build_dashboard(out, storage)
                     write_report(out, storage)
                 raise
-            best_file = out / "best_arch.json"
+            best_file = RunFolder(out).best_arch
             if not best_file.is_file():
                 raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")
             best = json.loads(best_file.read_text())
@@ -150,12 +147,12 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
         stage = "export"
         if "export" not in done:
             export_stage(space, out, teacher)
-            _mark_done(out, "export", {"folder": str(out / "export")})
+            _mark_done(out, "export", {"folder": str(RunFolder(out).export)})
         stage = "report"
         if "report" not in done:
             build_dashboard(out, storage)
             write_report(out, storage)
-            _mark_done(out, "report", {"dashboard": str(out / "dashboard.html")})
+            _mark_done(out, "report", {"dashboard": str(RunFolder(out).dashboard)})
     except KeyboardInterrupt as err:
         kept = list(finished_stages(out))
         inner = resume_hint(err)
@@ -164,13 +161,10 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
             + (inner if inner and stage == "distill" else "rerun the same command to resume")
         )
         raise
-    return out / "export"
+    return RunFolder(out).export
 
 
 # --------------------------------------------------------------------------- what a run was made from
-
-RUN_FILE = "run.json"
-
 
 def _made_from(space) -> dict:
     """The settings (teacher excepted: its fingerprint stands for it) and the data of a run."""
@@ -216,7 +210,7 @@ def _first_difference(old, new, key: str = "") -> str | None:
 
 def _check_made_from(out: Path, now: dict) -> None:
     """A run folder resumes only what it was made from: refuse changed settings, data or teacher."""
-    path = out / RUN_FILE
+    path = RunFolder(out).run_file
     if not path.is_file():
         return
     try:
@@ -237,12 +231,6 @@ def _check_made_from(out: Path, now: dict) -> None:
         raise MinitronError(f"run folder '{out}' was made from another teacher (fingerprint {old}, now {new}): {fix}")
 
 
-def _write_json(path: Path, value) -> None:
-    tmp = path.parent / f".{path.name}.partial"
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
-
-
 @torch.no_grad()
 def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     """Held-out LM loss and KL divergence to the teacher (full vocabulary), both in nats.
@@ -250,8 +238,6 @@ def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int 
     Student and teacher may live on different devices: each gets the batch on its own, and
     the teacher's logits are brought to the student's.
     """
-    from .distill import kd_loss
-
     kld, tokens = 0.0, 0
     for batch in blocks.split(batch_size):
         student_logits = model(input_ids=to_model_device(batch, model), use_cache=False).logits  # [B, S, V]
@@ -263,8 +249,8 @@ def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int 
 
 
 def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
-    best = json.loads((out / "best_arch.json").read_text())
-    rankings = Rankings.load(out / "rankings", teacher.fingerprint)
+    best = json.loads(RunFolder(out).best_arch.read_text())
+    rankings = Rankings.load(RunFolder(out).rankings, teacher.fingerprint)
     arch = Architecture.from_dict(best["architecture"], Architecture.from_config(teacher.model.config))
     return arch, rankings, best
 
@@ -275,12 +261,10 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     Under `accelerate launch` with N processes, `distill.tokens` stays the total: each
     optimizer step takes N x batch_size blocks, so there are N times fewer steps.
     """
-    folder = out / "distill"
+    folder = RunFolder(out).distill
     try:
         return _distill_winner(space, out, teacher, folder)
     except KeyboardInterrupt as err:
-        from .distill import Checkpoint
-
         step, steps = Checkpoint.saved_step(folder), space.distill.steps
         if step is None:
             add_resume_hint(err, f"no checkpoint yet (the first comes at step {min(space.distill.checkpoint_every, steps)} of {steps}); rerun the same command to start the distillation again")
@@ -290,8 +274,6 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
 
 
 def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
-    from .distill import distill
-    from .pruning import select
 
     arch, rankings, _ = winner(out, teacher)
     chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
@@ -318,32 +300,28 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
         "intermediate": result.settings.get("intermediate_active"),
     }
     if is_main_process():  # under `accelerate launch` every process holds the same student
-        save_model(student, folder / "model", teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_model(student, RunFolder(out).distilled_model, teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
+        write_json_atomic(RunFolder(out).distill_summary, summary)
     wait_for_everyone()
     return summary
 
 
 def export_stage(space, out: Path, teacher: Teacher) -> Path:
     """out/export: the distilled winner, best_arch.json with provenance, and a model card."""
-    from .export import export_winner
-    from .teachers import load_model
 
     arch, rankings, best = winner(out, teacher)
     fix = "delete it and rerun `minitron-nas distill` (it resumes from its last checkpoint)"
     model = load_model(
-        out / "distill" / "model", fix=fix, dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
+        RunFolder(out).distilled_model, fix=fix, dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
     ).eval()  # scored where, and in the dtype in which, the teacher runs
-    summary = json.loads((out / "distill" / "summary.json").read_text())
+    summary = json.loads(RunFolder(out).distill_summary.read_text())
     counter = ParamCounter(teacher.model.config)
     teacher_arch = Architecture.from_config(teacher.model.config)
     scores = {"teacher": {}, "student": {}}
     if space.scoring.metric == "lm_eval":
-        from .scoring import lm_eval_scores
-
         spec = space.scoring
         scores["teacher"] = _cached_json(
-            out / "teacher_scores.json",
+            RunFolder(out).teacher_scores,
             lambda: lm_eval_scores(teacher.model, teacher.tokenizer, spec),
         )
         scores["student"] = lm_eval_scores(model, teacher.tokenizer, spec)
@@ -359,20 +337,20 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
         "architecture": arch.to_dict(),
         "parameters": {"total": n.total, "non_embedding": n.non_embedding},
         "rankings": {**{k: rankings.meta.get(k) for k in ("data", "samples", "seq_len", "aggregation")},
-                     "sha256": _sha256(out / "rankings" / "rankings.safetensors")},
+                     "sha256": _sha256(Rankings.weights_file(RunFolder(out).rankings))},
         "budget": asdict(space.budget),
         "search": {k: best.get(k) for k in ("metric", "score", "score_stderr", "tied_with", "rung_metric", "trial", "rungs", "search_tokens")},
         "distill_tokens": summary["tokens"],
         "space": space.source,
     }
-    return export_winner(model, teacher.tokenizer, out / "export", provenance, scores)
+    return export_winner(model, teacher.tokenizer, RunFolder(out).export, provenance, scores)
 
 
 def _cached_json(path: Path, compute):
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    path.write_text(json.dumps(value, indent=2))
+    write_json_atomic(path, value)
     return value
 
 

@@ -10,7 +10,6 @@ still attends with the keys of its own group. head_dim never changes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +18,10 @@ from transformers.initialization import no_init_weights
 
 from .architecture import Architecture, head_dim_of, student_config, validate
 from .errors import MinitronError
-from .families import FFN, HIDDEN, KV, QUERY, family_for
+from .families import FFN, HIDDEN, KV, QUERY, family_for, in_layer, layer_index
 from .ranking import Rankings
 
 LAYER_CRITERIA = ("block_importance", "layer_loss", "last")
-_LAYER_NAME = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -102,14 +100,14 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     teacher_state = model.state_dict()
     state = {}
     for name in student.state_dict():
-        match = _LAYER_NAME.search(name)
-        position = int(match.group(1)) if match else None
-        source = name if match is None else name.replace(match.group(0), f".layers.{chosen.layers[position]}.", 1)
+        position = layer_index(name)
+        inside = position is not None
+        source = in_layer(name, chosen.layers[position]) if inside else name
         index = {
             HIDDEN: chosen.channels,
-            QUERY: _rows(chosen.query_heads[position], head_dim) if match else None,
-            KV: _rows(chosen.kv_groups[position], head_dim) if match else None,
-            FFN: chosen.neurons[position] if match else None,
+            QUERY: _rows(chosen.query_heads[position], head_dim) if inside else None,
+            KV: _rows(chosen.kv_groups[position], head_dim) if inside else None,
+            FFN: chosen.neurons[position] if inside else None,
         }
         tensor = teacher_state[source]
         for dim, axis in enumerate(family.axes(name)):
@@ -119,8 +117,8 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     if norm_correction and arch.hidden_size != teacher_arch.hidden_size:
         _correct_norm_gains(state, rankings, family, chosen, teacher_arch.num_hidden_layers)
     _keep_embedding_scale(state, family, teacher_arch.hidden_size, arch.hidden_size, config)
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if getattr(config, "tie_word_embeddings", False) and family.lm_head_weight in state:
+        state[family.lm_head_weight] = state[family.embedding_weight]
     student.load_state_dict(state, assign=True)  # the slices are fresh tensors: no second copy
     student.tie_weights()
     student.eval()
@@ -134,10 +132,10 @@ def _correct_norm_gains(state: dict, rankings: Rankings, family, chosen: Selecti
     per_layer = len(family.layer_norms)
     for name in state:
         parts = name.split(".")
-        if name == "model.norm.weight":
+        if name == family.final_norm_weight:
             row = n_teacher_layers * per_layer
-        elif len(parts) >= 2 and parts[-2] in family.layer_norms and _LAYER_NAME.search(name):
-            position = int(_LAYER_NAME.search(name).group(1))
+        elif len(parts) >= 2 and parts[-2] in family.layer_norms and layer_index(name) is not None:
+            position = layer_index(name)
             row = chosen.layers[position] * per_layer + family.layer_norms.index(parts[-2])
         else:
             continue
@@ -156,10 +154,10 @@ def _keep_embedding_scale(state: dict, family, old_hidden: int, new_hidden: int,
     if not family.scaled_embedding or old_hidden == new_hidden:
         return
     factor = family.embedding_scale(old_hidden) / family.embedding_scale(new_hidden)
-    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * factor
+    state[family.embedding_weight] = state[family.embedding_weight] * factor
     if getattr(config, "tie_word_embeddings", False):
-        gain = state["model.norm.weight"] + family.norm_offset
-        state["model.norm.weight"] = gain / factor - family.norm_offset
+        gain = state[family.final_norm_weight] + family.norm_offset
+        state[family.final_norm_weight] = gain / factor - family.norm_offset
 
 
 def _check_shapes(rankings: Rankings, teacher: Architecture) -> None:

@@ -28,12 +28,13 @@ from .architecture import head_dim_of
 from .data import token_blocks
 from .devices import model_device, model_dtype, to_model_device
 from .errors import MinitronError
-from .families import family_for, layers_of
+from .families import family_for, final_norm, layers_of
 from .files import atomic_dir, check_writable
 from .scoring import lm_loss
 from .teachers import Teacher
 
 REDUCTIONS = ("mean", "l2", "var")
+TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
 _TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
 
 
@@ -112,13 +113,18 @@ class Rankings:
     def save(self, out: Path, overwrite: bool = False) -> None:
         tensors = {k: getattr(self, k).contiguous() for k in _TENSORS if getattr(self, k) is not None}
         with atomic_dir(Path(out), overwrite) as tmp:
-            save_file(tensors, str(tmp / "rankings.safetensors"))
-            (tmp / "rankings.json").write_text(json.dumps(self.meta, indent=2))
+            save_file(tensors, str(tmp / TENSOR_FILE))
+            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2))
+
+    @staticmethod
+    def weights_file(folder: Path) -> Path:
+        """The tensors of the rankings saved in `folder` (hashed into an export's provenance)."""
+        return Path(folder) / TENSOR_FILE
 
     @classmethod
     def load(cls, folder: Path, teacher_fingerprint: str | None = None) -> Rankings:
         folder = Path(folder)
-        meta_file, tensor_file = folder / "rankings.json", folder / "rankings.safetensors"
+        meta_file, tensor_file = folder / META_FILE, folder / TENSOR_FILE
         if not meta_file.is_file() or not tensor_file.is_file():
             raise MinitronError(f"no rankings in '{folder}': run `minitron-nas rank` first or fix --rankings")
         try:
@@ -146,7 +152,7 @@ def _hidden_norms(model, family):
     norms = []
     for layer in layers_of(model):
         norms += [getattr(layer, name) for name in family.layer_norms]
-    return norms + [model.model.norm]
+    return norms + [final_norm(model)]
 
 
 def _layer_io(args, kwargs, output):
@@ -229,8 +235,8 @@ def compute_rankings(
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(i)))
+        handles.append(family.head_output(layer).register_forward_pre_hook(head_hook(i)))
+        handles.append(family.neuron_output(layer).register_forward_pre_hook(neuron_hook(i)))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     for i, norm in enumerate(norms):
         handles.append(norm.register_forward_hook(channel_hook(i)))

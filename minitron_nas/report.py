@@ -54,8 +54,6 @@ import html
 import itertools
 import json
 import math
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -66,6 +64,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .errors import MinitronError
+from .files import RunFolder, write_text_atomic
 from .halving import rung_tau
 from .study import (
     STUDY_NAME,
@@ -76,8 +75,6 @@ from .study import (
     trials_table,
 )
 
-DASHBOARD, REPORT = "dashboard.html", "report.md"
-DISTILL_CURVE, DISTILL_SUMMARY = Path("distill") / "curve.json", Path("distill") / "summary.json"
 FIGURE_IDS = (
     "pareto",
     "parallel",
@@ -200,7 +197,7 @@ def _read_json(path: Path):
 
 def load_distill_curve(run_dir: Path) -> tuple[list[dict] | None, str | None]:
     """The curve as [{step, train_loss, eval_loss}], or (None, why not)."""
-    path = Path(run_dir) / DISTILL_CURVE
+    path = RunFolder(run_dir).distill_curve
     data, problem = _read_json(path)
     if problem is not None:
         return None, problem
@@ -218,16 +215,16 @@ def load_distill_curve(run_dir: Path) -> tuple[list[dict] | None, str | None]:
 
 
 def load_distill_summary(run_dir: Path) -> tuple[dict | None, str | None]:
-    data, problem = _read_json(Path(run_dir) / DISTILL_SUMMARY)
+    data, problem = _read_json(RunFolder(run_dir).distill_summary)
     if problem is None and not isinstance(data, dict):
-        return None, f"{Path(run_dir) / DISTILL_SUMMARY} is not a JSON object"
+        return None, f"{RunFolder(run_dir).distill_summary} is not a JSON object"
     return data, problem
 
 
 def _load_rankings(run_dir: Path):
     from .ranking import Rankings
 
-    folder = Path(run_dir) / "rankings"
+    folder = RunFolder(run_dir).rankings
     try:
         return Rankings.load(folder), None
     except MinitronError as err:
@@ -486,16 +483,6 @@ def figures(run_dir: Path, study: optuna.Study, done: pd.DataFrame) -> dict[str,
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"  # unique: workers may share a run folder
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _best_line(study: optuna.Study, done: pd.DataFrame) -> str:
     row = _best(study, done)
     if row is None:
@@ -559,7 +546,7 @@ def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: o
         storage=html.escape(url),
         sections="\n".join(sections),
     )
-    return _atomic_write(run_dir / DASHBOARD, page)
+    return write_text_atomic(RunFolder(run_dir).dashboard, page)
 
 
 # --------------------------------------------------------------------------- report.md
@@ -578,7 +565,7 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
         memory = f", memory <= {b.memory_gb} GiB at context {b.context} x batch {b.batch}" if b.memory_gb is not None else ""
         lines.append(f"- budget: {b.parameters:,} {b.count} parameters +/- {b.tolerance:.0%}{memory} (space `{source}`)")
     except Exception as err:
-        best, _ = _read_json(run_dir / "best_arch.json")
+        best, _ = _read_json(RunFolder(run_dir).best_arch)
         budget = (best or {}).get("budget") if isinstance(best, dict) else None
         if budget:
             lines.append(f"- budget: {budget['parameters']:,} {budget.get('count', 'total')} parameters "
@@ -675,7 +662,7 @@ def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> 
     if summary is None:
         missing = problem is not None and problem.endswith("not found")
         lines.append("Distillation has not run yet" + ("" if missing else f" ({problem})") +
-                     f": this section is filled from `{DISTILL_SUMMARY}` when it exists.")
+                     ": this section is filled from `distill/summary.json` when it exists.")
         return lines
     teacher = _numbers(summary.get("teacher"))
     winner_params = _int(best.params_total) if best is not None else None
@@ -734,4 +721,4 @@ def write_report(run_dir: str | Path, storage: str | None = None, *, study: optu
     if not errors.empty:
         lines += ["", "## Failed trials", "", _md(errors[["trial", "state", "rung", "key", "error"]])]
     lines += ["", *_distill_section(study, done, run_dir), ""]
-    return _atomic_write(run_dir / REPORT, "\n".join(lines))
+    return write_text_atomic(RunFolder(run_dir).report, "\n".join(lines))

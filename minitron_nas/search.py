@@ -39,9 +39,8 @@ import torch
 
 from .architecture import Architecture
 from .data import token_blocks
-from .distill import TeacherLogitCache, retrain
 from .errors import MinitronError
-from .files import make_dir, write_text_atomic
+from .files import RunFolder, make_dir, write_json_atomic, write_text_atomic
 from .halving import Schedule, plan_schedule, promote
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
@@ -58,7 +57,9 @@ from .study import (
     search_cost,
     trials_table,
 )
+from .teacher_cache import TeacherLogitCache
 from .teachers import Teacher, load_config, load_teacher
+from .trainer import retrain
 
 __all__ = ["candidate_pool", "made_from", "run_search", "schedule_for", "write_outputs"]
 
@@ -340,7 +341,7 @@ class _Search:
 
 def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
     spec = space.ranking
-    return load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), out / "rankings")
+    return load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), RunFolder(out).rankings)
 
 
 def _metric(name: str, space: SearchSpace, teacher: Teacher, heldout: torch.Tensor, heldout_cache: TeacherLogitCache) -> Metric:
@@ -373,7 +374,7 @@ def run_search(
     pool = candidate_pool(space, feasible)
     schedule = schedule_for(space, len(pool))
     store = make_storage(storage, out)
-    study = open_study(space, store, storage or out / "study.db", resume, teacher.fingerprint, pool, schedule)
+    study = open_study(space, store, storage or RunFolder(out).study_db, resume, teacher.fingerprint, pool, schedule)
     _say(f"search ({'resumed' if study.user_attrs.get('resumed') else 'new study'}): {len(pool)} candidates of {len(feasible)} feasible; {schedule.describe()}")
     rankings = _rankings(teacher, space, out)
     spec, settings = space.retrain, space.retrain.settings(space.seed)
@@ -381,7 +382,7 @@ def run_search(
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, longest * spec.batch_size, "train")
     meta = {"teacher_fingerprint": teacher.fingerprint}
     cache = TeacherLogitCache.load_or_build(
-        teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, out / "teacher_logits", meta
+        teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, RunFolder(out).teacher_logits, meta
     )
     scoring = space.scoring
     heldout = token_blocks(spec.data, teacher.tokenizer, scoring.seq_len, scoring.heldout_samples, "heldout")
@@ -407,9 +408,9 @@ def run_search(
 def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_score: bool) -> None:
     """trials.csv, candidates.csv and best_arch.json, each replaced atomically."""
     table = trials_table(study)
-    write_text_atomic(out / "trials.csv", table.to_csv(index=False))
+    write_text_atomic(RunFolder(out).trials_csv, table.to_csv(index=False))
     candidates = candidates_table(study, maximize_score)
-    write_text_atomic(out / "candidates.csv", candidates.to_csv(index=False))
+    write_text_atomic(RunFolder(out).candidates_csv, candidates.to_csv(index=False))
     cost = search_cost(study)
     study.set_user_attr("search_cost", cost)
     study.set_user_attr("score_maximize", maximize_score)
@@ -437,4 +438,4 @@ def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_s
         "space": space.source,
         "budget": asdict(space.budget),
     }
-    write_text_atomic(out / "best_arch.json", json.dumps(payload, indent=2))
+    write_json_atomic(RunFolder(out).best_arch, payload)

@@ -69,7 +69,7 @@ class RetrainSpec:
 
     def settings(self, seed: int):
         """The trainer's settings for one candidate's short retraining."""
-        from .distill import RetrainSettings  # torch-heavy: only when training
+        from .trainer import RetrainSettings  # torch-heavy: only when training
 
         return RetrainSettings(
             steps=self.steps,

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
 from .errors import MinitronError
-from .families import family_for
+from .families import family_for, family_of_type
 from .files import atomic_dir
 
 EMBEDDED = {
@@ -129,15 +129,27 @@ def load_config(spec: str):
         data = json.loads(path.read_text())
         if "model_type" not in data:
             raise MinitronError(f"'{spec}' has no model_type: give a Hugging Face config.json")
+        family_of_type(data["model_type"])
         config = AutoConfig.for_model(**data)
     else:
         _, folder = resolve(spec)
+        _check_model_type(Path(folder) / "config.json")
         try:
             config = AutoConfig.from_pretrained(str(folder))
         except (OSError, ValueError) as err:
             raise MinitronError(_not_loadable(spec, err)) from None
     family_for(config)
     return config
+
+
+def _check_model_type(config_file: Path) -> None:
+    """Name an unsupported model type before transformers, whose message is longer, sees it."""
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config.json here: transformers' own error says what is missing
+    if model_type is not None:
+        family_of_type(model_type)
 
 
 def _not_loadable(spec: str, err: Exception) -> str:

@@ -90,7 +90,31 @@ def test_rankings_of_another_teacher_are_refused(ranked, tmp_path):
 
 def test_unknown_model_type_is_refused(tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
-    assert_one_line_error(invoke("count", "--model", tmp_path / "gpt2"), "unsupported model type 'gpt2'", "families.py")
+    assert_one_line_error(invoke("count", "--model", tmp_path / "gpt2"), "Model type 'gpt2' is not supported.", "The supported types are llama", "families.py")
+
+
+def test_model_type_transformers_does_not_know_is_named_with_the_supported_families(tmp_path):
+    folder = tmp_path / "mystery"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mystery_lm", "hidden_size": 8}))
+    for model in (folder, folder / "config.json"):
+        result = invoke("count", "--model", model)
+        assert_one_line_error(result, "Model type 'mystery_lm' is not supported.", "llama, mistral, qwen2, qwen3, gemma3_text")
+        assert result.output.rstrip().endswith("."), result.output
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """The front door answers without the heavy libraries: only the commands that need them load them."""
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from minitron_nas.cli import app\n"
+        "for args in (['--help'], ['search', '--help'], ['search']):\n"
+        "    CliRunner().invoke(app, args)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'optuna', 'lm_eval') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_architecture_larger_than_the_teacher_is_refused():

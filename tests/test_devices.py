@@ -21,12 +21,6 @@ from minitron_nas import devices, teachers
 from minitron_nas.architecture import Architecture
 from minitron_nas.cli import app
 from minitron_nas.devices import Placement, check_fits, placement, to_model_device
-from minitron_nas.distill import (
-    RetrainSettings,
-    TeacherLogitCache,
-    _evaluate,
-    make_accelerator,
-)
 from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
 from minitron_nas.pipeline import heldout_metrics, prune_to
@@ -34,6 +28,8 @@ from minitron_nas.pruning import prune
 from minitron_nas.ranking import RankSettings, compute_rankings, rank
 from minitron_nas.scoring import lm_loss
 from minitron_nas.space import DeviceSpec, load_space
+from minitron_nas.teacher_cache import TeacherLogitCache
+from minitron_nas.trainer import RetrainSettings, _evaluate, make_accelerator
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -306,22 +302,22 @@ def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, sh
 
 
 def test_a_bf16_student_trains_with_float32_master_weights_and_returns_in_bf16(monkeypatch):
-    from minitron_nas import distill
+    from minitron_nas import trainer
 
     teacher = tiny_model("llama").to(torch.bfloat16)
     blocks = random_blocks(4, 16)
     student = prune(teacher, compute_rankings(teacher, blocks, progress=False), Architecture(48, 48, 6, 2, 4))
     seen = []
-    real = distill.make_optimizer
+    real = trainer.make_optimizer
 
     def make_optimizer(model, settings):
         seen.extend(p.dtype for p in model.parameters())
         return real(model, settings)
 
-    monkeypatch.setattr(distill, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(trainer, "make_optimizer", make_optimizer)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     settings = RetrainSettings(steps=2, batch_size=2, warmup_steps=0, lr=1e-3, top_k=None)
-    result = distill.retrain(student, blocks, None, settings, teacher=teacher, progress=False, heldout_blocks=blocks[:2])
+    result = trainer.retrain(student, blocks, None, settings, teacher=teacher, progress=False, heldout_blocks=blocks[:2])
     assert seen and set(seen) == {torch.float32}
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())

@@ -9,13 +9,10 @@ import torch
 from conftest import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
-from minitron_nas.distill import (
-    Checkpoint,
-    DistillSettings,
-    IntermediateStates,
-    distill,
-)
+from minitron_nas.checkpoint import Checkpoint
+from minitron_nas.distill import DistillSettings, distill
 from minitron_nas.errors import MinitronError
+from minitron_nas.losses import IntermediateStates
 from minitron_nas.pruning import prune, select
 from minitron_nas.ranking import compute_rankings
 
@@ -63,7 +60,7 @@ def test_distillation_lowers_heldout_kd_and_writes_curve(setup, tmp_path):
     _, result = run(setup, tmp_path / "d")
     assert result.settings["intermediate_active"] is True
     assert result.eval_curve[-1][1] < result.eval_curve[0][1]
-    assert (tmp_path / "d" / "curve.json").is_file() and (tmp_path / "d" / "checkpoint" / "state.pt").is_file()
+    assert (tmp_path / "d" / "curve.json").is_file() and (tmp_path / "d" / "checkpoint" / "made_from.json").is_file()
 
 
 def test_interrupted_run_resumes_on_the_same_trajectory(setup, tmp_path, monkeypatch):
@@ -96,7 +93,7 @@ def test_checkpoint_of_other_data_teacher_or_student_is_refused(setup, tmp_path)
     """Settings alike, inputs not: each of the three is named, and nothing is trained."""
     teacher, rankings, arch, chosen = setup
     run(setup, tmp_path / "d")
-    saved = (tmp_path / "d" / "checkpoint" / "state.pt").read_bytes()
+    saved = (tmp_path / "d" / "checkpoint" / "made_from.json").read_bytes()
     other_teacher = tiny_model("llama", seed=5)
     cases = [
         ("training data", prune(teacher, rankings, arch), teacher, random_blocks(16, 32, seed=9), arch),
@@ -108,4 +105,4 @@ def test_checkpoint_of_other_data_teacher_or_student_is_refused(setup, tmp_path)
         picked = select(rankings, target, Architecture.from_config(teacher.config))
         with pytest.raises(MinitronError, match=f"made for other {what}"):
             distill(student, model, blocks, SETTINGS, tmp_path / "d", random_blocks(4, 32, seed=4), picked.layers, picked.channels, progress=False)
-    assert (tmp_path / "d" / "checkpoint" / "state.pt").read_bytes() == saved
+    assert (tmp_path / "d" / "checkpoint" / "made_from.json").read_bytes() == saved

@@ -22,7 +22,7 @@ from conftest import byte_tokenizer, tiny_model
 from test_pipeline import write_space
 from typer.testing import CliRunner
 
-from minitron_nas import distill as distill_module
+from minitron_nas import checkpoint as checkpoint_module
 from minitron_nas import export as export_module
 from minitron_nas import pipeline, ranking
 from minitron_nas.cli import app
@@ -123,11 +123,11 @@ def reference(searched, space) -> Path:
 
 def test_distill_interrupted_keeps_its_checkpoint_and_resumes_on_the_same_trajectory(monkeypatch, searched, space, reference):
     out = copy_of(searched, "interrupted-distill")
-    signal_after(monkeypatch, distill_module.Checkpoint, "save", signal.SIGINT, when=lambda self, step, *a: step == EVERY)
+    signal_after(monkeypatch, checkpoint_module.Checkpoint, "save", signal.SIGINT, when=lambda self, step, *a: step == EVERY)
     result = invoke("distill", space, "--out", out)
     line = interrupted_line(result.output, result.exit_code)
     assert line == f"interrupted: checkpoint at step {EVERY} of {DISTILL_STEPS} kept in '{out / 'distill'}'; rerun the same command to resume from it"
-    assert distill_module.Checkpoint.saved_step(out / "distill") == EVERY
+    assert checkpoint_module.Checkpoint.saved_step(out / "distill") == EVERY
     assert not (out / "distill" / "model").exists() and not leftovers(out)
     monkeypatch.undo()
 
@@ -163,7 +163,7 @@ def test_export_interrupted_keeps_the_distilled_model(monkeypatch, reference, sp
 
 def test_run_interrupted_in_distillation_names_the_kept_stages_and_checkpoint(monkeypatch, root, space):
     out = root / "interrupted-run"
-    signal_after(monkeypatch, distill_module.Checkpoint, "save", signal.SIGTERM, when=lambda self, step, *a: step == EVERY)
+    signal_after(monkeypatch, checkpoint_module.Checkpoint, "save", signal.SIGTERM, when=lambda self, step, *a: step == EVERY)
     result = invoke("run", space, "--out", out)
     assert interrupted_line(result.output, result.exit_code) == (
         f"interrupted: distill stage stopped; rank, search finished and kept in '{out}'; "

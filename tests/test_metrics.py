@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import random_blocks, tiny_model
 
-from minitron_nas.distill import TeacherLogitCache
 from minitron_nas.losses import kd_loss
 from minitron_nas.metrics import (
     HeldoutKLD,
@@ -19,6 +18,7 @@ from minitron_nas.metrics import (
     tied,
 )
 from minitron_nas.scoring import lm_loss
+from minitron_nas.teacher_cache import TeacherLogitCache
 
 
 @pytest.fixture(scope="module")

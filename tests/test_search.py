@@ -19,7 +19,6 @@ from conftest import byte_tokenizer, tiny_model
 
 from minitron_nas import search
 from minitron_nas.data import token_blocks
-from minitron_nas.distill import RetrainResult, TeacherLogitCache, retrain
 from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
 from minitron_nas.metrics import HeldoutLoss, Measurement, Metric
@@ -35,7 +34,9 @@ from minitron_nas.space import (
     SearchSpace,
     require_feasible,
 )
+from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import Teacher, load_teacher
+from minitron_nas.trainer import RetrainResult, retrain
 
 AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (2, 3, 4)}
 
