@@ -35,9 +35,10 @@ from minitron_nas.architecture import Architecture
 from minitron_nas.data import token_blocks
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
+from minitron_nas.settings import RetrainSettings
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher
-from minitron_nas.trainer import RetrainSettings, batch_loss, make_optimizer
+from minitron_nas.trainer import batch_loss, make_optimizer
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "distill.md"

@@ -46,9 +46,10 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.latency import measure_latency
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
+from minitron_nas.settings import RetrainSettings
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import Teacher, fingerprint, load_config, load_teacher
-from minitron_nas.trainer import RetrainSettings, batch_loss, make_optimizer
+from minitron_nas.trainer import batch_loss, make_optimizer
 
 DEFAULT_CONFIG = REPO / "search_spaces" / "configs" / "llama-3.1-8b.json"
 DEFAULT_OUT = REPORTS / "gpu.md"
@@ -337,8 +338,9 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
 def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, work: Path) -> tuple[list[list[str]], list[str], str]:
     """(iv)-(v): every stage of the recipe on this teacher, then the latency of teacher and export."""
     from minitron_nas.pipeline import distill_winner, export_stage
-    from minitron_nas.ranking import RankSettings, rank
+    from minitron_nas.ranking import rank
     from minitron_nas.search import run_search
+    from minitron_nas.settings import RankSettings
 
     space = pipeline_space(args, teacher.model.config, device)
     out = work / "run"

@@ -31,8 +31,9 @@ from scipy.stats import kendalltau
 from minitron_nas.data import token_blocks
 from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr, paired_stderr
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import RankSettings, load_or_rank
+from minitron_nas.ranking import load_or_rank
 from minitron_nas.search import _key, schedule_for
+from minitron_nas.settings import RankSettings
 from minitron_nas.space import load_space, require_feasible
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher

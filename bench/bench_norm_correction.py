@@ -22,7 +22,8 @@ from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import RankSettings, load_or_rank
+from minitron_nas.ranking import load_or_rank
+from minitron_nas.settings import RankSettings
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher
 

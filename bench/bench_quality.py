@@ -46,13 +46,14 @@ from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.metrics import HeldoutKLD
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import RankSettings, load_or_rank
+from minitron_nas.ranking import load_or_rank
 from minitron_nas.scoring import lm_eval_scores, lm_loss
 from minitron_nas.search import run_search
+from minitron_nas.settings import RankSettings, RetrainSettings
 from minitron_nas.space import enumerate_candidates, load_space
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher
-from minitron_nas.trainer import RetrainSettings, retrain
+from minitron_nas.trainer import retrain
 
 TEACHER = "smollm2-135m"
 SPACE = REPO / "bench" / "quality-space.yaml"

@@ -39,8 +39,9 @@ from common import REPORTS, Run, markdown_table, usable_cores
 
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
-from minitron_nas.ranking import RankSettings, rank
+from minitron_nas.ranking import rank
 from minitron_nas.search import STUDY_NAME
+from minitron_nas.settings import RankSettings
 from minitron_nas.space import (
     Budget,
     SearchSpace,
@@ -271,7 +272,7 @@ def split_time(study: optuna.Study, worker: Worker) -> dict[str, float]:
 
 def callback_seconds(folder: Path, space: SearchSpace) -> tuple[float, float]:
     """(first, warm) seconds of what search.py does after every trial, rerun here on the finished study."""
-    from minitron_nas.report import build_dashboard
+    from minitron_nas.dashboard import build_dashboard
     from minitron_nas.search import write_outputs
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{(folder / 'study.db').resolve()}")

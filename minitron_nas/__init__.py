@@ -66,7 +66,6 @@ __all__ = [
     "select",
     "token_blocks",
 ]
-assert sorted(__all__) == sorted(_WHERE)
 
 
 def __getattr__(name: str):

@@ -185,8 +185,8 @@ def rank(
 ):
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
     from .files import check_writable
-    from .ranking import Aggregation, RankSettings
     from .ranking import rank as rank_stage
+    from .settings import Aggregation, RankSettings
     from .teachers import load_teacher
 
     settings = RankSettings(data, samples, seq_len, batch_size, Aggregation(batch_agg, seq_agg), layer_loss, heldout_samples, split)
@@ -453,7 +453,8 @@ def dashboard(
     storage: str = typer.Option(None, help="Optuna storage URL of the study (default: sqlite:///RUN_DIR/study.db)"),
 ):
     """Rebuild RUN_DIR/dashboard.html (interactive, offline) and RUN_DIR/report.md from the study."""
-    from .report import build_dashboard, open_run_study, write_report
+    from .dashboard import build_dashboard
+    from .report import open_run_study, write_report
 
     study = open_run_study(run_dir, storage)
     page = build_dashboard(run_dir, storage, study=study)

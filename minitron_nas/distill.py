@@ -8,7 +8,6 @@ more (the paper's best practices 6-7). The trainer is `trainer.retrain`; checkpo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,35 +17,10 @@ from .devices import is_main_process
 from .errors import MinitronError
 from .files import write_text_atomic
 from .losses import IntermediateStates
-from .trainer import RetrainResult, RetrainSettings, retrain
+from .settings import DistillSettings
+from .trainer import RetrainResult, retrain
 
 __all__ = ["DistillSettings", "distill"]
-
-
-@dataclass(frozen=True)
-class DistillSettings(RetrainSettings):
-    """The full distillation stage: retraining settings plus intermediate states and checkpoints."""
-
-    intermediate: str = "auto"  # auto: on when >= 20% of the teacher's layers were dropped
-    alpha: float = 1.0  # weight of the intermediate-state loss
-    intermediate_loss: str = "nmse"  # normalised MSE, or "cosine"
-    checkpoint_every: int = 25  # optimizer steps between checkpoints (and after the last)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.intermediate not in ("auto", "on", "off"):
-            raise MinitronError(f"intermediate={self.intermediate!r} is invalid: use auto, on or off")
-        if self.intermediate_loss not in ("nmse", "cosine"):
-            raise MinitronError(f"intermediate_loss={self.intermediate_loss!r} is invalid: use nmse or cosine")
-        if self.checkpoint_every < 1:
-            raise MinitronError("checkpoint_every must be at least 1 step")
-
-    def uses_intermediate(self, student_layers: int, teacher_layers: int) -> bool:
-        """The paper's best practices 6-7: add intermediate states only when depth was cut a lot."""
-        if self.intermediate == "auto":
-            return student_layers <= 0.8 * teacher_layers
-        return self.intermediate == "on"
-
 
 
 def distill(

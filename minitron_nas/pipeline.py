@@ -13,6 +13,7 @@ import torch
 
 from .architecture import Architecture, ParamCounter
 from .checkpoint import Checkpoint
+from .dashboard import build_dashboard
 from .data import token_blocks
 from .devices import (
     is_main_process,
@@ -28,10 +29,11 @@ from .export import export_winner, save_model
 from .files import RunFolder, check_writable, write_json_atomic
 from .losses import kd_loss
 from .pruning import prune, select
-from .ranking import Rankings, RankSettings, load_or_rank
-from .report import build_dashboard, write_report
+from .ranking import Rankings, load_or_rank
+from .report import write_report
 from .scoring import lm_eval_scores, lm_loss
 from .search import run_search
+from .settings import RankSettings
 from .teachers import Teacher, load_model, load_teacher
 
 

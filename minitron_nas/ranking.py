@@ -31,24 +31,11 @@ from .errors import MinitronError
 from .families import family_for, final_norm, layers_of
 from .files import atomic_dir, check_writable
 from .scoring import lm_loss
+from .settings import Aggregation, RankSettings
 from .teachers import Teacher
 
-REDUCTIONS = ("mean", "l2", "var")
 TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
 _TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    batch: str = "l2"
-    seq: str = "mean"
-
-    def __post_init__(self):
-        for axis in ("batch", "seq"):
-            if getattr(self, axis) not in REDUCTIONS:
-                raise MinitronError(
-                    f"unknown {axis} aggregation '{getattr(self, axis)}': use one of {', '.join(REDUCTIONS)}"
-                )
 
 
 def _reduce_seq(values: torch.Tensor, how: str) -> torch.Tensor:
@@ -289,18 +276,6 @@ def layer_drop_losses(model, heldout: torch.Tensor, batch_size: int = 8, progres
 
 
 # --------------------------------------------------------------------------- the rank stage
-
-
-@dataclass(frozen=True)
-class RankSettings:
-    data: str = "shakespeare"
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-    aggregation: Aggregation = Aggregation()
-    layer_loss: bool = False
-    heldout_samples: int = 16
-    split: str = "train"
 
 
 def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, overwrite: bool = False) -> Rankings:

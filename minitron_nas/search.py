@@ -44,7 +44,8 @@ from .files import RunFolder, make_dir, write_json_atomic, write_text_atomic
 from .halving import Schedule, plan_schedule, promote
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
-from .ranking import Rankings, RankSettings, load_or_rank
+from .ranking import Rankings, load_or_rank
+from .settings import RankSettings
 from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
 from .study import (
     HEARTBEAT_SECONDS,

@@ -25,7 +25,9 @@ from .architecture import (
     student_config,
     validate,
 )
+from .devices import check_device_name, check_dtype_name
 from .errors import MinitronError
+from .settings import DistillSettings, RetrainSettings
 
 SAMPLERS = ("auto", "grid", "random")
 RUNG_METRICS = ("kld", "heldout_loss")
@@ -69,8 +71,6 @@ class RetrainSpec:
 
     def settings(self, seed: int):
         """The trainer's settings for one candidate's short retraining."""
-        from .trainer import RetrainSettings  # torch-heavy: only when training
-
         return RetrainSettings(
             steps=self.steps,
             batch_size=self.batch_size,
@@ -107,8 +107,6 @@ class DistillSpec:
 
     def settings(self, seed: int):
         """The trainer's settings for the winner's full distillation."""
-        from .distill import DistillSettings  # torch-heavy: only when training
-
         return DistillSettings(
             steps=self.steps,
             batch_size=self.batch_size,
@@ -218,8 +216,6 @@ class DeviceSpec:
     """auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16 or float32."""
 
     def __post_init__(self):
-        from .devices import check_device_name, check_dtype_name
-
         check_device_name(self.device)  # syntax only: whether the GPU exists is asked where a model loads
         check_dtype_name(self.dtype)
 
@@ -513,7 +509,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if space.scoring.metric == "lm_eval" and not space.scoring.tasks:
         raise MinitronError("scoring.metric is lm_eval but scoring.tasks is empty: list tasks such as [arc_easy, piqa]")
     if space.scoring.metric == "lm_eval":
-        from .scoring import check_lm_eval
+        from .scoring import check_lm_eval  # scoring reads this module's ScoringSpec: imported when used
 
         # names, folders and files checked now, before any teacher loads
         scoring = check_lm_eval(space.scoring, where="scoring.")

@@ -41,43 +41,10 @@ from .checkpoint import Checkpoint, Progress
 from .devices import HALF, model_device, model_dtype, resolve_device, to_model_device
 from .errors import MinitronError
 from .losses import IntermediateStates, clm_loss, kd_loss, kd_loss_topk
+from .settings import RetrainSettings
 from .teacher_cache import TeacherLogitCache, blocks_sha256, teacher_topk
 
 __all__ = ["RetrainResult", "RetrainSettings", "batch_loss", "make_accelerator", "make_optimizer", "retrain"]
-
-
-@dataclass(frozen=True)
-class RetrainSettings:
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # blocks per micro-batch, per process
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    temperature: float = 1.0
-    top_k: int | None = 64  # None: full-vocabulary KD (live teacher only)
-    clm_weight: float = 0.0  # total = clm_weight * CE + KD
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_every: int = 25  # optimizer steps between held-out evaluations; 0: only at the end
-    seed: int = 0  # data order
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-
-    def __post_init__(self):
-        checks = [
-            (self.steps >= 1, "steps", "use at least 1"),
-            (self.batch_size >= 1, "batch_size", "use at least 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr", "use a positive learning rate such as 1e-4"),
-            (self.warmup_steps >= 0, "warmup_steps", "use 0 or more (more than steps never finishes warming up)"),
-            (self.temperature > 0, "temperature", "use a positive temperature such as 1.0"),
-            (self.top_k is None or self.top_k >= 1, "top_k", "use a positive k or None for the full vocabulary"),
-            (self.clm_weight >= 0, "clm_weight", "use 0 or a positive weight"),
-            (self.grad_accum >= 1, "grad_accum", "use at least 1"),
-            (self.eval_every >= 0, "eval_every", "use 0 (only at the end) or a positive step count"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a positive norm or None"),
-            (self.weight_decay >= 0, "weight_decay", "use 0 or a positive value"),
-        ]
-        for ok, name, fix in checks:
-            if not ok:
-                raise MinitronError(f"retraining setting {name}={getattr(self, name)!r} is invalid: {fix}")
 
 
 @dataclass
@@ -93,7 +60,6 @@ class RetrainResult:
     @property
     def final_eval(self) -> float | None:
         return self.eval_curve[-1][1] if self.eval_curve else None
-
 
 
 def make_accelerator(device: str | torch.device | None = None):

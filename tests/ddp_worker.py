@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
-from minitron_nas.distill import DistillSettings
 from minitron_nas.losses import IntermediateStates
 from minitron_nas.pruning import prune, select
 from minitron_nas.ranking import compute_rankings
+from minitron_nas.settings import DistillSettings
 from minitron_nas.trainer import make_accelerator, retrain
 
 

@@ -25,11 +25,12 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
 from minitron_nas.pipeline import heldout_metrics, prune_to
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import RankSettings, compute_rankings, rank
+from minitron_nas.ranking import compute_rankings, rank
 from minitron_nas.scoring import lm_loss
+from minitron_nas.settings import RankSettings, RetrainSettings
 from minitron_nas.space import DeviceSpec, load_space
 from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.trainer import RetrainSettings, _evaluate, make_accelerator
+from minitron_nas.trainer import _evaluate, make_accelerator
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30

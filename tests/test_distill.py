@@ -21,8 +21,9 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.losses import kd_loss, kd_loss_topk
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
+from minitron_nas.settings import RetrainSettings
 from minitron_nas.teacher_cache import CACHE_META, CACHE_TENSORS, TeacherLogitCache, blocks_sha256
-from minitron_nas.trainer import RetrainSettings, retrain
+from minitron_nas.trainer import retrain
 
 VOCAB = 128
 # Relative gap (kd_loss - kd_loss_topk) / kd_loss measured on the tiny teacher/student

@@ -10,11 +10,12 @@ from conftest import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.checkpoint import Checkpoint
-from minitron_nas.distill import DistillSettings, distill
+from minitron_nas.distill import distill
 from minitron_nas.errors import MinitronError
 from minitron_nas.losses import IntermediateStates
 from minitron_nas.pruning import prune, select
 from minitron_nas.ranking import compute_rankings
+from minitron_nas.settings import DistillSettings
 
 SETTINGS = DistillSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, top_k=None, eval_every=2, checkpoint_every=2)
 

@@ -13,8 +13,9 @@ from minitron_nas.architecture import Architecture
 from minitron_nas.errors import MinitronError
 from minitron_nas.families import layers_of
 from minitron_nas.pruning import prune
-from minitron_nas.ranking import REDUCTIONS, Aggregation, Rankings, compute_rankings
+from minitron_nas.ranking import Rankings, compute_rankings
 from minitron_nas.scoring import lm_loss
+from minitron_nas.settings import REDUCTIONS, Aggregation
 
 HEAD_DIM = 8
 

@@ -22,18 +22,12 @@ import yaml
 from conftest import TINY_CONFIGS
 from typer.testing import CliRunner
 
-from minitron_nas import report
+from minitron_nas import dashboard
 from minitron_nas.cli import app
+from minitron_nas.dashboard import FIGURE_IDS, build_dashboard
 from minitron_nas.errors import MinitronError
 from minitron_nas.ranking import Rankings
-from minitron_nas.report import (
-    FIGURE_IDS,
-    build_dashboard,
-    finished,
-    open_run_study,
-    pareto_front,
-    write_report,
-)
+from minitron_nas.report import finished, open_run_study, pareto_front, write_report
 from minitron_nas.space import enumerate_candidates, load_space
 from minitron_nas.study import STUDY_NAME
 from minitron_nas.teachers import load_config
@@ -509,8 +503,8 @@ def test_layer_view_without_layer_loss_keeps_block_importance_and_says_why():
     g = torch.Generator().manual_seed(0)
     ranked = Rankings(heads=torch.rand(4, 6, generator=g), neurons=torch.rand(4, 96, generator=g),
                       channels=torch.rand(48, generator=g), block_importance=torch.rand(4, generator=g))
-    fig = report.layer_figure(ranked, None)
+    fig = dashboard.layer_figure(ranked, None)
     assert [t.name for t in fig.data] == ["Block Importance"]
     assert any("--layer-loss" in a.text for a in fig.layout.annotations)
-    fig = report.layer_figure(Rankings(**{**ranked.__dict__, "layer_loss": torch.rand(4, generator=g)}), None)
+    fig = dashboard.layer_figure(Rankings(**{**ranked.__dict__, "layer_loss": torch.rand(4, generator=g)}), None)
     assert [t.name for t in fig.data] == ["Block Importance", "layer-drop loss"]
