@@ -299,15 +299,8 @@ def measures(args: argparse.Namespace, model, device: torch.device) -> tuple[lis
 
 def pipeline_space(args: argparse.Namespace, config, device: torch.device):
     """A grid of `--candidates` architectures: 3/4 of the hidden size, FFN from half of the teacher's up."""
-    from minitron_nas.space import (
-        Budget,
-        DeviceSpec,
-        DistillSpec,
-        RankingSpec,
-        RetrainSpec,
-        ScoringSpec,
-        SearchSpace,
-    )
+    from minitron_nas.settings import DistillSettings, RankSettings, RetrainSettings
+    from minitron_nas.space import Budget, DeviceSpec, ScoringSpec, SearchSpace
 
     teacher = Architecture.from_config(config)
     hidden = half_size(teacher).hidden_size
@@ -322,11 +315,11 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
         teacher=str(args.teacher or args.config),
         axes={"hidden_size": (hidden,), "intermediate_size": tuple(ffn)},
         budget=Budget(parameters=target, tolerance=(max(counts) - min(counts)) / 2 / target + 0.01),
-        ranking=RankingSpec(data=args.data, samples=args.samples, seq_len=seq),
-        retrain=RetrainSpec(tokens=args.retrain_tokens, batch_size=batch, seq_len=seq, top_k=args.top_k, data=args.data,
+        ranking=RankSettings(data=args.data, samples=args.samples, seq_len=seq),
+        retrain=RetrainSettings(tokens=args.retrain_tokens, batch_size=batch, seq_len=seq, top_k=args.top_k, data=args.data,
                             eval_every=max(1, args.retrain_tokens // (batch * seq) // 2)),
         scoring=ScoringSpec(metric="heldout_loss", heldout_samples=max(2, batch), seq_len=seq),
-        distill=DistillSpec(tokens=args.distill_tokens, batch_size=batch, seq_len=seq, data=args.data,
+        distill=DistillSettings(tokens=args.distill_tokens, batch_size=batch, seq_len=seq, data=args.data,
                             eval_every=max(1, args.distill_tokens // (batch * seq) // 4), checkpoint_every=10**6,
                             heldout_samples=max(2, batch)),
         sampler="grid",

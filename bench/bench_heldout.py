@@ -33,7 +33,6 @@ from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr, paire
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import load_or_rank
 from minitron_nas.search import _key, schedule_for
-from minitron_nas.settings import RankSettings
 from minitron_nas.space import load_space, require_feasible
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher
@@ -54,10 +53,9 @@ def main() -> None:
     feasible = require_feasible(space, teacher.model.config)
     rung = schedule_for(space, len(feasible)).rungs[0]
     args.work.mkdir(parents=True, exist_ok=True)
-    spec = space.ranking
-    rankings = load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), args.work / "rankings")
-    spec, base = space.retrain, space.retrain.settings(space.seed)
-    settings = replace(base, steps=rung.steps, warmup_steps=max(1, rung.steps // 10), eval_every=0)
+    rankings = load_or_rank(teacher, space.ranking, args.work / "rankings")
+    spec = base = replace(space.retrain, seed=space.seed)
+    settings = replace(base, steps=rung.steps, eval_every=0)
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, rung.steps * spec.batch_size, "train")
     meta = {"teacher_fingerprint": teacher.fingerprint}
     cache = TeacherLogitCache.compute(teacher.model, train, base.top_k, base.temperature, base.batch_size, meta)

@@ -29,7 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +41,6 @@ from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
 from minitron_nas.ranking import rank
 from minitron_nas.search import STUDY_NAME
-from minitron_nas.settings import RankSettings
 from minitron_nas.space import (
     Budget,
     SearchSpace,
@@ -131,12 +130,11 @@ def precompute(space: SearchSpace, folder: Path) -> dict:
     start = time.perf_counter()
     teacher = load_teacher(space.teacher)
     load_s = time.perf_counter() - start
-    spec = space.ranking
     start = time.perf_counter()
-    rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder / "rankings")
+    rank(teacher, space.ranking, folder / "rankings")
     rank_s = time.perf_counter() - start
-    settings = space.retrain.settings(space.seed)
-    train = token_blocks(space.retrain.data, teacher.tokenizer, space.retrain.seq_len, settings.steps * space.retrain.batch_size, "train")
+    settings = replace(space.retrain, seed=space.seed)
+    train = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.total_steps * settings.batch_size, "train")
     start = time.perf_counter()
     cache = TeacherLogitCache.load_or_build(
         teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, folder / "teacher_logits",

@@ -88,15 +88,15 @@ class Checkpoint:
                     list(handle.keys())
         except Exception as err:
             raise self._unreadable(err) from None
-        if saved.get("settings") != json.loads(json.dumps(self.made_from["settings"])):
-            raise MinitronError(f"the checkpoint in '{self.folder}' was made with other settings: use another folder or delete it")
-        for what, want in self.made_from.items():
+        for what, want in self.made_from.items():  # the inputs first: they name what changed
             have = saved.get(what)
             if what != "settings" and have is not None and want is not None and have != want:
                 raise MinitronError(
                     f"the checkpoint in '{self.folder}' was made for other {what} ({_short(have)}, now {_short(want)}): "
                     "resume with the original, or delete the checkpoint to start over"
                 )
+        if saved.get("settings") != json.loads(json.dumps(self.made_from["settings"])):
+            raise MinitronError(f"the checkpoint in '{self.folder}' was made with other settings: use another folder or delete it")
 
     def restore(self, accelerator) -> int:
         """Load the state into the accelerator's prepared objects; returns the step it was saved at."""

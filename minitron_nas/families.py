@@ -125,7 +125,7 @@ def family_of_type(model_type: str | None) -> Family:
             return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise MinitronError(
-        f"Model type '{model_type}' is not supported. The supported types are {supported}; "
+        f"Model type '{model_type}' is not supported: the supported types are {supported}; "
         "a Llama-like family is added with one Family entry in minitron_nas/families.py."
     )
 

@@ -33,7 +33,6 @@ from .ranking import Rankings, load_or_rank
 from .report import write_report
 from .scoring import lm_eval_scores, lm_loss
 from .search import run_search
-from .settings import RankSettings
 from .teachers import Teacher, load_model, load_teacher
 
 
@@ -123,9 +122,8 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     try:
         stage = "rank"
         if "rank" not in done:
-            spec = space.ranking
             folder = RunFolder(out).rankings
-            load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), folder)
+            load_or_rank(teacher, space.ranking, folder)
             _mark_done(out, "rank", {"rankings": str(folder)})
         stage = "search"
         if "search" not in done:
@@ -267,7 +265,7 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     try:
         return _distill_winner(space, out, teacher, folder)
     except KeyboardInterrupt as err:
-        step, steps = Checkpoint.saved_step(folder), space.distill.steps
+        step, steps = Checkpoint.saved_step(folder), space.distill.total_steps
         if step is None:
             add_resume_hint(err, f"no checkpoint yet (the first comes at step {min(space.distill.checkpoint_every, steps)} of {steps}); rerun the same command to start the distillation again")
         else:
@@ -281,12 +279,11 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
     chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
     spec = space.distill
-    settings = spec.settings(space.seed)
+    settings = replace(spec, seed=space.seed)
     processes = process_count()
     if processes > 1:
-        steps = max(1, settings.steps // processes)
-        settings = replace(settings, steps=steps, warmup_steps=max(1, steps // 20))
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.steps * spec.batch_size * processes, "train")
+        settings = replace(settings, steps=max(1, settings.total_steps // processes))
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.total_steps * spec.batch_size * spec.grad_accum * processes, "train")
     heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, spec.heldout_samples, "heldout")
     before = heldout_metrics(student, teacher.model, heldout)
     result = distill(student, teacher.model, train, settings, folder, heldout, chosen.layers, chosen.channels)

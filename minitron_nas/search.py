@@ -45,7 +45,6 @@ from .halving import Schedule, plan_schedule, promote
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
 from .ranking import Rankings, load_or_rank
-from .settings import RankSettings
 from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
 from .study import (
     HEARTBEAT_SECONDS,
@@ -90,8 +89,8 @@ def schedule_for(space: SearchSpace, n: int) -> Schedule:
     spec = space.retrain
     return plan_schedule(
         n,
-        full_steps=spec.steps,
-        tokens_per_step=spec.batch_size * spec.seq_len,
+        full_steps=spec.total_steps,
+        tokens_per_step=spec.batch_size * spec.seq_len * spec.grad_accum,
         eta=space.halving.eta,
         budget_tokens=space.halving.budget(space.distill.tokens),
         min_steps=space.halving.min_steps,
@@ -232,8 +231,7 @@ class _Search:
                 timings["before"] = before.seconds
                 trial.set_user_attr("before", before.value)
                 trial.set_user_attr("before_stderr", before.stderr)
-            base = self.space.retrain.settings(self.space.seed)
-            settings = replace(base, steps=rung.steps, warmup_steps=max(1, rung.steps // 10), eval_every=0)
+            settings = replace(self.space.retrain, seed=self.space.seed, steps=rung.steps, eval_every=0)
             result = retrain(student, self.train, self.cache, settings, progress=False)
             timings["retrain"] = result.seconds
             trial.set_user_attr("tokens_trained", result.tokens_seen)
@@ -341,8 +339,7 @@ class _Search:
 
 
 def _rankings(teacher: Teacher, space: SearchSpace, out: Path) -> Rankings:
-    spec = space.ranking
-    return load_or_rank(teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len), RunFolder(out).rankings)
+    return load_or_rank(teacher, space.ranking, RunFolder(out).rankings)
 
 
 def _metric(name: str, space: SearchSpace, teacher: Teacher, heldout: torch.Tensor, heldout_cache: TeacherLogitCache) -> Metric:
@@ -378,9 +375,9 @@ def run_search(
     study = open_study(space, store, storage or RunFolder(out).study_db, resume, teacher.fingerprint, pool, schedule)
     _say(f"search ({'resumed' if study.user_attrs.get('resumed') else 'new study'}): {len(pool)} candidates of {len(feasible)} feasible; {schedule.describe()}")
     rankings = _rankings(teacher, space, out)
-    spec, settings = space.retrain, space.retrain.settings(space.seed)
+    spec = settings = space.retrain
     longest = max(r.steps for r in schedule.rungs)
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, longest * spec.batch_size, "train")
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, longest * spec.batch_size * spec.grad_accum, "train")
     meta = {"teacher_fingerprint": teacher.fingerprint}
     cache = TeacherLogitCache.load_or_build(
         teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, RunFolder(out).teacher_logits, meta

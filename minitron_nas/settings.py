@@ -9,7 +9,8 @@ search; `DistillSettings` the final distillation (`distill.distill`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .errors import MinitronError
 
@@ -57,27 +58,67 @@ class RankSettings:
     """Which paragraphs of the data calibrate: train (held-out ones are kept for scoring)."""
 
 
+# Fields the space file may not set: the search space's top-level `seed` sets them.
+NOT_IN_SPACE = {"in_space": False}
+
+
 @dataclass(frozen=True)
 class RetrainSettings:
-    steps: int = 100  # optimizer steps
-    batch_size: int = 8  # blocks per micro-batch, per process
+    """Knowledge distillation from the teacher's logits; as the `retrain:` section, a candidate's
+    short retraining in the search (the paper's best practice 9)."""
+
+    tokens: int = 8192
+    """Training tokens (student side); the search's last rung retrains each candidate on this many."""
+    batch_size: int = 4
+    """Blocks per micro-batch, per process."""
+    seq_len: int = 128
+    """Tokens per training block."""
     lr: float = 1e-4
-    warmup_steps: int = 10
+    """Peak learning rate of AdamW (linear warm-up, then cosine decay)."""
+    warmup_steps: int | None = None
+    """Warm-up steps; None: a tenth of the steps (a twentieth for the final distillation), at least 1."""
     temperature: float = 1.0
-    top_k: int | None = 64  # None: full-vocabulary KD (live teacher only)
-    clm_weight: float = 0.0  # total = clm_weight * CE + KD
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_every: int = 25  # optimizer steps between held-out evaluations; 0: only at the end
-    seed: int = 0  # data order
+    """Softmax temperature of the KD loss (the paper: 1)."""
+    top_k: int | None = 64
+    """Teacher logits kept per token (cached once, with a tail bucket); None: the full vocabulary, live."""
+    clm_weight: float = 0.0
+    """Weight of the next-token loss added to KD (the paper's best practice 5: 0, KD only)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    eval_every: int = 5
+    """Optimizer steps between held-out evaluations; 0: only at the end."""
+    data: str = "shakespeare"
+    """Training text: a file, a folder, 'shakespeare' (embedded) or a local datasets name."""
     max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; None: no clipping."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
+    steps: int | None = None
+    """Optimizer steps; None: tokens / (batch_size x seq_len x grad_accum), at least 1."""
+    seed: int = field(default=0, metadata=NOT_IN_SPACE)
+    """Data order; a search space's top-level `seed`."""
+
+    WARMUP_SHARE: ClassVar[int] = 10
+
+    @property
+    def total_steps(self) -> int:
+        """The optimizer steps this run takes."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, self.tokens // (self.batch_size * self.seq_len * self.grad_accum))
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.total_steps // self.WARMUP_SHARE)
 
     def __post_init__(self):
         checks = [
-            (self.steps >= 1, "steps", "use at least 1"),
+            (self.tokens >= 1, "tokens", "use at least 1"),
+            (self.steps is None or self.steps >= 1, "steps", "use at least 1, or leave it out to derive it from tokens"),
             (self.batch_size >= 1, "batch_size", "use at least 1"),
+            (self.seq_len >= 1, "seq_len", "use at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "use a positive learning rate such as 1e-4"),
-            (self.warmup_steps >= 0, "warmup_steps", "use 0 or more (more than steps never finishes warming up)"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "use 0 or more, or leave it out for a tenth of the steps"),
             (self.temperature > 0, "temperature", "use a positive temperature such as 1.0"),
             (self.top_k is None or self.top_k >= 1, "top_k", "use a positive k or None for the full vocabulary"),
             (self.clm_weight >= 0, "clm_weight", "use 0 or a positive weight"),
@@ -93,19 +134,33 @@ class RetrainSettings:
 
 @dataclass(frozen=True)
 class DistillSettings(RetrainSettings):
-    """The full distillation stage: retraining settings plus intermediate states and checkpoints."""
+    """The winner's full distillation: logit KD from the live teacher, plus intermediate states
+    when depth was cut, checkpointed (the `distill:` section)."""
 
-    intermediate: str = "auto"  # auto: on when >= 20% of the teacher's layers were dropped
-    alpha: float = 1.0  # weight of the intermediate-state loss
-    intermediate_loss: str = "nmse"  # normalised MSE, or "cosine"
-    checkpoint_every: int = 25  # optimizer steps between checkpoints (and after the last)
+    tokens: int = 65536
+    seq_len: int = 256
+    top_k: int | None = None
+    """None: full-vocabulary KD against the live teacher; k: top-k with a tail bucket."""
+    eval_every: int = 25
+    intermediate: str = "auto"
+    """auto: intermediate-state loss on when >= 20% of the teacher's layers were dropped (best practices 6, 7); on; off."""
+    alpha: float = 1.0
+    """Weight of the intermediate-state loss."""
+    intermediate_loss: str = "nmse"
+    """Distance of mapped hidden states: nmse (normalised squared error) or cosine."""
+    checkpoint_every: int = 25
+    """Optimizer steps between checkpoints (and after the last)."""
+    heldout_samples: int = 16
+    """Held-out blocks measured before and after distillation."""
+
+    WARMUP_SHARE: ClassVar[int] = 20
 
     def __post_init__(self):
         super().__post_init__()
         if self.intermediate not in ("auto", "on", "off"):
-            raise MinitronError(f"intermediate={self.intermediate!r} is invalid: use auto, on or off")
+            raise MinitronError(f"distill.intermediate is '{self.intermediate}': use auto, on or off")
         if self.intermediate_loss not in ("nmse", "cosine"):
-            raise MinitronError(f"intermediate_loss={self.intermediate_loss!r} is invalid: use nmse or cosine")
+            raise MinitronError(f"distill.intermediate_loss is '{self.intermediate_loss}': use nmse or cosine")
         if self.checkpoint_every < 1:
             raise MinitronError("checkpoint_every must be at least 1 step")
 

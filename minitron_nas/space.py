@@ -8,6 +8,7 @@ exact parameter count (or memory, weights plus KV cache) lies within the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import sys
@@ -27,7 +28,7 @@ from .architecture import (
 )
 from .devices import check_device_name, check_dtype_name
 from .errors import MinitronError
-from .settings import DistillSettings, RetrainSettings
+from .settings import DistillSettings, RankSettings, RetrainSettings
 
 SAMPLERS = ("auto", "grid", "random")
 RUNG_METRICS = ("kld", "heldout_loss")
@@ -45,82 +46,6 @@ class Budget:
     context: int = 4096
     batch: int = 1
     bytes_per_value: int = 2
-
-
-@dataclass(frozen=True)
-class RankingSpec:
-    data: str = "shakespeare"
-    samples: int = 64
-    seq_len: int = 256
-
-
-@dataclass(frozen=True)
-class RetrainSpec:
-    tokens: int = 8192
-    batch_size: int = 4
-    seq_len: int = 128
-    lr: float = 1e-4
-    temperature: float = 1.0
-    top_k: int = 64
-    data: str = "shakespeare"
-    eval_every: int = 5
-
-    @property
-    def steps(self) -> int:
-        return max(1, self.tokens // (self.batch_size * self.seq_len))
-
-    def settings(self, seed: int):
-        """The trainer's settings for one candidate's short retraining."""
-        return RetrainSettings(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            warmup_steps=max(1, self.steps // 10),
-            temperature=self.temperature,
-            top_k=self.top_k,
-            eval_every=self.eval_every,
-            seed=seed,
-        )
-
-
-@dataclass(frozen=True)
-class DistillSpec:
-    """The winner's full distillation (logit KD, plus intermediate states when depth is cut)."""
-
-    tokens: int = 65536
-    batch_size: int = 4
-    seq_len: int = 256
-    lr: float = 1e-4
-    temperature: float = 1.0
-    top_k: int | None = None  # None: full-vocabulary KD against the live teacher
-    clm_weight: float = 0.0  # the paper's best practice 5: KD only
-    intermediate: str = "auto"  # auto: on when >= 20% of the layers were dropped (best practices 6, 7)
-    alpha: float = 1.0  # weight of the intermediate-state loss
-    data: str = "shakespeare"
-    eval_every: int = 25
-    checkpoint_every: int = 25
-    heldout_samples: int = 16
-
-    @property
-    def steps(self) -> int:
-        return max(1, self.tokens // (self.batch_size * self.seq_len))
-
-    def settings(self, seed: int):
-        """The trainer's settings for the winner's full distillation."""
-        return DistillSettings(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            warmup_steps=max(1, self.steps // 20),
-            temperature=self.temperature,
-            top_k=self.top_k,
-            clm_weight=self.clm_weight,
-            eval_every=self.eval_every,
-            seed=seed,
-            intermediate=self.intermediate,
-            alpha=self.alpha,
-            checkpoint_every=self.checkpoint_every,
-        )
 
 
 @dataclass(frozen=True)
@@ -225,10 +150,10 @@ class SearchSpace:
     teacher: str
     axes: dict[str, tuple[int, ...]]
     budget: Budget
-    ranking: RankingSpec = RankingSpec()
-    retrain: RetrainSpec = RetrainSpec()
+    ranking: RankSettings = RankSettings()
+    retrain: RetrainSettings = RetrainSettings()
     scoring: ScoringSpec = ScoringSpec()
-    distill: DistillSpec = DistillSpec()
+    distill: DistillSettings = DistillSettings()
     halving: HalvingSpec = HalvingSpec()
     latency: LatencySpec = LatencySpec()
     device: DeviceSpec = DeviceSpec()
@@ -422,16 +347,20 @@ def _section(cls, data, name: str):
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise MinitronError(f"'{name}' is {_shown(data)}: give a mapping of its settings (key: value lines under {name}:)")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.metadata.get("in_space", True)}
     for key in data:
         if key not in known:
-            raise MinitronError(f"unknown key '{name}.{key}': allowed are {', '.join(sorted(known))}")
+            hint = " (the space's top-level seed sets it)" if key == "seed" else ""
+            raise MinitronError(f"unknown key '{name}.{key}'{hint}: allowed are {', '.join(sorted(known))}")
     hints = _hints(cls)
     values = {}
-    for f in fields(cls):
+    for f in known.values():
         if f.name not in data:
             if f.default is MISSING and f.default_factory is MISSING and f.init:
                 raise MinitronError(f"'{name}' lacks '{f.name}': add {name}.{f.name}")
+            continue
+        if dataclasses.is_dataclass(hints.get(f.name)):  # a nested section, e.g. ranking.aggregation
+            values[f.name] = _section(hints[f.name], data[f.name], f"{name}.{f.name}")
             continue
         default = f.default if f.default is not MISSING else MISSING
         values[f.name] = check_value(f"{name}.{f.name}", data[f.name], hints.get(f.name), default, _rule(name, f.name, f.metadata))
@@ -485,10 +414,10 @@ def load_space(path: str | Path) -> SearchSpace:
         teacher=teacher,
         axes={key: _values(key, spec) for key, spec in axes.items()},
         budget=budget,
-        ranking=_section(RankingSpec, data.get("ranking"), "ranking"),
-        retrain=_section(RetrainSpec, data.get("retrain"), "retrain"),
+        ranking=_section(RankSettings, data.get("ranking"), "ranking"),
+        retrain=_section(RetrainSettings, data.get("retrain"), "retrain"),
         scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
-        distill=_section(DistillSpec, data.get("distill"), "distill"),
+        distill=_section(DistillSettings, data.get("distill"), "distill"),
         device=_section(DeviceSpec, data.get("device"), "device"),
         halving=_section(HalvingSpec, data.get("halving"), "halving"),
         latency=_section(LatencySpec, data.get("latency"), "latency"),
@@ -504,8 +433,6 @@ def load_space(path: str | Path) -> SearchSpace:
         raise MinitronError(f"unknown halving.rung_metric '{space.halving.rung_metric}': use one of {', '.join(RUNG_METRICS)}")
     if space.scoring.metric not in METRICS:
         raise MinitronError(f"unknown scoring.metric '{space.scoring.metric}': use one of {', '.join(METRICS)}")
-    if space.distill.intermediate not in ("auto", "on", "off"):
-        raise MinitronError(f"distill.intermediate is '{space.distill.intermediate}': use auto, on or off")
     if space.scoring.metric == "lm_eval" and not space.scoring.tasks:
         raise MinitronError("scoring.metric is lm_eval but scoring.tasks is empty: list tasks such as [arc_easy, piqa]")
     if space.scoring.metric == "lm_eval":

@@ -207,7 +207,7 @@ def retrain(
     intermediate: IntermediateStates | None = None,
     checkpoint: Checkpoint | None = None,
 ) -> RetrainResult:
-    """Distill into `student` (trained in place; left in eval mode) for `settings.steps` steps.
+    """Distill into `student` (trained in place; left in eval mode) for `settings.total_steps` steps.
 
     Teacher signal: `cache` (top-k of the teacher over exactly `train_blocks`) if given,
     else the live `teacher` each step. `report(step, value)` receives the held-out metric
@@ -247,7 +247,7 @@ def retrain(
             optimizer.add_param_group({"params": list(intermediate.project.parameters())})
 
     # Not prepared: accelerate would step a prepared scheduler once per process.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup, settings.total_steps)
     if intermediate is not None and intermediate.project is not None:
         # Prepared with the model (DDP-wrapped under several processes): its gradients are averaged like the student's.
         model, projection, optimizer = accelerator.prepare(student, intermediate, optimizer)
@@ -259,17 +259,16 @@ def retrain(
     processes, rank, per_step = accelerator.num_processes, accelerator.process_index, settings.batch_size
     stream = _row_stream(len(train_blocks), settings.seed)
     seq_len = train_blocks.shape[1]
-    bar = tqdm(total=settings.steps, desc="retrain", unit="step", disable=not (progress and accelerator.is_main_process))
-    start = time.perf_counter()
     first = 1
     if checkpoint is not None:
         # Saved and restored by accelerate with the prepared model(s) and optimizer.
         accelerator.register_for_checkpointing(scheduler, Progress(result))
-    if checkpoint is not None and checkpoint.exists():
+    if checkpoint is not None and checkpoint.exists():  # before the progress bar: a refusal is one clean line
         first = checkpoint.restore(accelerator) + 1
         for _ in range(per_step * processes * settings.grad_accum * (first - 1)):
             next(stream)  # the data position follows from the step
-        bar.update(first - 1)
+    bar = tqdm(total=settings.total_steps, initial=first - 1, desc="retrain", unit="step", disable=not (progress and accelerator.is_main_process))
+    start = time.perf_counter()
 
     def evaluate(step: int, call_report: bool) -> None:
         kd, lm = _evaluate(model, heldout_blocks, heldout_cache, teacher if settings.top_k is None else None, settings, accelerator, dtype)
@@ -283,7 +282,7 @@ def retrain(
         if heldout_blocks is not None and first == 1:
             evaluate(0, call_report=False)
         model.train()
-        for step in range(first, settings.steps + 1):
+        for step in range(first, settings.total_steps + 1):
             step_loss = torch.zeros((), dtype=torch.float32, device=device)
             for micro in range(settings.grad_accum):
                 global_rows = [next(stream) for _ in range(per_step * processes)]
@@ -318,10 +317,10 @@ def retrain(
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{result.tokens_seen / max(elapsed, 1e-9):.0f}")
             if heldout_blocks is not None and (
-                step == settings.steps or (settings.eval_every and step % settings.eval_every == 0)
+                step == settings.total_steps or (settings.eval_every and step % settings.eval_every == 0)
             ):
                 evaluate(step, call_report=True)
-            if checkpoint is not None and accelerator.is_main_process and checkpoint.due(step, settings.steps):
+            if checkpoint is not None and accelerator.is_main_process and checkpoint.due(step, settings.total_steps):
                 checkpoint.save(step, accelerator, result)
     finally:
         bar.close()

@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 from minitron_nas import ranking
 from minitron_nas.cli import app
 from minitron_nas.export import save_model
-from minitron_nas.space import Budget, RetrainSpec, ScoringSpec
+from minitron_nas.settings import RetrainSettings
+from minitron_nas.space import Budget, ScoringSpec
 from minitron_nas.teachers import EMBEDDED, embedded_gguf
 
 runner = CliRunner()
@@ -235,7 +236,7 @@ def test_unsupported_model_type(root, intact_rankings):
     gpt2 = root / "gpt2"
     GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257).save_pretrained(gpt2)
     result = invoke("rank", "--model", gpt2, "--out", intact_rankings, "--overwrite", *TINY_RANK)
-    assert_one_line_error(result, "Model type 'gpt2' is not supported.", "The supported types are llama", "families.py")
+    assert_one_line_error(result, "Model type 'gpt2' is not supported: the supported types are llama", "families.py")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -330,7 +331,7 @@ def test_nan_loss_during_retraining(root, teacher, corpus):
 
 # --------------------------------------------------------------------------- types and ranges of the space's keys
 
-LR = RetrainSpec().lr
+LR = RetrainSettings().lr
 TOLERANCE = Budget(parameters=1).tolerance
 
 

@@ -90,7 +90,7 @@ def test_rankings_of_another_teacher_are_refused(ranked, tmp_path):
 
 def test_unknown_model_type_is_refused(tmp_path):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
-    assert_one_line_error(invoke("count", "--model", tmp_path / "gpt2"), "Model type 'gpt2' is not supported.", "The supported types are llama", "families.py")
+    assert_one_line_error(invoke("count", "--model", tmp_path / "gpt2"), "Model type 'gpt2' is not supported: the supported types are llama", "families.py")
 
 
 def test_model_type_transformers_does_not_know_is_named_with_the_supported_families(tmp_path):
@@ -99,7 +99,7 @@ def test_model_type_transformers_does_not_know_is_named_with_the_supported_famil
     (folder / "config.json").write_text(json.dumps({"model_type": "mystery_lm", "hidden_size": 8}))
     for model in (folder, folder / "config.json"):
         result = invoke("count", "--model", model)
-        assert_one_line_error(result, "Model type 'mystery_lm' is not supported.", "llama, mistral, qwen2, qwen3, gemma3_text")
+        assert_one_line_error(result, "Model type 'mystery_lm' is not supported: ", "llama, mistral, qwen2, qwen3, gemma3_text")
         assert result.output.rstrip().endswith("."), result.output
 
 

@@ -327,14 +327,8 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
 
     from minitron_nas.export import save_model
     from minitron_nas.search import run_search
-    from minitron_nas.space import (
-        Budget,
-        HalvingSpec,
-        RankingSpec,
-        RetrainSpec,
-        ScoringSpec,
-        SearchSpace,
-    )
+    from minitron_nas.settings import RankSettings, RetrainSettings
+    from minitron_nas.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
     from minitron_nas.teachers import load_teacher
 
     save_model(tiny_model("llama", vocab_size=257), tmp_path / "teacher", byte_tokenizer())
@@ -344,8 +338,8 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
         teacher=str(teacher.path),
         axes={"hidden_size": (32, 48), "intermediate_size": (48, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (3, 4)},
         budget=Budget(parameters=40_000, tolerance=0.25),
-        ranking=RankingSpec(data=corpus, samples=4, seq_len=32),
-        retrain=RetrainSpec(tokens=2 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus),
+        ranking=RankSettings(data=corpus, samples=4, seq_len=32),
+        retrain=RetrainSettings(tokens=2 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus),
         scoring=ScoringSpec(metric="heldout_loss", heldout_samples=2, seq_len=32),
         halving=HalvingSpec(min_steps=1),
         sampler="grid",

@@ -25,15 +25,8 @@ from minitron_nas.metrics import HeldoutLoss, Measurement, Metric
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import Rankings
 from minitron_nas.search import candidate_pool, run_search, schedule_for
-from minitron_nas.space import (
-    Budget,
-    HalvingSpec,
-    RankingSpec,
-    RetrainSpec,
-    ScoringSpec,
-    SearchSpace,
-    require_feasible,
-)
+from minitron_nas.settings import RankSettings, RetrainSettings
+from minitron_nas.space import Budget, HalvingSpec, ScoringSpec, SearchSpace, require_feasible
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import Teacher, load_teacher
 from minitron_nas.trainer import RetrainResult, retrain
@@ -59,8 +52,8 @@ def make_space(teacher: Teacher, corpus: str, **changes) -> SearchSpace:
         teacher=str(teacher.path),
         axes=AXES,
         budget=Budget(parameters=40_000, tolerance=0.25),
-        ranking=RankingSpec(data=corpus, samples=8, seq_len=32),
-        retrain=RetrainSpec(tokens=8 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, top_k=32, data=corpus),
+        ranking=RankSettings(data=corpus, samples=8, seq_len=32),
+        retrain=RetrainSettings(tokens=8 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, top_k=32, data=corpus),
         scoring=ScoringSpec(metric="heldout_loss", heldout_samples=6, seq_len=32),
         halving=HalvingSpec(eta=2, rung_metric="kld"),
         sampler="grid",
@@ -96,7 +89,7 @@ def test_rungs_keep_the_best_at_equal_tokens_and_the_winner_is_the_brute_force_b
     run = tmp_path / "run"
     rankings = Rankings.load(run / "rankings")
     spec = space.retrain
-    base = spec.settings(space.seed)
+    base = replace(spec, seed=space.seed)
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, max(r.steps for r in schedule.rungs) * spec.batch_size, "train")
     cache = TeacherLogitCache.load(run / "teacher_logits")
     heldout = token_blocks(spec.data, teacher.tokenizer, 32, 6, "heldout")
