@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .errors import MinitronError, add_resume_hint, resume_hint
 from .files import RunFolder
+from .settings import DEFAULT_TEACHER, Aggregation, RankSettings, field_doc
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pruning and architecture search.")
 console = Console(stderr=True)
@@ -40,7 +41,12 @@ def _tables() -> Console:
     """Stdout console; wide when piped so tables are not truncated."""
     return Console() if sys.stdout.isatty() else Console(width=160)
 
-MODEL_HELP = "Hugging Face id or folder, a .gguf file, or 'smollm2-135m' (embedded)"
+def _from(cls, name: str):
+    """A typer option whose default and help are those of a settings field: one source for both."""
+    return typer.Option(getattr(cls, name), help=field_doc(cls, name))
+
+
+MODEL_HELP = f"Hugging Face id or folder, a .gguf file, or '{DEFAULT_TEACHER}' (embedded)"
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
 DEVICE_HELP = "auto (this process's GPU, else the CPU), cpu, cuda or cuda:N"
 DTYPE_HELP = "auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16 or float32"
@@ -168,17 +174,17 @@ def _one_line_errors(command):
 @app.command()
 @_one_line_errors
 def rank(
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
-    data: str = typer.Option("shakespeare", help=DATA_HELP),
+    model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP),
+    data: str = _from(RankSettings, "data"),
     out: Path = typer.Option(..., help="folder for rankings.safetensors + rankings.json"),
-    samples: int = typer.Option(64, help="calibration blocks"),
-    seq_len: int = typer.Option(256, help="tokens per block"),
-    batch_size: int = typer.Option(8),
-    batch_agg: str = typer.Option("l2", help="reduction over the batch: mean, l2, var"),
-    seq_agg: str = typer.Option("mean", help="reduction over the sequence: mean, l2, var"),
-    split: str = typer.Option("train", help="which part of the data to calibrate on: train, heldout, all"),
-    layer_loss: bool = typer.Option(False, help="also score layers by held-out loss with each one dropped"),
-    heldout_samples: int = typer.Option(16, help="held-out blocks for --layer-loss"),
+    samples: int = _from(RankSettings, "samples"),
+    seq_len: int = _from(RankSettings, "seq_len"),
+    batch_size: int = _from(RankSettings, "batch_size"),
+    batch_agg: str = _from(Aggregation, "batch"),
+    seq_agg: str = _from(Aggregation, "seq"),
+    split: str = _from(RankSettings, "split"),
+    layer_loss: bool = _from(RankSettings, "layer_loss"),
+    heldout_samples: int = _from(RankSettings, "heldout_samples"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
@@ -186,10 +192,12 @@ def rank(
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
     from .files import check_writable
     from .ranking import rank as rank_stage
-    from .settings import Aggregation, RankSettings
     from .teachers import load_teacher
 
-    settings = RankSettings(data, samples, seq_len, batch_size, Aggregation(batch_agg, seq_agg), layer_loss, heldout_samples, split)
+    settings = RankSettings(
+        data=data, samples=samples, seq_len=seq_len, batch_size=batch_size, aggregation=Aggregation(batch=batch_agg, seq=seq_agg),
+        layer_loss=layer_loss, heldout_samples=heldout_samples, split=split,
+    )
     check_writable(out, overwrite)
     teacher = load_teacher(model, device, dtype)
     rankings = rank_stage(teacher, settings, out, overwrite)
@@ -203,7 +211,7 @@ def rank(
 @app.command()
 @_one_line_errors
 def prune(
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP),
     rankings: Path = typer.Option(..., help="folder written by `minitron-nas rank`"),
     arch: str = typer.Option(..., help="architecture JSON file or inline object (HF config names)"),
     out: Path = typer.Option(..., help="folder for the pruned model and tokenizer"),
@@ -236,7 +244,7 @@ def prune(
 @app.command()
 @_one_line_errors
 def count(
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP + ", or a config.json (no weights needed)"),
+    model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP + ", or a config.json (no weights needed)"),
     arch: str = typer.Option(None, help="architecture JSON file or inline object; default: the teacher's own"),
 ):
     """Exact parameter counts (total and non-embedding) of an architecture, without weights."""
@@ -255,7 +263,7 @@ def count(
 @app.command()
 @_one_line_errors
 def loss(
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP),
     data: str = typer.Option("shakespeare", help=DATA_HELP),
     samples: int = typer.Option(32),
     seq_len: int = typer.Option(256),
@@ -287,7 +295,7 @@ def _per_task_option(value: str | None, what: str):
 @app.command()
 @_one_line_errors
 def evaluate(
-    model: str = typer.Option("smollm2-135m", help=MODEL_HELP),
+    model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP),
     tasks: str = typer.Option(..., help="comma-separated lm-eval tasks or groups (any lm-eval knows, or defined under --include-path)"),
     data_dir: Path = typer.Option(None, help="folder of upstream benchmark files for the converted tasks (arc_easy, arc_challenge, "
                                              "piqa, winogrande, lambada_openai, boolq, wikitext), scored offline; default: lm-eval loads them"),

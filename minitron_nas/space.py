@@ -205,7 +205,7 @@ RANGES: dict[str, Range] = {
         "parameters", "memory_gb", "context", "batch", "bytes_per_value", "samples", "seq_len", "tokens",
         "batch_size", "lr", "temperature", "top_k", "checkpoint_every", "heldout_samples", "limit", "trials",
         "family", "budget_tokens", "budget_fraction", "min_steps", "final_candidates", "new_tokens", "repeats",
-        "min_decode_tokens_per_s",
+        "min_decode_tokens_per_s", "grad_accum", "steps", "max_grad_norm",
     )},
     "halving.eta": Range(2),  # each rung keeps 1/eta
     "scoring.heldout_samples": Range(2),  # a standard error needs two blocks

