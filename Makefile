@@ -41,6 +41,7 @@ demo: setup
 
 test: setup browser postgres
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 

@@ -135,16 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r_topk:.3f}x",
             f"<= {GOAL_RATIO}x",
             verdict(r_topk <= GOAL_RATIO),
-            f"ratios {fmt(per_topk)}; ratio of the fastest runs {min(wall['cached']) / min(wall['live top-k']):.3f}x; "
-            f"CPU-time ratio {c_topk:.3f}x",
+            f"ratios {fmt(per_topk)}; ratio of the fastest runs {min(wall['cached']) / min(wall['live top-k']):.3f}x; CPU-time ratio {c_topk:.3f}x",
         ),
         (
             "Cached step / live-teacher step with full-vocabulary KD",
             f"{r_full:.3f}x",
             f"<= {GOAL_RATIO}x",
             verdict(r_full <= GOAL_RATIO),
-            f"ratios {fmt(per_full)}; ratio of the fastest runs {min(wall['cached']) / min(wall['live full']):.3f}x; "
-            f"CPU-time ratio {c_full:.3f}x",
+            f"ratios {fmt(per_full)}; ratio of the fastest runs {min(wall['cached']) / min(wall['live full']):.3f}x; CPU-time ratio {c_full:.3f}x",
         ),
         *(
             (
@@ -161,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{cache_s:.2f} s",
             "",
             "",
-            f"{len(batch)} x {args.seq_len} tokens, k={args.top_k}: {cache.nbytes / 2**10:.0f} KiB "
-            f"(n_blocks x seq_len x k x 6 bytes)",
+            f"{len(batch)} x {args.seq_len} tokens, k={args.top_k}: {cache.nbytes / 2**10:.0f} KiB (n_blocks x seq_len x k x 6 bytes)",
         ),
     ]
     n_params = sum(p.numel() for p in student.parameters())

@@ -88,13 +88,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--parts must list some of {', '.join(PARTS)}")
     if not 1 <= args.candidates <= 4:
         parser.error("--candidates must be 1 to 4")
-    for name in ("samples", "seq_len", "batch_size", "distill_batch", "top_k", "repeats", "pipeline_seq_len", "retrain_tokens",
-                 "distill_tokens", "latency_context", "latency_new_tokens"):
+    for name in (
+        "samples",
+        "seq_len",
+        "batch_size",
+        "distill_batch",
+        "top_k",
+        "repeats",
+        "pipeline_seq_len",
+        "retrain_tokens",
+        "distill_tokens",
+        "latency_context",
+        "latency_new_tokens",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device} but torch {torch.__version__} sees no CUDA GPU: run on a GPU machine "
-              "with the CUDA build of torch, or pass --device cpu with a small --config", file=sys.stderr)
+        print(
+            f"error: --device {args.device} but torch {torch.__version__} sees no CUDA GPU: run on a GPU machine "
+            "with the CUDA build of torch, or pass --device cpu with a small --config",
+            file=sys.stderr,
+        )
         sys.exit(2)
     if args.teacher is None and not args.config.is_file():
         parser.error(f"--config '{args.config}' is not a file")
@@ -306,8 +320,7 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
     hidden = half_size(teacher).hidden_size
     ffn = sorted({teacher.intermediate_size * (4 + i) // 8 for i in range(args.candidates)})
     counter = ParamCounter(config)
-    counts = [counter.count(Architecture(hidden, f, teacher.num_attention_heads, teacher.num_key_value_heads,
-                                         teacher.num_hidden_layers)).total for f in ffn]
+    counts = [counter.count(Architecture(hidden, f, teacher.num_attention_heads, teacher.num_key_value_heads, teacher.num_hidden_layers)).total for f in ffn]
     target = (min(counts) + max(counts)) // 2
     seq = args.pipeline_seq_len
     batch = args.distill_batch
@@ -316,12 +329,24 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
         axes={"hidden_size": (hidden,), "intermediate_size": tuple(ffn)},
         budget=Budget(parameters=target, tolerance=(max(counts) - min(counts)) / 2 / target + 0.01),
         ranking=RankSettings(data=args.data, samples=args.samples, seq_len=seq),
-        retrain=RetrainSettings(tokens=args.retrain_tokens, batch_size=batch, seq_len=seq, top_k=args.top_k, data=args.data,
-                            eval_every=max(1, args.retrain_tokens // (batch * seq) // 2)),
+        retrain=RetrainSettings(
+            tokens=args.retrain_tokens,
+            batch_size=batch,
+            seq_len=seq,
+            top_k=args.top_k,
+            data=args.data,
+            eval_every=max(1, args.retrain_tokens // (batch * seq) // 2),
+        ),
         scoring=ScoringSpec(metric="heldout_loss", heldout_samples=max(2, batch), seq_len=seq),
-        distill=DistillSettings(tokens=args.distill_tokens, batch_size=batch, seq_len=seq, data=args.data,
-                            eval_every=max(1, args.distill_tokens // (batch * seq) // 4), checkpoint_every=10**6,
-                            heldout_samples=max(2, batch)),
+        distill=DistillSettings(
+            tokens=args.distill_tokens,
+            batch_size=batch,
+            seq_len=seq,
+            data=args.data,
+            eval_every=max(1, args.distill_tokens // (batch * seq) // 4),
+            checkpoint_every=10**6,
+            heldout_samples=max(2, batch),
+        ),
         sampler="grid",
         device=DeviceSpec(str(device), "bfloat16"),
         source="bench_gpu.py",
@@ -341,8 +366,9 @@ def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, w
     spec = space.ranking
     stages = {}
     print("pipeline: rank ...", flush=True)
-    stages["rank"] = timed(device, rank, teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len,
-                                                              batch_size=args.batch_size), out / "rankings")
+    stages["rank"] = timed(
+        device, rank, teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len, batch_size=args.batch_size), out / "rankings"
+    )
     print(f"pipeline: search of {args.candidates} candidates ...", flush=True)
     stages["search"] = timed(device, run_search, space, out, None, args.candidates, teacher=teacher)
     print("pipeline: distill ...", flush=True)
@@ -356,35 +382,41 @@ def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, w
     notes = {
         "rank": f"{spec.samples} x {spec.seq_len} tokens of `{spec.data}`",
         "search": f"{len(trials)} trials in rungs, {best['search_tokens']:,} KD tokens in all (cached top-{space.retrain.top_k}); winner "
-                  f"hidden {arch['hidden_size']}, FFN {arch['intermediate_size']}: {best['params_total']:,} parameters, "
-                  f"{best['metric']} {best['score']:.3f}",
+        f"hidden {arch['hidden_size']}, FFN {arch['intermediate_size']}: {best['params_total']:,} parameters, "
+        f"{best['metric']} {best['score']:.3f}",
         "distill": f"{summary['tokens']:,} KD tokens (live teacher, full vocabulary), {summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} "
-                   f"tokens/s; held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
-                   f"(teacher {summary['teacher']['heldout_loss']:.3f})",
+        f"tokens/s; held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
+        f"(teacher {summary['teacher']['heldout_loss']:.3f})",
         "export": f"`{stages['export'][2]}`",
     }
-    rows = [[f"(iv) Stage: {name}", f"{seconds:.1f} s", "", "", notes[name] + memory_note("", [peak])]
-            for name, (seconds, peak, _) in stages.items()]
+    rows = [[f"(iv) Stage: {name}", f"{seconds:.1f} s", "", "", notes[name] + memory_note("", [peak])] for name, (seconds, peak, _) in stages.items()]
 
     exported = AutoModelForCausalLM.from_pretrained(str(out / "export"), dtype=DTYPE, device_map=device).eval()
     latency_args = dict(batch_size=1, context=args.latency_context, new_tokens=args.latency_new_tokens, repeats=args.repeats)
     print("latency ...", flush=True)
     for label, model in (("teacher", teacher.model), ("exported student", exported)):
         result = measure_latency(model, **latency_args)
-        rows.append([
-            f"(v) Latency, {label}",
-            f"{result['decode_tokens_per_s']:,.1f} tok/s decode",
-            "", "",
-            f"prefill {result['prefill_tokens_per_s']:,.0f} tok/s ({result['prefill_ms']:.1f} ms for {args.latency_context} "
-            f"tokens), decode {result['decode_ms_per_token']:.2f} ms/token; batch 1, {args.latency_new_tokens} new tokens, "
-            f"median of {args.repeats}{memory_note('', [result['peak_memory_gib']])}",
-        ])
+        rows.append(
+            [
+                f"(v) Latency, {label}",
+                f"{result['decode_tokens_per_s']:,.1f} tok/s decode",
+                "",
+                "",
+                f"prefill {result['prefill_tokens_per_s']:,.0f} tok/s ({result['prefill_ms']:.1f} ms for {args.latency_context} "
+                f"tokens), decode {result['decode_ms_per_token']:.2f} ms/token; batch 1, {args.latency_new_tokens} new tokens, "
+                f"median of {args.repeats}{memory_note('', [result['peak_memory_gib']])}",
+            ]
+        )
     del exported
-    details = [f"- Pipeline: `{args.data}` text, blocks of {space.ranking.seq_len} tokens, batch {args.distill_batch}, bf16 weights "
-               f"(students retrain with float32 master weights under bf16 autocast); run files in `{out}`"]
-    how = ("Stages (iv) are the library's own functions (`rank`, `run_search`, `distill_winner`, `export_stage`) called in "
-           "order, each timed whole with its peak GPU memory. Latency (v) is `measure_latency`: one prefill of the prompt, "
-           "then one token per step through the KV cache, greedy, after one untimed repeat.")
+    details = [
+        f"- Pipeline: `{args.data}` text, blocks of {space.ranking.seq_len} tokens, batch {args.distill_batch}, bf16 weights "
+        f"(students retrain with float32 master weights under bf16 autocast); run files in `{out}`"
+    ]
+    how = (
+        "Stages (iv) are the library's own functions (`rank`, `run_search`, `distill_winner`, `export_stage`) called in "
+        "order, each timed whole with its peak GPU memory. Latency (v) is `measure_latency`: one prefill of the prompt, "
+        "then one token per step through the KV cache, greedy, after one untimed repeat."
+    )
     return rows, details, how
 
 

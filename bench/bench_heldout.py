@@ -89,10 +89,16 @@ def main() -> None:
             unpaired.append(math.hypot(ms[a].stderr, ms[b].stderr))
             separated += gap > se
         tau = kendalltau([full[k] for k in order], [ms[k].value for k in order]).statistic
-        rows.append([
-            n, f"{statistics.median(gaps):.4f}", f"{statistics.median(paired):.4f}", f"{statistics.median(unpaired):.4f}",
-            f"{separated} of {len(order) - 1}", f"{tau:.2f}",
-        ])
+        rows.append(
+            [
+                n,
+                f"{statistics.median(gaps):.4f}",
+                f"{statistics.median(paired):.4f}",
+                f"{statistics.median(unpaired):.4f}",
+                f"{separated} of {len(order) - 1}",
+                f"{tau:.2f}",
+            ]
+        )
     body = [
         f"Candidates: the {len(feasible)} feasible architectures of `{SPACE}`, each retrained on the demo's rung-0 "
         f"{rung.tokens:,} tokens ({rung.steps} steps); metric: KL divergence to the teacher (top-{base.top_k} + tail), "

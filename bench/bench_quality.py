@@ -192,8 +192,12 @@ class Bench:
         accs = [tasks[t][m] for t, m in SHOWN]
         ses = [tasks[t].get(f"{m}_stderr") or 0.0 for t, m in SHOWN]
         return {
-            "kld": kld.value, "kld_stderr": kld.stderr, "ppl": math.exp(lm_loss(model, self.test, batch_size=4)),
-            "acc": sum(accs) / len(accs), "acc_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses), "tasks": tasks,
+            "kld": kld.value,
+            "kld_stderr": kld.stderr,
+            "ppl": math.exp(lm_loss(model, self.test, batch_size=4)),
+            "acc": sum(accs) / len(accs),
+            "acc_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses),
+            "tasks": tasks,
         }
 
     def distilled(self, arch: Architecture, tokens: int, seed: int) -> dict:
@@ -203,8 +207,11 @@ class Bench:
         student = prune(self.teacher.model, self.rankings, arch)
         result = retrain(student, blocks, cache, settings)
         return {
-            "architecture": arch.to_dict(), "parameters": self.counter.count(arch).total, "distill_tokens": result.tokens_seen,
-            "distill_seconds": round(result.seconds, 1), **self.evaluate(student),
+            "architecture": arch.to_dict(),
+            "parameters": self.counter.count(arch).total,
+            "distill_tokens": result.tokens_seen,
+            "distill_seconds": round(result.seconds, 1),
+            **self.evaluate(student),
         }
 
     def search(self, target: int, seed: int, folder: Path) -> tuple[Architecture, dict]:
@@ -337,22 +344,32 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
             first = results[min(results)]
             vals = list(results.values())
             tokens = statistics.fmean(r.get("search", {}).get("search_tokens", 0) + r["distill_tokens"] for r in vals)
-            rows.append([
-                label, arch_text(first["architecture"]), f"{first['parameters'] / 1e6:.1f}M", str(len(vals)),
-                cell([r["kld"] for r in vals], 4), cell([r["ppl"] for r in vals], 2), cell([r["acc"] for r in vals], 3),
-                f"{tokens:,.0f}",
-            ])
+            rows.append(
+                [
+                    label,
+                    arch_text(first["architecture"]),
+                    f"{first['parameters'] / 1e6:.1f}M",
+                    str(len(vals)),
+                    cell([r["kld"] for r in vals], 4),
+                    cell([r["ppl"] for r in vals], 2),
+                    cell([r["acc"] for r in vals], 3),
+                    f"{tokens:,.0f}",
+                ]
+            )
         body += [f"## {fraction:.0%} of the teacher", "", *markdown_table(header, rows), ""]
         searches = found.get((fraction, "search"), {})
         for seed, r in sorted(searches.items()):
             s = r["search"]
             rungs = "; ".join(
-                f"rung {g['rung']}: {g['finished']} finished" + (f", {g['kept']} kept" if "kept" in g else "")
+                f"rung {g['rung']}: {g['finished']} finished"
+                + (f", {g['kept']} kept" if "kept" in g else "")
                 + (f", tau vs previous {_tau(g.get('tau_with_previous'))} (n={g.get('tau_n')})" if "tau_n" in g else "")
                 + (f", {g['cut_within_one_se']} cut within 1 SE" if "cut_within_one_se" in g else "")
                 for g in s["rungs"]
             )
-            body.append(f"- seed {seed}: search spent {s['search_tokens']:,} tokens in {s['search_seconds']:.0f} s; {rungs}; winner tied with {len(s['tied_with'])} other(s).")
+            body.append(
+                f"- seed {seed}: search spent {s['search_tokens']:,} tokens in {s['search_seconds']:.0f} s; {rungs}; winner tied with {len(s['tied_with'])} other(s)."
+            )
         verdict = verdicts(found, fraction)
         body += ["", *(verdict or ["Fewer than two seeds of the search or of a contender: no verdict yet."]), ""]
     if missing:
@@ -363,8 +380,9 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
         [f"- Teacher: {TEACHER}" + (f" ({teacher_total:,} parameters)" if teacher_total else "")],
         body,
     )
-    args.out.with_suffix(".json").write_text(json.dumps({"settings": settings_key(args), "results": {
-        f"{f:.2f}/{k}": v for (f, k), v in found.items()}}, indent=2, default=str))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"settings": settings_key(args), "results": {f"{f:.2f}/{k}": v for (f, k), v in found.items()}}, indent=2, default=str)
+    )
 
 
 def _tau(value) -> str:

@@ -39,9 +39,7 @@ DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "rank_prune.md"
 TEACHER = "smollm2-135m"
 BATCH_SIZE = 8  # compute_rankings' default; the plain forward uses the same
-MID_ARCH = Architecture(
-    hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=24
-)
+MID_ARCH = Architecture(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2, num_hidden_layers=24)
 LLAMA_8B = dict(
     hidden_size=4096,
     intermediate_size=14336,
@@ -62,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=32, help="calibration blocks (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per block (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each measure (default: %(default)s)")
-    parser.add_argument(
-        "--count-archs", type=int, default=100_000, help="random architectures counted per config (default: %(default)s)"
-    )
+    parser.add_argument("--count-archs", type=int, default=100_000, help="random architectures counted per config (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/rank_prune.md)")
     args = parser.parse_args(argv)
     for name in ("samples", "seq_len", "repeats", "count_archs"):
@@ -157,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ranking_s.append(seconds)
         ranking_cpu.append(cpu)
         print(
-            f"repeat {repeat + 1}/{args.repeats}: forward {forward_s[-1]:.2f} s, ranking {ranking_s[-1]:.2f} s, "
-            f"ratio {ranking_s[-1] / forward_s[-1]:.3f}",
+            f"repeat {repeat + 1}/{args.repeats}: forward {forward_s[-1]:.2f} s, ranking {ranking_s[-1]:.2f} s, ratio {ranking_s[-1] / forward_s[-1]:.3f}",
             flush=True,
         )
     ratios = [r / f for r, f in zip(ranking_s, forward_s)]
@@ -220,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     details = [
-        f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); data: `{args.data}`, {n_blocks} blocks x {args.seq_len} tokens; "
-        f"repeats: {args.repeats}",
+        f"- Teacher: {TEACHER} (loaded in {load_s:.1f} s); data: `{args.data}`, {n_blocks} blocks x {args.seq_len} tokens; repeats: {args.repeats}",
     ]
     body = [
         *markdown_table(["Measure", "Measured", "Goal", "Met", "Details"], rows),

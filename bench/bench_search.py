@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per block everywhere (default: %(default)s)")
     parser.add_argument("--heldout-samples", type=int, default=8, help="held-out blocks scored per candidate (default: %(default)s)")
     parser.add_argument("--rank-samples", type=int, default=32, help="calibration blocks for the rankings (default: %(default)s)")
-    parser.add_argument("--join-delay", type=float, default=5.0, help="seconds between the grid being queued and the second worker starting (default: %(default)s)")
+    parser.add_argument(
+        "--join-delay", type=float, default=5.0, help="seconds between the grid being queued and the second worker starting (default: %(default)s)"
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/bench-search"), help="folder for the space and the runs (default: %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="delete the run folders a previous run left in --work")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/search.md)")
@@ -91,8 +93,7 @@ def clear_work(work: Path, fresh: bool) -> None:
     """A previous run's study would be resumed, not measured: refuse it, or delete it with --fresh."""
     left = [name for name in RUN_DIRS if (work / name).exists()]
     if left and not fresh:
-        print(f"error: '{work}' holds a previous run ({', '.join(left)}): pass --fresh to delete those folders, "
-              "or choose another --work", file=sys.stderr)
+        print(f"error: '{work}' holds a previous run ({', '.join(left)}): pass --fresh to delete those folders, or choose another --work", file=sys.stderr)
         sys.exit(2)
     for name in left:
         shutil.rmtree(work / name)
@@ -137,7 +138,12 @@ def precompute(space: SearchSpace, folder: Path) -> dict:
     train = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.total_steps * settings.batch_size, "train")
     start = time.perf_counter()
     cache = TeacherLogitCache.load_or_build(
-        teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, folder / "teacher_logits",
+        teacher.model,
+        train,
+        settings.top_k,
+        settings.temperature,
+        settings.batch_size,
+        folder / "teacher_logits",
         {"teacher_fingerprint": teacher.fingerprint},
     )
     cache_s = time.perf_counter() - start
@@ -156,7 +162,10 @@ def thread_probe(threads: int) -> tuple[int, float]:
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", "import torch, minitron_nas.search; print(torch.get_num_threads())"],
-        env=thread_env(threads), capture_output=True, text=True, check=True,
+        env=thread_env(threads),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(result.stdout.split()[-1]), time.perf_counter() - start
 
@@ -187,7 +196,9 @@ def start_worker(space_path: Path, out: Path, threads: int, extra: list[str]) ->
     started = time.time()
     process = subprocess.Popen(
         [str(CLI), "search", str(space_path), "--out", str(out), *extra],
-        stdout=handle, stderr=subprocess.STDOUT, env=thread_env(threads),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=thread_env(threads),
     )
     handle.close()
     return Worker(out, log, process, started)
@@ -364,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             pct(parts["other"], wall),
             f"<= {GOAL_OTHER:.0%}",
             verdict(parts["other"] <= GOAL_OTHER * wall),
-            f"{parts['other']:.1f} s of {wall:.1f} s wall; training {parts['training']:.1f} s, scoring {parts['scoring']:.1f} s "
-            "(split below)",
+            f"{parts['other']:.1f} s of {wall:.1f} s wall; training {parts['training']:.1f} s, scoring {parts['scoring']:.1f} s (split below)",
         ],
         [
             "The same, without the one-off start-up",
@@ -407,19 +417,29 @@ def main(argv: list[str] | None = None) -> int:
         ],
     ]
     split = [
-        ["Start-up", parts["startup"], "process start to the first trial: imports (a bare process importing torch and "
-         f"minitron_nas.search took {imports_s:.1f} s), teacher load (in the bench process: {pre['load_s']:.1f} s), "
-         "token blocks, the held-out teacher cache for retraining, opening the study, loading the rankings and the "
-         "teacher top-k cache"],
+        [
+            "Start-up",
+            parts["startup"],
+            "process start to the first trial: imports (a bare process importing torch and "
+            f"minitron_nas.search took {imports_s:.1f} s), teacher load (in the bench process: {pre['load_s']:.1f} s), "
+            "token blocks, the held-out teacher cache for retraining, opening the study, loading the rankings and the "
+            "teacher top-k cache",
+        ],
         ["Pruning", parts["prune"], "`prune` of every candidate (search.py's `timings.prune`)"],
         ["Scoring", parts["scoring"], "rung metric before and after retraining and the last rung's score (`before` + `measure` + `score`)"],
-        ["Training", parts["training"], "`retrain` of every candidate (up to the pruner's stop for those it stopped), "
-         "its held-out checks for the pruner included"],
-        ["Within trials, besides the above", parts["in_trial"], "Optuna: suggesting the queued candidate, user attributes, "
-         "reporting to the pruner"],
-        ["Between trials", parts["between"], "after each trial: trials.csv, best_arch.json and dashboard.html rewritten "
-         f"(rerun here on the finished study: {callback_s:.2f} s, {first_callback_s:.2f} s with its first imports), "
-         "garbage collection, Optuna handing out the next queued trial"],
+        [
+            "Training",
+            parts["training"],
+            "`retrain` of every candidate (up to the pruner's stop for those it stopped), its held-out checks for the pruner included",
+        ],
+        ["Within trials, besides the above", parts["in_trial"], "Optuna: suggesting the queued candidate, user attributes, reporting to the pruner"],
+        [
+            "Between trials",
+            parts["between"],
+            "after each trial: trials.csv, best_arch.json and dashboard.html rewritten "
+            f"(rerun here on the finished study: {callback_s:.2f} s, {first_callback_s:.2f} s with its first imports), "
+            "garbage collection, Optuna handing out the next queued trial",
+        ],
         ["End", parts["end"], "last trial's end to process exit: the same outputs once more, interpreter exit"],
         ["Wall", wall, ""],
     ]

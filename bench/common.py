@@ -84,11 +84,7 @@ class Run:
 
     def header(self, title: str, details: list[str]) -> list[str]:
         finished = dt.datetime.now().astimezone()
-        gpu = (
-            f"- GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
-            if torch.cuda.is_available()
-            else "- GPU: none"
-        )
+        gpu = f"- GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}" if torch.cuda.is_available() else "- GPU: none"
         return [
             f"# {title}",
             "",
@@ -101,8 +97,7 @@ class Run:
             f"- Date: {self.started.isoformat(timespec='seconds')} (took {(finished - self.started).total_seconds():.0f} s)",
             f"- CPU: {cpu_model()}, {os.cpu_count()} cores ({usable_cores()} usable)",
             gpu,
-            f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}",
+            f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python {platform.python_version()}",
             f"- Load average (1/5/15 min) at start: {self.load_before}; at end: {load_average()}",
             *details,
             *busy_warning(),

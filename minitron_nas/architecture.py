@@ -48,9 +48,7 @@ class Architecture:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise MinitronError(
-                f"unknown architecture key '{unknown[0]}': allowed keys are {', '.join(sorted(names))}"
-            )
+            raise MinitronError(f"unknown architecture key '{unknown[0]}': allowed keys are {', '.join(sorted(names))}")
         values = {k: v for k, v in data.items() if v is not None}
         if "layers" in values:
             layers = values["layers"]
@@ -111,18 +109,13 @@ def validate(arch: Architecture, teacher: Architecture) -> None:
         )
     if arch.heads_per_group > teacher.heads_per_group:
         raise MinitronError(
-            f"{arch.heads_per_group} query heads per KV group exceeds the teacher's {teacher.heads_per_group}: "
-            "keep fewer query heads or more KV groups"
+            f"{arch.heads_per_group} query heads per KV group exceeds the teacher's {teacher.heads_per_group}: keep fewer query heads or more KV groups"
         )
     if arch.layers is not None:
         if len(arch.layers) != arch.num_hidden_layers:
-            raise MinitronError(
-                f"layers lists {len(arch.layers)} layers but num_hidden_layers={arch.num_hidden_layers}: make them agree"
-            )
+            raise MinitronError(f"layers lists {len(arch.layers)} layers but num_hidden_layers={arch.num_hidden_layers}: make them agree")
         if len(set(arch.layers)) != len(arch.layers) or any(not 0 <= i < teacher.num_hidden_layers for i in arch.layers):
-            raise MinitronError(
-                f"layers must be distinct teacher layer indices in 0..{teacher.num_hidden_layers - 1}, got {list(arch.layers)}"
-            )
+            raise MinitronError(f"layers must be distinct teacher layer indices in 0..{teacher.num_hidden_layers - 1}, got {list(arch.layers)}")
 
 
 def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | None = None):

@@ -41,6 +41,7 @@ def _tables() -> Console:
     """Stdout console; wide when piped so tables are not truncated."""
     return Console() if sys.stdout.isatty() else Console(width=160)
 
+
 def _from(cls, name: str):
     """A typer option whose default and help are those of a settings field: one source for both."""
     return typer.Option(getattr(cls, name), help=field_doc(cls, name))
@@ -130,9 +131,9 @@ def _quiet_heartbeat_threads():
         if lost is None:
             return previous(args)
         console.print(
-            f"\nwarning: a trial's heartbeat stopped ({escape(_reason(lost))}); "
-            "another worker may fail and retry that trial",
-            highlight=False, soft_wrap=True,
+            f"\nwarning: a trial's heartbeat stopped ({escape(_reason(lost))}); another worker may fail and retry that trial",
+            highlight=False,
+            soft_wrap=True,
         )
 
     threading.excepthook = hook
@@ -195,8 +196,14 @@ def rank(
     from .teachers import load_teacher
 
     settings = RankSettings(
-        data=data, samples=samples, seq_len=seq_len, batch_size=batch_size, aggregation=Aggregation(batch=batch_agg, seq=seq_agg),
-        layer_loss=layer_loss, heldout_samples=heldout_samples, split=split,
+        data=data,
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        aggregation=Aggregation(batch=batch_agg, seq=seq_agg),
+        layer_loss=layer_loss,
+        heldout_samples=heldout_samples,
+        split=split,
     )
     check_writable(out, overwrite)
     teacher = load_teacher(model, device, dtype)
@@ -297,8 +304,11 @@ def _per_task_option(value: str | None, what: str):
 def evaluate(
     model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP),
     tasks: str = typer.Option(..., help="comma-separated lm-eval tasks or groups (any lm-eval knows, or defined under --include-path)"),
-    data_dir: Path = typer.Option(None, help="folder of upstream benchmark files for the converted tasks (arc_easy, arc_challenge, "
-                                             "piqa, winogrande, lambada_openai, boolq, wikitext), scored offline; default: lm-eval loads them"),
+    data_dir: Path = typer.Option(
+        None,
+        help="folder of upstream benchmark files for the converted tasks (arc_easy, arc_challenge, "
+        "piqa, winogrande, lambada_openai, boolq, wikitext), scored offline; default: lm-eval loads them",
+    ),
     include_path: list[Path] = typer.Option(None, help="folder or YAML file of your own lm-eval task configs (repeatable)"),
     limit: str = typer.Option(None, help="score only the first N documents of each task: N, or task=N,task=N"),
     batch_size: int = typer.Option(8),
@@ -314,9 +324,14 @@ def evaluate(
     from .teachers import load_teacher
 
     spec = ScoringSpec(
-        metric="lm_eval", tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), data_dir=None if data_dir is None else str(data_dir),
-        include_path=tuple(str(p) for p in include_path or ()), limit=_per_task_option(limit, "limit"),
-        num_fewshot=_per_task_option(num_fewshot, "num-fewshot"), batch_size=batch_size, objective=objective,
+        metric="lm_eval",
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        data_dir=None if data_dir is None else str(data_dir),
+        include_path=tuple(str(p) for p in include_path or ()),
+        limit=_per_task_option(limit, "limit"),
+        num_fewshot=_per_task_option(num_fewshot, "num-fewshot"),
+        batch_size=batch_size,
+        objective=objective,
     )
     check_lm_eval(spec, where="--")  # bad names, folders or files fail before the model loads
     teacher = load_teacher(model, device, dtype)
@@ -351,8 +366,12 @@ def enumerate_space(
         table.add_column(column, justify="right")
     for c in feasible[:show]:
         a = c.arch
-        table.add_row(*map(str, (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
-                      f"{c.total:,}", f"{c.non_embedding:,}", f"{c.memory_gb:.2f}")
+        table.add_row(
+            *map(str, (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
+            f"{c.total:,}",
+            f"{c.non_embedding:,}",
+            f"{c.memory_gb:.2f}",
+        )
     _tables().print(table)
 
 
@@ -430,8 +449,10 @@ def distill(
     if not RunFolder(folder).best_arch.is_file():
         raise MinitronError(f"no best_arch.json in '{folder}': run `minitron-nas search` first")
     summary = distill_winner(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))
-    console.print(f"held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
-                  f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {RunFolder(folder).distill}")
+    console.print(
+        f"held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
+        f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {RunFolder(folder).distill}"
+    )
 
 
 @app.command()

@@ -21,7 +21,6 @@ piece (no finished trial, no rankings, no distillation yet) leaves its figure in
 empty, with a note saying what is missing. The page is replaced atomically.
 """
 
-
 from __future__ import annotations
 
 import html
@@ -70,7 +69,9 @@ TEMPLATE = "plotly_white"
 
 def _empty(title: str, note: str) -> go.Figure:
     fig = go.Figure(layout=dict(title=title, template=TEMPLATE, height=320))
-    fig.add_annotation(text=note.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14))
+    fig.add_annotation(
+        text=note.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"), showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14)
+    )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
@@ -84,19 +85,29 @@ def pareto_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
     fig = go.Figure(layout=dict(template=TEMPLATE, height=480))
     for rung, group in done.groupby("last_rung"):
         fig.add_scatter(
-            name=f"stopped at rung {rung} ({len(group)})", x=list(group.params_total), y=list(group.value),
+            name=f"stopped at rung {rung} ({len(group)})",
+            x=list(group.params_total),
+            y=list(group.value),
             error_y=dict(type="data", array=[as_float(v) or 0.0 for v in group.stderr], visible=True),
-            mode="markers", text=list(group.hover), hovertemplate="%{text}<extra></extra>", marker=dict(size=9 + 3 * int(rung)),
+            mode="markers",
+            text=list(group.hover),
+            hovertemplate="%{text}<extra></extra>",
+            marker=dict(size=9 + 3 * int(rung)),
         )
     front = done[done.pareto].sort_values("params_total")
     if not front.empty:
         fig.add_scatter(
-            name=f"Pareto front of the last rung by score ({len(front)})", x=list(front.params_total), y=list(front.value),
-            mode="lines", line=dict(color="rgb(239,85,59)", width=2, shape="hv"), hoverinfo="skip",
+            name=f"Pareto front of the last rung by score ({len(front)})",
+            x=list(front.params_total),
+            y=list(front.value),
+            mode="lines",
+            line=dict(color="rgb(239,85,59)", width=2, shape="hv"),
+            hoverinfo="skip",
         )
     fig.update_layout(
         title=f"{title} ({len(done)} candidates; bars: one standard error)",
-        xaxis_title="parameters (total)", yaxis_title=f"{METRIC_LABELS.get(rung_metric, rung_metric)} at the last rung reached, lower is better",
+        xaxis_title="parameters (total)",
+        yaxis_title=f"{METRIC_LABELS.get(rung_metric, rung_metric)} at the last rung reached, lower is better",
         legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
     )
     return fig
@@ -121,18 +132,27 @@ def parallel_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
             return dict(label=label, values=v, tickvals=sorted(set(v)), ticktext=[f"{int(x)}" for x in sorted(set(v))])
         return dict(label=label, values=v, tickformat=".4~f" if label == "score" else ".4~s")
 
-    fig = go.Figure(go.Parcoords(
-        dimensions=[dimension(label, v) for label, v in values.items()],
-        line=dict(color=values["score"], colorscale="Viridis", reversescale=lower_is_better, showscale=True,
-                  colorbar=dict(title=dict(text="score"))),
-    ))
+    fig = go.Figure(
+        go.Parcoords(
+            dimensions=[dimension(label, v) for label, v in values.items()],
+            line=dict(color=values["score"], colorscale="Viridis", reversescale=lower_is_better, showscale=True, colorbar=dict(title=dict(text="score"))),
+        )
+    )
     fig.update_layout(
-        template=TEMPLATE, height=460, title=f"{title} (colour: choose an axis; drag on an axis to filter)",
+        template=TEMPLATE,
+        height=460,
+        title=f"{title} (colour: choose an axis; drag on an axis to filter)",
         margin=dict(l=70, r=40, t=110, b=40),
-        updatemenus=[dict(
-            buttons=[dict(label=f"colour by {label}", method="restyle", args=[colouring(label)]) for label in reversed(values)],
-            direction="down", x=1.0, xanchor="right", y=1.22, yanchor="top",
-        )],
+        updatemenus=[
+            dict(
+                buttons=[dict(label=f"colour by {label}", method="restyle", args=[colouring(label)]) for label in reversed(values)],
+                direction="down",
+                x=1.0,
+                xanchor="right",
+                y=1.22,
+                yanchor="top",
+            )
+        ],
     )
     return fig
 
@@ -147,8 +167,7 @@ def rank_stability_figure(done: pd.DataFrame, study: optuna.Study, tau: float | 
     pairs.append(("before retraining → rung 0", before, {k: t.user_attrs["value"] for k, t in first.items()}))
     for index in range(rungs - 1):
         a, b = rung_values(study, index), rung_values(study, index + 1)
-        pairs.append((f"rung {index} → rung {index + 1}", {k: t.user_attrs["value"] for k, t in a.items()},
-                      {k: t.user_attrs["value"] for k, t in b.items()}))
+        pairs.append((f"rung {index} → rung {index + 1}", {k: t.user_attrs["value"] for k, t in a.items()}, {k: t.user_attrs["value"] for k, t in b.items()}))
     fig = go.Figure(layout=dict(template=TEMPLATE, height=440))
     notes = []
     for label, x, y in pairs:
@@ -157,8 +176,15 @@ def rank_stability_figure(done: pd.DataFrame, study: optuna.Study, tau: float | 
             continue
         value, n = rung_tau(x, y)
         notes.append(f"{label}: τ {'-' if value is None else f'{value:.2f}'} (n={n})")
-        fig.add_scatter(name=f"{label} (n={n})", x=[x[k] for k in shared], y=[y[k] for k in shared], mode="markers",
-                        text=shared, hovertemplate="%{text}<br>%{x:.4f} → %{y:.4f}<extra></extra>", marker=dict(size=10))
+        fig.add_scatter(
+            name=f"{label} (n={n})",
+            x=[x[k] for k in shared],
+            y=[y[k] for k in shared],
+            mode="markers",
+            text=shared,
+            hovertemplate="%{text}<br>%{x:.4f} → %{y:.4f}<extra></extra>",
+            marker=dict(size=10),
+        )
     if not fig.data:
         return _empty(title, "no candidate measured at two points yet")
     fig.update_layout(title=f"{title}: " + "; ".join(notes), xaxis_title="value at the earlier point", yaxis_title="value at the later point")
@@ -179,11 +205,21 @@ def retrain_curves_figure(done: pd.DataFrame) -> go.Figure | dict:
         colour, name = palette[k % len(palette)], f"trial {trial}"
         for axis, curve in (("", train),):
             if curve:
-                traces.append(dict(
-                    type="scatter", x=[p[0] for p in curve], y=[p[1] for p in curve], xaxis=f"x{axis}", yaxis=f"y{axis}",
-                    mode="lines" if not axis else "lines+markers", name=name, legendgroup=name, showlegend=not axis,
-                    line=dict(color=colour, width=1.5), hovertemplate=f"{name}<br>step %{{x}}<br>%{{y:.4f}}<extra></extra>",
-                ))
+                traces.append(
+                    dict(
+                        type="scatter",
+                        x=[p[0] for p in curve],
+                        y=[p[1] for p in curve],
+                        xaxis=f"x{axis}",
+                        yaxis=f"y{axis}",
+                        mode="lines" if not axis else "lines+markers",
+                        name=name,
+                        legendgroup=name,
+                        showlegend=not axis,
+                        line=dict(color=colour, width=1.5),
+                        hovertemplate=f"{name}<br>step %{{x}}<br>%{{y:.4f}}<extra></extra>",
+                    )
+                )
     return {**fig.to_plotly_json(), "data": traces}
 
 
@@ -192,12 +228,19 @@ def head_figure(rankings, problem: str | None) -> go.Figure:
     if rankings is None:
         return _empty(title, problem or "no rankings")
     heads = rankings.heads.float()
-    fig = go.Figure(go.Heatmap(
-        z=heads.tolist(), x=list(range(heads.shape[1])), y=list(range(heads.shape[0])), colorscale="Viridis",
-        colorbar=dict(title=dict(text="score")), hovertemplate="layer %{y} head %{x}<br>%{z:.4g}<extra></extra>",
-    ))
-    fig.update_layout(template=TEMPLATE, height=460, title=f"{title} ({heads.shape[0]} layers x {heads.shape[1]} query heads)",
-                      xaxis_title="query head", yaxis_title="layer")
+    fig = go.Figure(
+        go.Heatmap(
+            z=heads.tolist(),
+            x=list(range(heads.shape[1])),
+            y=list(range(heads.shape[0])),
+            colorscale="Viridis",
+            colorbar=dict(title=dict(text="score")),
+            hovertemplate="layer %{y} head %{x}<br>%{z:.4g}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE, height=460, title=f"{title} ({heads.shape[0]} layers x {heads.shape[1]} query heads)", xaxis_title="query head", yaxis_title="layer"
+    )
     return fig
 
 
@@ -213,15 +256,34 @@ def neuron_channel_figure(rankings, problem: str | None) -> go.Figure:
     floor = positive[positive > 0].min().item() if (positive > 0).any() else 1e-12
     neurons, channels = neurons.clamp_min(floor), channels.clamp_min(floor)
     q = torch.quantile(neurons, torch.tensor([0.25, 0.5, 0.75]), dim=1)
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], subplot_titles=(
-        f"FFN neuron scores per layer ({neurons.shape[1]} neurons each)", f"embedding channel scores ({channels.numel()} channels)"))
-    fig.add_trace(go.Box(  # precomputed quartiles: the page stays small for 8B teachers
-        name="neurons", x=list(range(neurons.shape[0])), q1=q[0].tolist(), median=q[1].tolist(), q3=q[2].tolist(),
-        lowerfence=neurons.min(dim=1).values.tolist(), upperfence=neurons.max(dim=1).values.tolist(),
-        mean=neurons.mean(dim=1).tolist(), showlegend=False,
-    ), row=1, col=1)
-    fig.add_trace(go.Histogram(name="channels", x=channels.log10().tolist(), nbinsx=60, showlegend=False,
-                               hovertemplate="log10 score %{x}<br>%{y} channels<extra></extra>"), row=1, col=2)
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.62, 0.38],
+        subplot_titles=(f"FFN neuron scores per layer ({neurons.shape[1]} neurons each)", f"embedding channel scores ({channels.numel()} channels)"),
+    )
+    fig.add_trace(
+        go.Box(  # precomputed quartiles: the page stays small for 8B teachers
+            name="neurons",
+            x=list(range(neurons.shape[0])),
+            q1=q[0].tolist(),
+            median=q[1].tolist(),
+            q3=q[2].tolist(),
+            lowerfence=neurons.min(dim=1).values.tolist(),
+            upperfence=neurons.max(dim=1).values.tolist(),
+            mean=neurons.mean(dim=1).tolist(),
+            showlegend=False,
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Histogram(
+            name="channels", x=channels.log10().tolist(), nbinsx=60, showlegend=False, hovertemplate="log10 score %{x}<br>%{y} channels<extra></extra>"
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_xaxes(title_text="layer", row=1, col=1)
     fig.update_yaxes(title_text="score (min, quartiles, max)", type="log", row=1, col=1)
     fig.update_xaxes(title_text="log10 score", row=1, col=2)
@@ -242,8 +304,7 @@ def layer_figure(rankings, problem: str | None) -> go.Figure:
         fig.add_bar(name="layer-drop loss", x=list(range(len(loss))), y=loss, showlegend=False, marker_color="rgb(239,85,59)", row=1, col=2)
     else:
         left, right = fig.layout.xaxis2.domain
-        fig.add_annotation(text="not computed: rank with --layer-loss", showarrow=False, xref="paper", yref="paper",
-                           x=(left + right) / 2, y=0.5)
+        fig.add_annotation(text="not computed: rank with --layer-loss", showarrow=False, xref="paper", yref="paper", x=(left + right) / 2, y=0.5)
         fig.update_xaxes(visible=False, row=1, col=2)
         fig.update_yaxes(visible=False, row=1, col=2)
     fig.update_xaxes(title_text="layer")
@@ -260,8 +321,7 @@ def distill_figure(curve: list[dict] | None, problem: str | None) -> go.Figure:
     for key, name in (("train_loss", "training loss"), ("eval_loss", "held-out loss")):
         points = [(p["step"], p[key]) for p in curve if p.get(key) is not None]
         if points:
-            fig.add_scatter(name=name, x=[s for s, _ in points], y=[v for _, v in points],
-                            mode="lines" if key == "train_loss" else "lines+markers")
+            fig.add_scatter(name=name, x=[s for s, _ in points], y=[v for _, v in points], mode="lines" if key == "train_loss" else "lines+markers")
     if not fig.data:
         return _empty(title, "the distillation curve has no losses yet")
     return fig
@@ -325,8 +385,13 @@ def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: o
         fig = fig if isinstance(fig, dict) else fig.to_plotly_json()
         fig["layout"]["autosize"] = True
         snippet = pio.to_html(
-            fig, include_plotlyjs=k == 0, full_html=False, div_id=div_id, validate=False,
-            default_height=f"{fig['layout'].get('height') or 450}px", config={"displaylogo": False, "responsive": True},
+            fig,
+            include_plotlyjs=k == 0,
+            full_html=False,
+            div_id=div_id,
+            validate=False,
+            default_height=f"{fig['layout'].get('height') or 450}px",
+            config={"displaylogo": False, "responsive": True},
         )
         sections.append(f'<section class="figure" data-figure="{div_id}">{snippet}</section>')
     url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
@@ -339,5 +404,3 @@ def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: o
         sections="\n".join(sections),
     )
     return write_text_atomic(RunFolder(run_dir).dashboard, page)
-
-

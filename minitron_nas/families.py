@@ -71,10 +71,7 @@ class Family:
             return _COMMON_AXES[suffix]
         if parts[-2] in self.layer_norms or suffix == "norm.weight":
             return (HIDDEN,)
-        raise MinitronError(
-            f"parameter '{param_name}' is unknown to the {self.name} family: "
-            "extend the family table in minitron_nas/families.py"
-        )
+        raise MinitronError(f"parameter '{param_name}' is unknown to the {self.name} family: extend the family table in minitron_nas/families.py")
 
     def embedding_scale(self, hidden_size: int) -> float:
         return hidden_size**0.5 if self.scaled_embedding else 1.0

@@ -138,7 +138,7 @@ def _signals_deferred():
 def _remove_orphans(out: Path) -> None:
     """Remove temporary siblings of `out` left by a writer that was killed (its pid is gone)."""
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
-        kind, _, rest = path.name[len(out.name) + 2:].partition("-")
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
         pid = rest.partition("-")[0]
         if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)

@@ -67,6 +67,7 @@ def _rungs(n: int, eta: int, levels: int, full_steps: int, tokens_per_step: int,
 
 def _max_levels(n: int, eta: int, full_steps: int, min_steps: int, final_candidates: int) -> int:
     """Most halvings that keep >= final_candidates at the last rung, with rungs of distinct lengths."""
+
     def steps(levels_down: int) -> int:
         return max(min_steps, round(full_steps / eta**levels_down))
 

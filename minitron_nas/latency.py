@@ -19,14 +19,17 @@ from .errors import MinitronError
 
 
 def _check(batch_size: int, context: int, new_tokens: int, repeats: int, warmup: int, limit: int | None) -> None:
-    for name, value, least in (("batch_size", batch_size, 1), ("context", context, 1), ("new_tokens", new_tokens, 1),
-                               ("repeats", repeats, 1), ("warmup", warmup, 0)):
+    for name, value, least in (
+        ("batch_size", batch_size, 1),
+        ("context", context, 1),
+        ("new_tokens", new_tokens, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise MinitronError(f"latency {name}={value!r} is invalid: use a whole number >= {least}")
     if limit is not None and context + new_tokens > limit:
-        raise MinitronError(
-            f"context {context} + new_tokens {new_tokens} exceeds the model's {limit} positions: measure a shorter context"
-        )
+        raise MinitronError(f"context {context} + new_tokens {new_tokens} exceeds the model's {limit} positions: measure a shorter context")
 
 
 @torch.inference_mode()

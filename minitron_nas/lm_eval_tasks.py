@@ -119,8 +119,13 @@ def _winogrande(path: Path) -> Iterator[Record]:
     for record in _jsonl(path):
         answer = str(_field(record, "answer", path))
         if answer not in ("1", "2"):
-            raise MinitronError(f"'{path}': item {record.get('qID')} has answer {answer!r}: expected \"1\" or \"2\" (dev split, not test)")
-        yield {"sentence": _field(record, "sentence", path), "option1": _field(record, "option1", path), "option2": _field(record, "option2", path), "answer": answer}
+            raise MinitronError(f'\'{path}\': item {record.get("qID")} has answer {answer!r}: expected "1" or "2" (dev split, not test)')
+        yield {
+            "sentence": _field(record, "sentence", path),
+            "option1": _field(record, "option1", path),
+            "option2": _field(record, "option2", path),
+            "answer": answer,
+        }
 
 
 def _lambada(path: Path) -> Iterator[Record]:
@@ -155,8 +160,7 @@ def wikitext_pages(raw_path: Path, layout_path: Path) -> list[str]:
     slots = [i for i, line in enumerate(layout) if line.strip()]
     if len(slots) != len(raw):
         raise MinitronError(
-            f"'{raw_path}' has {len(raw)} text lines but '{layout_path}' has {len(slots)}: "
-            "give the WikiText-2 test split in both (raw and tokenized)"
+            f"'{raw_path}' has {len(raw)} text lines but '{layout_path}' has {len(slots)}: give the WikiText-2 test split in both (raw and tokenized)"
         )
     for i, line in zip(slots, raw):
         if len(line.split()) != len(layout[i].split()):
@@ -189,19 +193,43 @@ _ARC_C = (("arc/ARC-Challenge-Test.jsonl",), _arc)
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("arc_easy", "arc/arc_easy.yaml", {"test": _ARC_E, "validation": (("arc/ARC-Easy-Dev.jsonl",), _arc)}, "test",
-                 train=(("arc/ARC-Easy-Train.jsonl",), _arc)),
-        TaskSpec("arc_challenge", "arc/arc_challenge.yaml", {"test": _ARC_C, "validation": (("arc/ARC-Challenge-Dev.jsonl",), _arc)}, "test",
-                 train=(("arc/ARC-Challenge-Train.jsonl",), _arc)),
-        TaskSpec("piqa", "piqa/piqa.yaml", {"validation": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), _piqa)}, "validation",
-                 train=(("piqa/train.jsonl", "piqa/train-labels.lst"), _piqa)),
-        TaskSpec("winogrande", "winogrande/default.yaml", {"validation": (("winogrande/dev.jsonl",), _winogrande)}, "validation",
-                 train=(("winogrande/train_xl.jsonl",), _winogrande)),
+        TaskSpec(
+            "arc_easy",
+            "arc/arc_easy.yaml",
+            {"test": _ARC_E, "validation": (("arc/ARC-Easy-Dev.jsonl",), _arc)},
+            "test",
+            train=(("arc/ARC-Easy-Train.jsonl",), _arc),
+        ),
+        TaskSpec(
+            "arc_challenge",
+            "arc/arc_challenge.yaml",
+            {"test": _ARC_C, "validation": (("arc/ARC-Challenge-Dev.jsonl",), _arc)},
+            "test",
+            train=(("arc/ARC-Challenge-Train.jsonl",), _arc),
+        ),
+        TaskSpec(
+            "piqa",
+            "piqa/piqa.yaml",
+            {"validation": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), _piqa)},
+            "validation",
+            train=(("piqa/train.jsonl", "piqa/train-labels.lst"), _piqa),
+        ),
+        TaskSpec(
+            "winogrande",
+            "winogrande/default.yaml",
+            {"validation": (("winogrande/dev.jsonl",), _winogrande)},
+            "validation",
+            train=(("winogrande/train_xl.jsonl",), _winogrande),
+        ),
         # lm-eval's LAMBADA has no training split: its few-shot examples come from the test split
-        TaskSpec("lambada_openai", "lambada/lambada_openai.yaml", {"test": (("lambada/lambada_test.jsonl",), _lambada)}, "test",
-                 fewshot_split="test"),
-        TaskSpec("boolq", "super_glue/boolq/default.yaml", {"validation": (("boolq/superglue_val.jsonl",), _boolq)}, "validation",
-                 train=(("boolq/superglue_train.jsonl",), _boolq)),
+        TaskSpec("lambada_openai", "lambada/lambada_openai.yaml", {"test": (("lambada/lambada_test.jsonl",), _lambada)}, "test", fewshot_split="test"),
+        TaskSpec(
+            "boolq",
+            "super_glue/boolq/default.yaml",
+            {"validation": (("boolq/superglue_val.jsonl",), _boolq)},
+            "validation",
+            train=(("boolq/superglue_train.jsonl",), _boolq),
+        ),
         TaskSpec("wikitext", "wikitext/wikitext.yaml", {"test": (("wikitext2_raw/wiki.test.raw", "wikitext2/test.txt"), _wikitext)}, "test"),
     )
 }
@@ -366,9 +394,7 @@ def prepare_task(name: str, data_dir: str | Path, cache_dir: str | Path | None =
     return PreparedTask(name, folder, yaml_path, data_files, spec.eval_split)
 
 
-def prepare_tasks(
-    tasks: str | Sequence[str], data_dir: str | Path, cache_dir: str | Path | None = None, fewshot: Sequence[str] = ()
-) -> list[PreparedTask]:
+def prepare_tasks(tasks: str | Sequence[str], data_dir: str | Path, cache_dir: str | Path | None = None, fewshot: Sequence[str] = ()) -> list[PreparedTask]:
     """Check every name and file first, then convert; `tasks` as 'a,b' or a list.
 
     `fewshot`: the tasks scored with few-shot examples (their few-shot split must be there).
@@ -445,8 +471,7 @@ def _unknown_task(name: str, known: Sequence[str], include: Sequence[str], key: 
     hint = f"did you mean {', '.join(close)}?" if close else "no known task is close"
     where = f"lm-eval's {len(known)} tasks, groups and tags" + (f" and {', '.join(include)}" if include else "")
     return MinitronError(
-        f"unknown lm-eval task '{name}' ({hint}): give a name from {where} (`lm-eval ls tasks` lists them), "
-        f"or add your task YAML folder with {key}"
+        f"unknown lm-eval task '{name}' ({hint}): give a name from {where} (`lm-eval ls tasks` lists them), or add your task YAML folder with {key}"
     )
 
 

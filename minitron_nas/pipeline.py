@@ -156,15 +156,15 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     except KeyboardInterrupt as err:
         kept = list(finished_stages(out))
         inner = resume_hint(err)
-        err.resume_hint = (
-            f"{stage} stage stopped; {', '.join(kept) if kept else 'no stage'} finished and kept in '{out}'; "
-            + (inner if inner and stage == "distill" else "rerun the same command to resume")
+        err.resume_hint = f"{stage} stage stopped; {', '.join(kept) if kept else 'no stage'} finished and kept in '{out}'; " + (
+            inner if inner and stage == "distill" else "rerun the same command to resume"
         )
         raise
     return RunFolder(out).export
 
 
 # --------------------------------------------------------------------------- what a run was made from
+
 
 def _made_from(space) -> dict:
     """The settings (teacher excepted: its fingerprint stands for it) and the data of a run."""
@@ -267,7 +267,10 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     except KeyboardInterrupt as err:
         step, steps = Checkpoint.saved_step(folder), space.distill.total_steps
         if step is None:
-            add_resume_hint(err, f"no checkpoint yet (the first comes at step {min(space.distill.checkpoint_every, steps)} of {steps}); rerun the same command to start the distillation again")
+            add_resume_hint(
+                err,
+                f"no checkpoint yet (the first comes at step {min(space.distill.checkpoint_every, steps)} of {steps}); rerun the same command to start the distillation again",
+            )
         else:
             add_resume_hint(err, f"checkpoint at step {step} of {steps} kept in '{folder}'; rerun the same command to resume from it")
         raise
@@ -335,8 +338,10 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
         "teacher_parameters": {"total": t.total, "non_embedding": t.non_embedding},
         "architecture": arch.to_dict(),
         "parameters": {"total": n.total, "non_embedding": n.non_embedding},
-        "rankings": {**{k: rankings.meta.get(k) for k in ("data", "samples", "seq_len", "aggregation")},
-                     "sha256": _sha256(Rankings.weights_file(RunFolder(out).rankings))},
+        "rankings": {
+            **{k: rankings.meta.get(k) for k in ("data", "samples", "seq_len", "aggregation")},
+            "sha256": _sha256(Rankings.weights_file(RunFolder(out).rankings)),
+        },
         "budget": asdict(space.budget),
         "search": {k: best.get(k) for k in ("metric", "score", "score_stderr", "tied_with", "rung_metric", "trial", "rungs", "search_tokens")},
         "distill_tokens": summary["tokens"],

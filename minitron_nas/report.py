@@ -32,7 +32,6 @@ Missing pieces (no finished trial, no rankings, no distillation yet) leave the f
 place, empty, with a note saying what is missing. Both files are replaced atomically.
 """
 
-
 from __future__ import annotations
 
 import itertools
@@ -72,7 +71,7 @@ ARCH_COLUMNS = {  # trials_table column -> short label
 
 
 def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
 def open_run_study(run_dir: str | Path, storage: str | None = None) -> optuna.Study:
@@ -117,9 +116,7 @@ def pareto_front(params, scores, maximize: bool) -> list[int]:
     """
     sign = -1.0 if maximize else 1.0
     points = sorted(
-        (p, sign * s, i)
-        for i, (p, s) in enumerate(zip(params, scores))
-        if p is not None and s is not None and math.isfinite(s) and math.isfinite(p)
+        (p, sign * s, i) for i, (p, s) in enumerate(zip(params, scores)) if p is not None and s is not None and math.isfinite(s) and math.isfinite(p)
     )
     front, best = [], math.inf
     for _, group in itertools.groupby(points, key=lambda pt: pt[0]):  # equal parameter counts together
@@ -263,8 +260,9 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
         best, _ = _read_json(RunFolder(run_dir).best_arch)
         budget = (best or {}).get("budget") if isinstance(best, dict) else None
         if budget:
-            lines.append(f"- budget: {budget['parameters']:,} {budget.get('count', 'total')} parameters "
-                         f"+/- {budget.get('tolerance', 0):.0%} (from best_arch.json)")
+            lines.append(
+                f"- budget: {budget['parameters']:,} {budget.get('count', 'total')} parameters +/- {budget.get('tolerance', 0):.0%} (from best_arch.json)"
+            )
         else:
             lines.append("- budget: unknown")
         lines.append(f"- feasible architectures: unknown (search space unavailable: {err})")
@@ -309,12 +307,17 @@ def _rungs_table(study: optuna.Study) -> pd.DataFrame:
     for row in rung_summary(study, maximizes(study)):
         planned = schedule[row["rung"]] if row["rung"] < len(schedule) else {}
         tau, n = row.get("tau_with_previous", row.get("tau_before_retraining")), row.get("tau_n", row.get("tau_before_n"))
-        rows.append({
-            "rung": row["rung"], "tokens each": planned.get("tokens"), "planned": planned.get("candidates"),
-            "finished": row["finished"], "kept": row.get("kept", "-"),
-            "Kendall tau (n)": f"{'-' if tau is None else f'{tau:.2f}'} (n={n})" + (" vs before retraining" if row["rung"] == 0 else " vs previous rung"),
-            "cut within 1 SE of the last kept": row.get("cut_within_one_se", "-"),
-        })
+        rows.append(
+            {
+                "rung": row["rung"],
+                "tokens each": planned.get("tokens"),
+                "planned": planned.get("candidates"),
+                "finished": row["finished"],
+                "kept": row.get("kept", "-"),
+                "Kendall tau (n)": f"{'-' if tau is None else f'{tau:.2f}'} (n={n})" + (" vs before retraining" if row["rung"] == 0 else " vs previous rung"),
+                "cut within 1 SE of the last kept": row.get("cut_within_one_se", "-"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -350,14 +353,18 @@ def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> 
     lines = ["## Winner before and after full distillation, beside the teacher", ""]
     best = best_row(study, done)
     if best is not None:
-        lines += [f"In the search the winner (trial {best.trial}, {int(best.params_total):,} parameters) scored "
-                  f"{_pm(best.score, best.score_stderr)} ({study.user_attrs.get('metric', 'score')}) after retraining on "
-                  f"{int(best.tokens):,} tokens at the last rung.", ""]
+        lines += [
+            f"In the search the winner (trial {best.trial}, {int(best.params_total):,} parameters) scored "
+            f"{_pm(best.score, best.score_stderr)} ({study.user_attrs.get('metric', 'score')}) after retraining on "
+            f"{int(best.tokens):,} tokens at the last rung.",
+            "",
+        ]
     summary, problem = load_distill_summary(run_dir)
     if summary is None:
         missing = problem is not None and problem.endswith("not found")
-        lines.append("Distillation has not run yet" + ("" if missing else f" ({problem})") +
-                     ": this section is filled from `distill/summary.json` when it exists.")
+        lines.append(
+            "Distillation has not run yet" + ("" if missing else f" ({problem})") + ": this section is filled from `distill/summary.json` when it exists."
+        )
         return lines
     teacher = _numbers(summary.get("teacher"))
     winner_params = as_int(best.params_total) if best is not None else None

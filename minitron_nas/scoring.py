@@ -133,7 +133,8 @@ def _check(spec: ScoringSpec, where: str = ""):
         if spec.tasks_optional:
             logging.getLogger("minitron_nas").warning(
                 "lm-eval tasks skipped: data folder '%s' not found; scoring on held-out KL divergence to the teacher instead (%s)",
-                spec.data_dir, _key(where, "tasks_optional"),
+                spec.data_dir,
+                _key(where, "tasks_optional"),
             )
             return replace(spec, metric="kld"), None
         optional = "" if where == "--" else f", or set {_key(where, 'tasks_optional')}: true to score on held-out KLD without them"
@@ -156,8 +157,13 @@ def _as_spec(tasks, data_dir, limit, batch_size, num_fewshot, include_path) -> S
     if isinstance(tasks, ScoringSpec):
         return tasks if tasks.metric == "lm_eval" else replace(tasks, metric="lm_eval")
     return ScoringSpec(
-        metric="lm_eval", tasks=tasks if isinstance(tasks, str) else tuple(tasks or ()), data_dir=None if data_dir is None else str(data_dir),
-        limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, include_path=include_path,
+        metric="lm_eval",
+        tasks=tasks if isinstance(tasks, str) else tuple(tasks or ()),
+        data_dir=None if data_dir is None else str(data_dir),
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        include_path=include_path,
     )
 
 
@@ -256,7 +262,7 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
     start = time.perf_counter()
     hook = None
     try:
-        with quiet_lm_eval(verbose) as console, (offline() if plan.offline else nullcontext()):
+        with quiet_lm_eval(verbose) as console, offline() if plan.offline else nullcontext():
             if verbose:
                 from lm_eval.utils import setup_logging
 
@@ -282,9 +288,11 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
                 if (shots := fewshot_of(spec.num_fewshot, name)) is not None:
                     for task in loaded["tasks"].values():
                         task.set_config(key="num_fewshot", value=shots)
-            limit, samples = (spec.limit, None) if not isinstance(spec.limit, dict) else (None, {
-                leaf: list(range(min(n, len(tasks[leaf].eval_docs)))) for name, n in spec.limit.items() for leaf in members[name]
-            })
+            limit, samples = (
+                (spec.limit, None)
+                if not isinstance(spec.limit, dict)
+                else (None, {leaf: list(range(min(n, len(tasks[leaf].eval_docs)))) for name, n in spec.limit.items() for leaf in members[name]})
+            )
             # one line: redrawn live on a terminal, printed once at the end into a file or pipe
             live = progress and not verbose and console.isatty()
             bar = tqdm(desc=f"lm-eval {label}", unit=" forward", file=console, disable=not live, leave=True, dynamic_ncols=True)
@@ -297,7 +305,12 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
             hook = model.register_forward_hook(tick)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
             output = simple_evaluate(
-                model=lm, tasks=objects, num_fewshot=None, limit=limit, samples=samples, task_manager=manager,
+                model=lm,
+                tasks=objects,
+                num_fewshot=None,
+                limit=limit,
+                samples=samples,
+                task_manager=manager,
                 bootstrap_iters=0,  # stderrs below, in closed form: lm-eval's bootstrap of perplexities costs minutes
                 log_samples=True,
             )

@@ -36,9 +36,7 @@ class Aggregation:
     def __post_init__(self):
         for axis in ("batch", "seq"):
             if getattr(self, axis) not in REDUCTIONS:
-                raise MinitronError(
-                    f"unknown {axis} aggregation '{getattr(self, axis)}': use one of {', '.join(REDUCTIONS)}"
-                )
+                raise MinitronError(f"unknown {axis} aggregation '{getattr(self, axis)}': use one of {', '.join(REDUCTIONS)}")
 
 
 @dataclass(frozen=True)

@@ -201,12 +201,38 @@ NON_NEGATIVE = Range(0)
 # Ranges by `section.key` or by bare key (any section). Numbers not listed must be >= 0; a
 # field can also carry its own: `field(default=..., metadata={"range": Range(...)})`.
 RANGES: dict[str, Range] = {
-    **{key: POSITIVE for key in (
-        "parameters", "memory_gb", "context", "batch", "bytes_per_value", "samples", "seq_len", "tokens",
-        "batch_size", "lr", "temperature", "top_k", "checkpoint_every", "heldout_samples", "limit", "trials",
-        "family", "budget_tokens", "budget_fraction", "min_steps", "final_candidates", "new_tokens", "repeats",
-        "min_decode_tokens_per_s", "grad_accum", "steps", "max_grad_norm",
-    )},
+    **{
+        key: POSITIVE
+        for key in (
+            "parameters",
+            "memory_gb",
+            "context",
+            "batch",
+            "bytes_per_value",
+            "samples",
+            "seq_len",
+            "tokens",
+            "batch_size",
+            "lr",
+            "temperature",
+            "top_k",
+            "checkpoint_every",
+            "heldout_samples",
+            "limit",
+            "trials",
+            "family",
+            "budget_tokens",
+            "budget_fraction",
+            "min_steps",
+            "final_candidates",
+            "new_tokens",
+            "repeats",
+            "min_decode_tokens_per_s",
+            "grad_accum",
+            "steps",
+            "max_grad_norm",
+        )
+    },
     "halving.eta": Range(2),  # each rung keeps 1/eta
     "scoring.heldout_samples": Range(2),  # a standard error needs two blocks
     "tolerance": Range(0, 1, low_open=True, high_open=True),
@@ -483,8 +509,7 @@ def all_architectures(space: SearchSpace, config) -> list[Architecture]:
         **space.axes,
     }
     return [
-        Architecture(hidden, ffn, per_group * groups, groups, layers)
-        for hidden, ffn, per_group, groups, layers in itertools.product(*(axes[a] for a in AXES))
+        Architecture(hidden, ffn, per_group * groups, groups, layers) for hidden, ffn, per_group, groups, layers in itertools.product(*(axes[a] for a in AXES))
     ]
 
 
@@ -505,10 +530,7 @@ def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], l
         valid.append(Candidate(arch, n.total, n.non_embedding, memory_gb(config, arch, n.total, space.budget)))
     budget = space.budget
     low, high = budget.parameters * (1 - budget.tolerance), budget.parameters * (1 + budget.tolerance)
-    feasible = [
-        c for c in valid
-        if low <= c.budgeted(budget) <= high and (budget.memory_gb is None or c.memory_gb <= budget.memory_gb)
-    ]
+    feasible = [c for c in valid if low <= c.budgeted(budget) <= high and (budget.memory_gb is None or c.memory_gb <= budget.memory_gb)]
     closeness = lambda c: (abs(c.budgeted(budget) - budget.parameters), -c.total, str(c.arch))
     feasible.sort(key=closeness)
     valid.sort(key=closeness)

@@ -77,11 +77,7 @@ def make_storage(url: str | None, out: Path):
 
 def _candidate_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:
     """Trials that ran a candidate: not a worker's empty ask, not a duplicate of another trial."""
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=states)
-        if "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs
-    ]
+    return [t for t in study.get_trials(deepcopy=False, states=states) if "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs]
 
 
 _FIELDS = {"value": ("value", "stderr", "per_item"), "score": ("score", "score_stderr", "score_per_item")}
@@ -212,9 +208,7 @@ def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
             if worst is not None:
                 w = measurement(done[worst])
                 row["cut_within_one_se"] = sum(
-                    1
-                    for k, t in done.items()
-                    if k not in following and (se := paired_stderr(w, measurement(t))) is not None and abs(values[k] - w.value) <= se
+                    1 for k, t in done.items() if k not in following and (se := paired_stderr(w, measurement(t))) is not None and abs(values[k] - w.value) <= se
                 )
         summary.append(row)
         previous = values

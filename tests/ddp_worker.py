@@ -37,8 +37,15 @@ def main(out: Path) -> None:
     settings = DistillSettings(steps=3, batch_size=2, lr=1e-3, warmup_steps=0, top_k=None, eval_every=1, intermediate="on")
     accelerator = make_accelerator("cpu")
     result = retrain(
-        student, blocks, None, settings, heldout_blocks=random_blocks(6, 16, seed=1), teacher=teacher,
-        accelerator=accelerator, progress=False, intermediate=intermediate,
+        student,
+        blocks,
+        None,
+        settings,
+        heldout_blocks=random_blocks(6, 16, seed=1),
+        teacher=teacher,
+        accelerator=accelerator,
+        progress=False,
+        intermediate=intermediate,
     )
     torch.save(
         {

@@ -218,9 +218,7 @@ def test_validate_accepts_teacher_and_smaller():
     validate(Architecture(48, 96, 6, 2, 2, layers=(3, 0)), BASE)
 
 
-@pytest.mark.parametrize(
-    "field", ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"]
-)
+@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"])
 def test_validate_rejects_larger_than_teacher(field):
     from dataclasses import replace
 
@@ -272,7 +270,11 @@ def test_student_config_sizes_and_layer_lists(family_name):
     cfg = student_config(config, arch, [3, 0, 2])
     assert type(cfg) is type(config)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (
-        24, 40, 4, 2, 3,
+        24,
+        40,
+        4,
+        2,
+        3,
     )
     assert cfg.head_dim == 8  # head_dim never changes, even though hidden / heads = 6
     assert cfg.vocab_size == config.vocab_size

@@ -58,7 +58,7 @@ def assert_one_line_error(result, *fragments: str, alone: bool = True) -> str:
     assert len(errors) == 1 and lines[-1] == errors[0], output[-3000:]
     if alone:
         assert lines == errors, output[-3000:]
-    problem, _, fix = errors[0][len("error: "):].partition(": ")
+    problem, _, fix = errors[0][len("error: ") :].partition(": ")
     assert problem and fix, errors[0]  # `<problem>: <fix>`
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
@@ -304,7 +304,10 @@ def test_bad_heartbeat_settings(good_space, tmp_path, env, fragments):
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "minitron_nas.cli", "search", str(good_space), "--out", str(out)],
-        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
     )
     assert_one_line_error(done, *fragments)
     assert not out.exists()
@@ -326,7 +329,6 @@ def test_nan_loss_during_retraining(root, teacher, corpus):
     assert not (table[table.rung == table.rung.max()].state == "COMPLETE").any()  # the last rung reached: all failed
     assert not (out / "best_arch.json").exists()
     assert table.error.str.contains("NaN|inf|non-finite|diverged", regex=True).all(), table.error.tolist()
-
 
 
 # --------------------------------------------------------------------------- types and ranges of the space's keys
@@ -407,10 +409,13 @@ def test_unreadable_model_weights(root, teacher, intact_rankings, damage):
 # --------------------------------------------------------------------------- stages out of order, lost storage
 
 
-@pytest.mark.parametrize("command, fragments", [
-    ("distill", ("no best_arch.json in", "run `minitron-nas search` first")),
-    ("export", ("no distilled model in", "run `minitron-nas distill` first")),
-])
+@pytest.mark.parametrize(
+    "command, fragments",
+    [
+        ("distill", ("no best_arch.json in", "run `minitron-nas search` first")),
+        ("export", ("no distilled model in", "run `minitron-nas distill` first")),
+    ],
+)
 def test_stage_before_its_inputs_exist(good_space, tmp_path, command, fragments):
     empty = tmp_path / "empty-run"
     empty.mkdir()

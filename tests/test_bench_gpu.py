@@ -28,17 +28,61 @@ def test_cuda_without_a_gpu_is_refused_in_one_line():
 
 def test_cpu_path_runs_every_part_on_a_tiny_config(tmp_path):
     config = json.loads((REPO / "search_spaces" / "configs" / "llama-3.1-8b.json").read_text())
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=16, vocab_size=49152, max_position_embeddings=256)  # SmolLM2's tokenizer ids fit
+    config.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+        max_position_embeddings=256,
+    )  # SmolLM2's tokenizer ids fit
     (tmp_path / "tiny.json").write_text(json.dumps(config))
-    done = bench("--device", "cpu", "--config", tmp_path / "tiny.json", "--samples", 2, "--seq-len", 32, "--batch-size", 2,
-                 "--distill-batch", 2, "--repeats", 1, "--candidates", 2, "--pipeline-seq-len", 32, "--retrain-tokens", 128,
-                 "--distill-tokens", 128, "--latency-context", 16, "--latency-new-tokens", 2,
-                 "--out", tmp_path / "gpu.md", "--work", tmp_path / "work")
+    done = bench(
+        "--device",
+        "cpu",
+        "--config",
+        tmp_path / "tiny.json",
+        "--samples",
+        2,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--distill-batch",
+        2,
+        "--repeats",
+        1,
+        "--candidates",
+        2,
+        "--pipeline-seq-len",
+        32,
+        "--retrain-tokens",
+        128,
+        "--distill-tokens",
+        128,
+        "--latency-context",
+        16,
+        "--latency-new-tokens",
+        2,
+        "--out",
+        tmp_path / "gpu.md",
+        "--work",
+        tmp_path / "work",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "gpu.md").read_text()
-    for row in ("Importance pass", "Prune to ~half size", "(iv) Stage: rank", "(iv) Stage: search", "(iv) Stage: distill",
-                "(iv) Stage: export", "(v) Latency, teacher", "(v) Latency, exported student"):
+    for row in (
+        "Importance pass",
+        "Prune to ~half size",
+        "(iv) Stage: rank",
+        "(iv) Stage: search",
+        "(iv) Stage: distill",
+        "(iv) Stage: export",
+        "(v) Latency, teacher",
+        "(v) Latency, exported student",
+    ):
         assert f"| {row}" in report, row
     assert "2 trials" in report
     exported = json.loads((tmp_path / "work" / "run" / "export" / "config.json").read_text())

@@ -46,8 +46,7 @@ def test_run_killed_at_random_points_resumes_to_the_same_result(shared_data, tmp
         lambda: "distill" in stages(out),  # export
     ]
     for sign in signs:
-        worker = subprocess.Popen(command(space, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True, env=ENV)
+        worker = subprocess.Popen(command(space, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=ENV)
         while worker.poll() is None and not sign():
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.5))

@@ -77,8 +77,7 @@ def test_defaults_are_cuda_bfloat16_with_a_gpu(monkeypatch):
 
 @pytest.mark.parametrize(
     ("device", "dtype", "fragment"),
-    [("gpu", "auto", "device 'gpu' is not understood"), ("cpu", "float8", "dtype 'float8' is not understood"),
-     ("cuda:2", "auto", "cuda:0..cuda:1")],
+    [("gpu", "auto", "device 'gpu' is not understood"), ("cpu", "float8", "dtype 'float8' is not understood"), ("cuda:2", "auto", "cuda:0..cuda:1")],
 )
 def test_bad_choices_are_refused_in_one_line(monkeypatch, device, dtype, fragment):
     fake_gpu(monkeypatch)
@@ -282,8 +281,28 @@ def test_weight_bytes_is_parameters_times_bytes_per_value():
 def test_cli_dtype_reaches_the_teacher(teacher_folder, shared_data, tmp_path):
     corpus = str(shared_data / "tinyshakespeare" / "input.txt")
     out = tmp_path / "rankings"
-    result = CliRunner().invoke(app, ["rank", "--model", str(teacher_folder), "--data", corpus, "--out", str(out), "--samples", "2",
-                                      "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--dtype", "bfloat16"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "rank",
+            "--model",
+            str(teacher_folder),
+            "--data",
+            corpus,
+            "--out",
+            str(out),
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     made_for = json.loads((out / "rankings.json").read_text())["teacher_fingerprint"]
     assert made_for == teachers.load_teacher(str(teacher_folder), "cpu", "bfloat16").fingerprint

@@ -32,8 +32,9 @@ def setup():
 def run(setup, folder, settings=SETTINGS):
     teacher, rankings, arch, chosen = setup
     student = prune(teacher, rankings, arch)
-    result = distill(student, teacher, random_blocks(16, 32, seed=3), settings, folder, random_blocks(4, 32, seed=4),
-                     chosen.layers, chosen.channels, progress=False)
+    result = distill(
+        student, teacher, random_blocks(16, 32, seed=3), settings, folder, random_blocks(4, 32, seed=4), chosen.layers, chosen.channels, progress=False
+    )
     return student, result
 
 
@@ -99,8 +100,7 @@ def test_checkpoint_of_other_data_teacher_or_student_is_refused(setup, tmp_path)
     cases = [
         ("training data", prune(teacher, rankings, arch), teacher, random_blocks(16, 32, seed=9), arch),
         ("teacher", prune(other_teacher, rankings, arch), other_teacher, random_blocks(16, 32, seed=3), arch),
-        ("student architecture", *(lambda a: (prune(teacher, rankings, a), teacher, random_blocks(16, 32, seed=3), a))(
-            Architecture(36, 48, 6, 2, 2))),
+        ("student architecture", *(lambda a: (prune(teacher, rankings, a), teacher, random_blocks(16, 32, seed=3), a))(Architecture(36, 48, 6, 2, 2))),
     ]
     for what, student, model, blocks, target in cases:
         picked = select(rankings, target, Architecture.from_config(teacher.config))

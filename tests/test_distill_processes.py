@@ -33,10 +33,17 @@ def _launch(out: Path, processes: int) -> list[dict]:
     port = str(_free_port())
     workers = []
     for rank in range(processes):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(processes),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        workers.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for worker in workers:
         output, _ = worker.communicate(timeout=600)
         assert worker.returncode == 0, output[-3000:]

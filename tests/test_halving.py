@@ -36,7 +36,7 @@ def test_a_schedule_never_spends_more_than_its_budget(n, steps, eta, budget_step
     assert rungs[0].candidates == n
     assert rungs[-1].steps <= steps
     for a, b in zip(rungs, rungs[1:]):
-        assert b.candidates == math.ceil(n / eta ** b.index)  # the best 1/eta go on
+        assert b.candidates == math.ceil(n / eta**b.index)  # the best 1/eta go on
         assert b.steps >= a.steps and b.tokens == b.steps * per_step
     if len(rungs) > 1:
         assert rungs[-1].candidates >= 2  # the last rung ranks at least two by the space's score

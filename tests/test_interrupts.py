@@ -144,8 +144,7 @@ def test_distill_interrupted_before_its_first_checkpoint_says_so(monkeypatch, se
     signal_after(monkeypatch, pipeline, "heldout_metrics", signal.SIGTERM)
     result = invoke("distill", space, "--out", out)
     assert interrupted_line(result.output, result.exit_code) == (
-        f"interrupted: no checkpoint yet (the first comes at step {EVERY} of {DISTILL_STEPS}); "
-        "rerun the same command to start the distillation again"
+        f"interrupted: no checkpoint yet (the first comes at step {EVERY} of {DISTILL_STEPS}); rerun the same command to start the distillation again"
     )
 
 
@@ -154,9 +153,7 @@ def test_export_interrupted_keeps_the_distilled_model(monkeypatch, reference, sp
     model = {p.name: p.read_bytes() for p in (out / "distill" / "model").iterdir()}
     signal_after(monkeypatch, export_module, "model_card", signal.SIGTERM)
     result = invoke("export", space, "--out", out)
-    assert interrupted_line(result.output, result.exit_code) == (
-        "interrupted: export not written (the distilled model is kept); rerun the same command"
-    )
+    assert interrupted_line(result.output, result.exit_code) == ("interrupted: export not written (the distilled model is kept); rerun the same command")
     assert not (out / "export").exists() and not leftovers(out)
     assert {p.name: p.read_bytes() for p in (out / "distill" / "model").iterdir()} == model
 
@@ -180,8 +177,24 @@ def test_run_interrupted_in_distillation_names_the_kept_stages_and_checkpoint(mo
 def test_a_signal_to_a_separate_process_ends_it_in_one_line(root, corpus, tmp_path, sig):
     """A real `minitron-nas rank` process, signalled while it ranks (long enough to be caught)."""
     out, log = tmp_path / "rankings", tmp_path / "log"
-    command = [sys.executable, "-m", "minitron_nas.cli", "rank", "--model", str(root / "teacher"), "--data", corpus,
-               "--out", str(out), "--samples", "20000", "--seq-len", "32", "--batch-size", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "minitron_nas.cli",
+        "rank",
+        "--model",
+        str(root / "teacher"),
+        "--data",
+        corpus,
+        "--out",
+        str(out),
+        "--samples",
+        "20000",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+    ]
     with log.open("w") as handle:
         worker = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -30,10 +30,10 @@ def test_times_one_prefill_and_one_step_per_new_token():
 
 def test_a_much_bigger_model_measures_slower():
     """~400x the per-token compute and 8x the layers: slower by far more than timing noise."""
-    small = tiny_model("llama", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=8)
-    big = tiny_model("llama", hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6,
-                     num_key_value_heads=2, head_dim=64, vocab_size=4096)
+    small = tiny_model("llama", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    big = tiny_model(
+        "llama", hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2, head_dim=64, vocab_size=4096
+    )
     settings = dict(batch_size=4, context=64, new_tokens=8, repeats=5, warmup=1)
     fast, slow = measure_latency(small, **settings), measure_latency(big, **settings)
     assert slow["prefill_tokens_per_s"] < fast["prefill_tokens_per_s"] / 2
@@ -44,10 +44,15 @@ def test_bf16_model_is_measured_in_bf16():
     assert measure_latency(tiny_model("llama").to(torch.bfloat16), context=8, new_tokens=2, repeats=1)["dtype"] == "bfloat16"
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"repeats": 0}, "repeats=0"), ({"context": -1}, "context=-1"), ({"new_tokens": 1.5}, "new_tokens=1.5"),
-    ({"context": 120, "new_tokens": 16}, "exceeds the model's 128 positions"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"repeats": 0}, "repeats=0"),
+        ({"context": -1}, "context=-1"),
+        ({"new_tokens": 1.5}, "new_tokens=1.5"),
+        ({"context": 120, "new_tokens": 16}, "exceeds the model's 128 positions"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, fragment):
     with pytest.raises(MinitronError, match=fragment):
         measure_latency(tiny_model("llama"), **kwargs)

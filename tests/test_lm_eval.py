@@ -146,8 +146,15 @@ def test_yaml_includes_the_builtin_task(prepared):
 
 
 # the split lm-eval's published numbers use; ARC's validation split only feeds few-shot examples
-EVAL_SPLIT = {"arc_easy": "test", "arc_challenge": "test", "piqa": "validation", "winogrande": "validation",
-              "lambada_openai": "test", "boolq": "validation", "wikitext": "test"}
+EVAL_SPLIT = {
+    "arc_easy": "test",
+    "arc_challenge": "test",
+    "piqa": "validation",
+    "winogrande": "validation",
+    "lambada_openai": "test",
+    "boolq": "validation",
+    "wikitext": "test",
+}
 
 
 @pytest.mark.parametrize("task", SUPPORTED)
@@ -261,11 +268,25 @@ def test_offline_sets_and_restores_the_flags(monkeypatch):
 def test_metric_names_keep_the_filter_only_where_a_metric_has_several():
     from minitron_nas.scoring import _clean
 
-    row = {"alias": "gsm8k", "sample_len": 4, "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
-           "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": "N/A", "acc,none": 0.5, "acc_stderr,none": 0.2}
+    row = {
+        "alias": "gsm8k",
+        "sample_len": 4,
+        "exact_match,strict-match": 0.25,
+        "exact_match_stderr,strict-match": 0.1,
+        "exact_match,flexible-extract": 0.5,
+        "exact_match_stderr,flexible-extract": "N/A",
+        "acc,none": 0.5,
+        "acc_stderr,none": 0.2,
+    }
     metrics, base = _clean(row)
-    assert metrics == {"exact_match,strict-match": 0.25, "exact_match,strict-match_stderr": 0.1,
-                       "exact_match,flexible-extract": 0.5, "exact_match,flexible-extract_stderr": None, "acc": 0.5, "acc_stderr": 0.2}
+    assert metrics == {
+        "exact_match,strict-match": 0.25,
+        "exact_match,strict-match_stderr": 0.1,
+        "exact_match,flexible-extract": 0.5,
+        "exact_match,flexible-extract_stderr": None,
+        "acc": 0.5,
+        "acc_stderr": 0.2,
+    }
     assert base["exact_match,strict-match"] == "exact_match" and base["acc"] == "acc"
 
 
@@ -315,13 +336,20 @@ def test_lm_eval_scores_on_an_in_memory_model(shared_data, no_network):
 
     tokenizer = tiny_tokenizer(shared_data)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     model = AutoModelForCausalLM.from_config(config).train()
     rng = torch.random.get_rng_state()
     # LAMBADA draws its few-shot examples from its test split, which is here; the others stay zero-shot
-    scores = lm_eval_scores(model, tokenizer, ["piqa", "arc_easy", "lambada_openai", "wikitext"], shared_data, limit=3,
-                            num_fewshot={"lambada_openai": 2})
+    scores = lm_eval_scores(model, tokenizer, ["piqa", "arc_easy", "lambada_openai", "wikitext"], shared_data, limit=3, num_fewshot={"lambada_openai": 2})
     assert model.training and torch.equal(rng, torch.random.get_rng_state())
     assert list(scores) == ["piqa", "arc_easy", "lambada_openai", "wikitext"]
     with_se = lambda *names: {n + s for n in names for s in ("", "_stderr")}
@@ -347,8 +375,15 @@ def test_cli_evaluate_prints_scores(shared_data, tmp_path, no_network):
     from minitron_nas.cli import app
 
     tokenizer = tiny_tokenizer(shared_data)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     args = ["evaluate", "--model", str(tmp_path / "tiny"), "--tasks", "winogrande,boolq", "--data-dir", str(shared_data), "--limit", "2"]

@@ -47,27 +47,35 @@ def user_tasks(folder: Path, shared_data: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "capitals.jsonl"
     data.write_text("".join(json.dumps({"country": c, "choices": ch, "answer": ch.index(a)}) + "\n" for c, a, ch in CAPITALS))
-    (folder / "capitals.yaml").write_text(yaml.safe_dump({
-        "task": "my_capitals",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "The capital of {{country}} is",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{answer}}",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-    }))
-    (folder / "bard.yaml").write_text(yaml.safe_dump({
-        "task": "my_bard",
-        "dataset_path": "text",
-        "dataset_kwargs": {"data_files": {"test": str(shared_data / "tinyshakespeare" / "input.txt")}},
-        "test_split": "test",
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
-    }))
+    (folder / "capitals.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "my_capitals",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "The capital of {{country}} is",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{answer}}",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
+    (folder / "bard.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "my_bard",
+                "dataset_path": "text",
+                "dataset_kwargs": {"data_files": {"test": str(shared_data / "tinyshakespeare" / "input.txt")}},
+                "test_split": "test",
+                "output_type": "loglikelihood_rolling",
+                "doc_to_text": "",
+                "doc_to_target": "{{text}}",
+                "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+            }
+        )
+    )
     return folder
 
 
@@ -94,18 +102,26 @@ def test_user_task_yaml_in_include_path_gets_lm_eval_s_number(tmp_path, shared_d
 
     folder = user_tasks(tmp_path / "my_tasks", shared_data)
     tokenizer, model = byte_tokenizer(), byte_model()
-    spec = ScoringSpec(metric="lm_eval", tasks=("my_capitals", "my_bard"), include_path=(str(folder),),
-                       limit={"my_bard": 6}, batch_size=4, objective="my_bard/bits_per_byte")
+    spec = ScoringSpec(
+        metric="lm_eval", tasks=("my_capitals", "my_bard"), include_path=(str(folder),), limit={"my_bard": 6}, batch_size=4, objective="my_bard/bits_per_byte"
+    )
     assert check_lm_eval(spec) is spec
     scores, output = lm_eval_evaluate(model, tokenizer, spec)
 
     # oracle 1: lm-eval called directly on the same model (its default bootstrap_iters: real stderrs)
-    direct = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=["my_capitals"],
-                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]["my_capitals"]
+    direct = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
+        tasks=["my_capitals"],
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+    )["results"]["my_capitals"]
     assert scores["my_capitals"]["acc"] == pytest.approx(direct["acc,none"])
     assert scores["my_capitals"]["acc_stderr"] == pytest.approx(direct["acc_stderr,none"])
-    bard = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=["my_bard"], limit=6,
-                           task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]["my_bard"]
+    bard = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4),
+        tasks=["my_bard"],
+        limit=6,
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+    )["results"]["my_bard"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert scores["my_bard"][metric] == pytest.approx(bard[f"{metric},none"]) and scores["my_bard"][f"{metric}_stderr"] is None
 
@@ -133,19 +149,29 @@ def test_user_group_and_tag_aggregate_as_lm_eval_does(tmp_path, shared_data):
 
     folder = user_tasks(tmp_path / "my_tasks", shared_data)
     capitals = yaml.safe_load((folder / "capitals.yaml").read_text())
-    (folder / "capitals_q.yaml").write_text(yaml.safe_dump({**capitals, "task": "my_capitals_q", "tag": ["my_tag"],
-                                                             "doc_to_text": "Q: What is the capital of {{country}}?\nA:"}))
+    (folder / "capitals_q.yaml").write_text(
+        yaml.safe_dump({**capitals, "task": "my_capitals_q", "tag": ["my_tag"], "doc_to_text": "Q: What is the capital of {{country}}?\nA:"})
+    )
     (folder / "capitals.yaml").write_text(yaml.safe_dump({**capitals, "tag": ["my_tag"]}))
-    (folder / "group.yaml").write_text(yaml.safe_dump({
-        "group": "my_group", "task": ["my_capitals", "my_capitals_q"],
-        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
-    }))
+    (folder / "group.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "group": "my_group",
+                "task": ["my_capitals", "my_capitals_q"],
+                "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}],
+            }
+        )
+    )
     tokenizer, model = byte_tokenizer(), byte_model(seed=1)
     group = ScoringSpec(metric="lm_eval", tasks=("my_group",), include_path=(str(folder),), limit={"my_group": 6})
     scores = lm_eval_evaluate(model, tokenizer, group)[0]
     assert list(scores) == ["my_group", "my_capitals", "my_capitals_q"] and scores.members == {"my_group": ["my_capitals", "my_capitals_q"]}
-    direct = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=["my_group"], limit=6,
-                             task_manager=TaskManager(include_path=str(folder), include_defaults=False))["results"]
+    direct = simple_evaluate(
+        model=HFLM(pretrained=model, tokenizer=tokenizer),
+        tasks=["my_group"],
+        limit=6,
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False),
+    )["results"]
     for name in scores:
         assert scores[name]["acc"] == pytest.approx(direct[name]["acc,none"])
         assert scores[name]["acc_stderr"] == pytest.approx(direct[name]["acc_stderr,none"])
@@ -256,24 +282,34 @@ def test_unknown_task_names_fail_in_one_line_with_suggestions(no_teacher):
 
 def write_space(tmp_path: Path, scoring: dict) -> Path:
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({"teacher": "smollm2-135m", "axes": {"num_hidden_layers": [20, 24]},
-                                    "budget": {"parameters": 100_000_000}, "scoring": scoring}))
+    path.write_text(
+        yaml.safe_dump({"teacher": "smollm2-135m", "axes": {"num_hidden_layers": [20, 24]}, "budget": {"parameters": 100_000_000}, "scoring": scoring})
+    )
     return path
 
 
-@pytest.mark.parametrize("scoring, fragments", [
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "data_dir": "/no/such/data"},
-     ("scoring.data_dir '/no/such/data' not found", "drop scoring.data_dir", "scoring.tasks_optional: true")),
-    ({"metric": "lm_eval", "tasks": ["arc_easy", "pica"], "data_dir": "SHARED"}, ("unknown lm-eval task 'pica' (did you mean", " piqa,")),
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "num_fewshot": {"piqa": 2}}, ("scoring.num_fewshot names 'piqa'",)),
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "limit": 0}, ("scoring.limit is 0: give a positive whole number",)),
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy"}, ("is not 'task/metric'",)),
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy/accuracy"},
-     ("scoring.objective names metric 'accuracy' of arc_easy, which reports acc, acc_norm",)),
-    ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "piqa/acc"}, ("scoring.objective names task 'piqa', which is not in tasks",)),
-    ({"metric": "lm_eval", "tasks": ["arc_easy", "wikitext"], "objective": {"arc_easy/acc": 1, "wikitext/word_perplexity": 1}},
-     ("mixes metrics that improve upwards and downwards",)),
-])
+@pytest.mark.parametrize(
+    "scoring, fragments",
+    [
+        (
+            {"metric": "lm_eval", "tasks": ["arc_easy"], "data_dir": "/no/such/data"},
+            ("scoring.data_dir '/no/such/data' not found", "drop scoring.data_dir", "scoring.tasks_optional: true"),
+        ),
+        ({"metric": "lm_eval", "tasks": ["arc_easy", "pica"], "data_dir": "SHARED"}, ("unknown lm-eval task 'pica' (did you mean", " piqa,")),
+        ({"metric": "lm_eval", "tasks": ["arc_easy"], "num_fewshot": {"piqa": 2}}, ("scoring.num_fewshot names 'piqa'",)),
+        ({"metric": "lm_eval", "tasks": ["arc_easy"], "limit": 0}, ("scoring.limit is 0: give a positive whole number",)),
+        ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy"}, ("is not 'task/metric'",)),
+        (
+            {"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "arc_easy/accuracy"},
+            ("scoring.objective names metric 'accuracy' of arc_easy, which reports acc, acc_norm",),
+        ),
+        ({"metric": "lm_eval", "tasks": ["arc_easy"], "objective": "piqa/acc"}, ("scoring.objective names task 'piqa', which is not in tasks",)),
+        (
+            {"metric": "lm_eval", "tasks": ["arc_easy", "wikitext"], "objective": {"arc_easy/acc": 1, "wikitext/word_perplexity": 1}},
+            ("mixes metrics that improve upwards and downwards",),
+        ),
+    ],
+)
 def test_spaces_whose_scoring_cannot_work_are_refused_before_the_teacher_loads(tmp_path, shared_data, no_teacher, scoring, fragments):
     from minitron_nas.cli import app
 
@@ -309,9 +345,11 @@ def scores(**rows) -> Scores:
 
 
 def test_objective_weighted_mean_and_its_standard_error():
-    results = scores(arc_easy={"acc": 0.6, "acc_stderr": 0.03, "acc_norm": 0.5, "acc_norm_stderr": 0.04},
-                     piqa={"acc": 0.7, "acc_stderr": 0.02, "acc_norm": 0.65, "acc_norm_stderr": 0.01},
-                     wikitext={"word_perplexity": 30.0, "word_perplexity_stderr": None})
+    results = scores(
+        arc_easy={"acc": 0.6, "acc_stderr": 0.03, "acc_norm": 0.5, "acc_norm_stderr": 0.04},
+        piqa={"acc": 0.7, "acc_stderr": 0.02, "acc_norm": 0.65, "acc_norm_stderr": 0.01},
+        wikitext={"word_perplexity": 30.0, "word_perplexity_stderr": None},
+    )
     default = ScoringSpec(metric="lm_eval", tasks=("arc_easy", "piqa"))
     value, se, up = lm_eval_objective(results, default)
     assert (value, up) == (pytest.approx(0.575), True) and se == pytest.approx(math.sqrt(0.04**2 + 0.01**2) / 2)
@@ -351,8 +389,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
     model = saved_tiny_model(tmp_path / "tiny")
     # LAMBADA few-shot (drawn from its test split) and a model object instead of a name both make lm-eval warn
-    args = ["evaluate", "--model", str(model), "--tasks", "lambada_openai,arc_easy", "--data-dir", str(shared_data),
-            "--limit", "2", "--num-fewshot", "lambada_openai=1"]
+    args = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--tasks",
+        "lambada_openai,arc_easy",
+        "--data-dir",
+        str(shared_data),
+        "--limit",
+        "2",
+        "--num-fewshot",
+        "lambada_openai=1",
+    ]
     quiet = run_cli(*args)
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     out = json.loads(quiet.stdout)
@@ -372,8 +421,19 @@ def test_evaluate_scores_a_user_task_from_include_path(shared_data, tmp_path):
 
     folder = user_tasks(tmp_path / "my_tasks", shared_data)
     model = saved_tiny_model(tmp_path / "tiny")
-    args = ["evaluate", "--model", str(model), "--tasks", "my_capitals,my_bard", "--include-path", str(folder),
-            "--limit", "my_bard=3", "--objective", "my_capitals/acc"]
+    args = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--tasks",
+        "my_capitals,my_bard",
+        "--include-path",
+        str(folder),
+        "--limit",
+        "my_bard=3",
+        "--objective",
+        "my_capitals/acc",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)

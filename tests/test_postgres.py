@@ -59,16 +59,20 @@ def spaces(tmp_path_factory, shared_data) -> dict[str, Path]:
     # kill, the survivors must still be busy GRACE seconds later to notice the stale trial.
     for name, axes, tolerance, steps in (("six", AXES, 0.25, 192), ("nine", AXES_9, 0.3, 128)):
         files[name] = root / f"{name}.yaml"
-        files[name].write_text(yaml.safe_dump({
-            "teacher": str(root / "teacher"),
-            "axes": axes,
-            "budget": {"parameters": 40_000, "tolerance": tolerance},
-            "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-            "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
-            "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
-            "halving": {"eta": 3},
-            "sampler": "grid",
-        }))
+        files[name].write_text(
+            yaml.safe_dump(
+                {
+                    "teacher": str(root / "teacher"),
+                    "axes": axes,
+                    "budget": {"parameters": 40_000, "tolerance": tolerance},
+                    "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+                    "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
+                    "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+                    "halving": {"eta": 3},
+                    "sampler": "grid",
+                }
+            )
+        )
     return files
 
 
@@ -222,6 +226,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried_once(space
 
     def all_three_mid_trial():
         """Freeze the victim when three trials run (so one is its own) and three still wait."""
+
         def enough(trials):
             return len(states(trials, RUNNING)) == 3 and len(states(trials, WAITING)) >= 3
 

@@ -39,16 +39,20 @@ def space_file(tmp_path, shared_data) -> Path:
     save_model(tiny_model("llama", vocab_size=257), tmp_path / "teacher", byte_tokenizer())
     corpus = str(shared_data / "tinyshakespeare" / "input.txt")
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({
-        "teacher": str(tmp_path / "teacher"),
-        "axes": AXES,
-        "budget": {"parameters": 40_000, "tolerance": 0.25},
-        "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-        # long enough that all three workers are mid-trial at the restart (rung 0: 1,000 steps)
-        "retrain": {"tokens": 3000 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
-        "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
-        "sampler": "grid",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": str(tmp_path / "teacher"),
+                "axes": AXES,
+                "budget": {"parameters": 40_000, "tolerance": 0.25},
+                "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+                # long enough that all three workers are mid-trial at the restart (rung 0: 1,000 steps)
+                "retrain": {"tokens": 3000 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus, "eval_every": 0},
+                "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+                "sampler": "grid",
+            }
+        )
+    )
     return path
 
 
@@ -151,7 +155,10 @@ def test_a_database_restart_mid_search_loses_no_candidate(space_file, postgres_s
     pairs = sorted((t.user_attrs["rung"], t.user_attrs["key"]) for t in done)
     assert len(pairs) == len(set(pairs)), f"a candidate ran twice at one rung: {pairs}"
     first = sorted(key for rung, key in pairs if rung == 0)
-    assert first == sorted(f"{c.arch.hidden_size}/{c.arch.intermediate_size}/{c.arch.num_attention_heads}:{c.arch.num_key_value_heads}/{c.arch.num_hidden_layers}" for c in feasible)
+    assert first == sorted(
+        f"{c.arch.hidden_size}/{c.arch.intermediate_size}/{c.arch.num_attention_heads}:{c.arch.num_key_value_heads}/{c.arch.num_hidden_layers}"
+        for c in feasible
+    )
     rungs = schedule_for(spec, n).rungs
     assert [sum(1 for rung, _ in pairs if rung == r.index) for r in rungs] == [r.candidates for r in rungs], pairs
     assert not [t for t in trials(postgres_url) if t.state in (RUNNING, optuna.trial.TrialState.WAITING)]

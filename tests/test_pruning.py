@@ -66,7 +66,11 @@ def test_pruning_to_smaller_architecture(family_name):
     cfg = student.config
     assert type(student) is type(model)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (
-        24, 40, 2, 1, 3,
+        24,
+        40,
+        2,
+        1,
+        3,
     )
     assert len(layers_of(student)) == 3
     assert cfg.head_dim == model.config.head_dim
@@ -279,9 +283,7 @@ def test_layer_order_of_explicit_list_is_kept():
     teacher = Architecture.from_config(model.config)
     student = prune(model, random_rankings(teacher), Architecture.from_dict({"layers": [2, 0]}, teacher))
     for position, source in enumerate([2, 0]):
-        assert torch.equal(
-            layers_of(student)[position].mlp.up_proj.weight, layers_of(model)[source].mlp.up_proj.weight
-        )
+        assert torch.equal(layers_of(student)[position].mlp.up_proj.weight, layers_of(model)[source].mlp.up_proj.weight)
 
 
 def test_ffn_neurons_follow_rankings(family_name):
@@ -320,9 +322,7 @@ def test_gemma3_hidden_pruning_keeps_embedding_output():
 # --- bad rankings ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name, shape", [("heads", (4, 5)), ("heads", (3, 6)), ("neurons", (4, 95)), ("channels", (47,)), ("block_importance", (5,))]
-)
+@pytest.mark.parametrize("name, shape", [("heads", (4, 5)), ("heads", (3, 6)), ("neurons", (4, 95)), ("channels", (47,)), ("block_importance", (5,))])
 def test_rankings_of_wrong_shape_are_refused(name, shape):
     model = tiny_model("llama")
     teacher = Architecture.from_config(model.config)

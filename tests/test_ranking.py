@@ -151,9 +151,7 @@ def llama_and_activations():
 def test_head_aggregation_by_hand(llama_and_activations, batch, seq):
     model, blocks, seen, _ = llama_and_activations
     x = seen["attn"][0]  # [B, S, heads * head_dim]
-    per_head = torch.stack(
-        [x[..., h * HEAD_DIM : (h + 1) * HEAD_DIM].pow(2).sum(-1).sqrt() for h in range(6)], dim=-1
-    )
+    per_head = torch.stack([x[..., h * HEAD_DIM : (h + 1) * HEAD_DIM].pow(2).sum(-1).sqrt() for h in range(6)], dim=-1)
     want = _by_hand(per_head, batch, seq)
     r = compute_rankings(model, blocks, Aggregation(batch=batch, seq=seq), batch_size=2, progress=False)
     assert torch.allclose(r.heads[1].double(), want, rtol=1e-4, atol=1e-6)

@@ -62,9 +62,17 @@ def _key(shape) -> str:
 
 def _trial(shape, params, rung, value, n: int, before=None, score=None, state=optuna.trial.TrialState.COMPLETE, **extra):
     attrs = {
-        "architecture": _arch(shape), "key": _key(shape), "params_total": params, "params_non_embedding": params - 12_000,
-        "rung": rung, "steps": 2 + 2 * rung, "tokens": 256 * (1 + rung), "value": value, "stderr": SE if value is not None else None,
-        "tokens_trained": 256 * (1 + rung), "retrain_curve": [[s, (value or 9.0) + 2.0 / s] for s in range(1, 7)],
+        "architecture": _arch(shape),
+        "key": _key(shape),
+        "params_total": params,
+        "params_non_embedding": params - 12_000,
+        "rung": rung,
+        "steps": 2 + 2 * rung,
+        "tokens": 256 * (1 + rung),
+        "value": value,
+        "stderr": SE if value is not None else None,
+        "tokens_trained": 256 * (1 + rung),
+        "retrain_curve": [[s, (value or 9.0) + 2.0 / s] for s in range(1, 7)],
         "timings": {"prune": 0.1, "retrain": 10.0 + n},
     }
     if before is not None:
@@ -75,8 +83,9 @@ def _trial(shape, params, rung, value, n: int, before=None, score=None, state=op
     return optuna.trial.create_trial(state=state, value=value if state == optuna.trial.TrialState.COMPLETE else None, user_attrs=attrs)
 
 
-def make_study(path: Path, maximize: bool = False, metric: str = "heldout_loss", space: str | None = None,
-               distinct=DISTINCT, last=LAST, extras: bool = True) -> optuna.Study:
+def make_study(
+    path: Path, maximize: bool = False, metric: str = "heldout_loss", space: str | None = None, distinct=DISTINCT, last=LAST, extras: bool = True
+) -> optuna.Study:
     study = optuna.create_study(storage=f"sqlite:///{path}", study_name=STUDY_NAME, direction="minimize")
     study.set_user_attr("metric", metric)
     study.set_user_attr("rung_metric", "kld")
@@ -92,8 +101,17 @@ def make_study(path: Path, maximize: bool = False, metric: str = "heldout_loss",
     if extras:
         shape, params, _, _ = distinct[5]
         study.add_trial(_trial(shape, params, 1, None, 9, duplicate_of=len(distinct) + 2, state=optuna.trial.TrialState.PRUNED))
-        study.add_trial(_trial((48, 48, 6, 2, 4), 47_000, 0, None, 10, state=optuna.trial.TrialState.FAIL,
-                               error="MinitronError: candidate 48/48/6:2/4 scored nan: the retrained model diverged"))
+        study.add_trial(
+            _trial(
+                (48, 48, 6, 2, 4),
+                47_000,
+                0,
+                None,
+                10,
+                state=optuna.trial.TrialState.FAIL,
+                error="MinitronError: candidate 48/48/6:2/4 scored nan: the retrained model diverged",
+            )
+        )
     return study
 
 
@@ -102,13 +120,22 @@ def write_space(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     TINY_CONFIGS["llama"](vocab_size=257).to_json_file(folder / "teacher.json")
     path = folder / "space.yaml"
-    path.write_text(yaml.safe_dump({
-        "teacher": "teacher.json",
-        "axes": {"hidden_size": [32, 48], "intermediate_size": [48, 96], "heads_per_group": [1, 3],
-                 "num_key_value_heads": [2], "num_hidden_layers": [3, 4]},
-        "budget": {"parameters": 40_000, "tolerance": 0.25},
-        "sampler": "grid",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": "teacher.json",
+                "axes": {
+                    "hidden_size": [32, 48],
+                    "intermediate_size": [48, 96],
+                    "heads_per_group": [1, 3],
+                    "num_key_value_heads": [2],
+                    "num_hidden_layers": [3, 4],
+                },
+                "budget": {"parameters": 40_000, "tolerance": 0.25},
+                "sampler": "grid",
+            }
+        )
+    )
     return path
 
 
@@ -129,22 +156,29 @@ def make_run(root: Path, rankings: bool = True, layer_loss: bool = True, distill
     if rankings:
         g = torch.Generator().manual_seed(0)
         Rankings(
-            heads=torch.rand(4, 6, generator=g), neurons=torch.rand(4, 96, generator=g) ** 3, channels=torch.rand(48, generator=g),
-            block_importance=torch.rand(4, generator=g), layer_loss=torch.rand(4, generator=g) + 5 if layer_loss else None,
+            heads=torch.rand(4, 6, generator=g),
+            neurons=torch.rand(4, 96, generator=g) ** 3,
+            channels=torch.rand(48, generator=g),
+            block_importance=torch.rand(4, generator=g),
+            layer_loss=torch.rand(4, generator=g) + 5 if layer_loss else None,
             meta={"teacher": "tiny"},
         ).save(run / "rankings")
     if distill:
         (run / "distill").mkdir()
-        curve = [{"step": s, "train_loss": 4.0 / (1 + s / 10), "eval_loss": 4.2 / (1 + s / 10) if s % 20 == 0 else None}
-                 for s in range(0, 101, 5)]
+        curve = [{"step": s, "train_loss": 4.0 / (1 + s / 10), "eval_loss": 4.2 / (1 + s / 10) if s % 20 == 0 else None} for s in range(0, 101, 5)]
         (run / "distill" / "curve.json").write_text(json.dumps(curve))
-        (run / "distill" / "summary.json").write_text(json.dumps({
-            "architecture": _arch(DISTINCT[5][0]),
-            "teacher": {"heldout_loss": 3.0123, "kld": 0.0},
-            "before": {"heldout_loss": 5.2345, "kld": 2.5},
-            "after": {"heldout_loss": 3.4567, "kld": 0.4321},
-            "tokens": 1_048_576, "seconds": 12.5,
-        }))
+        (run / "distill" / "summary.json").write_text(
+            json.dumps(
+                {
+                    "architecture": _arch(DISTINCT[5][0]),
+                    "teacher": {"heldout_loss": 3.0123, "kld": 0.0},
+                    "before": {"heldout_loss": 5.2345, "kld": 2.5},
+                    "after": {"heldout_loss": 3.4567, "kld": 0.4321},
+                    "tokens": 1_048_576,
+                    "seconds": 12.5,
+                }
+            )
+        )
     return run
 
 
@@ -375,16 +409,25 @@ def browser():
     profile = tempfile.mkdtemp(prefix="minitron-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-unsafe-swiftshader",
-                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--enable-unsafe-swiftshader",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(120)
     driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions",
-                           {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -414,10 +457,13 @@ def open_page(driver, page: Path) -> tuple[dict, list[dict]]:
 
     driver.get_log("browser")  # drop entries of earlier pages
     driver.get(page.resolve().as_uri())
-    WebDriverWait(driver, 60).until(lambda d: d.execute_script(
-        "return document.readyState === 'complete' && !!window.Plotly && "
-        "Array.from(arguments[0]).every(id => { const g = document.getElementById(id); return g && g._fullLayout; })",
-        list(FIGURE_IDS)))
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script(
+            "return document.readyState === 'complete' && !!window.Plotly && "
+            "Array.from(arguments[0]).every(id => { const g = document.getElementById(id); return g && g._fullLayout; })",
+            list(FIGURE_IDS),
+        )
+    )
     states = {s["id"]: s for s in driver.execute_script(FIGURE_STATE, list(FIGURE_IDS))}
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     return states, severe
@@ -495,8 +541,12 @@ def test_dashboard_of_an_empty_run_explains_what_is_missing(browser, tmp_path):
 
 def test_layer_view_without_layer_loss_keeps_block_importance_and_says_why():
     g = torch.Generator().manual_seed(0)
-    ranked = Rankings(heads=torch.rand(4, 6, generator=g), neurons=torch.rand(4, 96, generator=g),
-                      channels=torch.rand(48, generator=g), block_importance=torch.rand(4, generator=g))
+    ranked = Rankings(
+        heads=torch.rand(4, 6, generator=g),
+        neurons=torch.rand(4, 96, generator=g),
+        channels=torch.rand(48, generator=g),
+        block_importance=torch.rand(4, generator=g),
+    )
     fig = dashboard.layer_figure(ranked, None)
     assert [t.name for t in fig.data] == ["Block Importance"]
     assert any("--layer-loss" in a.text for a in fig.layout.annotations)

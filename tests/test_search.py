@@ -192,16 +192,20 @@ def test_a_search_whose_every_candidate_fails_says_why_in_one_line(teacher, corp
 
 def _space_file(tmp_path, teacher, corpus, steps: int):
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({
-        "teacher": str(teacher.path),
-        "axes": {k: list(v) for k, v in AXES.items()},
-        "budget": {"parameters": 40_000, "tolerance": 0.25},
-        "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-        "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus},
-        "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
-        "halving": {"eta": 2},
-        "sampler": "grid",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": str(teacher.path),
+                "axes": {k: list(v) for k, v in AXES.items()},
+                "budget": {"parameters": 40_000, "tolerance": 0.25},
+                "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+                "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus},
+                "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+                "halving": {"eta": 2},
+                "sampler": "grid",
+            }
+        )
+    )
     return path
 
 

@@ -127,11 +127,15 @@ def test_bad_spaces_give_one_line_errors(tmp_path, text, message):
 
 def test_ranges_with_step_and_divisor(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text(json.dumps({
-        "teacher": "x",
-        "axes": {"hidden_size": {"range": [64, 256], "step": 64}, "intermediate_size": {"range": [100, 130], "divisor": 16}},
-        "budget": {"parameters": 10},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "teacher": "x",
+                "axes": {"hidden_size": {"range": [64, 256], "step": 64}, "intermediate_size": {"range": [100, 130], "divisor": 16}},
+                "budget": {"parameters": 10},
+            }
+        )
+    )
     space = load_space(path)
     assert space.axes == {"hidden_size": (64, 128, 192, 256), "intermediate_size": (112, 128)}
 
@@ -196,8 +200,10 @@ def test_every_key_is_checked_for_type_and_range(tmp_path, sections, message):
 
 def test_numbers_yaml_reads_as_text_and_yaml_booleans_are_accepted(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("teacher: x\naxes: {}\nbudget: {parameters: 4.5e9}\nretrain: {lr: 3e-4, tokens: 1e4}\n"
-                    "distill: {intermediate: off, top_k: null}\nfamily: [2e9, 1e9]\nscoring: {tasks: [piqa], metric: lm_eval}\n")
+    path.write_text(
+        "teacher: x\naxes: {}\nbudget: {parameters: 4.5e9}\nretrain: {lr: 3e-4, tokens: 1e4}\n"
+        "distill: {intermediate: off, top_k: null}\nfamily: [2e9, 1e9]\nscoring: {tasks: [piqa], metric: lm_eval}\n"
+    )
     space = load_space(path)
     assert space.budget.parameters == 4_500_000_000 and isinstance(space.budget.parameters, int)
     assert space.retrain.lr == 3e-4 and space.retrain.tokens == 10_000 and isinstance(space.retrain.tokens, int)
@@ -238,12 +244,14 @@ def test_fields_added_later_are_checked_from_their_annotations():
 def test_every_stage_setting_is_a_space_key(tmp_path):
     """The space sections are the stages' own settings: what the trainer and the ranking pass take."""
     path = tmp_path / "space.yaml"
-    path.write_text(_space_text(
-        ranking={"aggregation": {"batch": "mean", "seq": "l2"}, "layer_loss": True, "batch_size": 2},
-        retrain={"tokens": 4096, "batch_size": 2, "seq_len": 64, "grad_accum": 4, "warmup_steps": 3},
-        distill={"intermediate_loss": "cosine", "grad_accum": 2, "clm_weight": 0.5},
-        seed=7,
-    ))
+    path.write_text(
+        _space_text(
+            ranking={"aggregation": {"batch": "mean", "seq": "l2"}, "layer_loss": True, "batch_size": 2},
+            retrain={"tokens": 4096, "batch_size": 2, "seq_len": 64, "grad_accum": 4, "warmup_steps": 3},
+            distill={"intermediate_loss": "cosine", "grad_accum": 2, "clm_weight": 0.5},
+            seed=7,
+        )
+    )
     space = load_space(path)
     assert (space.ranking.aggregation.batch, space.ranking.aggregation.seq, space.ranking.layer_loss) == ("mean", "l2", True)
     assert space.retrain.total_steps == 4096 // (2 * 64 * 4) and space.retrain.warmup == 3
