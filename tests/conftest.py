@@ -1,60 +1,14 @@
-"""Tiny random-init models of every supported family, built from configs (no downloads)."""
+"""Fixtures the tests share: the benchmark data folder, each model family, a PostgreSQL server.
+
+Plain helpers (tiny models, a byte tokenizer, the one-line-error check) are in helpers.py.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-_COMMON = dict(
-    vocab_size=128,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=128,
-)
-
-TINY_CONFIGS = {
-    "llama": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **kw}),
-    "llama-untied-bias": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True, **kw}),
-    "mistral": lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": 16, **kw}),
-    "qwen2": lambda **kw: Qwen2Config(**{**_COMMON, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2, **kw}),
-    "qwen3": lambda **kw: Qwen3Config(**{**_COMMON, "tie_word_embeddings": True, **kw}),
-    "gemma3": lambda **kw: Gemma3TextConfig(
-        **{**_COMMON, "sliding_window": 16, "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"], **kw}
-    ),
-}
-FAMILY_NAMES = sorted(TINY_CONFIGS)
-
-
-def tiny_model(name: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](**overrides))
-    with torch.no_grad():  # norms start at exactly 1 (or 0); randomise them so slicing errors show
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def random_blocks(n: int = 8, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+from helpers import FAMILY_NAMES, SHARED_DATA
 
 
 @pytest.fixture(params=FAMILY_NAMES)
@@ -67,32 +21,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "wikitext2" / "valid.txt").is_file():
         pytest.fail(f"shared data not found at {SHARED_DATA}: tests need ../shared/data beside the checkout")
     return SHARED_DATA
-
-
-EOS = 256  # byte_tokenizer: ids 0..255 are UTF-8 bytes, 256 is <eos>
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizes to)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A local byte-level tokenizer (no downloads): token id == UTF-8 byte value, <eos> = 256."""
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
-    vocab["<eos>"] = EOS
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 # --------------------------------------------------------------------------- a throwaway PostgreSQL server

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import random_blocks, tiny_model
+from helpers import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.losses import IntermediateStates

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, tiny_model
+from helpers import TINY_CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minitron_nas.architecture import (

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import transformers
 import yaml
-from conftest import byte_tokenizer, tiny_model
+from helpers import assert_one_line_error, byte_tokenizer, tiny_model
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
@@ -41,28 +41,6 @@ AXES = {"hidden_size": [32, 48], "intermediate_size": [48, 96], "heads_per_group
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments: str, alone: bool = True) -> str:
-    """Exit 2, no traceback, exactly one `error: ` line (the last), naming problem and fix.
-
-    `alone`: the failure came before any work, so that line is the whole output; otherwise
-    progress bars of the work done before it (loading the teacher's weights) may precede it.
-    """
-    output = result.output if hasattr(result, "output") else result.stdout + result.stderr
-    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
-    assert code == 2, f"exit {code}: {output[-3000:]}"
-    assert "Traceback" not in output, output[-3000:]
-    lines = [line for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], output[-3000:]
-    if alone:
-        assert lines == errors, output[-3000:]
-    problem, _, fix = errors[0][len("error: ") :].partition(": ")
-    assert problem and fix, errors[0]  # `<problem>: <fix>`
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_line_error
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
@@ -19,14 +20,6 @@ TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
 
 def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def no_partial_left(folder: Path) -> bool:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, tiny_model
 from test_pipeline import write_space
 
 from minitron_nas.export import save_model

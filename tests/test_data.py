@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import EOS, byte_tokenizer
+from helpers import EOS, byte_tokenizer
 
 from minitron_nas.data import HELDOUT_EVERY, paragraphs, token_blocks
 from minitron_nas.errors import MinitronError

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import random_blocks, tiny_model
+from helpers import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.checkpoint import Checkpoint

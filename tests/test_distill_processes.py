@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_blocks, tiny_model
+from helpers import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.losses import IntermediateStates

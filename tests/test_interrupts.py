@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna  # noqa: F401  imported here so Optuna's log handler binds to the real stderr, not a runner's
 import pytest
-from conftest import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, tiny_model
 from test_pipeline import write_space
 from typer.testing import CliRunner
 

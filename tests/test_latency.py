@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.latency import measure_latency

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import random_blocks, tiny_model
+from helpers import random_blocks, tiny_model
 
 from minitron_nas.losses import kd_loss
 from minitron_nas.metrics import (

@@ -23,7 +23,7 @@ import optuna
 import pytest
 import sqlalchemy
 import yaml
-from conftest import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, tiny_model
 
 from minitron_nas import search
 from minitron_nas.export import save_model

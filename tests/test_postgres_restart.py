@@ -19,7 +19,7 @@ import optuna
 import pytest
 import sqlalchemy
 import yaml
-from conftest import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, tiny_model
 
 from minitron_nas.export import save_model
 from minitron_nas.space import load_space, require_feasible

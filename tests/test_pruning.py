@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, random_blocks, tiny_model
+from helpers import FAMILY_NAMES, random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.errors import MinitronError

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_blocks, tiny_model
+from helpers import random_blocks, tiny_model
 
 from minitron_nas.architecture import Architecture
 from minitron_nas.errors import MinitronError

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIGS
+from helpers import TINY_CONFIGS
 from typer.testing import CliRunner
 
 from minitron_nas import dashboard
@@ -335,7 +335,9 @@ runner = CliRunner()
 def test_cli_dashboard_rebuilds_both_files(run):
     result = runner.invoke(app, ["dashboard", str(run)])
     assert result.exit_code == 0, result.output
-    assert (run / "dashboard.html").stat().st_size > 3_000_000
+    page = (run / "dashboard.html").read_text()
+    assert all(f'id="{div_id}"' in page for div_id in FIGURE_IDS)
+    assert "<script src=" not in page and page.count("plotly.js v") >= 1  # plotly.js embedded, nothing fetched
     assert "## Candidates" in (run / "report.md").read_text()
 
 
@@ -357,7 +359,7 @@ def test_cli_dashboard_without_a_study_is_one_line(tmp_path):
 
 
 def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, caplog):
-    from conftest import byte_tokenizer, tiny_model
+    from helpers import byte_tokenizer, tiny_model
 
     from minitron_nas.export import save_model
     from minitron_nas.search import run_search
@@ -514,7 +516,10 @@ def test_dashboard_renders_every_figure_offline_without_errors(browser, run):
     time.sleep(1)  # responsive figures relayout to the new width
     shot = run / "dashboard.png"
     assert browser.save_screenshot(str(shot))
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, shot_height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width >= 1000 and shot_height >= min(height, 1000), (width, shot_height, height)  # the page, not an empty frame
     browser.set_window_size(1400, 1000)
 
     colours = browser.execute_script("""

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import sqlalchemy
 import yaml
-from conftest import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, tiny_model
 
 from minitron_nas import search
 from minitron_nas.data import token_blocks

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from helpers import TINY_CONFIGS
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.architecture import Architecture, student_config

@@ -1,0 +1,109 @@
+"""Helpers the tests share: tiny random-init models of every supported family (from configs,
+no downloads), random token blocks, a byte-level tokenizer and the one-line-error check.
+
+A module, not fixtures: parametrize lists and the subprocess workers need them at import
+time. Fixtures (shared data, a PostgreSQL server) are in conftest.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **kw}),
+    "llama-untied-bias": lambda **kw: LlamaConfig(**{**_COMMON, "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**_COMMON, "sliding_window": 16, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**_COMMON, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**_COMMON, "tie_word_embeddings": True, **kw}),
+    "gemma3": lambda **kw: Gemma3TextConfig(
+        **{**_COMMON, "sliding_window": 16, "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"], **kw}
+    ),
+}
+FAMILY_NAMES = sorted(TINY_CONFIGS)
+
+
+def tiny_model(name: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](**overrides))
+    with torch.no_grad():  # norms start at exactly 1 (or 0); randomise them so slicing errors show
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def random_blocks(n: int = 8, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+EOS = 256  # byte_tokenizer: ids 0..255 are UTF-8 bytes, 256 is <eos>
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenizes to)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A local byte-level tokenizer (no downloads): token id == UTF-8 byte value, <eos> = 256."""
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    vocab["<eos>"] = EOS
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def assert_one_line_error(result, *fragments: str, alone: bool = True) -> str:
+    """Exit 2, no traceback, exactly one `error: ` line (the last), naming problem and fix.
+
+    `alone`: the failure came before any work, so that line is the whole output; otherwise
+    progress bars of the work done before it (loading the teacher's weights) may precede it.
+    """
+    output = result.output if hasattr(result, "output") else result.stdout + result.stderr
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert code == 2, f"exit {code}: {output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output[-3000:]
+    if alone:
+        assert lines == errors, output[-3000:]
+    problem, _, fix = errors[0][len("error: ") :].partition(": ")
+    assert problem and fix, errors[0]  # `<problem>: <fix>`
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
