@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +44,8 @@ from .halving import Schedule, plan_schedule, promote
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
 from .ranking import Rankings, load_or_rank
-from .space import GRID_LIMIT, Candidate, SearchSpace, require_feasible
+from .samplers import sampler_named
+from .space import Candidate, SearchSpace, require_feasible
 from .study import (
     HEARTBEAT_SECONDS,
     STUDY_NAME,
@@ -69,19 +69,8 @@ WAITING, RUNNING, COMPLETE = optuna.trial.TrialState.WAITING, optuna.trial.Trial
 
 
 def candidate_pool(space: SearchSpace, feasible: list[Candidate]) -> list[Candidate]:
-    """Rung 0: every feasible candidate (grid), or a seeded random sample of `trials` of them.
-
-    Model-based samplers (TPE, NSGA-II) need each result before proposing the next, which
-    a synchronous rung cannot give; beyond GRID_LIMIT candidates the pool is a uniform
-    sample, and the halving spends the budget on telling its members apart.
-    """
-    kind = space.sampler
-    if kind == "auto":
-        kind = "grid" if len(feasible) <= GRID_LIMIT else "random"
-    if kind == "grid":
-        return list(feasible)
-    size = min(len(feasible), space.trials or GRID_LIMIT)
-    return random.Random(space.seed).sample(feasible, size)
+    """Rung 0's candidates, chosen by the space's sampler (see samplers.py)."""
+    return sampler_named(space.sampler).pool(feasible, space.trials, space.seed)
 
 
 def schedule_for(space: SearchSpace, n: int) -> Schedule:

@@ -28,13 +28,12 @@ from .architecture import (
 )
 from .devices import check_device_name, check_dtype_name
 from .errors import MinitronError
+from .samplers import SAMPLERS
 from .settings import DistillSettings, RankSettings, RetrainSettings
 
-SAMPLERS = ("auto", "grid", "random")
 RUNG_METRICS = ("kld", "heldout_loss")
 METRICS = ("lm_eval", "heldout_loss", "kld")
 AXES = ("hidden_size", "intermediate_size", "heads_per_group", "num_key_value_heads", "num_hidden_layers")
-GRID_LIMIT = 64  # "auto" starts rung 0 with every feasible candidate up to this many, else a random sample
 
 
 @dataclass(frozen=True)
