@@ -1,4 +1,9 @@
-"""`minitron-nas`: a thin command line over the Python API (see README for the stages)."""
+"""`minitron-nas`: a thin command line over the Python API (see README for the stages).
+
+Long (about 500 lines) because it holds one function per command, each with its typed
+options and help; every option is declared once, here or in settings.py, and each command
+only calls the Python API.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ a div with a stable id:
 The figures read the study and the run folder through `report.py`'s readers; a missing
 piece (no finished trial, no rankings, no distillation yet) leaves its figure in place,
 empty, with a note saying what is missing. The page is replaced atomically.
+
+About 400 lines: one function per figure, then the page.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ folders or files of `include_path`) and loaded the way lm-eval loads it.
 The cache folder of a task is keyed by a hash of its source files' contents, written
 atomically, and reused while the sources are unchanged:
 `cache_root()/lm_eval_data/<task>-<key>/{<split>.jsonl, <task>.yaml, source.json}`.
+
+Long (about 600 lines) because it holds one converter per supported task (the upstream file
+formats differ); each converter is a short function, and the rest is the task registry and
+lm-eval's quiet mode.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ held-out text; everything else is optional::
 
 Missing pieces (no finished trial, no rankings, no distillation yet) leave the figure in
 place, empty, with a note saying what is missing. Both files are replaced atomically.
+
+Long (about 430 lines) because the Markdown report's sections (space, rungs, candidates,
+distillation) each need their own table; the figures are in dashboard.py.
 """
 
 from __future__ import annotations

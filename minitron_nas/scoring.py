@@ -3,6 +3,9 @@
 lm-eval scoring takes one `ScoringSpec` (space.py): any lm-eval task, group or tag, the
 user's own task YAMLs (`include_path`), few-shot counts and limits per task, and an
 objective over any named metric, with lm-eval's standard errors.
+
+About 400 lines: held-out loss, the lm-eval wrapper, and the checks of an lm-eval spec,
+which must all run before a model loads.
 """
 
 from __future__ import annotations

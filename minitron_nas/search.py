@@ -19,6 +19,10 @@ A trial of a killed worker is failed by heartbeat and retried once (Optuna's
 The teacher's top-k logits for the training blocks (of the longest rung) and for the
 held-out blocks are computed once per search and cached, so a retraining step costs a
 student step only.
+
+Long (about 440 lines) because the rung loop, its multi-worker queue and its kill/retry
+rules are one mechanism and read best together; the rung arithmetic is in halving.py, the
+study readers in study.py, the samplers in samplers.py.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ A space names the teacher, the allowed values of each axis, the budget, and how 
 are retrained and scored. Enumeration walks the product of the axes, keeps what can be
 sliced from the teacher and what transformers accepts, and keeps the candidates whose
 exact parameter count (or memory, weights plus KV cache) lies within the budget.
+
+Long (about 550 lines) because it is the whole search-space file format: the section
+dataclasses, a typed and range-checked reader for every key, and exact enumeration; the
+stage settings themselves are in settings.py.
 """
 
 from __future__ import annotations
