@@ -36,6 +36,7 @@ from minitron_nas.data import token_blocks
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.settings import RetrainSettings
+from minitron_nas.signals import CachedTopK, LiveFull, LiveTopK
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import load_teacher
 from minitron_nas.trainer import batch_loss, make_optimizer
@@ -88,12 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     def step(variant: str) -> float:
         optimizer.zero_grad(set_to_none=True)
         if variant == "cached":
-            lp, ix = cache[rows]
-            loss, _ = batch_loss(student, batch, settings, topk=(lp, ix))
+            loss, _ = batch_loss(student, batch, settings, CachedTopK(cache), rows)
         elif variant == "live top-k":
-            loss, _ = batch_loss(student, batch, settings, teacher=model)
+            loss, _ = batch_loss(student, batch, settings, LiveTopK(model, settings.top_k))
         else:
-            loss, _ = batch_loss(student, batch, replace(settings, top_k=None), teacher=model)
+            loss, _ = batch_loss(student, batch, replace(settings, top_k=None), LiveFull(model))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
         optimizer.step()

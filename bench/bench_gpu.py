@@ -47,6 +47,7 @@ from minitron_nas.latency import measure_latency
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings
 from minitron_nas.settings import RetrainSettings
+from minitron_nas.signals import CachedTopK, LiveTopK
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import Teacher, fingerprint, load_config, load_teacher
 from minitron_nas.trainer import batch_loss, make_optimizer
@@ -221,10 +222,9 @@ def measures(args: argparse.Namespace, model, device: torch.device) -> tuple[lis
     def step(variant: str) -> None:
         optimizer.zero_grad(set_to_none=True)
         if variant == "cached":
-            lp, ix = cache[rows]
-            loss, _ = batch_loss(student, batch, settings, topk=(lp.to(device), ix.to(device)))
+            loss, _ = batch_loss(student, batch, settings, CachedTopK(cache), rows)
         else:
-            loss, _ = batch_loss(student, batch, settings, teacher=model)
+            loss, _ = batch_loss(student, batch, settings, LiveTopK(model, settings.top_k))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
         optimizer.step()

@@ -43,9 +43,10 @@ from transformers import get_cosine_schedule_with_warmup
 from .checkpoint import Checkpoint, Progress
 from .devices import HALF, model_device, model_dtype, resolve_device, to_model_device
 from .errors import MinitronError
-from .losses import IntermediateStates, clm_loss, kd_loss, kd_loss_topk
+from .losses import IntermediateStates, clm_loss, kd_loss
 from .settings import RetrainSettings
-from .teacher_cache import TeacherLogitCache, blocks_sha256, teacher_topk
+from .signals import TeacherSignal, live_teacher, teacher_signal
+from .teacher_cache import TeacherLogitCache, blocks_sha256
 
 __all__ = ["RetrainResult", "RetrainSettings", "batch_loss", "make_accelerator", "make_optimizer", "retrain"]
 
@@ -109,17 +110,18 @@ def batch_loss(
     student,
     input_ids: torch.Tensor,
     settings: RetrainSettings,
-    topk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    teacher=None,
+    signal: TeacherSignal,
+    rows: torch.Tensor | None = None,
     intermediate: IntermediateStates | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, KD part) of one micro-batch: clm_weight * CE + KD (+ alpha * L_is).
 
-    The teacher signal is `topk` (cached log-probs and ids) if given, else the live
-    `teacher` (its top-k if settings.top_k, else full-vocabulary KD); with neither, CE only.
-    With `intermediate` (live teacher only), hidden states of mapped layer pairs add a loss.
+    KD comes from `signal` (signals.py); `rows` are the micro-batch's rows in the training
+    blocks (what a cached signal looks up). With `intermediate`, hidden states of mapped
+    layer pairs add a loss; that needs a live teacher.
     """
     if intermediate is not None:
+        teacher = live_teacher(signal)
         out = student(input_ids=input_ids, use_cache=False, output_hidden_states=True)
         with torch.no_grad():
             t_out = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True)
@@ -128,19 +130,8 @@ def batch_loss(
         if settings.clm_weight:
             total = total + settings.clm_weight * clm_loss(out.logits, input_ids)
         return total, kd.detach()
-    logits = student(input_ids=input_ids, use_cache=False).logits
-    if topk is not None:
-        kd = kd_loss_topk(logits, topk[0], topk[1], settings.temperature)
-    elif teacher is not None:
-        if settings.top_k is not None:
-            values, ids = teacher_topk(teacher, input_ids, settings.top_k, settings.temperature)
-            kd = kd_loss_topk(logits, values, ids, settings.temperature)
-        else:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=input_ids, use_cache=False).logits
-            kd = kd_loss(logits, t_logits, settings.temperature)
-    else:
-        kd = logits.new_zeros((), dtype=torch.float32)
+    logits = student(input_ids=input_ids, use_cache=False).logits  # [B, S, V]
+    kd = signal.kd(logits, input_ids, rows, settings.temperature)
     total = kd if settings.clm_weight == 0 else kd + settings.clm_weight * clm_loss(logits, input_ids)
     return total, kd.detach()
 
@@ -153,7 +144,7 @@ def _row_stream(n: int, seed: int):
 
 
 @torch.no_grad()
-def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator, dtype=torch.float32) -> tuple[float | None, float]:
+def _evaluate(model, blocks, signal: TeacherSignal | None, settings, accelerator, dtype=torch.float32) -> tuple[float | None, float]:
     """(held-out KD loss or None, held-out LM loss), token-weighted over all processes.
 
     Each process scores its share of the blocks; the per-process sums are gathered
@@ -169,12 +160,7 @@ def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator, dtype
             ids = to_model_device(blocks[chunk], model)  # [B, S]
             with _autocast(accelerator, dtype):
                 logits = model(input_ids=ids, use_cache=False).logits
-                kd = None
-                if heldout_topk is not None:
-                    lp, ix = heldout_topk[chunk]
-                    kd = kd_loss_topk(logits, *to_model_device((lp, ix), model), settings.temperature)
-                elif teacher is not None:  # full-vocabulary KD, live
-                    kd = kd_loss(logits, teacher(input_ids=ids, use_cache=False).logits, settings.temperature)
+                kd = None if signal is None else signal.kd(logits, ids, chunk, settings.temperature)
             if kd is not None:
                 totals[0] += kd.item() * ids.numel()
             totals[1] += clm_loss(logits, ids).item() * ids[:, 1:].numel()
@@ -184,8 +170,7 @@ def _evaluate(model, blocks, heldout_topk, teacher, settings, accelerator, dtype
         model.train(was_training)
     per_process = accelerator.gather_for_metrics(torch.tensor([totals], dtype=torch.float64, device=device))  # [P, 4]
     totals = per_process.reshape(-1, 4).sum(0).tolist()
-    has_kd = heldout_topk is not None or teacher is not None
-    return (totals[0] / totals[2] if has_kd else None), totals[1] / totals[3]
+    return (totals[0] / totals[2] if signal is not None else None), totals[1] / totals[3]
 
 
 def _all_finite(value: torch.Tensor, accelerator) -> bool:
@@ -236,6 +221,8 @@ def retrain(
             raise MinitronError("heldout_cache was not made for heldout_blocks: build it from exactly those blocks")
         _check_cache_settings(heldout_cache, settings, vocab, "held-out")
     metric = None if heldout_blocks is None else ("kd" if (heldout_cache is not None or teacher is not None) else "lm")
+    signal = teacher_signal(cache, teacher, settings.top_k)  # what each training step learns from
+    heldout_signal = None if metric != "kd" else teacher_signal(heldout_cache, teacher)
 
     dtype = model_dtype(student)  # half students train with float32 master weights under autocast
     # before the optimizer: fused AdamW needs its parameters' device
@@ -273,7 +260,7 @@ def retrain(
     start = time.perf_counter()
 
     def evaluate(step: int, call_report: bool) -> None:
-        kd, lm = _evaluate(model, heldout_blocks, heldout_cache, teacher if settings.top_k is None else None, settings, accelerator, dtype)
+        kd, lm = _evaluate(model, heldout_blocks, heldout_signal, settings, accelerator, dtype)
         value = kd if metric == "kd" else lm
         result.eval_curve.append((step, value))
         result.eval_lm_curve.append((step, lm))
@@ -290,16 +277,13 @@ def retrain(
                 global_rows = [next(stream) for _ in range(per_step * processes)]
                 rows = torch.tensor(global_rows[rank * per_step : (rank + 1) * per_step])
                 ids = to_model_device(train_blocks[rows], model)  # [B, S]
-                topk = None
-                if cache is not None:
-                    topk = to_model_device(cache[rows], model)  # ([B, S, k] log-probs, [B, S, k] ids)
                 with contextlib.ExitStack() as sync:
                     if micro < settings.grad_accum - 1:  # gradients are averaged on the last micro-batch only
                         sync.enter_context(accelerator.no_sync(model))
                         if projection is not intermediate:
                             sync.enter_context(accelerator.no_sync(projection))
                     with _autocast(accelerator, dtype):
-                        loss, _ = batch_loss(model, ids, settings, topk, teacher if cache is None else None, projection)
+                        loss, _ = batch_loss(model, ids, settings, signal, rows, projection)
                     if not _all_finite(loss, accelerator):
                         raise MinitronError(_nan_message(step, settings))
                     accelerator.backward(loss / settings.grad_accum)

@@ -28,6 +28,7 @@ from minitron_nas.pruning import prune
 from minitron_nas.ranking import compute_rankings, rank
 from minitron_nas.scoring import lm_loss
 from minitron_nas.settings import RankSettings, RetrainSettings
+from minitron_nas.signals import CachedTopK
 from minitron_nas.space import DeviceSpec, load_space
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.trainer import _evaluate, make_accelerator
@@ -154,7 +155,7 @@ def test_every_stage_feeds_a_model_on_another_device(lazy):
     assert cache.logprobs.shape == (4, 16, 8)
 
     settings = RetrainSettings(steps=1, batch_size=2, top_k=8)
-    kd, lm = _evaluate(model, blocks, cache, None, settings, make_accelerator("cpu"))
+    kd, lm = _evaluate(model, blocks, CachedTopK(cache), settings, make_accelerator("cpu"))
     assert lm == pytest.approx(expected["heldout_loss"], rel=1e-4) and kd == pytest.approx(0.0, abs=1e-3)
 
     student = prune(model, rankings, Architecture(48, 48, 6, 2, 3))
