@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_topk", "kd_loss_topk_per_token"]
+__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_per_token", "kd_loss_topk", "kd_loss_topk_per_token"]
 
 _TINY = torch.finfo(torch.float32).eps  # smallest tail exponent gap kept away from log(0)
 
@@ -36,10 +36,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
     Logits are [..., vocab]; computed in float32 whatever their dtype.
     """
+    return kd_loss_per_token(student_logits, teacher_logits, temperature).mean()
+
+
+def kd_loss_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[...] per-token T**2 * KL(softmax(teacher / T) || softmax(student / T)) (no mean taken)."""
     t_logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s_logp = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_token = (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1)
-    return per_token.mean() * temperature**2
+    return (t_logp.exp() * (t_logp - s_logp)).sum(dim=-1) * temperature**2
 
 
 def kd_loss_topk_per_token(

@@ -7,7 +7,8 @@ smaller than either error alone. lm-eval metrics carry lm-eval's own standard er
 
 - `HeldoutKLD`: KL(teacher || student) per token on held-out blocks, against the teacher's
   cached top-k log-probabilities plus one tail bucket (what the retraining optimises;
-  a lower bound of the full-vocabulary KL, exact at k = vocabulary).
+  a lower bound of the full-vocabulary KL, exact at k = vocabulary), or against the live
+  teacher's full distribution (`signals.LiveFull`, the distillation summary).
 - `HeldoutLoss`: next-token cross-entropy (nats) on the same blocks.
 - `LmEval`: the space's lm-eval objective (tasks, metric, weights) with its standard error.
 """
@@ -23,6 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .devices import to_model_device
+from .errors import MinitronError
+from .scoring import lm_eval_higher_is_better, lm_eval_objective, lm_eval_scores
+from .signals import CachedTopK, TeacherSignal
+from .teacher_cache import TeacherLogitCache
 
 __all__ = [
     "HeldoutKLD",
@@ -127,24 +132,22 @@ class HeldoutLoss(_PerBlock):
 
 
 class HeldoutKLD(_PerBlock):
-    """Per-token KL to the teacher's cached top-k (+ tail) of exactly these blocks."""
+    """Per-token KL to the teacher on these blocks: against its cached top-k (+ tail) of exactly
+    these blocks (a `TeacherLogitCache`), or any teacher signal (`LiveFull`: the full vocabulary)."""
 
     name = "kld"
 
-    def __init__(self, blocks: torch.Tensor, cache, batch_size: int = 8):
+    def __init__(self, blocks: torch.Tensor, teacher: TeacherLogitCache | TeacherSignal, batch_size: int = 8, temperature: float | None = None):
         super().__init__(blocks, batch_size)
-        if not cache.matches(blocks):
-            from .errors import MinitronError
-
-            raise MinitronError("the teacher cache was not made for these held-out blocks: build it from exactly those blocks")
-        self.cache = cache
+        if isinstance(teacher, TeacherLogitCache):
+            if not teacher.matches(blocks):
+                raise MinitronError("the teacher cache was not made for these held-out blocks: build it from exactly those blocks")
+            temperature = teacher.temperature if temperature is None else temperature
+            teacher = CachedTopK(teacher)
+        self.signal, self.temperature = teacher, 1.0 if temperature is None else temperature
 
     def _per_block(self, logits, ids, rows):
-        from .losses import kd_loss_topk_per_token
-
-        logprobs, indices = self.cache[rows]
-        per_token = kd_loss_topk_per_token(logits, logprobs.to(logits.device), indices.to(logits.device), self.cache.temperature)
-        return per_token.mean(dim=1)  # [B, S] -> [B]
+        return self.signal.per_token(logits, ids, rows, self.temperature).mean(dim=1)  # [B, S] -> [B]
 
 
 class LmEval(Metric):
@@ -156,18 +159,11 @@ class LmEval(Metric):
     name = "lm_eval"
 
     def __init__(self, scoring, tokenizer):
-        from .scoring import lm_eval_higher_is_better
-
         self.scoring = scoring
         self.tokenizer = tokenizer
         self.maximize = lm_eval_higher_is_better(scoring)
 
     def measure(self, model) -> Measurement:
-        from .scoring import (  # lm-eval is slow to import
-            lm_eval_objective,
-            lm_eval_scores,
-        )
-
         start = time.perf_counter()
         results = lm_eval_scores(model, self.tokenizer, self.scoring)
         value, stderr, self.maximize = lm_eval_objective(results, self.scoring)

@@ -20,19 +20,19 @@ from .devices import (
     model_device,
     model_dtype,
     process_count,
-    to_model_device,
     wait_for_everyone,
 )
 from .distill import distill
 from .errors import MinitronError, add_resume_hint, resume_hint
 from .export import export_winner, save_model
 from .files import RunFolder, check_writable, write_json_atomic
-from .losses import kd_loss
+from .metrics import HeldoutKLD, HeldoutLoss
 from .pruning import prune, select
 from .ranking import Rankings, load_or_rank
 from .report import write_report
 from .scoring import lm_eval_scores, lm_loss
 from .search import run_search
+from .signals import LiveFull
 from .teachers import Teacher, load_model, load_teacher
 
 
@@ -233,19 +233,11 @@ def _check_made_from(out: Path, now: dict) -> None:
 
 @torch.no_grad()
 def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
-    """Held-out LM loss and KL divergence to the teacher (full vocabulary), both in nats.
-
-    Student and teacher may live on different devices: each gets the batch on its own, and
-    the teacher's logits are brought to the student's.
-    """
-    kld, tokens = 0.0, 0
-    for batch in blocks.split(batch_size):
-        student_logits = model(input_ids=to_model_device(batch, model), use_cache=False).logits  # [B, S, V]
-        teacher_logits = teacher_model(input_ids=to_model_device(batch, teacher_model), use_cache=False).logits
-        teacher_logits = teacher_logits.to(student_logits.device)
-        kld += kd_loss(student_logits, teacher_logits).item() * batch.numel()
-        tokens += batch.numel()
-    return {"heldout_loss": lm_loss(model, blocks, batch_size), "kld": kld / tokens}
+    """Held-out LM loss and KL divergence to the teacher (full vocabulary), in nats, each with
+    its standard error over the blocks. Student and teacher may live on different devices."""
+    loss = HeldoutLoss(blocks, batch_size).measure(model)
+    kld = HeldoutKLD(blocks, LiveFull(teacher_model), batch_size).measure(model)
+    return {"heldout_loss": loss.value, "heldout_loss_stderr": loss.stderr, "kld": kld.value, "kld_stderr": kld.stderr}
 
 
 def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:

@@ -335,6 +335,17 @@ def _numbers(row, prefix: str = "") -> dict:
     return out
 
 
+def _with_errors(values: dict) -> dict:
+    """{"kld": 0.6, "kld_stderr": 0.02} -> {"kld": "0.6000 ± 0.0200"}: each value shown with its error."""
+    out = {}
+    for key, value in values.items():
+        if key.endswith("_stderr") and key[: -len("_stderr")] in values:
+            continue
+        error = values.get(f"{key}_stderr")
+        out[key] = value if error is None else _pm(value, error)
+    return out
+
+
 def _teacher_params(study: optuna.Study) -> int | None:
     try:
         from .architecture import Architecture, ParamCounter
@@ -378,6 +389,7 @@ def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> 
     ]
     for _, _, values in rows[1:]:
         values.pop("params_total", None)
+    rows = [(name, n, _with_errors(values)) for name, n, values in rows]
     table = pd.DataFrame([{"model": name, "params": "-" if n is None else f"{int(n):,}", **values} for name, n, values in rows])
     lines.append(_md(table))
     facts = {k: v for k, v in {**summary, **(summary.get("after") or {})}.items() if k in ("tokens", "steps", "seconds")}

@@ -15,8 +15,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from .devices import to_model_device
 from .errors import MinitronError
-from .losses import kd_loss, kd_loss_topk
+from .losses import kd_loss_per_token, kd_loss_topk_per_token
 from .teacher_cache import TeacherLogitCache, teacher_topk
 
 __all__ = ["CachedTopK", "LiveFull", "LiveTopK", "NoTeacher", "TeacherSignal", "live_teacher", "teacher_signal"]
@@ -28,42 +29,47 @@ class TeacherSignal(ABC):
     teacher = None  # the live teacher model, for signals that run it
 
     @abstractmethod
-    def kd(self, student_logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
-        """student_logits [B, S, V], input_ids [B, S] -> a scalar loss (float32)."""
+    def per_token(self, student_logits: torch.Tensor, input_ids: torch.Tensor, rows, temperature: float) -> torch.Tensor:
+        """student_logits [B, S, V], input_ids [B, S] -> [B, S] per-token losses (float32)."""
+
+    def kd(self, student_logits: torch.Tensor, input_ids: torch.Tensor, rows, temperature: float) -> torch.Tensor:
+        """The mean over tokens: the training objective."""
+        return self.per_token(student_logits, input_ids, rows, temperature).mean()
 
 
 class CachedTopK(TeacherSignal):
     def __init__(self, cache: TeacherLogitCache):
         self.cache = cache
 
-    def kd(self, student_logits, input_ids, rows, temperature):
+    def per_token(self, student_logits, input_ids, rows, temperature):
         logprobs, ids = self.cache[rows]  # [B, S, k] each
         device = student_logits.device
-        return kd_loss_topk(student_logits, logprobs.to(device), ids.to(device), temperature)
+        return kd_loss_topk_per_token(student_logits, logprobs.to(device), ids.to(device), temperature)
 
 
 class LiveTopK(TeacherSignal):
     def __init__(self, teacher, top_k: int):
         self.teacher, self.top_k = teacher, top_k
 
-    def kd(self, student_logits, input_ids, rows, temperature):
-        logprobs, ids = teacher_topk(self.teacher, input_ids, self.top_k, temperature)
-        return kd_loss_topk(student_logits, logprobs.to(student_logits.device), ids.to(student_logits.device), temperature)
+    def per_token(self, student_logits, input_ids, rows, temperature):
+        logprobs, ids = teacher_topk(self.teacher, to_model_device(input_ids, self.teacher), self.top_k, temperature)
+        device = student_logits.device
+        return kd_loss_topk_per_token(student_logits, logprobs.to(device), ids.to(device), temperature)
 
 
 class LiveFull(TeacherSignal):
     def __init__(self, teacher):
         self.teacher = teacher
 
-    def kd(self, student_logits, input_ids, rows, temperature):
+    def per_token(self, student_logits, input_ids, rows, temperature):
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
-        return kd_loss(student_logits, teacher_logits.to(student_logits.device), temperature)
+            teacher_logits = self.teacher(input_ids=to_model_device(input_ids, self.teacher), use_cache=False).logits
+        return kd_loss_per_token(student_logits, teacher_logits.to(student_logits.device), temperature)
 
 
 class NoTeacher(TeacherSignal):
-    def kd(self, student_logits, input_ids, rows, temperature):
-        return student_logits.new_zeros((), dtype=torch.float32)
+    def per_token(self, student_logits, input_ids, rows, temperature):
+        return student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
 
 
 def teacher_signal(cache: TeacherLogitCache | None = None, teacher=None, top_k: int | None = None) -> TeacherSignal:

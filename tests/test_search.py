@@ -217,7 +217,7 @@ def _wait_for_running_trial(storage: str, proc, deadline: float) -> None:
             trials = []
         if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError("no trial was caught running")
 
 
@@ -232,7 +232,7 @@ def _each_once(study: optuna.Study, space, teacher) -> None:
 def test_a_worker_killed_mid_rung_loses_nothing_and_its_trial_is_retried_once(teacher, corpus, tmp_path):
     from minitron_nas.space import load_space
 
-    space_file = _space_file(tmp_path, teacher, corpus, steps=160)  # rung 0: 40 steps, long enough to be caught
+    space_file = _space_file(tmp_path, teacher, corpus, steps=320)  # rung 0: 80 steps, long enough to be caught by a 50 ms poll
     run = tmp_path / "run"
     command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
     env = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3"}
@@ -256,7 +256,7 @@ def test_a_worker_killed_mid_rung_loses_nothing_and_its_trial_is_retried_once(te
 def test_ctrl_c_mid_trial_queues_the_candidate_again_and_prints_one_line(teacher, corpus, tmp_path):
     from minitron_nas.space import load_space
 
-    space_file = _space_file(tmp_path, teacher, corpus, steps=160)
+    space_file = _space_file(tmp_path, teacher, corpus, steps=320)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
     storage = f"sqlite:///{run / 'study.db'}"
