@@ -116,38 +116,28 @@ def _int(value):
     return None if value is None else int(value)
 
 
+TRIAL_COLUMNS = (
+    "rung", "tokens", *ARCH_COLUMNS, "params_total", "params_non_embedding", "before", "before_stderr", "value", "stderr",
+    "score", "score_stderr", "tokens_trained", "decode_tokens_per_s", "prefill_tokens_per_s", "seconds", "key", "error",
+)  # fmt: skip
+
+
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per candidate trial (every rung), with its value, error and cost."""
-    rows = []
-    for t in _candidate_trials(study):
-        arch = t.user_attrs.get("architecture") or {}
-        rows.append(
-            {
-                "trial": t.number,
-                "state": t.state.name,
-                "rung": t.user_attrs["rung"],
-                "tokens": t.user_attrs.get("tokens"),
-                **{k: arch.get(k) for k in ARCH_COLUMNS},
-                "params_total": t.user_attrs.get("params_total"),
-                "params_non_embedding": t.user_attrs.get("params_non_embedding"),
-                "before": t.user_attrs.get("before"),
-                "before_stderr": t.user_attrs.get("before_stderr"),
-                "value": t.user_attrs.get("value"),
-                "stderr": t.user_attrs.get("stderr"),
-                "score": t.user_attrs.get("score"),
-                "score_stderr": t.user_attrs.get("score_stderr"),
-                "tokens_trained": t.user_attrs.get("tokens_trained"),
-                "decode_tokens_per_s": t.user_attrs.get("decode_tokens_per_s"),
-                "prefill_tokens_per_s": t.user_attrs.get("prefill_tokens_per_s"),
-                "seconds": round(sum(t.user_attrs.get("timings", {}).values()), 2) if t.user_attrs.get("timings") else None,
-                "key": t.user_attrs["key"],
-                "error": t.user_attrs.get("error"),
-            }
-        )
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        counts = [*ARCH_COLUMNS, "params_total", "params_non_embedding", "tokens", "tokens_trained"]
-        table[counts] = table[counts].astype("Int64")
+    """One row per candidate trial (every rung), with its value, error and cost: Optuna's
+    `trials_dataframe`, its user attributes unpacked (the architecture into its axes)."""
+    frame = study.trials_dataframe(attrs=("number", "state", "user_attrs"))
+    if frame.empty or "user_attrs_rung" not in frame:
+        return pd.DataFrame()
+    frame = frame[frame.user_attrs_rung.notna() & (frame.get("user_attrs_duplicate_of", pd.Series(index=frame.index)).isna())]
+    attrs = frame.rename(columns=lambda c: c.removeprefix("user_attrs_"))
+    arch = pd.DataFrame(list(attrs.get("architecture", pd.Series([{}] * len(attrs))).map(lambda a: a if isinstance(a, dict) else {})), index=attrs.index)
+    for column in ARCH_COLUMNS:
+        attrs[column] = arch.get(column)
+    timings = attrs.get("timings", pd.Series([None] * len(attrs), index=attrs.index))
+    attrs["seconds"] = timings.map(lambda t: round(sum(t.values()), 2) if isinstance(t, dict) and t else None)
+    table = pd.DataFrame({"trial": attrs.number, "state": attrs.state, **{c: attrs.get(c) for c in TRIAL_COLUMNS}}).reset_index(drop=True)
+    counts = [*ARCH_COLUMNS, "params_total", "params_non_embedding", "tokens", "tokens_trained"]
+    table[counts] = table[counts].astype("Int64")
     return table
 
 
