@@ -2,7 +2,8 @@
 
 Long (about 500 lines) because it holds one function per command, each with its typed
 options and help; every option is declared once, here or in settings.py, and each command
-only calls the Python API.
+only calls the Python API. Each command imports the stages it runs inside its own body, so
+`--help` and argument errors answer without loading torch.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def neuron_channel_figure(rankings, problem: str | None) -> go.Figure:
     title = "Neuron and channel importance"
     if rankings is None:
         return _empty(title, problem or "no rankings")
-    import torch
+    import torch  # only to draw the rankings: a finished run's page builds without loading torch otherwise
 
     # scores are heavy-tailed: log scales; zeros (dead units) are drawn at the smallest positive score
     neurons, channels = rankings.neurons.float(), rankings.channels.float()

@@ -43,7 +43,7 @@ def _documents_of_file(path: Path, text_field: str) -> Iterator[str]:
                         raise MinitronError(f"{path}:{number} has no '{text_field}' field: pass --text-field")
                     yield str(record[text_field])
     elif path.suffix == ".parquet":
-        import pandas as pd
+        import pandas as pd  # only for .parquet input
 
         frame = pd.read_parquet(path)
         if text_field not in frame.columns:
@@ -77,7 +77,7 @@ def documents(source: str, text_field: str = "text") -> Iterator[str]:
 
 def _dataset_documents(name: str, text_field: str) -> Iterator[str]:
     """`datasets` names such as 'wikitext:wikitext-2-raw-v1:train', read from the local cache only."""
-    import datasets
+    import datasets  # slow to import: only for a local datasets name
 
     parts = name.split(":")
     repo, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")

@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
 
+from .architecture import Architecture, ParamCounter
 from .errors import MinitronError
 
 DTYPES = {
@@ -134,7 +136,7 @@ def is_main_process() -> bool:
     """True alone, and on rank 0 under `accelerate launch`: the process that writes shared files."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
-    from accelerate import PartialState
+    from accelerate import PartialState  # accelerate: only when processes are asked about
 
     return PartialState().is_main_process
 
@@ -142,7 +144,7 @@ def is_main_process() -> bool:
 def wait_for_everyone() -> None:
     """A barrier under `accelerate launch`; nothing alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from accelerate import PartialState  # accelerate: only when processes are asked about
 
         PartialState().wait_for_everyone()
 
@@ -157,15 +159,11 @@ def free_bytes(device: torch.device) -> int:
     """Memory free for new tensors on `device`: the GPU's free memory, or available host memory."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
 def weight_bytes(config, dtype: torch.dtype) -> int:
     """Bytes the weights of `config` take in `dtype`: exact parameter count x bytes per value."""
-    from .architecture import Architecture, ParamCounter
-
     count = ParamCounter(config).count(Architecture.from_config(config)).total
     return count * torch.empty((), dtype=dtype).element_size()
 

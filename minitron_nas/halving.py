@@ -126,7 +126,7 @@ def rung_tau(before: dict[str, float], after: dict[str, float]) -> tuple[float |
     shared = sorted(set(before) & set(after))
     if len(shared) < TAU_MIN_N:
         return None, len(shared)
-    from scipy.stats import kendalltau
+    from scipy.stats import kendalltau  # scipy is slow to import: only when a tau is asked for
 
     tau = kendalltau([before[k] for k in shared], [after[k] for k in shared]).statistic
     return (None if math.isnan(tau) else float(tau)), len(shared)

@@ -28,11 +28,14 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from difflib import get_close_matches
 from functools import lru_cache
@@ -42,6 +45,7 @@ import yaml
 
 from .errors import MinitronError
 from .files import write_text_atomic
+from .teachers import cache_root
 
 # Bump when a converter's output changes, so old cache folders are not reused.
 CONVERTER_VERSION = 1
@@ -259,8 +263,6 @@ def lm_eval_tasks_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    from .teachers import cache_root
-
     return cache_root() / "lm_eval_data"
 
 
@@ -414,7 +416,7 @@ def prepare_tasks(tasks: str | Sequence[str], data_dir: str | Path, cache_dir: s
 
 def task_manager(prepared: Sequence[PreparedTask]):
     """An lm_eval TaskManager that knows only the prepared tasks (fast: built-in YAMLs are not indexed)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval takes seconds to import: only when tasks are resolved
 
     return TaskManager(include_path=[str(p.folder) for p in prepared], include_defaults=False)
 
@@ -453,7 +455,7 @@ class TaskPlan:
 
 @lru_cache(maxsize=8)
 def _manager(paths: tuple[str, ...], defaults: bool):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval takes seconds to import: only when tasks are resolved
 
     with quiet_lm_eval():  # indexing warns about every task a later folder overrides
         return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
@@ -545,11 +547,6 @@ def quiet_lm_eval(verbose: bool = False):
     Their bars and printed warnings go to stderr, which is redirected; the real stderr is
     yielded for the caller's own progress line. `verbose` leaves everything as it is.
     """
-    import logging
-    import sys
-    import warnings
-    from contextlib import redirect_stderr
-
     if verbose:
         yield sys.stderr
         return

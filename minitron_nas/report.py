@@ -190,7 +190,7 @@ def load_distill_summary(run_dir: Path) -> tuple[dict | None, str | None]:
 
 
 def load_rankings(run_dir: Path):
-    from .ranking import Rankings
+    from .ranking import Rankings  # torch-backed: only when the run has rankings
 
     folder = RunFolder(run_dir).rankings
     try:
@@ -251,7 +251,7 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
     """Budget and feasible count from the study's space file; degrades to best_arch.json's budget."""
     lines, source = [], study.user_attrs.get("space")
     try:
-        from .space import enumerate_candidates, load_space
+        from .space import enumerate_candidates, load_space  # torch-backed: only for the space facts
 
         if not source:
             raise MinitronError("the study records no search space file")
@@ -271,7 +271,7 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
         lines.append(f"- feasible architectures: unknown (search space unavailable: {err})")
         return lines
     try:
-        from .teachers import load_config
+        from .teachers import load_config  # torch-backed: only for the teacher's size
 
         feasible, valid = enumerate_candidates(space, load_config(space.teacher))
         lines.append(f"- feasible architectures: {len(feasible):,} of {len(valid):,} valid ones (teacher `{space.teacher}`)")
@@ -348,9 +348,9 @@ def _with_errors(values: dict) -> dict:
 
 def _teacher_params(study: optuna.Study) -> int | None:
     try:
-        from .architecture import Architecture, ParamCounter
-        from .space import load_space
-        from .teachers import load_config
+        from .architecture import Architecture, ParamCounter  # torch-backed: only for the teacher's size
+        from .space import load_space  # torch-backed: only for the teacher's size
+        from .teachers import load_config  # torch-backed: only for the teacher's size
 
         config = load_config(load_space(study.user_attrs["space"]).teacher)
         return ParamCounter(config).count(Architecture.from_config(config)).total

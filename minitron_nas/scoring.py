@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .devices import to_model_device
 from .errors import MinitronError
+from .lm_eval_tasks import TASKS, builtin_metrics, fewshot_of, offline, parse_tasks, plan_tasks, quiet_lm_eval
 from .space import ScoringSpec
 
 _VERBOSE = False
@@ -94,7 +98,7 @@ def objective_terms(spec: ScoringSpec) -> list[tuple[str, str, float]] | None:
 
 def _registry_higher_is_better(metric: str) -> bool | None:
     """lm-eval's registered direction of a metric name (tasks may override it; their results say so)."""
-    from lm_eval.api.registry import is_higher_better
+    from lm_eval.api.registry import is_higher_better  # lm-eval takes seconds to import: only when scoring with it
 
     try:
         return is_higher_better(metric.split(",")[0])
@@ -123,8 +127,6 @@ def check_lm_eval(spec: ScoringSpec, where: str = "") -> ScoringSpec:
 
 
 def _check(spec: ScoringSpec, where: str = ""):
-    from .lm_eval_tasks import TASKS, builtin_metrics, parse_tasks, plan_tasks
-
     tasks = parse_tasks(list(spec.tasks))
     _per_task(spec.limit, _key(where, "limit"), tasks, allow_zero=False)
     _per_task(spec.num_fewshot, _key(where, "num_fewshot"), tasks, allow_zero=True)
@@ -199,7 +201,7 @@ def _add_stderrs(output: dict, tasks: dict, groups: dict) -> None:
     lm-eval's own `Group.aggregate` (pooled or unweighted, as the group is configured).
     Metrics without a closed form (perplexities) keep no stderr.
     """
-    from lm_eval.api.metrics import mean, mean_stderr
+    from lm_eval.api.metrics import mean, mean_stderr  # lm-eval: only when scoring with it
 
     results, samples = output["results"], output.get("samples") or {}
     for name, task in tasks.items():
@@ -249,13 +251,6 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
     mode are restored afterwards. lm-eval's console output is folded into one progress line
     on stderr unless `verbose` (default: `set_lm_eval_verbose`).
     """
-    import random
-    from contextlib import nullcontext
-
-    import numpy as np
-
-    from .lm_eval_tasks import fewshot_of, offline, quiet_lm_eval
-
     _, plan = _check(replace(spec, tasks_optional=False))  # a missing folder is an error here: the caller asked for lm-eval
     verbose = _VERBOSE if verbose is None else verbose
     label = ", ".join(n + (f" ({k}-shot)" if (k := fewshot_of(spec.num_fewshot, n)) else "") for n in plan.names)
@@ -270,7 +265,7 @@ def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | Non
                 from lm_eval.utils import setup_logging
 
                 setup_logging(logging.INFO)
-            from lm_eval import simple_evaluate
+            from lm_eval import simple_evaluate  # lm-eval: only when scoring with it
             from lm_eval.models.huggingface import HFLM
 
             manager = plan.manager()

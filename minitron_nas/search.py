@@ -45,6 +45,7 @@ from .data import token_blocks
 from .errors import MinitronError
 from .files import RunFolder, make_dir, write_json_atomic, write_text_atomic
 from .halving import Schedule, plan_schedule, promote
+from .latency import measure_latency
 from .metrics import HeldoutKLD, HeldoutLoss, LmEval, Measurement, Metric
 from .pruning import prune
 from .ranking import Rankings, load_or_rank
@@ -264,8 +265,6 @@ class _Search:
 
     def _latency(self, trial: optuna.Trial, student, timings: dict) -> None:
         """Prefill/decode throughput on the run's device; too slow for the constraint: stopped here."""
-        from .latency import measure_latency
-
         spec = self.space.latency
         start = time.perf_counter()
         speed = measure_latency(student, spec.batch_size, spec.context, spec.new_tokens, spec.repeats)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from .devices import check_fits, placement
 from .errors import MinitronError
 from .families import family_for, family_of_type
 from .files import atomic_dir
@@ -192,8 +193,6 @@ def load_teacher(spec: str = DEFAULT_TEACHER, device: str | torch.device = "auto
     dequantises on the host), which is then loaded the same way. A teacher whose weights do
     not fit in the device's free memory is refused before anything is read.
     """
-    from .devices import check_fits, placement
-
     place = placement(device, dtype)
     name, folder = resolve(spec)
     config = load_config(str(folder))  # refuse unsupported families before loading weights

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -74,8 +75,6 @@ def make_accelerator(device: str | torch.device | None = None):
     teacher is the one every stage computes in. Under `accelerate launch` each process
     takes its local GPU; alone, `cuda:N` becomes the current GPU, which accelerate uses.
     """
-    from accelerate import Accelerator
-
     device = resolve_device("auto" if device is None else device)
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)
