@@ -22,9 +22,6 @@ i.e. `heldout_cache` is given or `teacher` is given (its held-out top-k is then 
 once, in memory, before training); otherwise the held-out LM loss (next-token
 cross-entropy). `RetrainResult.eval_metric` says which; the LM loss is recorded in every
 case. Both are lower-is-better.
-
-About 400 lines: the training loop with its accelerate, accumulation, clipping, evaluation
-and checkpoint hooks is one function, kept in one piece so its order reads top to bottom.
 """
 
 from __future__ import annotations
