@@ -317,7 +317,7 @@ def evaluate(
     ),
     include_path: list[Path] = typer.Option(None, help="folder or YAML file of your own lm-eval task configs (repeatable)"),
     limit: str = typer.Option(None, help="score only the first N documents of each task: N, or task=N,task=N"),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(None, help="requests per forward pass (default: the scoring section's, 16)"),
     num_fewshot: str = typer.Option(None, help="few-shot examples per prompt: N, or task=N,task=N (default: each task's own, mostly 0)"),
     objective: str = typer.Option(None, help="also report an objective: task/metric (default: mean acc_norm, else acc)"),
     verbose: bool = typer.Option(False, "--verbose", help="show lm-eval's own logs, warnings and progress bars"),
@@ -336,8 +336,8 @@ def evaluate(
         include_path=tuple(str(p) for p in include_path or ()),
         limit=_per_task_option(limit, "limit"),
         num_fewshot=_per_task_option(num_fewshot, "num-fewshot"),
-        batch_size=batch_size,
         objective=objective,
+        **({} if batch_size is None else {"batch_size": batch_size}),  # default: ScoringSpec's
     )
     check_lm_eval(spec, where="--")  # bad names, folders or files fail before the model loads
     teacher = load_teacher(model, device, dtype)

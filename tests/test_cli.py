@@ -13,6 +13,7 @@ from transformers import GPT2Config
 from typer.testing import CliRunner
 
 from minitron_nas.cli import app
+from minitron_nas.settings import RankSettings
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
@@ -164,3 +165,22 @@ def test_rank_options_are_the_rank_settings():
     for name in ("samples", "seq_len", "batch_size", "heldout_samples"):
         assert field_doc(RankSettings, name) in flat, name
         assert f"[default: {getattr(RankSettings, name)}]" in flat.split(f"--{name.replace('_', '-')} ")[1][:400], name
+
+
+def test_options_that_mirror_a_settings_field_share_its_default():
+    """Where a command's option is a field of the settings it fills, the default lives in the settings:
+    the option's default is that field's, or None (the field's default applies)."""
+    import dataclasses
+
+    import typer.main
+
+    from minitron_nas.space import ScoringSpec
+
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    for command, settings in (("rank", RankSettings), ("evaluate", ScoringSpec)):
+        defaults = {f.name: f.default for f in dataclasses.fields(settings)}
+        shared = [p for p in commands[command].params if p.name in defaults]
+        assert len(shared) >= 3, (command, [p.name for p in shared])
+        for param in shared:
+            empty = param.default in ((), []) and defaults[param.name] == ()
+            assert param.default is None or param.default == defaults[param.name] or empty, (command, param.name, param.default)
