@@ -367,16 +367,14 @@ def run_search(
     study = open_study(space, store, storage or RunFolder(out).study_db, resume, teacher.fingerprint, pool, schedule)
     _say(f"search ({'resumed' if study.user_attrs.get('resumed') else 'new study'}): {len(pool)} candidates of {len(feasible)} feasible; {schedule.describe()}")
     rankings = _rankings(teacher, space, out)
-    spec = settings = space.retrain
+    spec = space.retrain
     longest = max(r.steps for r in schedule.rungs)
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, longest * spec.batch_size * spec.grad_accum, "train")
     meta = {"teacher_fingerprint": teacher.fingerprint}
-    cache = TeacherLogitCache.load_or_build(
-        teacher.model, train, settings.top_k, settings.temperature, settings.batch_size, RunFolder(out).teacher_logits, meta
-    )
+    cache = TeacherLogitCache.load_or_build(teacher.model, train, spec.top_k, spec.temperature, spec.batch_size, RunFolder(out).teacher_logits, meta)
     scoring = space.scoring
     heldout = token_blocks(spec.data, teacher.tokenizer, scoring.seq_len, scoring.heldout_samples, "heldout")
-    heldout_cache = TeacherLogitCache.compute(teacher.model, heldout, settings.top_k, settings.temperature, settings.batch_size, meta)
+    heldout_cache = TeacherLogitCache.compute(teacher.model, heldout, spec.top_k, spec.temperature, spec.batch_size, meta)
     rung_metric = _metric(space.halving.rung_metric, space, teacher, heldout, heldout_cache)
     score_metric = rung_metric if scoring.metric == space.halving.rung_metric else _metric(scoring.metric, space, teacher, heldout, heldout_cache)
     heartbeats = isinstance(store, optuna.storages.RDBStorage)
