@@ -83,7 +83,7 @@ def finished_stages(out: Path) -> dict:
 
 
 def _mark_done(out: Path, stage: str, info: dict) -> None:
-    summary = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, (dict, list)))
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items() if not isinstance(v, (dict, list)))
     print(f"stage {stage} done: {summary}", file=sys.stderr, flush=True)
     done = finished_stages(out)
     done[stage] = {"finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **info}
