@@ -292,28 +292,46 @@ def cell(values: list[float], digits: int) -> str:
 
 
 def verdicts(found: dict, fraction: float) -> list[str]:
-    """For each metric: does the search beat each contender by more than one seed standard deviation?"""
+    """For each metric: does the search beat each contender by more than its noise?
+
+    The noise is the larger of the two seed standard deviations and, where the metric has a
+    standard error over its evaluation sample (test blocks, lm-eval documents), the unpaired
+    error of the difference: every seed is measured on the same sample, so averaging over
+    seeds does not shrink that part. Perplexity has no such error here (seed SD only).
+    """
     lines = []
     mine = found.get((fraction, "search"), {})
     for metric, label, higher in METRICS:
         if len(mine) < 2:
             break
         m_mean, m_sd = spread([r[metric] for r in mine.values()])
+        m_se = _mean_stderr(mine.values(), metric)
         for key in list(CONTENDERS)[1:]:
             theirs = found.get((fraction, key), {})
             if len(theirs) < 2:
                 continue
             t_mean, t_sd = spread([r[metric] for r in theirs.values()])
+            t_se = _mean_stderr(theirs.values(), metric)
+            sample = math.hypot(m_se, t_se) if m_se is not None and t_se is not None else 0.0
             gap = (m_mean - t_mean) if higher else (t_mean - m_mean)  # > 0: the search is better
-            noise = max(m_sd or 0.0, t_sd or 0.0)
+            noise = max(m_sd or 0.0, t_sd or 0.0, sample)
             if gap > noise:
                 word = "beats"
             elif gap < -noise:
                 word = "loses to"
             else:
-                word = "ties (within one seed standard deviation) with"
-            lines.append(f"- {label}: the search {word} {CONTENDERS[key]} ({m_mean:.4g} vs {t_mean:.4g}; seed SD {noise:.2g}).")
+                word = "ties (within the noise) with"
+            lines.append(
+                f"- {label}: the search {word} {CONTENDERS[key]} ({m_mean:.4g} vs {t_mean:.4g}; "
+                f"seed SD {max(m_sd or 0.0, t_sd or 0.0):.2g}" + (f", sample SE of the difference {sample:.2g}" if sample else "") + ")."
+            )
     return lines
+
+
+def _mean_stderr(results, metric: str) -> float | None:
+    """The mean over seeds of a metric's standard error over its evaluation sample, if recorded."""
+    ses = [r.get(f"{metric}_stderr") for r in results]
+    return None if any(s is None for s in ses) else statistics.fmean(ses)
 
 
 def write(bench_run: Run, args, teacher_total: int | None) -> None:
@@ -371,7 +389,11 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
                 f"- seed {seed}: search spent {s['search_tokens']:,} tokens in {s['search_seconds']:.0f} s; {rungs}; winner tied with {len(s['tied_with'])} other(s)."
             )
         verdict = verdicts(found, fraction)
-        body += ["", *(verdict or ["Fewer than two seeds of the search or of a contender: no verdict yet."]), ""]
+        rule = (
+            "Verdicts: beats or loses only where the gap exceeds the noise, the larger of the seed standard deviations "
+            "and the standard error of the difference over the evaluation sample (none for perplexity); otherwise a tie."
+        )
+        body += ["", *([rule, "", *verdict] if verdict else ["Fewer than two seeds of the search or of a contender: no verdict yet."]), ""]
     if missing:
         body += ["Not run yet (run these parts with --budgets/--seeds): " + ", ".join(missing), ""]
     bench_run.write_report(
