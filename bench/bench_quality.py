@@ -44,7 +44,7 @@ from common import REPO, REPORTS, Run, markdown_table
 
 from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
-from minitron_nas.metrics import HeldoutKLD
+from minitron_nas.metrics import HeldoutKLD, Measurement, paired_stderr
 from minitron_nas.pruning import prune
 from minitron_nas.ranking import load_or_rank
 from minitron_nas.scoring import lm_eval_scores, lm_loss
@@ -305,16 +305,16 @@ def verdicts(found: dict, fraction: float) -> list[str]:
         if len(mine) < 2:
             break
         m_mean, m_sd = spread([r[metric] for r in mine.values()])
-        m_se = _mean_stderr(mine.values(), metric)
+        m = Measurement(m_mean, _mean_stderr(mine.values(), metric), 0.0)
         for key in list(CONTENDERS)[1:]:
             theirs = found.get((fraction, key), {})
             if len(theirs) < 2:
                 continue
             t_mean, t_sd = spread([r[metric] for r in theirs.values()])
-            t_se = _mean_stderr(theirs.values(), metric)
-            sample = math.hypot(m_se, t_se) if m_se is not None and t_se is not None else 0.0
+            sample = paired_stderr(m, Measurement(t_mean, _mean_stderr(theirs.values(), metric), 0.0)) or 0.0
             gap = (m_mean - t_mean) if higher else (t_mean - m_mean)  # > 0: the search is better
-            noise = max(m_sd or 0.0, t_sd or 0.0, sample)
+            seed_sd = max(m_sd or 0.0, t_sd or 0.0)
+            noise = max(seed_sd, sample)
             if gap > noise:
                 word = "beats"
             elif gap < -noise:
@@ -323,7 +323,7 @@ def verdicts(found: dict, fraction: float) -> list[str]:
                 word = "ties (within the noise) with"
             lines.append(
                 f"- {label}: the search {word} {CONTENDERS[key]} ({m_mean:.4g} vs {t_mean:.4g}; "
-                f"seed SD {max(m_sd or 0.0, t_sd or 0.0):.2g}" + (f", sample SE of the difference {sample:.2g}" if sample else "") + ")."
+                f"seed SD {seed_sd:.2g}" + (f", sample SE of the difference {sample:.2g}" if sample else "") + ")."
             )
     return lines
 
