@@ -1,6 +1,6 @@
 """Quality at equal total training tokens: the search against what a user would do otherwise.
 
-For each budget (a fraction of SmolLM2-135M's parameters) and each seed, four contenders
+For each budget (a fraction of SmolLM2-135M's parameters) and each seed, five contenders
 are built from the real teacher and given the same total number of training tokens T:
 
   search          - `run_search` over bench/quality-space.yaml with a token budget S
@@ -9,6 +9,10 @@ are built from the real teacher and given the same total number of training toke
   Model-Optimizer - the --mo-top-k candidates closest to the budget, each scored pruned
                     (held-out KL, no retraining: what Model Optimizer's Minitron mode
                     does), the best distilled on T tokens;
+  pruned, all     - every feasible candidate scored pruned the same way, the best
+                    distilled on T tokens: whether the rungs' retraining, and not only
+                    looking at the whole space, is what pays (if it picks the
+                    Model-Optimizer-style pick's architecture, that result is reused);
   depth-only      - full width, the layer count closest to the budget, layers kept by
                     Block Importance, distilled on T tokens;
   uniform width   - one ratio on hidden, FFN and query heads per group, all layers,
@@ -62,6 +66,7 @@ SHOWN = (("arc_easy", "acc_norm"), ("piqa", "acc_norm"), ("winogrande", "acc"), 
 CONTENDERS = {
     "search": "Search (successive halving, then distilled)",
     "mo": "Model-Optimizer-style (top-k closest, scored pruned)",
+    "pruned": "Pruned scoring over the whole feasible set",
     "depth": "Depth-only (Block Importance)",
     "uniform": "Uniform width",
 }
@@ -233,14 +238,14 @@ class Bench:
             k: best[k] for k in ("search_tokens", "search_seconds", "rungs", "schedule", "score", "score_stderr", "tied_with")
         }
 
-    def model_optimizer_pick(self, target: int) -> tuple[Architecture, list]:
-        """The k candidates closest to the budget, each scored pruned; the best by held-out KL."""
+    def pruned_pick(self, target: int, top_k: int | None) -> tuple[Architecture, list]:
+        """The top_k candidates closest to the budget (all if None), each scored pruned; the best by held-out KL."""
         space = replace(load_space(SPACE), budget=replace(load_space(SPACE).budget, parameters=target))
         feasible, _ = enumerate_candidates(space, self.teacher.model.config)
         heldout = token_blocks(self.train_text, self.teacher.tokenizer, 256, space.scoring.heldout_samples, "heldout")
         cache = TeacherLogitCache.compute(self.teacher.model, heldout, 64, 1.0, 4, {"teacher_fingerprint": self.teacher.fingerprint})
         metric = HeldoutKLD(heldout, cache, 4)
-        scored = [(metric.measure(prune(self.teacher.model, self.rankings, c.arch)).value, c.arch) for c in feasible[: self.args.mo_top_k]]
+        scored = [(metric.measure(prune(self.teacher.model, self.rankings, c.arch)).value, c.arch) for c in feasible[:top_k]]
         best = min(scored, key=lambda s: s[0])[1]
         return best, [[v, a.to_dict()] for v, a in scored]
 
@@ -260,10 +265,18 @@ def run_part(bench: Bench, fraction: float, seed: int) -> None:
     cached(folder / "search.json", searched)
 
     def mo() -> dict:
-        arch, scored = bench.model_optimizer_pick(target)
+        arch, scored = bench.pruned_pick(target, args.mo_top_k)
         return {**bench.distilled(arch, total, seed), "scored_pruned": scored}
 
-    cached(folder / "mo.json", mo)
+    mo_result = cached(folder / "mo.json", mo)
+
+    def pruned_all() -> dict:
+        arch, scored = bench.pruned_pick(target, None)
+        if arch.to_dict() == mo_result["architecture"]:  # same student, same tokens and seed
+            return {**mo_result, "scored_pruned": scored, "reused_from": "mo"}
+        return {**bench.distilled(arch, total, seed), "scored_pruned": scored}
+
+    cached(folder / "pruned.json", pruned_all)
     cached(folder / "depth.json", lambda: bench.distilled(depth_only(bench.counter, bench.base, target), total, seed))
     cached(folder / "uniform.json", lambda: bench.distilled(uniform_width(bench.counter, bench.base, target), total, seed))
 
