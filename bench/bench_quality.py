@@ -349,7 +349,7 @@ def _mean_stderr(results, metric: str) -> float | None:
 
 def write(bench_run: Run, args, teacher_total: int | None) -> None:
     found = collect(args.work, args.budgets, args.seeds)
-    header = ["Contender", "architecture (first seed)", "params", "seeds", "KLD to teacher", "Wiki-2 test ppl", "mean acc", "tokens (search + distill)"]
+    header = ["Contender", "architecture (seeds)", "params", "seeds", "KLD to teacher", "Wiki-2 test ppl", "mean acc", "tokens (search + distill)"]
     total = args.search_tokens + args.distill_tokens
     body = [
         f"Every contender gets T = {total:,} training tokens: the search spends at most S = {args.search_tokens:,} "
@@ -378,7 +378,7 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
             rows.append(
                 [
                     label,
-                    arch_text(first["architecture"]),
+                    picks_text(results),
                     f"{first['parameters'] / 1e6:.1f}M",
                     str(len(vals)),
                     cell([r["kld"] for r in vals], 4),
@@ -399,7 +399,8 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
                 for g in s["rungs"]
             )
             body.append(
-                f"- seed {seed}: search spent {s['search_tokens']:,} tokens in {s['search_seconds']:.0f} s; {rungs}; winner tied with {len(s['tied_with'])} other(s)."
+                f"- seed {seed}: search spent {s['search_tokens']:,} tokens in {s['search_seconds']:.0f} s; {rungs}; winner {arch_text(r['architecture'])} "
+                f"(last rung {s['score']:.3f} ± {s['score_stderr']:.3f}), tied with {len(s['tied_with'])} other(s)."
             )
         verdict = verdicts(found, fraction)
         rule = (
@@ -418,6 +419,16 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
     args.out.with_suffix(".json").write_text(
         json.dumps({"settings": settings_key(args), "results": {f"{f:.2f}/{k}": v for (f, k), v in found.items()}}, indent=2, default=str)
     )
+
+
+def picks_text(results: dict) -> str:
+    """Each architecture picked, with the seeds that picked it: seeds may disagree."""
+    seeds_of = {}
+    for seed, r in sorted(results.items()):
+        seeds_of.setdefault(arch_text(r["architecture"]), []).append(str(seed))
+    if len(seeds_of) == 1:
+        return next(iter(seeds_of))
+    return "; ".join(f"{a} (seed {', '.join(s)})" for a, s in seeds_of.items())
 
 
 def _tau(value) -> str:
