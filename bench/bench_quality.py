@@ -179,6 +179,7 @@ class Bench:
         test_cache = TeacherLogitCache.load_or_build(self.teacher.model, self.test, 64, 1.0, 4, work / "teacher_logits-test", meta)
         self.kld = HeldoutKLD(self.test, test_cache, batch_size=4)
         self.caches = {}
+        self.pruned_scores = {}
 
     def train_cache(self, tokens: int) -> tuple[torch.Tensor, TeacherLogitCache]:
         """The first tokens / 1024 training blocks of 4 x 256 tokens per step, and their teacher top-k."""
@@ -239,13 +240,19 @@ class Bench:
         }
 
     def pruned_pick(self, target: int, top_k: int | None) -> tuple[Architecture, list]:
-        """The top_k candidates closest to the budget (all if None), each scored pruned; the best by held-out KL."""
-        space = replace(load_space(SPACE), budget=replace(load_space(SPACE).budget, parameters=target))
-        feasible, _ = enumerate_candidates(space, self.teacher.model.config)
-        heldout = token_blocks(self.train_text, self.teacher.tokenizer, 256, space.scoring.heldout_samples, "heldout")
-        cache = TeacherLogitCache.compute(self.teacher.model, heldout, 64, 1.0, 4, {"teacher_fingerprint": self.teacher.fingerprint})
-        metric = HeldoutKLD(heldout, cache, 4)
-        scored = [(metric.measure(prune(self.teacher.model, self.rankings, c.arch)).value, c.arch) for c in feasible[:top_k]]
+        """The top_k candidates closest to the budget (all if None), each scored pruned; the best by held-out KL.
+
+        Scoring pruned needs no seed, so every feasible candidate is scored once per budget.
+        """
+        if target not in self.pruned_scores:
+            template = load_space(SPACE)
+            space = replace(template, budget=replace(template.budget, parameters=target))
+            feasible, _ = enumerate_candidates(space, self.teacher.model.config)  # closest to the budget first
+            heldout = token_blocks(self.train_text, self.teacher.tokenizer, 256, space.scoring.heldout_samples, "heldout")
+            cache = TeacherLogitCache.compute(self.teacher.model, heldout, 64, 1.0, 4, {"teacher_fingerprint": self.teacher.fingerprint})
+            metric = HeldoutKLD(heldout, cache, 4)
+            self.pruned_scores[target] = [(metric.measure(prune(self.teacher.model, self.rankings, c.arch)).value, c.arch) for c in feasible]
+        scored = self.pruned_scores[target][:top_k]
         best = min(scored, key=lambda s: s[0])[1]
         return best, [[v, a.to_dict()] for v, a in scored]
 
@@ -372,14 +379,13 @@ def write(bench_run: Run, args, teacher_total: int | None) -> None:
             if not results:
                 rows.append([label, "-", "-", "0", "-", "-", "-", "-"])
                 continue
-            first = results[min(results)]
             vals = list(results.values())
             tokens = statistics.fmean(r.get("search", {}).get("search_tokens", 0) + r["distill_tokens"] for r in vals)
             rows.append(
                 [
                     label,
                     picks_text(results),
-                    f"{first['parameters'] / 1e6:.1f}M",
+                    " / ".join(sorted({f"{r['parameters'] / 1e6:.1f}M" for r in vals})),
                     str(len(vals)),
                     cell([r["kld"] for r in vals], 4),
                     cell([r["ppl"] for r in vals], 2),
