@@ -77,9 +77,12 @@ class RetrainSettings:
     seq_len: int = 128
     """Tokens per training block."""
     lr: float = 1e-4
-    """Peak learning rate of AdamW (linear warm-up, then cosine decay)."""
+    """Peak learning rate of AdamW (linear warm-up, flat, then a cosine decay; no step has a learning rate of 0)."""
     warmup_steps: int | None = None
     """Warm-up steps; None: a tenth of the steps (a twentieth for the final distillation), at least 1."""
+    decay_steps: int | None = None
+    """Steps of the closing cosine decay; None: every step after the warm-up (plain warm-up + cosine).
+    Fewer give warmup-stable-decay, which the search uses so that a promoted candidate continues its run."""
     temperature: float = 1.0
     """Softmax temperature of the KD loss (the paper: 1)."""
     top_k: int | None = 64
@@ -114,6 +117,24 @@ class RetrainSettings:
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.total_steps // self.WARMUP_SHARE)
 
+    @property
+    def decay(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else max(0, self.total_steps - self.warmup)
+
+    def lr_factor(self, step: int) -> float:
+        """The peak learning rate's multiplier at optimizer step `step` (counted from 1); never 0.
+
+        Linear warm-up reaching 1 at step `warmup` (step 1 is already 1/warmup, so the first
+        step moves the weights), flat, then a half cosine over the last `decay` steps that
+        stops one step short of 0, so the last step learns too. A function of the step alone:
+        a run continued from step k follows exactly the schedule of one run in one go.
+        """
+        warm = min(1.0, step / self.warmup) if self.warmup else 1.0
+        start = self.total_steps - self.decay
+        if step <= start:
+            return warm
+        return warm * 0.5 * (1.0 + math.cos(math.pi * (step - start) / (self.decay + 1)))
+
     def __post_init__(self):
         checks = [
             (self.tokens >= 1, "tokens", "use at least 1"),
@@ -122,6 +143,7 @@ class RetrainSettings:
             (self.seq_len >= 1, "seq_len", "use at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr", "use a positive learning rate such as 1e-4"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "use 0 or more, or leave it out for a tenth of the steps"),
+            (self.decay_steps is None or self.decay_steps >= 0, "decay_steps", "use 0 or more, or leave it out to decay after the warm-up"),
             (self.temperature > 0, "temperature", "use a positive temperature such as 1.0"),
             (self.top_k is None or self.top_k >= 1, "top_k", "use a positive k or None for the full vocabulary"),
             (self.clm_weight >= 0, "clm_weight", "use 0 or a positive weight"),

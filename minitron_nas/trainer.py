@@ -8,8 +8,11 @@ under `accelerate launch` (each process takes its slice of every global batch; `
 is per process and micro-batch). It trains where the student was placed; a bf16/fp16
 student trains with float32 master weights under autocast to its dtype and is cast back at
 the end. The intermediate-state projection is prepared with the student, so under several
-processes its gradients are averaged and clipped with them. AdamW, linear warmup then
-cosine decay, gradient accumulation, gradient clipping, a data order fixed by the seed.
+processes its gradients are averaged and clipped with them. AdamW, linear warm-up, flat,
+then a cosine decay (`RetrainSettings.lr_factor`: no step has a learning rate of 0), gradient
+accumulation, gradient clipping, a data order fixed by the seed. A run can stop at a step
+and hand back its state (`snapshot_at` -> `RetrainResult.snapshot`), and another can continue
+from it (`resume=`): the search trains a candidate's stable phase once across its rungs.
 Every `eval_every` optimizer steps (and after the last) the held-out blocks are scored and
 the value is passed to `report(step, value)`; whatever `report` raises propagates and
 stops training. Held-out sums are gathered from every process (`gather_for_metrics`), so
@@ -27,6 +30,7 @@ case. Both are lower-is-better.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -36,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from .checkpoint import Checkpoint, Progress
 from .devices import HALF, model_device, model_dtype, resolve_device, to_model_device
@@ -46,7 +49,16 @@ from .settings import RetrainSettings
 from .signals import TeacherSignal, live_teacher, teacher_signal
 from .teacher_cache import TeacherLogitCache, blocks_sha256
 
-__all__ = ["RetrainResult", "RetrainSettings", "batch_loss", "make_accelerator", "make_optimizer", "retrain"]
+__all__ = ["RetrainResult", "RetrainSettings", "TrainState", "batch_loss", "make_accelerator", "make_optimizer", "retrain"]
+
+
+@dataclass
+class TrainState:
+    """Where a run stood after optimizer step `step`: float32 weights and AdamW's state (on the CPU)."""
+
+    step: int
+    model: dict
+    optimizer: dict
 
 
 @dataclass
@@ -58,10 +70,7 @@ class RetrainResult:
     tokens_seen: int = 0  # student tokens over all processes
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
-
-    @property
-    def final_eval(self) -> float | None:
-        return self.eval_curve[-1][1] if self.eval_curve else None
+    snapshot: TrainState | None = None  # the state at `snapshot_at`, when asked for
 
 
 def make_accelerator(device: str | torch.device | None = None):
@@ -189,8 +198,14 @@ def retrain(
     progress: bool = True,
     intermediate: IntermediateStates | None = None,
     checkpoint: Checkpoint | None = None,
+    resume: TrainState | None = None,
+    snapshot_at: int | None = None,
 ) -> RetrainResult:
     """Distill into `student` (trained in place; left in eval mode) for `settings.total_steps` steps.
+
+    With `resume`, the student takes its weights and AdamW its state from there and training
+    goes on at the next step, on the rows a run in one go would have seen then. With
+    `snapshot_at`, the state right after that step is kept in `result.snapshot`.
 
     Teacher signal: `cache` (top-k of the teacher over exactly `train_blocks`) if given,
     else the live `teacher` each step. `report(step, value)` receives the held-out metric
@@ -223,6 +238,10 @@ def retrain(
     dtype = model_dtype(student)  # half students train with float32 master weights under autocast
     # before the optimizer: fused AdamW needs its parameters' device
     student.to(device, torch.float32 if dtype in HALF else dtype)
+    if resume is not None:
+        if not 0 < resume.step < settings.total_steps:
+            raise MinitronError(f"cannot resume at step {resume.step} of a {settings.total_steps}-step run: continue from an earlier step")
+        student.load_state_dict(resume.model)
     optimizer = make_optimizer(student, settings)
     if intermediate is not None:
         if teacher is None:
@@ -231,8 +250,6 @@ def retrain(
         if intermediate.project is not None:
             optimizer.add_param_group({"params": list(intermediate.project.parameters())})
 
-    # Not prepared: accelerate would step a prepared scheduler once per process.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup, settings.total_steps)
     if intermediate is not None and intermediate.project is not None:
         # Prepared with the model (DDP-wrapped under several processes): its gradients are averaged like the student's.
         model, projection, optimizer = accelerator.prepare(student, intermediate, optimizer)
@@ -246,12 +263,15 @@ def retrain(
     seq_len = train_blocks.shape[1]
     first = 1
     if checkpoint is not None:
-        # Saved and restored by accelerate with the prepared model(s) and optimizer.
-        accelerator.register_for_checkpointing(scheduler, Progress(result))
+        # Saved and restored by accelerate with the prepared model(s) and optimizer; the learning rate follows from the step.
+        accelerator.register_for_checkpointing(Progress(result))
     if checkpoint is not None and checkpoint.exists():  # before the progress bar: a refusal is one clean line
         first = checkpoint.restore(accelerator) + 1
-        for _ in range(per_step * processes * settings.grad_accum * (first - 1)):
-            next(stream)  # the data position follows from the step
+    elif resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        first = resume.step + 1
+    for _ in range(per_step * processes * settings.grad_accum * (first - 1)):
+        next(stream)  # the data position follows from the step
     bar = tqdm(total=settings.total_steps, initial=first - 1, desc="retrain", unit="step", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
 
@@ -268,6 +288,8 @@ def retrain(
             evaluate(0, call_report=False)
         model.train()
         for step in range(first, settings.total_steps + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * settings.lr_factor(step)
             step_loss = torch.zeros((), dtype=torch.float32, device=device)
             for micro in range(settings.grad_accum):
                 global_rows = [next(stream) for _ in range(per_step * processes)]
@@ -289,8 +311,10 @@ def retrain(
                 if not _all_finite(torch.as_tensor(norm), accelerator):
                     raise MinitronError(_nan_message(step, settings))
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if step == snapshot_at:
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in accelerator.unwrap_model(model).state_dict().items()}
+                result.snapshot = TrainState(step, weights, _to_cpu(copy.deepcopy(optimizer.state_dict())))
             if processes > 1:
                 step_loss = accelerator.reduce(step_loss, "mean")
             result.curve.append((step, float(step_loss)))
@@ -312,6 +336,17 @@ def retrain(
         student.eval()
         accelerator.free_memory()
     return result
+
+
+def _to_cpu(state):
+    """An optimizer state dict with every tensor moved to the CPU (kept off the accelerator between rungs)."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    return state
 
 
 def _nan_message(step: int, settings: RetrainSettings) -> str:

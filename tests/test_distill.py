@@ -346,3 +346,52 @@ def token_blocks_(path, tokenizer, n):
     from minitron_nas.data import token_blocks
 
     return token_blocks(str(path), tokenizer, 128, n)
+
+
+# --------------------------------------------------------------------------- learning-rate schedule and continuation
+
+
+@pytest.mark.parametrize("steps,warmup,decay", [(1, None, None), (1, 1, 0), (4, 2, 1), (10, 1, 3), (7, 0, None)])
+def test_no_step_has_a_learning_rate_of_zero(steps, warmup, decay):
+    settings = RetrainSettings(steps=steps, warmup_steps=warmup, decay_steps=decay)
+    factors = [settings.lr_factor(s) for s in range(1, steps + 1)]
+    assert all(f > 0 for f in factors), factors
+    # warm-up by hand: step s of w is s / w; the flat part is 1; the decay only goes down
+    w, start = settings.warmup, steps - settings.decay
+    assert factors[: min(w, start)] == [s / w for s in range(1, min(w, start) + 1)]
+    tail = factors[max(w, start) :]
+    assert tail == sorted(tail, reverse=True)  # after warm-up: flat, then only down
+
+
+def test_warmup_stable_decay_by_hand():
+    settings = RetrainSettings(steps=8, warmup_steps=2, decay_steps=3)
+    cos = lambda i: 0.5 * (1 + math.cos(math.pi * i / 4))  # i-th of 3 decay steps, stopping short of 0
+    assert [settings.lr_factor(s) for s in range(1, 9)] == pytest.approx([0.5, 1, 1, 1, 1, cos(1), cos(2), cos(3)])
+
+
+def test_the_first_step_of_a_one_step_run_changes_the_weights(pair):
+    teacher, _, _, train, _ = pair
+    cache = TeacherLogitCache.compute(teacher, train, 16, 1.0, 8, meta={"teacher_fingerprint": "abc"})
+    student = _student(pair)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    retrain(student, train, cache, RetrainSettings(steps=1, batch_size=4, lr=1e-3, top_k=16), progress=False)  # default warm-up: 1 step
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) == len(before)
+
+
+def test_a_continued_run_reaches_the_weights_of_one_run_in_one_go(pair):
+    """Stable phase in two pieces (snapshot at step 3, resumed to step 6) == six steps at once, same rows."""
+    teacher, _, _, train, _ = pair
+    cache = TeacherLogitCache.compute(teacher, train, 16, 1.0, 8, meta={"teacher_fingerprint": "abc"})
+    whole = RetrainSettings(steps=6, batch_size=2, lr=1e-3, warmup_steps=2, decay_steps=0, top_k=16, seed=4)
+    one_go = _student(pair)
+    retrain(one_go, train, cache, whole, progress=False)
+    piece = _student(pair)
+    first = retrain(piece, train, cache, replace(whole, steps=4, decay_steps=1), progress=False, snapshot_at=3)
+    assert first.snapshot is not None and first.snapshot.step == 3
+    # the snapshot is the state before the decay step; the decayed weights are thrown away
+    continued = _student(pair)
+    retrain(continued, train, cache, whole, progress=False, resume=first.snapshot)
+    for (name, a), b in zip(one_go.state_dict().items(), continued.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not torch.allclose(piece.state_dict()["model.embed_tokens.weight"], one_go.state_dict()["model.embed_tokens.weight"])
