@@ -160,13 +160,10 @@ def parallel_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
 
 
 def rank_stability_figure(done: pd.DataFrame, study: optuna.Study, tau: float | None = None) -> go.Figure:
-    """Each candidate's value at one rung against the next (and before retraining against rung 0)."""
+    """Each candidate's value at one rung against the next (rung 0: scored pruned)."""
     title = "Rank stability between rungs"
     rungs = study.user_attrs.get("rungs", 1)
     pairs = []
-    first = rung_values(study, 0)
-    before = {k: t.user_attrs["before"] for k, t in first.items() if t.user_attrs.get("before") is not None}
-    pairs.append(("before retraining → rung 0", before, {k: t.user_attrs["value"] for k, t in first.items()}))
     for index in range(rungs - 1):
         a, b = rung_values(study, index), rung_values(study, index + 1)
         pairs.append((f"rung {index} → rung {index + 1}", {k: t.user_attrs["value"] for k, t in a.items()}, {k: t.user_attrs["value"] for k, t in b.items()}))
@@ -176,8 +173,10 @@ def rank_stability_figure(done: pd.DataFrame, study: optuna.Study, tau: float | 
         shared = sorted(set(x) & set(y))
         if not shared:
             continue
-        value, n = rung_tau(x, y)
-        notes.append(f"{label}: τ {'-' if value is None else f'{value:.2f}'} (n={n})")
+        tau = rung_tau(x, y)
+        value, n = tau["tau"], tau["n"]
+        interval = f" [{tau['low']:.2f}, {tau['high']:.2f}]" if tau["low"] is not None else ""
+        notes.append(f"{label}: τ {'-' if value is None else f'{value:.2f}'}{interval} (n={n})")
         fig.add_scatter(
             name=f"{label} (n={n})",
             x=[x[k] for k in shared],

@@ -16,13 +16,14 @@ import shutil
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MinitronError
 
-__all__ = ["RunFolder", "atomic_dir", "check_writable", "make_dir", "write_json_atomic", "write_text_atomic"]
+__all__ = ["RunFolder", "atomic_dir", "check_writable", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class RunFolder:
     # search
     study_db = property(lambda self: self.root / "study.db")
     teacher_logits = property(lambda self: self.root / "teacher_logits")  # top-k over the retraining blocks
+    rung_states = property(lambda self: self.root / "rung_states")  # retrained candidates' stable states, continued at the next rung
     trials_csv = property(lambda self: self.root / "trials.csv")
     candidates_csv = property(lambda self: self.root / "candidates.csv")
     best_arch = property(lambda self: self.root / "best_arch.json")
@@ -159,10 +161,15 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
     The temporary name is unique, so several workers may write into one run folder.
     """
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """Replace the file `path` by what `write(tmp)` writes to a temporary path beside it."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

@@ -71,10 +71,13 @@ def paired_stderr(a: Measurement, b: Measurement) -> float | None:
     return math.hypot(a.stderr, b.stderr)
 
 
-def tied(a: Measurement, b: Measurement) -> bool:
-    """Within one standard error of the difference: neither is better on this evidence."""
+def tied(a: Measurement, b: Measurement, extra_variance: float = 0.0) -> bool:
+    """Within one standard error of the difference: neither is better on this evidence.
+
+    `extra_variance` adds noise the blocks do not show (the data order of a retraining).
+    """
     se = paired_stderr(a, b)
-    return se is not None and abs(a.value - b.value) <= se
+    return se is not None and abs(a.value - b.value) <= math.sqrt(se**2 + extra_variance)
 
 
 class Metric(ABC):

@@ -270,9 +270,10 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
 
 def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
 
-    arch, rankings, _ = winner(out, teacher)
+    arch, rankings, best = winner(out, teacher)
     chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
+    continued = _continue_from_search(student, best)
     spec = space.distill
     settings = replace(spec, seed=space.seed)
     processes = process_count()
@@ -292,12 +293,32 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
         "tokens": result.tokens_seen,
         "seconds": round(result.seconds, 1),
         "intermediate": result.settings.get("intermediate_active"),
+        "continued_from_search_steps": continued,
     }
     if is_main_process():  # under `accelerate launch` every process holds the same student
         save_model(student, RunFolder(out).distilled_model, teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
         write_json_atomic(RunFolder(out).distill_summary, summary)
     wait_for_everyone()
     return summary
+
+
+def _continue_from_search(student, best: dict) -> int:
+    """Start from the winner's last stable state in the search (the steps it already trained,
+    before its rung's decay), so no search token is wasted; returns those steps (0: from the slice).
+
+    Only the weights carry over: AdamW starts afresh with the distillation's own warm-up,
+    since its batch, sequence length, teacher signal and losses may differ from the rungs'.
+    """
+    path = Path(best["state"]) if best.get("state") else None
+    if path is None or not path.is_file():
+        return 0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        student.load_state_dict(saved["model"])
+    except Exception as err:
+        raise MinitronError(f"the winner's rung state '{path}' is unreadable ({type(err).__name__}): delete it to distill from the pruned slice") from None
+    print(f"distill: continuing the winner's search run from its step {saved['step']} (the state before its last rung's decay)", file=sys.stderr, flush=True)
+    return int(saved["step"])
 
 
 def export_stage(space, out: Path, teacher: Teacher) -> Path:

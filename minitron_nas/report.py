@@ -309,16 +309,18 @@ def _rungs_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for row in rung_summary(study, maximizes(study)):
         planned = schedule[row["rung"]] if row["rung"] < len(schedule) else {}
-        tau, n = row.get("tau_with_previous", row.get("tau_before_retraining")), row.get("tau_n", row.get("tau_before_n"))
+        tau, n = row.get("tau_with_previous"), row.get("tau_n")
+        interval = f" [{row['tau_low']:.2f}, {row['tau_high']:.2f}]" if row.get("tau_low") is not None else ""
         rows.append(
             {
                 "rung": row["rung"],
-                "tokens each": planned.get("tokens"),
+                "steps each": "pruned" if row["rung"] == 0 else planned.get("steps"),
                 "planned": planned.get("candidates"),
                 "finished": row["finished"],
                 "kept": row.get("kept", "-"),
-                "Kendall tau (n)": f"{'-' if tau is None else f'{tau:.2f}'} (n={n})" + (" vs before retraining" if row["rung"] == 0 else " vs previous rung"),
-                "cut within 1 SE of the last kept": row.get("cut_within_one_se", "-"),
+                "of which within noise of the cut": row.get("kept_within_noise", "-"),
+                "data-order SD": "-" if not row.get("order_stderr") else f"{row['order_stderr']:.4f}",
+                "Kendall tau vs previous rung [95% CI] (n)": "-" if n is None else f"{'-' if tau is None else f'{tau:.2f}'}{interval} (n={n})",
             }
         )
     return pd.DataFrame(rows)

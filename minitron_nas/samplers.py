@@ -1,10 +1,8 @@
-"""Which feasible candidates enter the search's first rung: small parts behind one interface.
+"""Which feasible candidates rung 0 scores: small parts behind one interface.
 
-A synchronous rung needs its whole pool up front, so a sampler here proposes a set, not one
-candidate at a time. Model-based samplers (TPE, NSGA-II) need each result before proposing
-the next, which a synchronous rung cannot give; beyond `GRID_LIMIT` candidates the pool is
-a uniform sample, and the halving spends the budget on telling its members apart. Adding a
-sampler is a subclass of `PoolSampler` and one entry in `SAMPLERS`.
+Rung 0 costs forward passes only, so by default it scores every feasible candidate (the
+grid). A space's `trials` caps it: beyond that many, a seeded uniform sample is scored.
+Adding a sampler is a subclass of `PoolSampler` and one entry in `SAMPLERS`.
 """
 
 from __future__ import annotations
@@ -16,9 +14,7 @@ from typing import TypeVar
 
 from .errors import MinitronError
 
-__all__ = ["GRID_LIMIT", "SAMPLERS", "AutoPool", "GridPool", "PoolSampler", "RandomPool", "sampler_named"]
-
-GRID_LIMIT = 64  # "auto" starts rung 0 with every feasible candidate up to this many, else a random sample
+__all__ = ["SAMPLERS", "AutoPool", "GridPool", "PoolSampler", "RandomPool", "sampler_named"]
 
 T = TypeVar("T")
 
@@ -28,7 +24,7 @@ class PoolSampler(ABC):
 
     @abstractmethod
     def pool(self, feasible: Sequence[T], trials: int | None, seed: int) -> list[T]:
-        """The candidates of rung 0, in the order they are queued."""
+        """The candidates of rung 0, in the order they are scored."""
 
 
 class GridPool(PoolSampler):
@@ -39,17 +35,17 @@ class GridPool(PoolSampler):
 
 
 class RandomPool(PoolSampler):
-    """A seeded uniform sample of `trials` candidates (GRID_LIMIT when not given)."""
+    """A seeded uniform sample of `trials` candidates (all of them when `trials` is not given)."""
 
     def pool(self, feasible, trials, seed):
-        return random.Random(seed).sample(list(feasible), min(len(feasible), trials or GRID_LIMIT))
+        return random.Random(seed).sample(list(feasible), min(len(feasible), trials or len(feasible)))
 
 
 class AutoPool(PoolSampler):
-    """The grid when it has at most GRID_LIMIT candidates, else a random sample."""
+    """The grid, or a random sample of `trials` when there are more feasible candidates than that."""
 
     def pool(self, feasible, trials, seed):
-        return (GridPool() if len(feasible) <= GRID_LIMIT else RandomPool()).pool(feasible, trials, seed)
+        return (GridPool() if trials is None or len(feasible) <= trials else RandomPool()).pool(feasible, trials, seed)
 
 
 SAMPLERS: dict[str, PoolSampler] = {"auto": AutoPool(), "grid": GridPool(), "random": RandomPool()}

@@ -63,11 +63,21 @@ class HalvingSpec:
     """The search's budget as a fraction of the final distillation's tokens, e.g. 0.25 (with
     neither budget: as many halvings as keep `final_candidates`, the last at `retrain.tokens`)."""
     rung_metric: str = "kld"
-    """What the rungs before the last compare on, at equal tokens: kld or heldout_loss."""
-    min_steps: int = 2
-    """Fewest optimizer steps of a rung-0 retraining."""
+    """What the rungs before the last compare on, at equal tokens: kld or heldout_loss. Rung 0 scores
+    every candidate pruned on it (forward passes only)."""
+    retrained: int | None = None
+    """How many of rung 0's best are retrained (None: final_candidates x eta^2, fewer if the budget
+    asks); 0: no retraining, the search is pruned scoring over the whole set."""
+    min_steps: int = 4
+    """Fewest optimizer steps of a retraining rung (4 or more: warm-up, stable and decay each need some)."""
     final_candidates: int = 2
     """Fewest candidates the last rung keeps (ranked there by `scoring.metric`)."""
+    within_noise: float = 0.5
+    """Candidates within one standard error of a rung's cut line go on too, up to this share of those
+    promoted by rank (their tokens are reserved in the budget)."""
+    order_pilot: int = 2
+    """More data orders of rung 1's first candidate, trained to measure the data-order term of every
+    retraining rung's standard error; 0: leave that term out."""
 
     def budget(self, distill_tokens: int) -> int | None:
         if self.budget_tokens is not None:
@@ -226,7 +236,6 @@ RANGES: dict[str, Range] = {
             "family",
             "budget_tokens",
             "budget_fraction",
-            "min_steps",
             "final_candidates",
             "new_tokens",
             "repeats",
@@ -237,6 +246,8 @@ RANGES: dict[str, Range] = {
         )
     },
     "halving.eta": Range(2),  # each rung keeps 1/eta
+    "halving.min_steps": Range(4),  # halving.MIN_STEPS
+    "halving.within_noise": Range(0, 1),
     "scoring.heldout_samples": Range(2),  # a standard error needs two blocks
     "tolerance": Range(0, 1, low_open=True, high_open=True),
     "seed": Range(0, 2**32 - 1),  # numpy's seeds

@@ -1,15 +1,19 @@
 """The Optuna study a search writes and the report reads: storage, tables, the winner.
 
-One trial is one candidate retrained at one rung (halving.py). Its user attributes say
-which: `architecture`, `key` (the architecture as text), `rung`, `steps`, `tokens`; and
-what came out: `value` / `stderr` / `per_item` of the rung metric, `score` / `score_stderr`
-of the space's own metric at the last rung, `before` (rung 0, before retraining),
-`tokens_trained`, `timings`. A trial's Optuna value is its rung metric.
+One trial is one candidate at one rung (halving.py): scored pruned at rung 0, retrained at
+the others. Its params are the architecture's axes; its user attributes say which:
+`architecture`, `key` (the architecture as text), `rung`, `order` (the data order: 0, or a
+pilot order measuring the data-order error), `steps`, `tokens`; and what came out: `value`
+/ `stderr` / `per_item` of the rung metric, `score` / `score_stderr` of the space's own
+metric at the last rung, `pruned` (its rung-0 value), `tokens_trained`, `timings`. A
+trial's Optuna value is its rung metric.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import warnings
 from pathlib import Path
 
@@ -17,20 +21,26 @@ import optuna
 import pandas as pd
 
 from .errors import MinitronError
-from .halving import rung_tau
-from .metrics import Measurement, paired_stderr
+from .halving import break_tie, rung_tau
+from .metrics import Measurement
 
 __all__ = [
     "GRACE_SECONDS",
     "HEARTBEAT_SECONDS",
     "STUDY_NAME",
     "candidates_table",
+    "decide",
     "final_ranking",
     "make_storage",
     "measurement",
+    "order_stderr",
+    "rung0_keys",
+    "rung0_missing",
     "rung_summary",
     "rung_values",
+    "search_complete",
     "search_cost",
+    "tie_order",
     "trials_table",
 ]
 
@@ -90,17 +100,83 @@ def measurement(trial: optuna.trial.FrozenTrial, which: str = "value") -> Measur
 
 
 def rung_values(study: optuna.Study, rung: int) -> dict[str, optuna.trial.FrozenTrial]:
-    """Finished trials of one rung, by architecture key."""
+    """Finished trials of one rung on the search's own data order, by architecture key."""
     done = _candidate_trials(study, (optuna.trial.TrialState.COMPLETE,))
-    return {t.user_attrs["key"]: t for t in done if t.user_attrs["rung"] == rung}
+    return {t.user_attrs["key"]: t for t in done if t.user_attrs["rung"] == rung and not t.user_attrs.get("order")}
+
+
+def rung0_keys(study: optuna.Study) -> set[str]:
+    """Candidates rung 0 has dealt with: scored, failed, or stopped as too slow."""
+    return {t.user_attrs["key"] for t in _candidate_trials(study) if t.user_attrs["rung"] == 0 and t.state != optuna.trial.TrialState.RUNNING}
+
+
+def rung0_missing(study: optuna.Study) -> bool:
+    return len(rung0_keys(study)) < study.user_attrs.get("rung0_candidates", 0)
+
+
+def search_complete(study: optuna.Study) -> bool:
+    """Every candidate of rung 0 dealt with, and the last rung done: nothing queued or running, a score stored."""
+    if rung0_missing(study):
+        return False
+    last = study.user_attrs.get("rungs", 1) - 1
+    live = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if last > 0 and any(t.user_attrs["rung"] == last for t in _candidate_trials(study, live)):
+        return False
+    if any(t.user_attrs["rung"] < last for t in _candidate_trials(study, live)):
+        return False
+    return any(t.user_attrs.get("score") is not None for t in rung_values(study, last).values())
+
+
+def tie_order(trial: optuna.trial.FrozenTrial) -> tuple:
+    """The tie rule's keys (halving.TIE_RULE): lower pruned score, faster decoding, fewer parameters."""
+    a = trial.user_attrs
+    return (a.get("pruned", math.inf), -(a.get("decode_tokens_per_s") or 0.0), a.get("params_total", 0))
+
+
+def order_stderr(study: optuna.Study) -> float:
+    """The data-order standard deviation of a retrained value: the spread of rung 1's pilot
+    candidate over its data orders (its own order included); 0 until the pilot has run, or
+    when it is off. Measured at the cheapest retraining rung and assumed for the later ones."""
+    pilot = study.user_attrs.get("pilot")
+    values = [
+        t.user_attrs["value"]
+        for t in _candidate_trials(study, (optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs["rung"] == 1 and t.user_attrs["key"] == pilot
+    ]
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+
+def _order_variance(study: optuna.Study, rung: int) -> float:
+    """The data-order variance of a value at `rung`: none for pruned scores (rung 0)."""
+    return order_stderr(study) ** 2 if rung > 0 else 0.0
 
 
 def final_ranking(study: optuna.Study, maximize_score: bool) -> list[optuna.trial.FrozenTrial]:
-    """The last rung's finished candidates, best first by the space's score."""
+    """The last rung's finished candidates, best first by the space's score (equal scores by the tie rule)."""
     last = study.user_attrs.get("rungs", 1) - 1
     done = [t for t in rung_values(study, last).values() if t.user_attrs.get("score") is not None]
     sign = -1 if maximize_score else 1
-    return sorted(done, key=lambda t: (sign * t.user_attrs["score"], t.user_attrs["key"]))
+    return sorted(done, key=lambda t: (sign * t.user_attrs["score"], tie_order(t)))
+
+
+def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.FrozenTrial, list[str], str | None] | None:
+    """(the winner, the keys tied with the best, the rule that broke the tie or None): the best
+    score wins unless others are within one standard error of it; then TIE_RULE decides."""
+    ranking = final_ranking(study, maximize_score)
+    if not ranking:
+        return None
+    by_key = {t.user_attrs["key"]: t for t in ranking}
+    scores = {k: measurement(t, "score") for k, t in by_key.items()}
+    extra = _score_order_stderr(study, ranking[0])
+    winner, tied_keys, rule = break_tie(scores, {k: tie_order(t) for k, t in by_key.items()}, maximize_score, extra)
+    return by_key[winner], tied_keys, rule
+
+
+def _score_order_stderr(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float:
+    """The data-order error applies to the score when the score is the rung metric itself."""
+    if study.user_attrs.get("metric") != study.user_attrs.get("rung_metric"):
+        return 0.0
+    return math.sqrt(_order_variance(study, trial.user_attrs["rung"]))
 
 
 def search_cost(study: optuna.Study) -> dict:
@@ -112,12 +188,8 @@ def search_cost(study: optuna.Study) -> dict:
     return {"tokens": int(tokens), "seconds": round(seconds, 1)}
 
 
-def _int(value):
-    return None if value is None else int(value)
-
-
 TRIAL_COLUMNS = (
-    "rung", "tokens", *ARCH_COLUMNS, "params_total", "params_non_embedding", "before", "before_stderr", "value", "stderr",
+    "rung", "order", "tokens", *ARCH_COLUMNS, "params_total", "params_non_embedding", "before", "before_stderr", "value", "stderr",
     "score", "score_stderr", "tokens_trained", "decode_tokens_per_s", "prefill_tokens_per_s", "seconds", "key", "error",
 )  # fmt: skip
 
@@ -136,48 +208,37 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     timings = attrs.get("timings", pd.Series([None] * len(attrs), index=attrs.index))
     attrs["seconds"] = timings.map(lambda t: round(sum(t.values()), 2) if isinstance(t, dict) and t else None)
     table = pd.DataFrame({"trial": attrs.number, "state": attrs.state, **{c: attrs.get(c) for c in TRIAL_COLUMNS}}).reset_index(drop=True)
-    counts = [*ARCH_COLUMNS, "params_total", "params_non_embedding", "tokens", "tokens_trained"]
+    counts = [*ARCH_COLUMNS, "params_total", "params_non_embedding", "tokens", "tokens_trained", "order"]
     table[counts] = table[counts].astype("Int64")
     return table
 
 
 def candidates_table(study: optuna.Study, maximize_score: bool) -> pd.DataFrame:
-    """One row per architecture at the last rung it reached, with `tied_with_best`.
-
-    A candidate is tied with the best when their difference is within one standard error
-    (paired over the held-out blocks when both have per-block values): the search has no
-    evidence that one is better.
-    """
+    """One row per architecture at the last rung it reached (its own data order), with
+    `tied_with_best` and `best` as `decide` finds them: a candidate within one standard error
+    of the best score (the data-order error included where it applies) is tied with it."""
     table = trials_table(study)
     if table.empty:
         return table
-    finished = table[table.state == "COMPLETE"]
-    rows = []
-    for key, group in table.groupby("key", sort=False):
-        done = finished[finished.key == key]
-        row = (done if not done.empty else group).sort_values("rung").iloc[-1].to_dict()
-        row["last_rung"] = int(row.pop("rung"))
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    ranking = final_ranking(study, maximize_score)
+    table = table[table["order"].fillna(0).eq(0)]
+    done_last = table.assign(_done=table.state.eq("COMPLETE")).sort_values(["_done", "rung"], kind="stable")
+    out = done_last.drop_duplicates("key", keep="last").drop(columns="_done").rename(columns={"rung": "last_rung"})
+    out["last_rung"] = out["last_rung"].astype(int)
     out["tied_with_best"] = False
     out["best"] = False
-    if ranking:
-        best = ranking[0]
-        best_m = measurement(best, "score")
-        for trial in ranking:
-            other = measurement(trial, "score")
-            se = paired_stderr(best_m, other)
-            tie = trial is best or (se is not None and abs(best_m.value - other.value) <= se)
-            out.loc[out.key == trial.user_attrs["key"], "tied_with_best"] = tie
+    decision = decide(study, maximize_score)
+    if decision is not None:
+        best, tied_keys, _ = decision
+        out.loc[out.key.isin([best.user_attrs["key"], *tied_keys]), "tied_with_best"] = True
         out.loc[out.key == best.user_attrs["key"], "best"] = True
     out = out.sort_values(["last_rung", "value"], ascending=[False, True], kind="stable")
     return out.reset_index(drop=True)
 
 
 def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
-    """Per rung: candidates finished and kept, Kendall tau with the previous rung (with its n),
-    and how many cut candidates were within one standard error of the last one kept."""
+    """Per rung: candidates finished and kept (by rank, and within noise of the cut), the
+    data-order error used at the cut, and Kendall tau with the previous rung with its n and
+    95% bootstrap interval (withheld below halving.TAU_MIN_N)."""
     rungs = study.user_attrs.get("rungs", 1)
     summary = []
     previous = None
@@ -185,21 +246,12 @@ def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
         done = rung_values(study, index)
         values = {k: t.user_attrs["value"] for k, t in done.items()}
         row = {"rung": index, "finished": len(done)}
-        if index == 0:
-            before = {k: t.user_attrs["before"] for k, t in done.items() if t.user_attrs.get("before") is not None}
-            row["tau_before_retraining"], row["tau_before_n"] = rung_tau(before, values)
         if previous is not None:
-            row["tau_with_previous"], row["tau_n"] = rung_tau(previous, values)
-        following = rung_values(study, index + 1) if index + 1 < rungs else {}
-        if following:
-            kept = [k for k in done if k in following]
-            row["kept"] = len(kept)
-            worst = max(kept, key=lambda k: values[k]) if kept else None
-            if worst is not None:
-                w = measurement(done[worst])
-                row["cut_within_one_se"] = sum(
-                    1 for k, t in done.items() if k not in following and (se := paired_stderr(w, measurement(t))) is not None and abs(values[k] - w.value) <= se
-                )
+            tau = rung_tau(previous, values)
+            row.update(tau_with_previous=tau["tau"], tau_n=tau["n"], tau_low=tau["low"], tau_high=tau["high"])
+        cut = study.user_attrs.get(f"cut_{index}")
+        if cut:
+            row.update(kept=len(cut["kept"]) + len(cut["within_noise"]), kept_within_noise=len(cut["within_noise"]), order_stderr=cut["order_stderr"])
         summary.append(row)
         previous = values
     return summary

@@ -1,4 +1,4 @@
-"""The rung schedule and promotion: budgets kept, rungs geometric, survivors order-free."""
+"""The rung schedule, promotion and the tie rule: budgets kept, continuation costed, noise respected."""
 
 from __future__ import annotations
 
@@ -9,71 +9,147 @@ import random
 import pytest
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.halving import TAU_MIN_N, plan_schedule, promote, rung_tau
+from minitron_nas.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, plan_schedule, promote, rung_tau
+from minitron_nas.metrics import Measurement
 
 
-def test_without_a_budget_the_deepest_halving_ends_at_the_full_retraining():
-    schedule = plan_schedule(8, full_steps=16, tokens_per_step=512, eta=2)
-    assert [(r.candidates, r.steps) for r in schedule.rungs] == [(8, 4), (4, 8), (2, 16)]
-    assert schedule.total_tokens == (8 * 4 + 4 * 8 + 2 * 16) * 512
-    assert len(plan_schedule(2, 16, 512).rungs) == 1  # nothing to halve
+def m(value: float, stderr: float = 0.01, per_item=None) -> Measurement:
+    return Measurement(value, stderr, 0.0, per_item)
 
 
-@pytest.mark.parametrize("n, steps, eta, budget_steps", list(itertools.product([2, 5, 8, 27, 64], [3, 9, 32, 100], [2, 3, 4], [1, 7, 40, 300, 5000])))
-def test_a_schedule_never_spends_more_than_its_budget(n, steps, eta, budget_steps):
+def _cost_by_hand(schedule) -> int:
+    """Tokens if every reserved place is used: a promoted candidate continues from its previous rung's stable step."""
+    steps, previous_stable = 0, 0
+    for r in schedule.rungs[1:]:
+        steps += (r.candidates + r.extra) * (r.steps - previous_stable)
+        previous_stable = r.steps - r.decay
+    if len(schedule.rungs) > 1:
+        steps += schedule.pilot_orders * schedule.rungs[1].steps
+    return steps * schedule.tokens_per_step
+
+
+def test_rung_zero_is_free_and_the_retraining_rungs_halve_up_to_the_full_run():
+    schedule = plan_schedule(40, full_steps=16, tokens_per_step=512, eta=2, final_candidates=2, retrained=8, within_noise=0.0, pilot_orders=0)
+    assert [(r.candidates, r.steps) for r in schedule.rungs] == [(40, 0), (8, 4), (4, 8), (2, 16)]
+    assert schedule.rungs[0].tokens == 0
+    # decay: a fifth, at least one step; a promoted candidate pays only what it has not trained yet
+    assert [r.decay for r in schedule.rungs[1:]] == [1, 2, 4]
+    assert [schedule.cost_steps(i) for i in range(4)] == [0, 4, 8 - 3, 16 - 6]
+    assert schedule.total_tokens == (8 * 4 + 4 * 5 + 2 * 10) * 512 == _cost_by_hand(schedule)
+
+
+@pytest.mark.parametrize(
+    "n, steps, eta, budget_steps, within, pilot",
+    list(itertools.product([2, 5, 27, 300], [4, 9, 32, 100], [2, 3], [3, 40, 300, 5000], [0.0, 0.5], [0, 2])),
+)
+def test_a_schedule_never_spends_more_than_its_budget(n, steps, eta, budget_steps, within, pilot):
     per_step = 128
     budget = budget_steps * per_step
     try:
-        schedule = plan_schedule(n, steps, per_step, eta=eta, budget_tokens=budget)
+        schedule = plan_schedule(n, steps, per_step, eta=eta, budget_tokens=budget, within_noise=within, pilot_orders=pilot)
     except MinitronError as err:
-        # Refused only when even one step for every candidate at the deepest halving is too much.
         assert "cannot retrain" in str(err)
-        assert budget < n * per_step
+        # refused only when even the smallest retraining (final_candidates x MIN_STEPS, pilot and reserve included) is too much
+        k = min(n, 2)
+        assert budget < (k + min(math.ceil(k * within), n - k) + pilot) * MIN_STEPS * per_step
         return
-    total = sum(r.candidates * r.steps * per_step for r in schedule.rungs)  # recomputed by hand
-    assert total == schedule.total_tokens <= budget
+    assert _cost_by_hand(schedule) == schedule.total_tokens <= budget
     rungs = schedule.rungs
-    assert rungs[0].candidates == n
-    assert rungs[-1].steps <= steps
-    for a, b in zip(rungs, rungs[1:]):
-        assert b.candidates == math.ceil(n / eta**b.index)  # the best 1/eta go on
-        assert b.steps >= a.steps and b.tokens == b.steps * per_step
-    if len(rungs) > 1:
-        assert rungs[-1].candidates >= 2  # the last rung ranks at least two by the space's score
+    assert rungs[0].candidates == n and rungs[0].steps == 0
+    for a, b in zip(rungs[1:], rungs[2:]):
+        assert b.candidates == math.ceil(rungs[1].candidates / eta ** (b.index - 1))  # the best 1/eta go on
+        assert b.steps >= a.steps and b.stable >= a.stable and b.tokens == b.steps * per_step
+    for r in rungs[1:]:
+        assert r.steps >= MIN_STEPS and 1 <= r.decay == max(1, math.ceil(DECAY_SHARE * r.steps))
 
 
-def test_the_fewest_halvings_that_fit_are_chosen():
-    # 9 candidates, 27 steps each, eta 3: one rung costs 243 steps, two cost 9*9 + 3*27 = 162.
-    assert len(plan_schedule(9, 27, 1, eta=3, budget_tokens=243).rungs) == 1
-    two = plan_schedule(9, 27, 1, eta=3, budget_tokens=200)
-    assert [(r.candidates, r.steps) for r in two.rungs] == [(9, 9), (3, 27)]
-    # Below 162 the deepest halving (the last rung keeps >= 2, so 2 rungs) shrinks its steps.
-    small = plan_schedule(9, 27, 1, eta=3, budget_tokens=100)
-    assert small.total_tokens <= 100 and small.rungs[-1].steps < 27
+def test_the_most_candidates_retrained_then_the_longest_last_rung_fit():
+    roomy = plan_schedule(100, 32, 1, eta=3, budget_tokens=10_000, within_noise=0.0, pilot_orders=0)
+    assert roomy.rungs[1].candidates == 18 and roomy.rungs[-1].steps == 32  # final_candidates x eta^2, full length
+    tight = plan_schedule(100, 32, 1, eta=3, budget_tokens=150, within_noise=0.0, pilot_orders=0)
+    assert tight.total_tokens <= 150 and tight.rungs[1].candidates == 18 and tight.rungs[-1].steps < 32
 
 
-def test_a_budget_too_small_for_one_step_each_is_refused_in_one_line():
-    with pytest.raises(MinitronError, match="cannot retrain 10 candidates") as err:
-        plan_schedule(10, 8, 512, eta=3, budget_tokens=512)
+def test_too_few_steps_are_refused_in_one_line_naming_the_fix():
+    with pytest.raises(MinitronError, match="halving.min_steps is 2") as err:
+        plan_schedule(10, 8, 512, min_steps=2)
     assert "\n" not in str(err.value)
+    with pytest.raises(MinitronError, match="raise retrain.tokens"):
+        plan_schedule(10, 3, 512)
+    with pytest.raises(MinitronError, match="cannot retrain 2 candidates for 4 steps"):
+        plan_schedule(10, 8, 512, budget_tokens=512)
 
 
-def test_promotion_keeps_exactly_the_best_regardless_of_order():
+def test_retrained_zero_is_pruned_scoring_alone():
+    schedule = plan_schedule(5000, 8, 512, retrained=0)
+    assert len(schedule.rungs) == 1 and schedule.total_tokens == 0
+
+
+def test_promotion_keeps_exactly_the_best_when_nothing_is_near_the_cut():
     rng = random.Random(0)
-    values = {f"c{i}": rng.random() for i in range(20)}
-    expected = sorted(values, key=values.get)[:7]
-    for _ in range(10):
+    values = {f"c{i}": m(v, 1e-6) for i, v in enumerate(rng.sample(range(1000), 20))}
+    expected = sorted(values, key=lambda k: values[k].value)[:7]
+    for _ in range(5):
         keys = list(values)
         rng.shuffle(keys)
-        shuffled = {k: values[k] for k in keys}
-        assert promote(shuffled, 7, maximize=False) == expected
-        assert promote(shuffled, 7, maximize=True) == sorted(values, key=values.get, reverse=True)[:7]
+        kept, near = promote({k: values[k] for k in keys}, 7, extra=3)
+        assert kept == expected and near == []
 
 
-def test_rung_tau_is_withheld_below_the_minimum_pairs():
+def test_candidates_within_noise_of_the_cut_go_on_up_to_the_cap():
+    # unpaired errors 0.1 each: the difference's error is 0.141; c (0.12 from the line) is within it, d (0.2) is not
+    values = {"a": m(1.0, 0.1), "line": m(1.1, 0.1), "b": m(1.15, 0.1), "c": m(1.22, 0.1), "d": m(1.30, 0.1)}
+    assert promote(values, 2, extra=5) == (["a", "line"], ["b", "c"])
+    assert promote(values, 2, extra=1) == (["a", "line"], ["b"])  # the cap
+    # a data-order error of 0.1 per value widens the band to sqrt(0.141^2 + 2 x 0.1^2) = 0.2
+    assert promote(values, 2, extra=5, order_stderr=0.1) == (["a", "line"], ["b", "c", "d"])
+
+
+def test_paired_errors_decide_nearness_when_both_have_per_block_values():
+    # d's blocks move with the line's: the paired difference has a tiny error, so 0.05 is outside the noise
+    line = m(1.0, 0.5, [0.5, 1.0, 1.5])
+    near = m(1.05, 0.5, [0.55, 1.05, 1.55])
+    assert promote({"x": m(0.1, 0.5), "line": line, "near": near}, 2, extra=1) == (["x", "line"], [])
+
+
+def test_equal_values_are_ordered_by_the_tie_rule_not_by_the_key():
+    values = {"z": m(1.0), "a": m(1.0)}
+    kept, _ = promote(values, 1, extra=0, order={"z": (0.5,), "a": (0.9,)})
+    assert kept == ["z"]
+
+
+def test_a_tie_at_the_end_is_broken_by_the_rule_and_reported():
+    scores = {"small": m(0.50, 0.02), "big": m(0.49, 0.02), "far": m(0.80, 0.02)}
+    order = {"small": (1.2, 0, 10), "big": (1.0, 0, 20), "far": (0.5, 0, 5)}
+    assert break_tie(scores, order, maximize=False) == ("big", ["small"], TIE_RULE)
+    order["small"] = (0.9, 0, 10)  # a better pruned score wins the tie
+    assert break_tie(scores, order, maximize=False) == ("small", ["big"], TIE_RULE)
+    clear = {"a": m(0.3, 0.01), "b": m(0.5, 0.01)}
+    assert break_tie(clear, {}, maximize=False) == ("a", [], None)
+    assert break_tie(clear, {}, maximize=True) == ("b", [], None)
+
+
+def test_rung_tau_is_withheld_below_the_minimum_pairs_and_has_a_bootstrap_interval():
     few = {str(i): float(i) for i in range(TAU_MIN_N - 1)}
-    assert rung_tau(few, few) == (None, TAU_MIN_N - 1)
-    many = {str(i): float(i) for i in range(6)}
-    reversed_ = {k: -v for k, v in many.items()}
-    assert rung_tau(many, many) == (pytest.approx(1.0), 6)
-    assert rung_tau(many, reversed_) == (pytest.approx(-1.0), 6)
+    assert rung_tau(few, few)["tau"] is None
+    many = {str(i): float(i) for i in range(12)}
+    same = rung_tau(many, many)
+    assert same["tau"] == pytest.approx(1.0) and same["low"] == pytest.approx(1.0) and same["n"] == 12
+    rng = random.Random(1)
+    noisy = {k: v + rng.gauss(0, 4) for k, v in many.items()}
+    tau = rung_tau(many, noisy)
+    assert tau["low"] < tau["tau"] < tau["high"] and tau["high"] - tau["low"] > 0.2  # n = 12 says little
+
+
+def test_the_bootstrap_interval_covers_the_truth_at_its_level():
+    """Independent check: for pairs drawn with a known correlation, the 95% interval covers the population tau most of the time."""
+    rng = random.Random(7)
+    rho = 0.6
+    true_tau = 2 / math.pi * math.asin(rho)  # Greiner's relation for bivariate normals
+    covered = 0
+    for trial in range(40):
+        xs = [rng.gauss(0, 1) for _ in range(30)]
+        ys = [rho * x + math.sqrt(1 - rho**2) * rng.gauss(0, 1) for x in xs]
+        t = rung_tau({str(i): x for i, x in enumerate(xs)}, {str(i): y for i, y in enumerate(ys)}, resamples=300, seed=trial)
+        covered += t["low"] <= true_tau <= t["high"]
+    assert covered >= 32  # 95% nominal; percentile intervals at n = 30 run a little narrow

@@ -1,31 +1,31 @@
-"""Rung-0 samplers: the grid is everything, random is a seeded sample, auto switches at the limit."""
+"""Rung 0's pool samplers: the whole grid by default, a seeded sample under a cap."""
 
 from __future__ import annotations
 
 import pytest
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.samplers import GRID_LIMIT, AutoPool, GridPool, RandomPool, sampler_named
+from minitron_nas.samplers import AutoPool, GridPool, RandomPool, sampler_named
 
 
-def test_grid_keeps_every_candidate_in_order():
-    assert GridPool().pool(range(10), trials=3, seed=0) == list(range(10))
+def test_the_grid_is_every_feasible_candidate_in_order():
+    assert GridPool().pool(range(500), trials=None, seed=0) == list(range(500))
 
 
-def test_random_is_a_seeded_sample_without_repeats():
-    a = RandomPool().pool(range(100), trials=7, seed=1)
-    assert a == RandomPool().pool(range(100), trials=7, seed=1) and len(set(a)) == 7 and set(a) <= set(range(100))
-    assert a != RandomPool().pool(range(100), trials=7, seed=2)
-    assert len(RandomPool().pool(range(5), trials=None, seed=0)) == 5  # never more than there are
-    assert len(RandomPool().pool(range(GRID_LIMIT * 2), trials=None, seed=0)) == GRID_LIMIT
+def test_a_random_pool_is_a_seeded_sample_of_distinct_candidates():
+    first = RandomPool().pool(range(1000), trials=20, seed=3)
+    assert len(set(first)) == 20 and first == RandomPool().pool(range(1000), trials=20, seed=3)
+    assert first != RandomPool().pool(range(1000), trials=20, seed=4)
+    assert sorted(RandomPool().pool(range(30), trials=None, seed=0)) == list(range(30))
 
 
-def test_auto_is_the_grid_up_to_the_limit_then_random():
-    assert AutoPool().pool(range(GRID_LIMIT), trials=None, seed=0) == list(range(GRID_LIMIT))
-    big = AutoPool().pool(range(GRID_LIMIT + 1), trials=10, seed=0)
-    assert len(big) == 10 and big == RandomPool().pool(range(GRID_LIMIT + 1), trials=10, seed=0)
+def test_auto_scores_the_whole_grid_unless_trials_caps_it():
+    assert AutoPool().pool(range(5000), trials=None, seed=0) == list(range(5000))  # no silent cap
+    assert AutoPool().pool(range(40), trials=40, seed=0) == list(range(40))
+    capped = AutoPool().pool(range(41), trials=10, seed=0)
+    assert len(capped) == 10 and capped == RandomPool().pool(range(41), trials=10, seed=0)
 
 
-def test_unknown_sampler_is_named_with_the_choices():
-    with pytest.raises(MinitronError, match="unknown sampler 'tpe': use one of auto, grid, random"):
+def test_an_unknown_sampler_is_refused_in_one_line():
+    with pytest.raises(MinitronError, match="unknown sampler 'tpe'"):
         sampler_named("tpe")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -27,9 +29,10 @@ from minitron_nas.ranking import Rankings
 from minitron_nas.search import candidate_pool, run_search, schedule_for
 from minitron_nas.settings import RankSettings, RetrainSettings
 from minitron_nas.space import Budget, HalvingSpec, ScoringSpec, SearchSpace, require_feasible
+from minitron_nas.study import rung_values, search_complete
 from minitron_nas.teacher_cache import TeacherLogitCache
 from minitron_nas.teachers import Teacher, load_teacher
-from minitron_nas.trainer import RetrainResult, retrain
+from minitron_nas.trainer import RetrainResult, TrainState, retrain
 
 AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (2, 3, 4)}
 
@@ -63,65 +66,152 @@ def make_space(teacher: Teacher, corpus: str, **changes) -> SearchSpace:
 
 def finished(study: optuna.Study) -> pd.DataFrame:
     rows = [
-        {"number": t.number, "rung": t.user_attrs["rung"], "key": t.user_attrs["key"], "value": t.user_attrs.get("value"), "state": t.state.name}
+        {
+            "number": t.number,
+            "rung": t.user_attrs["rung"],
+            "order": t.user_attrs.get("order", 0),
+            "key": t.user_attrs["key"],
+            "value": t.user_attrs.get("value"),
+            "state": t.state.name,
+        }
         for t in study.trials
         if "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs
     ]
     return pd.DataFrame(rows)
 
 
-def test_rungs_keep_the_best_at_equal_tokens_and_the_winner_is_the_brute_force_best(teacher, corpus, tmp_path):
+def _cuts(study: optuna.Study) -> dict[int, dict]:
+    return {int(k.removeprefix("cut_")): v for k, v in study.user_attrs.items() if k.startswith("cut_")}
+
+
+def test_rung_zero_scores_every_feasible_candidate_pruned_and_the_rungs_continue_to_the_brute_force_values(teacher, corpus, tmp_path):
     space = make_space(teacher, corpus)
     pool = candidate_pool(space, require_feasible(space, teacher.model.config))
     schedule = schedule_for(space, len(pool))
     assert len(pool) >= 8 and len(schedule.rungs) >= 3
-    study = run_search(space, tmp_path / "run", teacher=teacher)
+    run = tmp_path / "run"
+    study = run_search(space, run, teacher=teacher)
     done = finished(study)
     assert (done.state == "COMPLETE").all()
-    for rung in schedule.rungs:  # each rung retrained exactly its planned candidates, once each
-        at = done[done.rung == rung.index]
-        assert len(at) == rung.candidates and at.key.is_unique
-    for a, b in zip(schedule.rungs, schedule.rungs[1:]):
-        at_a = done[done.rung == a.index].sort_values("value")
-        assert set(done[done.rung == b.index].key) == set(at_a.key[: b.candidates])  # the best go on
-
-    # Brute force outside the study: rung 0 of every candidate, and the last rung's winner.
-    run = tmp_path / "run"
     rankings = Rankings.load(run / "rankings")
-    spec = space.retrain
-    base = replace(spec, seed=space.seed)
-    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, max(r.steps for r in schedule.rungs) * spec.batch_size, "train")
-    cache = TeacherLogitCache.load(run / "teacher_logits")
-    heldout = token_blocks(spec.data, teacher.tokenizer, 32, 6, "heldout")
+    heldout = token_blocks(space.retrain.data, teacher.tokenizer, 32, 6, "heldout")
 
-    def score(arch, steps):
+    # Rung 0: every feasible candidate, scored pruned (no training), its architecture as Optuna params.
+    rung0 = [t for t in study.trials if t.user_attrs.get("rung") == 0]
+    assert sorted(t.user_attrs["key"] for t in rung0) == sorted(search._key(c.arch) for c in pool)
+    for t in rung0:
+        arch = search.Architecture(**{**t.user_attrs["architecture"], "layers": None})
+        assert t.params == {"hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
+                            "heads_per_group": arch.num_attention_heads // arch.num_key_value_heads,
+                            "num_key_value_heads": arch.num_key_value_heads, "num_hidden_layers": arch.num_hidden_layers}  # fmt: skip
+        assert t.user_attrs["tokens"] == 0 and "tokens_trained" not in t.user_attrs
+    # Each retraining rung: exactly the candidates its cut named (the best by rank, then those within noise).
+    cuts = _cuts(study)
+    for rung in schedule.rungs[1:]:
+        at = done[(done.rung == rung.index) & (done.order == 0)]
+        cut = cuts[rung.index - 1]
+        assert sorted(at.key) == sorted(cut["kept"] + cut["within_noise"]) and at.key.is_unique
+        previous = done[(done.rung == rung.index - 1) & (done.order == 0)].sort_values("value")
+        assert cut["kept"] == list(previous.key[: len(cut["kept"])]) and len(cut["kept"]) == rung.candidates
+        assert len(cut["within_noise"]) <= rung.extra
+    assert (done.rung.eq(1) & done.order.gt(0)).sum() == schedule.pilot_orders  # the data-order pilot
+
+    # Brute force outside the study: each finalist trained in one go for the last rung's steps gives the value the
+    # search reached by continuing it across the rungs.
+    spec = space.retrain
+    train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, search.training_pool(schedule, spec), "train")
+    cache = TeacherLogitCache.load(run / "teacher_logits")
+    last = schedule.rungs[-1]
+    warmup = max(1, schedule.rungs[1].stable // 3)
+    one_go = replace(spec, seed=space.seed, steps=last.steps, warmup_steps=warmup, decay_steps=last.decay, eval_every=0)
+
+    def score(arch):
         student = prune(teacher.model, rankings, arch)
-        retrain(student, train, cache, replace(base, steps=steps, warmup_steps=max(1, steps // 10), eval_every=0), progress=False)
+        retrain(student, train, cache, one_go, progress=False)
         return HeldoutLoss(heldout, spec.batch_size).measure(student).value
 
-    last = schedule.rungs[-1]
-    finals = {t.user_attrs["key"]: t for t in study.trials if t.user_attrs.get("rung") == last.index}
-    brute = {key: score(search.Architecture(**{**t.user_attrs["architecture"], "layers": None}), last.steps) for key, t in finals.items()}
+    finals = {t.user_attrs["key"]: t for t in study.trials if t.user_attrs.get("rung") == last.index and not t.user_attrs.get("order")}
+    assert any(t.user_attrs["continued_from_step"] > 0 for t in finals.values())
+    brute = {key: score(search.Architecture(**{**t.user_attrs["architecture"], "layers": None})) for key, t in finals.items()}
+    for key, t in finals.items():
+        assert t.user_attrs["score"] == pytest.approx(brute[key], rel=1e-4)
     best = json.loads((run / "best_arch.json").read_text())
-    assert best["key"] == min(brute, key=brute.get)
-    assert best["score"] == pytest.approx(brute[best["key"]], rel=1e-4)
+    brute_best = min(brute, key=brute.get)
+    assert best["key"] == brute_best or (best["tie_broken_by"] and brute_best in best["tied_with"])
     assert best["score_stderr"] > 0
-    assert best["search_tokens"] == schedule.total_tokens  # every planned token, nothing else
-    assert [r["finished"] for r in best["rungs"]] == [r.candidates for r in schedule.rungs]
+    # tokens: what the plan reserves at most, and exactly what the trials trained
+    trained = sum(t.user_attrs.get("tokens_trained", 0) for t in study.trials if "rung" in t.user_attrs)
+    assert best["search_tokens"] == trained <= schedule.total_tokens
+    # only the winner's last stable state is kept, for the final distillation to continue
+    assert [p.name for p in (run / "rung_states").iterdir()] == [Path(best["state"]).name]
     table = pd.read_csv(run / "trials.csv")
-    assert {"rung", "tokens", "value", "stderr", "tokens_trained", "seconds"} <= set(table.columns)
-    assert (table.stderr > 0).all() and (table.tokens_trained == table.tokens).all()
+    assert {"rung", "order", "tokens", "value", "stderr", "tokens_trained", "seconds"} <= set(table.columns)
+    assert (table.stderr > 0).all()
     candidates = pd.read_csv(run / "candidates.csv")
     assert len(candidates) == len(pool) and candidates.best.sum() == 1  # every candidate, at its last rung
 
 
 def test_the_search_stays_within_a_token_budget(teacher, corpus, tmp_path):
-    n = len(candidate_pool(make_space(teacher, corpus), require_feasible(make_space(teacher, corpus), teacher.model.config)))
-    budget = n * 2 * 128 + 2 * 8 * 128  # too little for the deepest halving at full length
-    space = make_space(teacher, corpus, halving=HalvingSpec(eta=2, budget_tokens=budget))
+    budget = 6 * 4 * 128 + 2 * 8 * 128  # too little for the deepest halving at full length
+    space = make_space(teacher, corpus, halving=HalvingSpec(eta=2, budget_tokens=budget, order_pilot=0, within_noise=0.0))
     run_search(space, tmp_path / "run", teacher=teacher)
     best = json.loads((tmp_path / "run" / "best_arch.json").read_text())
-    assert best["search_tokens"] <= budget and best["budget_tokens"] == budget
+    assert 0 < best["search_tokens"] <= budget and best["budget_tokens"] == budget
+
+
+def test_seeds_draw_different_training_rows():
+    """With the pool the search draws, the rows a run reads differ between seeds, not only their order."""
+    from minitron_nas.halving import plan_schedule
+    from minitron_nas.trainer import _row_stream
+
+    spec = RetrainSettings(tokens=8 * 2 * 256, batch_size=2, seq_len=256)
+    schedule = plan_schedule(18, spec.total_steps, spec.batch_size * spec.seq_len, eta=3)
+    pool = search.training_pool(schedule, spec)
+    read = schedule.rungs[-1].steps * spec.batch_size  # the longest run's rows
+    rows = [frozenset(itertools.islice(_row_stream(pool, seed), read)) for seed in range(10)]
+    assert len(set(rows)) == 10
+    assert max(len(a & b) / read for a, b in itertools.combinations(rows, 2)) < 0.8
+
+
+def test_a_search_stopped_by_n_trials_is_not_finished_and_the_same_call_goes_on(teacher, corpus, tmp_path):
+    space = make_space(teacher, corpus)
+    run = tmp_path / "run"
+    run_search(space, run, n_trials=1, teacher=teacher)
+    assert not (run / "best_arch.json").exists()  # one candidate of rung 0 is no winner
+    for _ in range(200):
+        study = run_search(space, run, n_trials=5, resume=True, teacher=teacher)
+        if (run / "best_arch.json").exists():
+            break
+    assert search_complete(study)
+    whole = run_search(space, tmp_path / "whole", teacher=teacher)
+    stepwise = {(t.user_attrs["rung"], t.user_attrs["order"], t.user_attrs["key"]): t.user_attrs["value"] for t in study.trials if t.state.name == "COMPLETE"}
+    at_once = {(t.user_attrs["rung"], t.user_attrs["order"], t.user_attrs["key"]): t.user_attrs["value"] for t in whole.trials if t.state.name == "COMPLETE"}
+    assert stepwise.keys() == at_once.keys()
+    assert all(stepwise[k] == pytest.approx(at_once[k], rel=1e-4) for k in at_once)
+    assert json.loads((run / "best_arch.json").read_text())["key"] == json.loads((tmp_path / "whole" / "best_arch.json").read_text())["key"]
+
+
+def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tmp_path, capfd):
+    axes = {"hidden_size": tuple(range(6, 49, 6)), "intermediate_size": tuple(range(1, 97)), "heads_per_group": (1, 2, 3),
+            "num_key_value_heads": (1, 2), "num_hidden_layers": (1, 2, 3, 4)}  # fmt: skip
+    space = make_space(
+        teacher,
+        corpus,
+        axes=axes,
+        budget=Budget(parameters=40_000, tolerance=0.4),  # 5,346 feasible
+        scoring=ScoringSpec(metric="kld", heldout_samples=2, seq_len=8),
+        halving=HalvingSpec(retrained=0),
+    )
+    feasible = require_feasible(space, teacher.model.config)
+    assert len(feasible) >= 5000
+    run = tmp_path / "run"
+    study = run_search(space, run, storage=str(tmp_path / "study.journal"), teacher=teacher)
+    assert len(rung_values(study, 0)) == len(feasible)
+    err = capfd.readouterr().err
+    assert f"{len(feasible)}/{len(feasible)}" in err and "rung 0: pruned" in err  # the progress bar
+    assert f"rung 0: {len(feasible)} candidates scored pruned" in err
+    best = json.loads((run / "best_arch.json").read_text())
+    assert best["score"] == pytest.approx(min(t.user_attrs["value"] for t in rung_values(study, 0).values()))
 
 
 class KnownValues(Metric):
@@ -145,22 +235,23 @@ def test_survivors_are_the_best_whatever_the_trial_order_and_the_workers(teacher
     space = make_space(teacher, corpus)
     feasible = require_feasible(space, teacher.model.config)
     keys = [search._key(c.arch) for c in feasible]
-    values = {k: v for k, v in zip(keys, random.Random(42).sample(range(100), len(keys)))}
+    values = {k: v for k, v in zip(keys, random.Random(42).sample(range(100), len(keys)))}  # far apart: nothing within noise
     shuffled = random.Random(order_seed).sample(feasible, len(feasible))
     monkeypatch.setattr(search, "candidate_pool", lambda space, feasible: shuffled)
     monkeypatch.setattr(search, "_metric", lambda name, *args: KnownValues(values))
-    monkeypatch.setattr(search, "retrain", lambda *a, **k: RetrainResult([], [], None, tokens_seen=1))
+    monkeypatch.setattr(search, "retrain", lambda *a, **k: RetrainResult([], [], None, tokens_seen=1, snapshot=TrainState(1, {}, {})))
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     schedule = schedule_for(space, len(feasible))
-    total = sum(r.candidates for r in schedule.rungs)
+    total = sum(r.candidates for r in schedule.rungs) + schedule.pilot_orders
     for i in range(total + workers):  # workers take one trial each in turn, each from its own folder
         run_search(space, tmp_path / f"worker{i % workers}", storage=url, n_trials=1, resume=i > 0, teacher=teacher)
     study = optuna.load_study(study_name="minitron", storage=url)
     done = finished(study)
     assert len(done) == total and (done.state == "COMPLETE").all()
+    assert search_complete(study)
     alive = set(keys)
     for rung in schedule.rungs:
-        at = set(done[done.rung == rung.index].key)
+        at = set(done[(done.rung == rung.index) & (done.order == 0)].key)
         assert at == set(sorted(alive, key=values.get)[: rung.candidates])  # exactly the best of the previous rung
         alive = at
 
@@ -175,6 +266,7 @@ def test_a_resume_with_another_space_is_refused_naming_what_changed(teacher, cor
         run_search(changed, tmp_path / "run", n_trials=1, resume=True, teacher=teacher)
     study = run_search(space, tmp_path / "run", n_trials=1, resume=True, teacher=teacher)
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
+    assert not (tmp_path / "run" / "best_arch.json").exists()
 
 
 def test_a_search_whose_every_candidate_fails_says_why_in_one_line(teacher, corpus, tmp_path, monkeypatch):
@@ -186,7 +278,9 @@ def test_a_search_whose_every_candidate_fails_says_why_in_one_line(teacher, corp
         run_search(make_space(teacher, corpus), tmp_path / "run", teacher=teacher)
     assert "\n" not in str(err.value)
     table = pd.read_csv(tmp_path / "run" / "trials.csv")
-    assert (table.state == "FAIL").all() and table.error.str.contains("NaN|inf", regex=True).all()
+    retrained = table[table.rung > 0]
+    assert (table[table.rung == 0].state == "COMPLETE").all()  # scored pruned: no training to fail
+    assert len(retrained) and (retrained.state == "FAIL").all() and retrained.error.str.contains("NaN|inf", regex=True).all()
     assert not (tmp_path / "run" / "best_arch.json").exists()
 
 
@@ -201,7 +295,7 @@ def _space_file(tmp_path, teacher, corpus, steps: int):
                 "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
                 "retrain": {"tokens": steps * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "top_k": 32, "data": corpus},
                 "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
-                "halving": {"eta": 2},
+                "halving": {"eta": 2, "order_pilot": 0},
                 "sampler": "grid",
             }
         )
@@ -215,8 +309,8 @@ def _wait_for_running_trial(storage: str, proc, deadline: float) -> None:
             trials = optuna.load_study(study_name="minitron", storage=storage).trials
         except (KeyError, sqlalchemy.exc.OperationalError):  # the run folder or the study is not created yet
             trials = []
-        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
-            return
+        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" and "rung" in t.user_attrs for t in trials):
+            return  # a retraining trial caught running
         time.sleep(0.05)
     raise AssertionError("no trial was caught running")
 
@@ -225,14 +319,19 @@ def _each_once(study: optuna.Study, space, teacher) -> None:
     done = finished(study)
     complete = done[done.state == "COMPLETE"]
     schedule = schedule_for(space, len(require_feasible(space, teacher.model.config)))
-    assert not complete.duplicated(["rung", "key"]).any()
-    assert [int((complete.rung == r.index).sum()) for r in schedule.rungs] == [r.candidates for r in schedule.rungs]
+    cuts = _cuts(study)
+    assert not complete.duplicated(["rung", "order", "key"]).any()
+    planned = [len(require_feasible(space, teacher.model.config))] + [
+        len(cuts[r.index - 1]["kept"] + cuts[r.index - 1]["within_noise"]) for r in schedule.rungs[1:]
+    ]
+    assert [int(((complete.rung == r.index) & (complete.order == 0)).sum()) for r in schedule.rungs] == planned
+    assert search_complete(study)
 
 
 def test_a_worker_killed_mid_rung_loses_nothing_and_its_trial_is_retried_once(teacher, corpus, tmp_path):
     from minitron_nas.space import load_space
 
-    space_file = _space_file(tmp_path, teacher, corpus, steps=320)  # rung 0: 80 steps, long enough to be caught by a 50 ms poll
+    space_file = _space_file(tmp_path, teacher, corpus, steps=320)  # rung 1: 80 steps, long enough to be caught by a 50 ms poll
     run = tmp_path / "run"
     command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
     env = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3"}
