@@ -1,7 +1,7 @@
 """How many held-out blocks a rung needs: gaps between candidates against their standard errors.
 
 Every candidate of the demo space (SmolLM2-135M -> ~67M) is pruned from the real teacher,
-retrained on the demo's rung-0 tokens, and its KL divergence to the teacher measured per
+retrained on the demo's first retraining rung (rung 1), and its KL divergence to the teacher measured per
 held-out block (`--blocks` x 256 tokens of the embedded corpus). For each smaller number of
 blocks (the first N), the report compares the gap between candidates adjacent in the final
 ranking with the standard error of that gap, paired over the shared blocks, and the
@@ -51,7 +51,7 @@ def main() -> None:
     space = load_space(SPACE)
     teacher = load_teacher(space.teacher)
     feasible = require_feasible(space, teacher.model.config)
-    rung = schedule_for(space, len(feasible)).rungs[0]
+    rung = schedule_for(space, len(feasible)).rungs[1]
     args.work.mkdir(parents=True, exist_ok=True)
     rankings = load_or_rank(teacher, space.ranking, args.work / "rankings")
     spec = base = replace(space.retrain, seed=space.seed)

@@ -178,7 +178,9 @@ def plan_schedule(
     )
 
 
-def promote(values: dict[str, Measurement], keep: int, extra: int, order_stderr: float = 0.0, order: dict[str, tuple] | None = None) -> tuple[list[str], list[str]]:
+def promote(
+    values: dict[str, Measurement], keep: int, extra: int, order_stderr: float = 0.0, order: dict[str, tuple] | None = None
+) -> tuple[list[str], list[str]]:
     """(the `keep` best keys, up to `extra` more within noise of the last of them), lower is better.
 
     Within noise: the difference to the cut line's candidate is within one standard error,

@@ -310,7 +310,9 @@ class _Search:
                 attrs["error"] = f"{type(err).__name__}: {err}"
                 _say(f"rung 0 · {key} · failed: {type(err).__name__}: {' '.join(str(err).split())}")
             attrs["timings"] = {k: round(v, 3) for k, v in timings.items()}
-            frozen = optuna.trial.create_trial(state=state, value=value, params=_params(self.space, candidate.arch), distributions=distributions, user_attrs=attrs)
+            frozen = optuna.trial.create_trial(
+                state=state, value=value, params=_params(self.space, candidate.arch), distributions=distributions, user_attrs=attrs
+            )
             self.study.add_trial(frozen)
             self.rung0["scored"] += 1
             self.rung0["forward"] += timings.get("measure", 0.0)
@@ -341,7 +343,9 @@ class _Search:
         attrs.update({key: speed[key] for key in ("prefill_tokens_per_s", "decode_tokens_per_s")})
         if spec.min_decode_tokens_per_s is not None and speed["decode_tokens_per_s"] < spec.min_decode_tokens_per_s:
             attrs["too_slow"] = True
-            _say(f"rung 0 · {attrs['key']} · decodes {speed['decode_tokens_per_s']:.0f} tokens/s < latency.min_decode_tokens_per_s {spec.min_decode_tokens_per_s:g}: stopped")
+            _say(
+                f"rung 0 · {attrs['key']} · decodes {speed['decode_tokens_per_s']:.0f} tokens/s < latency.min_decode_tokens_per_s {spec.min_decode_tokens_per_s:g}: stopped"
+            )
             return False
         return True
 

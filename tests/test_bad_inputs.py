@@ -102,9 +102,9 @@ def good_space(root, teacher, corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def previous_run(root, good_space) -> Path:
-    """A search run that finished one trial: study.db, trials.csv, best_arch.json, rankings/, ..."""
+    """A finished search run: study.db, trials.csv, best_arch.json, rankings/, ..."""
     run = root / "previous-run"
-    result = invoke("search", good_space, "--out", run, "--n-trials", "1")
+    result = invoke("search", good_space, "--out", run)
     assert result.exit_code == 0, result.output
     assert {"study.db", "trials.csv", "best_arch.json", "rankings/rankings.safetensors"} <= set(snapshot(run))
     return run

@@ -358,9 +358,10 @@ def test_cli_dashboard_without_a_study_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- the search hook
 
 
-def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, caplog):
+def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, caplog, monkeypatch):
     from helpers import byte_tokenizer, tiny_model
 
+    from minitron_nas import search
     from minitron_nas.export import save_model
     from minitron_nas.search import run_search
     from minitron_nas.settings import RankSettings, RetrainSettings
@@ -375,9 +376,9 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
         axes={"hidden_size": (32, 48), "intermediate_size": (48, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (3, 4)},
         budget=Budget(parameters=40_000, tolerance=0.25),
         ranking=RankSettings(data=corpus, samples=4, seq_len=32),
-        retrain=RetrainSettings(tokens=2 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus),
+        retrain=RetrainSettings(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus),
         scoring=ScoringSpec(metric="heldout_loss", heldout_samples=2, seq_len=32),
-        halving=HalvingSpec(min_steps=1),
+        halving=HalvingSpec(),
         sampler="grid",
     )
     calls = []
@@ -389,6 +390,7 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
         build_dashboard(run, study=study)
 
     run = tmp_path / "run"
+    monkeypatch.setattr(search, "OUTPUTS_EVERY", 0.0)  # rung 0's views too after every work unit
     with caplog.at_level(logging.WARNING, logger="minitron_nas.search"):
         study = run_search(space, run, n_trials=2, teacher=teacher, on_trial=first_one_fails)
     assert calls == [1, 2]  # after every trial, with the finished trial already in the study

@@ -48,17 +48,21 @@ def test_the_demo_search_runs_its_rungs_within_budget_and_keeps_the_best(demo_ru
     feasible = require_feasible(space, load_config(space.teacher))
     schedule = schedule_for(space, len(feasible))
     table = pd.read_csv(out / "trials.csv")
-    done = table[table.state == "COMPLETE"]
-    assert [int((done.rung == r.index).sum()) for r in schedule.rungs] == [r.candidates for r in schedule.rungs]
+    done = table[(table.state == "COMPLETE") & (table.order == 0)]
+    assert (done.rung == 0).sum() == len(feasible) and (done[done.rung == 0].tokens_trained.isna()).all()  # every candidate, pruned
     assert done.params_total.between(67e6 * 0.96, 67e6 * 1.04).all()
     assert (done.stderr > 0).all() and (done.value > 0).all()
-    for a, b in zip(schedule.rungs, schedule.rungs[1:]):  # the best of each rung went on, at equal tokens
+    for a, b in zip(schedule.rungs, schedule.rungs[1:]):  # the best of each rung went on (and maybe some within noise)
         kept = set(done[done.rung == b.index].key)
-        assert kept == set(done[done.rung == a.index].sort_values("value").key[: b.candidates])
+        assert set(done[done.rung == a.index].sort_values("value").key[: b.candidates]) <= kept
+        assert len(kept) <= b.candidates + b.extra
     best = json.loads((out / "best_arch.json").read_text())
     last = done[done.rung == schedule.rungs[-1].index]
-    assert best["metric"] == "kld" and best["score"] == last.score.min()
-    assert best["search_tokens"] == schedule.total_tokens
+    assert best["metric"] == "kld"
+    assert best["score"] == last.score.min() or (best["tie_broken_by"] and last.loc[last.score.idxmin(), "key"] in best["tied_with"])
+    assert 0 < best["search_tokens"] <= schedule.total_tokens
+    summary = json.loads((out / "distill" / "summary.json").read_text())
+    assert summary["continued_from_search_steps"] == schedule.rungs[-1].stable  # the final distillation continued the winner's run
 
 
 def test_distillation_lowers_heldout_loss_and_kld_to_the_teacher(demo_run):

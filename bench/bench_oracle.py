@@ -1,0 +1,381 @@
+"""The oracle: every feasible candidate distilled on the full T, and how well each strategy picks among them.
+
+For each budget (a fraction of SmolLM2-135M's parameters), every feasible candidate of
+bench/quality-space.yaml is pruned from the real teacher and distilled on the whole token
+budget T (logit KD on the teacher's cached top-k, seed 0; the best 4 also on seeds 1 and 2),
+and its KL divergence to the teacher is stored per WikiText-2 test block. That is the
+oracle: the final ranking a strategy tries to predict. Then each strategy picks:
+
+  search S/T      - `run_search` over the space with a token budget S = 5%, 10%, 20% of T,
+                    on --search-seeds seeds (each a different data order);
+  pruned, all     - every feasible candidate scored pruned (held-out KL on WikiText-2 valid),
+                    the best;
+  Model-Optimizer - the --mo-top-k candidates closest to the budget, scored pruned, the best;
+  depth-only      - full width, the layer count closest to the budget (distilled on T);
+  uniform width   - one ratio on hidden, FFN and query heads per group (distilled on T).
+
+A pick's selection regret is its oracle KL minus the oracle's best, paired over the test
+blocks; over the search seeds it is reported as mean +- SE with a one-sided 95% bound, and
+P(pick within noise of the best) with a Wilson interval. Kendall tau (bootstrap CI) relates
+the final ranking to the pruned score and to each rung of the search.
+
+Resumable and runnable in parts: every result is written once to --work as it is done and
+the finished parts are copied to reports/benchmarks/oracle-parts/; the report is rebuilt from
+whatever is present and lists what is missing. Run from the repository root:
+
+    .venv/bin/python bench/bench_oracle.py [--budgets 0.8 0.6] [--parts pruned oracle search seeds baselines]
+        [--search-seeds 10] [--tokens 81920] [--work runs/bench-oracle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+from bench_quality import SPACE, TOKENS_PER_STEP, Bench, arch_text, cached, depth_only, uniform_width
+from common import REPO, REPORTS, Run, markdown_table
+
+from minitron_nas.architecture import Architecture
+from minitron_nas.data import token_blocks
+from minitron_nas.halving import rung_tau
+from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr
+from minitron_nas.pruning import prune
+from minitron_nas.search import run_search
+from minitron_nas.settings import RetrainSettings
+from minitron_nas.space import enumerate_candidates, load_space
+from minitron_nas.teacher_cache import TeacherLogitCache
+from minitron_nas.trainer import retrain
+
+PARTS = ("pruned", "oracle", "search", "seeds", "baselines")
+FRACTIONS = (0.05, 0.10, 0.20)  # the search's S / T
+PARTS_DIR = REPORTS / "oracle-parts"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6], help="fractions of the teacher's parameters")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="which parts to run (default: all, in order)")
+    p.add_argument("--search-seeds", type=int, default=10, help="search runs per S/T, each its own data order")
+    p.add_argument("--tokens", type=int, default=81920, help="T: each oracle distillation's tokens (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--mo-top-k", type=int, default=5)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--rank-samples", type=int, default=64)
+    p.add_argument("--test-blocks", type=int, default=32, help="WikiText-2 test blocks of 512 tokens")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-oracle")
+    p.add_argument("--out", type=Path, default=REPORTS / "oracle.md")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.tokens < TOKENS_PER_STEP * 20:
+        p.error(f"--tokens {args.tokens} is below 20 steps of {TOKENS_PER_STEP}: raise it")
+    return args
+
+
+def key_of(a: dict) -> str:
+    return arch_text(a)
+
+
+class Oracle(Bench):
+    """The shared teacher, rankings and test blocks (bench_quality.Bench), with per-block results."""
+
+    def distill_per_block(self, arch: Architecture, seed: int) -> dict:
+        blocks, cache = self.train_cache(self.args.tokens)
+        steps = self.args.tokens // TOKENS_PER_STEP
+        settings = RetrainSettings(steps=steps, batch_size=4, lr=self.args.lr, top_k=64, eval_every=0, seed=seed)
+        student = prune(self.teacher.model, self.rankings, arch)
+        result = retrain(student, blocks, cache, settings)
+        kld = self.kld.measure(student)
+        return {
+            "architecture": arch.to_dict(),
+            "parameters": self.counter.count(arch).total,
+            "seed": seed,
+            "tokens": result.tokens_seen,
+            "seconds": round(result.seconds, 1),
+            "kld": kld.value,
+            "kld_stderr": kld.stderr,
+            "per_block": kld.per_item,
+        }
+
+    def space_for(self, target: int, seed: int = 0, search_tokens: int | None = None):
+        template = load_space(SPACE)
+        return replace(
+            template,
+            budget=replace(template.budget, parameters=target),
+            ranking=replace(template.ranking, data=self.train_text, samples=self.args.rank_samples),
+            retrain=replace(template.retrain, data=self.train_text),
+            halving=replace(template.halving, budget_tokens=search_tokens),
+            seed=seed,
+        )
+
+    def pruned_scores(self, target: int) -> dict:
+        """Every feasible candidate pruned and scored on held-out KL (the search's rung 0, done once here)."""
+        space = self.space_for(target)
+        feasible, _ = enumerate_candidates(space, self.teacher.model.config)
+        heldout = token_blocks(self.train_text, self.teacher.tokenizer, 256, space.scoring.heldout_samples, "heldout")
+        cache = TeacherLogitCache.compute(self.teacher.model, heldout, 64, 1.0, 4, {"teacher_fingerprint": self.teacher.fingerprint})
+        metric = HeldoutKLD(heldout, cache, 4)
+        start, rows, forward = time.perf_counter(), [], 0.0
+        for rank, c in enumerate(feasible):  # closest to the budget first
+            m = metric.measure(prune(self.teacher.model, self.rankings, c.arch))
+            forward += m.seconds
+            rows.append({"key": key_of(c.arch.to_dict()), "architecture": c.arch.to_dict(), "parameters": c.total, "closeness_rank": rank,
+                         "kld": m.value, "kld_stderr": m.stderr, "per_block": m.per_item})  # fmt: skip
+        seconds = time.perf_counter() - start
+        return {
+            "candidates": rows,
+            "seconds": round(seconds, 1),
+            "per_minute": round(60 * len(rows) / seconds, 2),
+            "forward_share": round(forward / seconds, 3),
+        }
+
+    def search_pick(self, target: int, fraction: float, seed: int, folder: Path) -> dict:
+        search_tokens = int(fraction * self.args.tokens)
+        space = self.space_for(target, seed, search_tokens)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "rankings").exists():
+            self.rankings.save(folder / "rankings")
+        run_search(space, folder, resume=(folder / "study.db").is_file(), teacher=self.teacher)
+        best = json.loads((folder / "best_arch.json").read_text())
+        trials = pd.read_csv(folder / "trials.csv")
+        done = trials[(trials.state == "COMPLETE") & (trials.order == 0)]
+        rungs = {int(r): dict(zip(g.key, g.value)) for r, g in done.groupby("rung")}
+        return {k: best[k] for k in ("key", "architecture", "score", "score_stderr", "tied_with", "tie_broken_by", "search_tokens", "order_stderr")} | {
+            "search_seconds": best["search_seconds"],
+            "budget_tokens": search_tokens,
+            "rung_values": rungs,
+        }
+
+
+def budget_dir(work: Path, fraction: float) -> Path:
+    return work / f"budget-{round(fraction * 100)}"
+
+
+def keep_part(path: Path, work: Path) -> None:
+    """A finished part is kept beside the report (small JSON), so the figures survive the work folder."""
+    target = PARTS_DIR / path.relative_to(work)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+
+
+def run_budget(bench: Oracle, fraction: float, parts: list[str]) -> None:
+    args, folder = bench.args, budget_dir(bench.work, fraction)
+    target = round(fraction * bench.teacher_total)
+    say = lambda line: print(f"[{fraction:.0%}] {line}", file=sys.stderr, flush=True)
+    if "pruned" in parts or not (folder / "pruned.json").is_file():
+        pruned = cached(folder / "pruned.json", lambda: bench.pruned_scores(target))
+        keep_part(folder / "pruned.json", bench.work)
+        say(f"pruned scoring: {len(pruned['candidates'])} candidates, {pruned['per_minute']} per minute, {pruned['forward_share']:.0%} in the forward passes")
+    pruned = json.loads((folder / "pruned.json").read_text())
+    archs = {c["key"]: Architecture.from_dict(c["architecture"], bench.base) for c in pruned["candidates"]}
+    if "oracle" in parts:
+        for key, arch in archs.items():
+            path = folder / "oracle" / f"{key.replace('/', '_').replace(':', '-')}-seed0.json"
+            if not path.is_file():
+                say(f"oracle: {key} on {args.tokens:,} tokens, seed 0")
+            cached(path, lambda arch=arch: bench.distill_per_block(arch, 0))
+            keep_part(path, bench.work)
+    if "search" in parts:
+        for fraction_st in FRACTIONS:
+            for seed in range(args.search_seeds):
+                path = folder / "search" / f"st{round(fraction_st * 100)}-seed{seed}.json"
+                if not path.is_file():
+                    say(f"search at S/T {fraction_st:.0%}, seed {seed}")
+                cached(path, lambda s=seed, f=fraction_st: bench.search_pick(target, f, s, folder / "search" / f"st{round(f * 100)}-seed{s}"))
+                keep_part(path, bench.work)
+    if "seeds" in parts:
+        seed0 = load_oracle(folder)
+        for key in sorted(seed0, key=lambda k: seed0[k][0]["kld"])[:4]:
+            for seed in (1, 2):
+                path = folder / "oracle" / f"{key.replace('/', '_').replace(':', '-')}-seed{seed}.json"
+                if not path.is_file():
+                    say(f"oracle: {key}, seed {seed}")
+                cached(path, lambda arch=archs[key], s=seed: bench.distill_per_block(arch, s))
+                keep_part(path, bench.work)
+    if "baselines" in parts:
+        for name, arch in (("depth", depth_only(bench.counter, bench.base, target)), ("uniform", uniform_width(bench.counter, bench.base, target))):
+            path = folder / f"{name}.json"
+            if not path.is_file():
+                say(f"{name}: {arch_text(arch.to_dict())} on {args.tokens:,} tokens")
+            cached(path, lambda arch=arch: bench.distill_per_block(arch, 0))
+            keep_part(path, bench.work)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def load_oracle(folder: Path) -> dict[str, dict[int, dict]]:
+    """{key: {seed: result}} of the oracle distillations present."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted((folder / "oracle").glob("*.json")) if (folder / "oracle").is_dir() else []:
+        r = json.loads(path.read_text())
+        found.setdefault(key_of(r["architecture"]), {})[r["seed"]] = r
+    return found
+
+
+def paired(a: list[float], b: list[float]) -> Measurement:
+    """mean(a - b) over shared blocks with its paired standard error."""
+    diff = [x - y for x, y in zip(a, b)]
+    mean, se = mean_and_stderr(diff)
+    return Measurement(mean, se, 0.0, diff)
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def seed_variance(oracle: dict) -> float:
+    """Pooled variance of a candidate's final KL across seeds (the candidates with several seeds)."""
+    groups = [[r["kld"] for r in seeds.values()] for seeds in oracle.values() if len(seeds) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    return sum(statistics.variance(g) * (len(g) - 1) for g in groups) / dof if dof else 0.0
+
+
+def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
+    folder, lines, missing = budget_dir(work, fraction), [], []
+    if not (folder / "pruned.json").is_file():
+        return [f"## {fraction:.0%} of the teacher", "", "Not run yet.", ""], [f"{fraction:.0%}: everything"]
+    pruned = json.loads((folder / "pruned.json").read_text())
+    candidates = {c["key"]: c for c in pruned["candidates"]}
+    oracle = load_oracle(folder)
+    seed0 = {k: v[0] for k, v in oracle.items() if 0 in v}
+    lines += [f"## {fraction:.0%} of the teacher: {len(candidates)} feasible candidates", ""]
+    lines.append(
+        f"Pruned scoring (rung 0) on the real teacher: {pruned['per_minute']} candidates per minute, "
+        f"{pruned['forward_share']:.0%} of the time in the metric's forward passes (32 blocks of 256 tokens each)."
+    )
+    lines.append("")
+    absent = [k for k in candidates if k not in seed0]
+    if absent:
+        missing.append(f"{fraction:.0%}: oracle seed 0 for {len(absent)} of {len(candidates)} candidates")
+    if not seed0:
+        return lines + ["The oracle has not run yet.", ""], missing
+    best = min(seed0, key=lambda k: seed0[k]["kld"])
+    var_seed = seed_variance(oracle)
+
+    def regret(key: str) -> Measurement | None:
+        if key not in seed0:
+            return None
+        return paired(seed0[key]["per_block"], seed0[best]["per_block"])
+
+    def near_best(key: str) -> bool:
+        r = regret(key)
+        return r is not None and r.value <= math.sqrt((r.stderr or 0.0) ** 2 + 2 * var_seed)
+
+    rows = []
+    for key in sorted(seed0, key=lambda k: seed0[k]["kld"]):
+        r, seeds = regret(key), oracle[key]
+        others = [seeds[s]["kld"] for s in sorted(seeds) if s]
+        rows.append([key, f"{candidates[key]['parameters'] / 1e6:.1f}M", f"{candidates[key]['kld']:.4f}", f"{seeds[0]['kld']:.4f} ± {seeds[0]['kld_stderr']:.4f}",
+                     ", ".join(f"{v:.4f}" for v in others) or "-", "best" if key == best else f"{r.value:+.4f} ± {r.stderr:.4f}",
+                     "yes" if near_best(key) else ""])  # fmt: skip
+    lines += [
+        f"Oracle (each candidate distilled on T = {seed0[best]['tokens']:,} tokens): test KL per candidate, best first. "
+        f"Within noise: the paired difference to the best is within its standard error over the test blocks plus "
+        f"the seed spread (pooled seed SD {math.sqrt(var_seed):.4f} from the candidates run on seeds 1 and 2).",
+        "",
+        markdown_table(["candidate", "params", "pruned KL (valid)", "final KL, seed 0", "seeds 1, 2", "minus the best (paired)", "within noise"], rows),
+        "",
+    ]
+    shared = {k: candidates[k]["kld"] for k in seed0}
+    tau = rung_tau(shared, {k: v["kld"] for k, v in seed0.items()})
+    if tau["tau"] is not None:
+        lines.append(f"Kendall tau, final ranking vs pruned score: {tau['tau']:.2f} [{tau['low']:.2f}, {tau['high']:.2f}] (n = {tau['n']}, 95% bootstrap).")
+        lines.append("")
+
+    table = []
+    for f in FRACTIONS:
+        runs = [json.loads(p.read_text()) for p in sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json"))] if (folder / "search").is_dir() else []
+        if not runs:
+            missing.append(f"{fraction:.0%}: search at S/T {f:.0%}")
+            continue
+        regrets = [regret(r["key"]) for r in runs]
+        if any(x is None for x in regrets):
+            missing.append(f"{fraction:.0%}: oracle of a search pick at S/T {f:.0%}")
+            continue
+        values = [x.value for x in regrets]
+        mean, se = mean_and_stderr(values)
+        hits = sum(near_best(r["key"]) for r in runs)
+        low, high = wilson(hits, len(runs))
+        bound = mean + 1.645 * (se or 0.0)
+        taus = []
+        for r in runs:
+            for rung, vals in sorted(r["rung_values"].items(), key=lambda kv: int(kv[0])):
+                t = rung_tau(vals, {k: seed0[k]["kld"] for k in vals if k in seed0})
+                taus.append((int(rung), t))
+        tau_text = "; ".join(
+            f"rung {rung}: {statistics.fmean([t['tau'] for rr, t in taus if rr == rung and t['tau'] is not None]):.2f}"
+            for rung in sorted({rr for rr, t in taus if t["tau"] is not None})
+        )
+        table.append([f"search, S/T {f:.0%}", str(len(runs)), f"{mean:+.4f} ± {se or 0:.4f}", f"{bound:+.4f}", f"{hits}/{len(runs)} [{low:.2f}, {high:.2f}]",
+                      f"{statistics.fmean(r['search_tokens'] for r in runs):,.0f}", tau_text or "-"])  # fmt: skip
+    by_pruned = min(candidates, key=lambda k: candidates[k]["kld"])
+    closest = sorted(candidates.values(), key=lambda c: c["closeness_rank"])[:5]
+    by_mo = min(closest, key=lambda c: c["kld"])["key"]
+    for name, key in (("pruned scoring, whole set", by_pruned), ("Model-Optimizer-style, top 5 closest", by_mo)):
+        r = regret(key)
+        if r is None:
+            missing.append(f"{fraction:.0%}: oracle of the {name} pick {key}")
+            continue
+        table.append([f"{name} ({key})", "1 (no seed)", f"{r.value:+.4f} ± {r.stderr:.4f} (blocks)", f"{r.value + 1.645 * r.stderr:+.4f}",
+                      "yes" if near_best(key) else "no", "0", "-"])  # fmt: skip
+    for name, label in (("depth", "depth-only"), ("uniform", "uniform width")):
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            missing.append(f"{fraction:.0%}: {label}")
+            continue
+        result = json.loads(path.read_text())
+        r = paired(result["per_block"], seed0[best]["per_block"])
+        table.append([f"{label} ({key_of(result['architecture'])}, outside the space)", "1", f"{r.value:+.4f} ± {r.stderr:.4f} (blocks)",
+                      f"{r.value + 1.645 * r.stderr:+.4f}", "-", "0", "-"])  # fmt: skip
+    if table:
+        lines += [
+            "Selection regret: the pick's final KL minus the oracle's best, paired over the test blocks (search: mean ± SE over "
+            "its seeds, each its own data order; one-sided 95% upper bound). Hits: picks within noise of the best, with a 95% "
+            "Wilson interval. Tau: mean over seeds between each rung's values and the final ranking, over the candidates it had.",
+            "",
+            markdown_table(
+                ["strategy", "seeds", "selection regret", "95% upper bound", "picks the best (within noise)", "search tokens", "Kendall tau per rung"], table
+            ),
+            "",
+        ]
+    return lines, missing
+
+
+def write(args) -> None:
+    run = Run()
+    body, missing = [], []
+    for fraction in args.budgets:
+        lines, gaps = report_budget(PARTS_DIR, fraction)
+        body += lines
+        missing += gaps
+    missing.append("every budget: the token-cost regret (the search winner distilled on T - S from its rung state, against the oracle on T)")
+    body += ["## Not measured yet", "", *[f"- {m}" for m in missing], ""]
+    details = [f"T = {args.tokens:,} tokens per oracle distillation; search S/T of {', '.join(f'{f:.0%}' for f in FRACTIONS)}, {args.search_seeds} seeds each"]
+    run.write_report(args.out, "Oracle benchmark: every feasible candidate distilled, and how well each strategy picks", details, body)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.report_only:
+        args.work.mkdir(parents=True, exist_ok=True)
+        bench = Oracle(args, args.work)
+        for fraction in args.budgets:
+            run_budget(bench, fraction, args.parts)
+    write(args)
+
+
+if __name__ == "__main__":
+    main()
