@@ -370,14 +370,14 @@ def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, w
         device, rank, teacher, RankSettings(data=spec.data, samples=spec.samples, seq_len=spec.seq_len, batch_size=args.batch_size), out / "rankings"
     )
     print(f"pipeline: search of {args.candidates} candidates ...", flush=True)
-    stages["search"] = timed(device, run_search, space, out, None, args.candidates, teacher=teacher)
+    stages["search"] = timed(device, run_search, space, out, teacher=teacher)
     print("pipeline: distill ...", flush=True)
     stages["distill"] = timed(device, distill_winner, space, out, teacher)
     print("pipeline: export ...", flush=True)
     stages["export"] = timed(device, export_stage, space, out, teacher)
     summary = json.loads((out / "distill" / "summary.json").read_text())
     best = json.loads((out / "best_arch.json").read_text())
-    trials = stages["search"][2].trials
+    trials = [t for t in stages["search"][2].trials if "rung" in t.user_attrs]  # candidates, not rung-0 work units
     arch = best["architecture"]
     notes = {
         "rank": f"{spec.samples} x {spec.seq_len} tokens of `{spec.data}`",

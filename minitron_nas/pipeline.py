@@ -273,7 +273,7 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
     arch, rankings, best = winner(out, teacher)
     chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
-    continued = _continue_from_search(student, best)
+    continued = _continue_from_search(student, arch, best)
     spec = space.distill
     settings = replace(spec, seed=space.seed)
     processes = process_count()
@@ -302,7 +302,7 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
     return summary
 
 
-def _continue_from_search(student, best: dict) -> int:
+def _continue_from_search(student, arch: Architecture, best: dict) -> int:
     """Start from the winner's last stable state in the search (the steps it already trained,
     before its rung's decay), so no search token is wasted; returns those steps (0: from the slice).
 
@@ -314,6 +314,9 @@ def _continue_from_search(student, best: dict) -> int:
         return 0
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        sizes = lambda a: {k: v for k, v in a.items() if k != "layers"}
+        if sizes(saved["architecture"]) != sizes(arch.to_dict()):
+            return 0  # made for another architecture than best_arch.json names now
         student.load_state_dict(saved["model"])
     except Exception as err:
         raise MinitronError(f"the winner's rung state '{path}' is unreadable ({type(err).__name__}): delete it to distill from the pruned slice") from None

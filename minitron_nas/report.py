@@ -48,6 +48,7 @@ import pandas as pd
 
 from .errors import MinitronError
 from .files import RunFolder, write_text_atomic
+from .halving import TIE_RULE
 from .study import (
     STUDY_NAME,
     candidates_table,
@@ -240,7 +241,7 @@ def best_line(study: optuna.Study, done: pd.DataFrame) -> str:
         return "no candidate has finished the last rung yet"
     arch = ", ".join(f"{label} {as_int(row[col])}" for col, label in ARCH_COLUMNS.items())
     tied = done[done.tied_with_best & ~done.best]
-    ties = f"; tied within one standard error with {len(tied)} other(s): {', '.join(tied.key)}" if len(tied) else ""
+    ties = f"; tied within one standard error with {len(tied)} other(s): {', '.join(tied.key)}, the tie broken by {TIE_RULE}" if len(tied) else ""
     return f"trial {row.trial}: {arch}; {as_int(row.params_total):,} parameters; score {row.score:.4f} ± {fmt(as_float(row.score_stderr))}{ties}"
 
 

@@ -383,7 +383,7 @@ class _Search:
             result = retrain(student, self.train, self.cache, settings, progress=False, resume=resume, snapshot_at=rung.stable if keep else None)
             timings["retrain"] = result.seconds
             if keep:
-                self._save_state(rung.index, attrs["key"], result.snapshot)
+                self._save_state(rung.index, attrs, result.snapshot)
             trial.set_user_attr("continued_from_step", resume.step if resume else 0)
             trial.set_user_attr("tokens_trained", result.tokens_seen)
             trial.set_user_attr("retrain_curve", [list(p) for p in result.curve])
@@ -437,10 +437,11 @@ class _Search:
                 f"the rung state '{path}' is unreadable ({type(err).__name__}): delete it and rerun (the candidate is then retrained from the teacher's slice)"
             ) from None
 
-    def _save_state(self, rung: int, key: str, state: TrainState) -> None:
-        path = state_file(self.out, rung, key)
+    def _save_state(self, rung: int, attrs: dict, state: TrainState) -> None:
+        path = state_file(self.out, rung, attrs["key"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: torch.save({"step": state.step, "model": state.model, "optimizer": state.optimizer}, tmp))
+        saved = {"architecture": attrs["architecture"], "step": state.step, "model": state.model, "optimizer": state.optimizer}
+        write_atomic(path, lambda tmp: torch.save(saved, tmp))
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
         if trial is not None and "rung0_chunk" in trial.user_attrs and time.monotonic() - self.written < OUTPUTS_EVERY:

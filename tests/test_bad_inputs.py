@@ -306,7 +306,8 @@ def test_nan_loss_during_retraining(root, teacher, corpus):
     assert len(failed) and failed.error.str.contains("NaN/inf").all(), table
     assert not (table[table.rung == table.rung.max()].state == "COMPLETE").any()  # the last rung reached: all failed
     assert not (out / "best_arch.json").exists()
-    assert table.error.str.contains("NaN|inf|non-finite|diverged", regex=True).all(), table.error.tolist()
+    retrained = table[table.rung > 0]  # rung 0 scores pruned: nothing to diverge
+    assert retrained.error.str.contains("NaN|inf|non-finite|diverged", regex=True).all(), retrained.error.tolist()
 
 
 # --------------------------------------------------------------------------- types and ranges of the space's keys

@@ -59,7 +59,7 @@ def test_cpu_path_runs_every_part_on_a_tiny_config(tmp_path):
         "--pipeline-seq-len",
         32,
         "--retrain-tokens",
-        128,
+        256,  # 4 steps: the fewest a retraining rung takes
         "--distill-tokens",
         128,
         "--latency-context",
@@ -84,6 +84,6 @@ def test_cpu_path_runs_every_part_on_a_tiny_config(tmp_path):
         "(v) Latency, exported student",
     ):
         assert f"| {row}" in report, row
-    assert "2 trials" in report
+    assert "6 trials in rungs" in report  # 2 scored pruned, both retrained, 2 data-order pilot runs
     exported = json.loads((tmp_path / "work" / "run" / "export" / "config.json").read_text())
     assert exported["dtype"] == "bfloat16" and exported["intermediate_size"] in (64, 80)

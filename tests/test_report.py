@@ -94,10 +94,10 @@ def make_study(
     study.set_user_attr("schedule", [{"index": 0, "candidates": 6, "steps": 2, "tokens": 256}, {"index": 1, "candidates": 3, "steps": 4, "tokens": 512}])
     study.set_user_attr("space", space or "missing-space.yaml")
     for n, (shape, params, before, value) in enumerate(distinct):
-        study.add_trial(_trial(shape, params, 0, value, n, before=before))
+        study.add_trial(_trial(shape, params, 0, value, n, before=before, pruned=value))
     for n, (value, score) in last.items():
-        shape, params, _, _ = distinct[n]
-        study.add_trial(_trial(shape, params, 1, value, n, score=score))
+        shape, params, _, pruned = distinct[n]
+        study.add_trial(_trial(shape, params, 1, value, n, score=score, pruned=pruned))  # a tie goes to the lower pruned score
     if extras:
         shape, params, _, _ = distinct[5]
         study.add_trial(_trial(shape, params, 1, None, 9, duplicate_of=len(distinct) + 2, state=optuna.trial.TrialState.PRUNED))
@@ -284,14 +284,13 @@ def test_report_lists_budget_rungs_candidates_with_errors_ties_failures_and_dist
     assert "lower is better" in text
     tokens = 256 * len(DISTINCT) + 512 * len(LAST) + 256  # every trial's tokens_trained, the failed one's too
     assert f"- search cost: {tokens:,} training tokens" in text
-    assert "tied within one standard error with 1 other(s): 48/96/6:2/3" in text
+    assert "tied within one standard error with 1 other(s): 48/96/6:2/3, the tie broken by lower pruned score" in text
 
     rungs = text.split("## Rungs")[1].split("## Candidates")[0]
     rows = [line for line in rungs.splitlines() if line.startswith("|") and "---" not in line][1:]
     assert len(rows) == 2
-    assert "(n=6) vs before retraining" in rows[0]  # tau of 6 rung-0 candidates, before vs after
-    assert "(n=3) vs previous rung" in rows[1]  # 3 < 5 pairs: tau withheld, n shown
-    assert "- (n=3)" in rows[1]
+    assert "| pruned " in rows[0]  # rung 0: scored pruned, no tau before it
+    assert rows[1].rstrip(" |").endswith("- (n=3)")  # 3 < 5 pairs: tau withheld, n shown
 
     table = text.split("## Candidates")[1].split("## Failed trials")[0]
     rows = [line for line in table.splitlines() if line.startswith("|") and "---" not in line][1:]
@@ -504,7 +503,7 @@ def test_dashboard_renders_every_figure_offline_without_errors(browser, run):
     parallel = states["parallel"]["traces"][0]
     assert parallel["type"] == "parcoords" and parallel["dims"] == 8 and parallel["n"] == len(DISTINCT)
     title = states["rank-stability"]["title"]
-    assert "before retraining → rung 0: τ" in title and "(n=6)" in title and "rung 0 → rung 1: τ - (n=3)" in title
+    assert "rung 0 → rung 1: τ - (n=3)" in title
     assert len(states["retrain-curves"]["traces"]) == len(DISTINCT)  # one line per candidate, at its last rung
     heads = states["head-importance"]["traces"][0]
     assert heads["type"] == "heatmap" and heads["n"] == 4
