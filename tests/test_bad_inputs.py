@@ -158,6 +158,54 @@ def test_infeasible_budget(root, teacher, corpus, intact_run, command):
     assert_one_line_error(result, "no architecture within 1,000", "the nearest feasible budget is", "change budget.parameters")
 
 
+def test_duplicate_key_in_search_space(root, teacher, corpus, intact_run):
+    text = yaml.safe_dump(space_dict(teacher, corpus)) + "budget: {parameters: 90000}\n"
+    first = 1 + next(n for n, line in enumerate(text.splitlines()) if line.startswith("budget:"))
+    space = write_space(root, "duplicate-key.yaml", text)
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, str(space), f"sets 'budget' twice (lines {first} and {len(text.splitlines())})", "keep one of them")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_search_space_that_is_not_a_file(tmp_path, intact_run, kind):
+    space = tmp_path / "space.yaml"
+    space.mkdir() if kind == "folder" else os.mkfifo(space)  # reading a FIFO would wait for a writer
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, f"search space '{space}' is not a regular file", "give a YAML file")
+
+
+def test_search_space_in_latin_1(root, teacher, corpus, intact_run):
+    text = yaml.safe_dump(space_dict(teacher, corpus)) + "# café\n"
+    space = root / "latin-1.yaml"
+    space.write_bytes(text.encode("latin-1"))
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, f"'{space}' is not UTF-8 text (byte 0xe9 at offset {text.index('é')})", "convert it to UTF-8")
+
+
+def _laughs(depth: int) -> str:
+    """A 'billion laughs' list: each level holds ten aliases of the one before, 10**depth values in all."""
+    levels = "".join(f", &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, depth + 1))
+    return "[&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]" + levels + "]"
+
+
+@pytest.mark.parametrize(
+    "name, tail, fragments",
+    [
+        ("laughs", f"seed: {_laughs(9)}\n", ("expands its YAML aliases (*name) to over 100,000 values", "write the values out")),
+        ("deep", "seed: " + "[" * 5000 + "]" * 5000 + "\n", ("nests its YAML too deeply", "fewer levels")),
+        ("huge", "# padding\n" * 200_000, ("is 2,", "bytes, over the 1,000,000 a space may have", "give the space's YAML file")),
+    ],
+)
+def test_hostile_search_space(root, teacher, corpus, name, tail, fragments):
+    """Refused at once: a subprocess with a timeout, since expanding the aliases took minutes."""
+    space = write_space(root, f"{name}.yaml", yaml.safe_dump(space_dict(teacher, corpus)) + tail)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=env, timeout=60)
+    line = assert_one_line_error(done, f"search space '{space}'", *fragments)
+    assert len(line) < 300, line
+
+
 def test_unknown_lm_eval_task(teacher, shared_data):
     result = invoke("evaluate", "--model", teacher, "--tasks", "arc_easy,nope", "--data-dir", shared_data)
     assert_one_line_error(result, "unknown lm-eval task 'nope'", "lm-eval ls tasks", "--include-path")
