@@ -231,6 +231,57 @@ def test_empty_data(root, teacher, intact_rankings):
     assert_one_line_error(result, str(empty), "gives no block of 32 tokens", "give more text", alone=False)
 
 
+GOOD_LINE = "A line of plain text for the calibration corpus, long enough to fill blocks.\n"
+LATIN_1 = GOOD_LINE.encode() * 3 + "Un café crème, s'il vous plaît.\n".encode("latin-1")
+CUT_JSONL = (json.dumps({"text": GOOD_LINE}) + "\n") * 3 + json.dumps({"text": GOOD_LINE})[:30] + "\n" + json.dumps({"text": GOOD_LINE}) + "\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("binary.txt", bytes(range(256)) * 64, ("is not UTF-8 text (a NUL byte at offset 0", "binary data or UTF-16", "convert it to UTF-8")),
+        ("utf-16.txt", (GOOD_LINE * 20).encode("utf-16"), ("is not UTF-8 text (a NUL byte at offset 3", "convert it to UTF-8")),
+        ("latin-1.txt", LATIN_1 * 20, (f"is not UTF-8 text (byte 0xe9 at offset {LATIN_1.index(0xE9)})", "convert it to UTF-8")),
+        (
+            "latin-1.jsonl",
+            b"".join(json.dumps({"text": line}).encode() + b"\n" for line in [GOOD_LINE] * 20) + '{"text": "café"}\n'.encode("latin-1"),
+            (f"is not UTF-8 text (byte 0xe9 at offset {20 * len(json.dumps({'text': GOOD_LINE})) + 20 + 13})", "convert it to UTF-8"),
+        ),
+        ("cut.jsonl", CUT_JSONL.encode() * 20, ("has invalid JSON at line 4", "cut short?", "fix or remove that line")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_data_that_is_not_text(root, teacher, intact_rankings, name, content, fragments):
+    """Garbage bytes used to be ranked as if they were text (or ended in a traceback)."""
+    data = root / name
+    data.write_bytes(content)
+    result = invoke("rank", "--model", teacher, "--data", data, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"'{data}'" if name != "cut.jsonl" else str(data), *fragments, alone=False)
+
+
+def test_half_a_parquet_file(root, teacher, intact_rankings):
+    whole = root / "whole.parquet"
+    pd.DataFrame({"text": [GOOD_LINE] * 400}).to_parquet(whole)
+    half = root / "half.parquet"
+    half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    result = invoke("rank", "--model", teacher, "--data", half, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"'{half}' is not a readable Parquet file", "ArrowInvalid", "copy or write it again", alone=False)
+
+
+def test_fifo_as_data(tmp_path, teacher, intact_rankings):
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    result = invoke("rank", "--model", teacher, "--data", fifo, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"data path '{fifo}' is not a regular file or folder", "point --data at a file or folder", alone=False)
+
+
+@pytest.mark.parametrize("command", ["rank", "loss"])
+def test_zero_samples(teacher, corpus, intact_rankings, command):
+    out = ["--out", intact_rankings, "--overwrite"] if command == "rank" else []
+    result = invoke(command, "--model", teacher, "--data", corpus, *out, "--samples", "0", "--seq-len", "32")
+    assert_one_line_error(result, "samples must be at least 1, not 0", "--samples", alone=False)
+
+
 # --------------------------------------------------------------------------- rankings and models
 
 
