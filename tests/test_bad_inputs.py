@@ -483,6 +483,68 @@ def test_unreadable_model_weights(root, teacher, intact_rankings, damage):
     assert snapshot(broken) == before
 
 
+def _edited_config(teacher: Path, folder: Path, **changes) -> Path:
+    """A copy of the teacher whose config.json says something its weights do not."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(teacher, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps({key: value for key, value in config.items() if value is not None}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        ({"num_hidden_layers": 6}, ("18 missing from the weights, e.g. 'model.layers.4.",)),
+        ({"num_hidden_layers": 3}, ("9 not in the config, e.g. 'model.layers.3.",)),
+        ({"intermediate_size": 64}, ("of another shape, e.g. 'model.layers.0.mlp.down_proj.weight'",)),
+    ],
+    ids=["more-layers", "fewer-layers", "other-sizes"],
+)
+def test_config_that_does_not_match_the_weights(root, teacher, intact_rankings, changes, fragments):
+    """transformers fills the weights a config claims but the files lack with random values."""
+    folder = _edited_config(teacher, root / "teacher-edited-config", **changes)
+    before = snapshot(folder)
+    result = invoke("rank", "--model", folder, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"the config.json of '{folder}' does not match its weights in model.safetensors", *fragments, "fix config.json")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("command", ["rank", "count"])
+def test_hidden_size_not_divisible_by_heads(root, teacher, intact_rankings, command):
+    folder = _edited_config(teacher, root / "teacher-indivisible", hidden_size=50, head_dim=None)
+    model = folder if command == "rank" else folder / "config.json"
+    extra = ["--out", intact_rankings, "--overwrite", *TINY_RANK] if command == "rank" else []
+    result = invoke(command, "--model", model, *extra)
+    assert_one_line_error(
+        result, f"the config of '{model}' is invalid", "hidden size (50) is not a multiple of the number of attention heads (6)", "fix its config.json"
+    )
+
+
+def test_tokenizer_larger_than_the_vocabulary(root, intact_rankings):
+    """Token ids past the embedding ended in an IndexError half-way through ranking."""
+    folder = root / "teacher-small-vocabulary"
+    if not folder.exists():
+        save_model(tiny_model("llama", vocab_size=128), folder, byte_tokenizer())
+    result = invoke("rank", "--model", folder, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"the tokenizer of '{folder}' has 257 ids but the model's vocabulary only 128", "the model's own tokenizer", alone=False)
+
+
+@pytest.mark.parametrize("command", ["rank", "loss"])
+def test_seq_len_beyond_the_model_s_positions(teacher, corpus, intact_rankings, command):
+    out = ["--out", intact_rankings, "--overwrite"] if command == "rank" else []
+    result = invoke(command, "--model", teacher, "--data", corpus, *out, "--samples", "4", "--seq-len", "256")
+    assert_one_line_error(result, "--seq-len", "256 is above the model's max_position_embeddings (128)", "make it 128 or less", alone=False)
+
+
+def test_zero_batch_size(teacher, corpus, intact_rankings):
+    result = invoke(
+        "rank", "--model", teacher, "--data", corpus, "--out", intact_rankings, "--overwrite", "--samples", "4", "--seq-len", "32", "--batch-size", "0"
+    )
+    assert_one_line_error(result, "batch_size 0 is below 1", "use --batch-size", alone=False)
+
+
 # --------------------------------------------------------------------------- stages out of order, lost storage
 
 
