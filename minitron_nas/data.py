@@ -43,7 +43,7 @@ def _documents_of_file(path: Path, text_field: str) -> Iterator[str]:
         try:
             frame = pd.read_parquet(path)
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
-            reason = (str(err).strip().splitlines() or [""])[0][:100]
+            reason = (str(err).strip().splitlines() or [""])[0].rsplit(": ", 1)[-1].split(". ")[0][:100]  # not the path again
             raise MinitronError(
                 f"'{path}' is not a readable Parquet file ({type(err).__name__}: {reason}): it may be cut short; copy or write it again"
             ) from None

@@ -216,8 +216,8 @@ def _no_load_report():
 def _check_weights_match(spec: str, path: Path, info: dict, fix: str | None) -> None:
     """transformers fills weights the files lack with random values: refuse a config.json that claims more (or other) weights."""
     problems = {
-        "missing from the weights": sorted(info["missing_keys"]),
-        "not in the config": sorted(info["unexpected_keys"]),
+        "missing": sorted(info["missing_keys"]),
+        "unexpected": sorted(info["unexpected_keys"]),
         "of another shape": sorted(key for key, *_ in info["mismatched_keys"]),
     }
     found = [f"{len(keys)} {what}, e.g. '{keys[0]}'" for what, keys in problems.items() if keys]

@@ -496,8 +496,8 @@ def _edited_config(teacher: Path, folder: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     "changes, fragments",
     [
-        ({"num_hidden_layers": 6}, ("18 missing from the weights, e.g. 'model.layers.4.",)),
-        ({"num_hidden_layers": 3}, ("9 not in the config, e.g. 'model.layers.3.",)),
+        ({"num_hidden_layers": 6}, ("18 missing, e.g. 'model.layers.4.",)),
+        ({"num_hidden_layers": 3}, ("9 unexpected, e.g. 'model.layers.3.",)),
         ({"intermediate_size": 64}, ("of another shape, e.g. 'model.layers.0.mlp.down_proj.weight'",)),
     ],
     ids=["more-layers", "fewer-layers", "other-sizes"],
