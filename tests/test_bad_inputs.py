@@ -167,11 +167,18 @@ def test_duplicate_key_in_search_space(root, teacher, corpus, intact_run):
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo"])
-def test_search_space_that_is_not_a_file(tmp_path, intact_run, kind):
+def test_search_space_that_is_not_a_file(tmp_path, kind):
+    """A subprocess with a timeout: reading a FIFO waited for a writer forever."""
     space = tmp_path / "space.yaml"
-    space.mkdir() if kind == "folder" else os.mkfifo(space)  # reading a FIFO would wait for a writer
-    result = invoke("search", space, "--out", intact_run, "--resume")
-    assert_one_line_error(result, f"search space '{space}' is not a regular file", "give a YAML file")
+    space.mkdir() if kind == "folder" else os.mkfifo(space)
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
+    assert_one_line_error(done, f"search space '{space}' is not a regular file", "give a YAML file")
+
+
+def _this_checkout() -> dict[str, str]:
+    """The environment of a subprocess that imports this checkout's minitron_nas."""
+    repo = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_search_space_in_latin_1(root, teacher, corpus, intact_run):
@@ -199,9 +206,7 @@ def _laughs(depth: int) -> str:
 def test_hostile_search_space(root, teacher, corpus, name, tail, fragments):
     """Refused at once: a subprocess with a timeout, since expanding the aliases took minutes."""
     space = write_space(root, f"{name}.yaml", yaml.safe_dump(space_dict(teacher, corpus)) + tail)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
     line = assert_one_line_error(done, f"search space '{space}'", *fragments)
     assert len(line) < 300, line
 
