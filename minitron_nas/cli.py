@@ -286,9 +286,10 @@ def loss(
 ):
     """Mean next-token loss (nats) of a model on text."""
     from .pipeline import heldout_loss
-    from .teachers import load_teacher
+    from .teachers import check_context, load_teacher
 
     teacher = load_teacher(model, device, dtype)
+    check_context(teacher.model.config, seq_len, "--seq-len")
     value = heldout_loss(teacher.model, teacher.tokenizer, data, samples, seq_len, split)
     print(json.dumps({"model": teacher.name, "data": data, "split": split, "loss": round(value, 4)}))
 

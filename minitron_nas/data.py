@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import MinitronError
+from .files import decode_utf8
 
 EMBEDDED_CORPUS = "shakespeare"
 HELDOUT_EVERY = 10  # paragraph i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1
@@ -33,22 +34,41 @@ def _shakespeare_files() -> list[Path]:
 
 def _documents_of_file(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield decode_utf8(path.read_bytes(), path)
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_field not in record:
-                        raise MinitronError(f"{path}:{number} has no '{text_field}' field: pass --text-field")
-                    yield str(record[text_field])
+        yield from _jsonl_documents(path, text_field)
     elif path.suffix == ".parquet":
         import pandas as pd  # only for .parquet input
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            reason = (str(err).strip().splitlines() or [""])[0].rsplit(": ", 1)[-1].split(". ")[0][:100]  # not the path again
+            raise MinitronError(
+                f"'{path}' is not a readable Parquet file ({type(err).__name__}: {reason}): it may be cut short; copy or write it again"
+            ) from None
         if text_field not in frame.columns:
             raise MinitronError(f"{path} has no '{text_field}' column: pass --text-field")
         yield from frame[text_field].astype(str)
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = decode_utf8(raw, path, offset)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MinitronError(
+                    f"{path} has invalid JSON at line {number} ({err.msg.removesuffix(' at')}, column {err.colno}; cut short?): fix or remove that line"
+                ) from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise MinitronError(f"{path}:{number} has no '{text_field}' field: pass --text-field")
+            yield str(record[text_field])
 
 
 def documents(source: str, text_field: str = "text") -> Iterator[str]:
@@ -70,6 +90,8 @@ def documents(source: str, text_field: str = "text") -> Iterator[str]:
             raise MinitronError(f"'{source}' is not .txt, .jsonl or .parquet: convert it or point --data elsewhere")
         yield from _documents_of_file(path, text_field)
         return
+    if path.exists():
+        raise MinitronError(f"data path '{source}' is not a regular file or folder (a FIFO, socket or device): point --data at a file or folder of text")
     if path.suffix in _SUFFIXES or "/" in source:
         raise MinitronError(f"data path '{source}' not found: check --data")
     yield from _dataset_documents(source, text_field)
@@ -118,6 +140,8 @@ def token_blocks(
     """A [n_blocks, seq_len] LongTensor of packed token ids; documents joined by EOS."""
     if seq_len < 2:
         raise MinitronError(f"sequence length {seq_len} is too short: use at least 2")
+    if max_blocks is not None and max_blocks < 1:
+        raise MinitronError(f"samples must be at least 1, not {max_blocks}: ask for 1 or more blocks of text (--samples)")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     buffer: list[int] = []
     blocks: list[list[int]] = []

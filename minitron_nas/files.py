@@ -3,7 +3,8 @@
 `RunFolder` names every path inside a run folder (`--out`) once. Every output is written
 to a temporary sibling, then renamed over the old one (`atomic_dir` for folders,
 `write_text_atomic` / `write_json_atomic` for files), so a killed or failed run leaves
-the previous version in place.
+the previous version in place. Text inputs are read with `decode_utf8`, which refuses
+binary, UTF-16 or Latin-1 bytes in one line naming the file and the byte's offset.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .errors import MinitronError
 
-__all__ = ["RunFolder", "atomic_dir", "check_writable", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["RunFolder", "atomic_dir", "check_writable", "decode_utf8", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 @dataclass(frozen=True)
@@ -183,3 +184,18 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 def write_json_atomic(path: Path, value, indent: int | None = 2) -> Path:
     """`write_text_atomic` of `value` as JSON."""
     return write_text_atomic(path, json.dumps(value, indent=indent))
+
+
+def decode_utf8(raw: bytes, path: Path | str, offset: int = 0) -> str:
+    """`raw` (read from `path`, starting at byte `offset`) as text, or a one-line MinitronError.
+
+    A NUL byte marks binary data or UTF-16 text, which would otherwise be read as garbage;
+    any byte that is not UTF-8 (Latin-1 accents, say) is refused at its offset in the file.
+    """
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise MinitronError(f"'{path}' is not UTF-8 text (a NUL byte at offset {offset + nul}; binary data or UTF-16?): convert it to UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MinitronError(f"'{path}' is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {offset + err.start}): convert it to UTF-8") from None

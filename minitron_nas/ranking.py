@@ -32,7 +32,7 @@ from .families import family_for, final_norm, layers_of
 from .files import atomic_dir, check_writable
 from .scoring import lm_loss
 from .settings import Aggregation, RankSettings
-from .teachers import Teacher
+from .teachers import Teacher, check_context
 
 TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
 _TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
@@ -282,6 +282,9 @@ def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, over
     """Calibrate on `settings.data` and (optionally) save the rankings to `out`."""
     if out is not None:
         check_writable(out, overwrite)
+    if settings.batch_size < 1:
+        raise MinitronError(f"batch_size {settings.batch_size} is below 1: use --batch-size (ranking.batch_size) 1 or more")
+    check_context(teacher.model.config, settings.seq_len, "--seq-len (ranking.seq_len)")
     blocks = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.samples, settings.split)
     heldout = None
     if settings.layer_loss:

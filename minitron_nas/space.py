@@ -12,6 +12,7 @@ stage settings themselves are in settings.py.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import itertools
 import math
@@ -32,6 +33,7 @@ from .architecture import (
 )
 from .devices import check_device_name, check_dtype_name
 from .errors import MinitronError
+from .files import decode_utf8
 from .samplers import SAMPLERS
 from .settings import DistillSettings, RankSettings, RetrainSettings
 
@@ -419,16 +421,91 @@ def _top_level(data: dict, key: str, default):
     return check_value(key, data[key], _hints(SearchSpace).get(key), given, _rule("", key, f.metadata))
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
+MAX_SPACE_BYTES = 1_000_000  # the largest shipped space is about 4 kB
+MAX_SPACE_VALUES = 100_000  # values after expanding YAML aliases (a shipped space has a few hundred)
+
+
+class _SpaceLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it would otherwise accept silently or slowly.
+
+    A key given twice (the later one would win unseen), and aliases that expand a small file
+    into millions of values (nested `*a` lists, "billion laughs"), are refused in one line.
+    """
+
+    def __init__(self, text: str, path: Path):
+        super().__init__(text)
+        self.space_path = path
+
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}) > MAX_SPACE_VALUES:
+            raise MinitronError(
+                f"search space '{self.space_path}' expands its YAML aliases (*name) to over {MAX_SPACE_VALUES:,} values: write the values out instead"
+            )
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` may be overridden by the keys beside it
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the safe loader refuses it below, as invalid YAML
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise MinitronError(f"search space '{self.space_path}' sets '{key}' twice (lines {first_line[key]} and {line}): keep one of them")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds once its aliases are expanded, capped just above the limit."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_SPACE_VALUES + 1  # an alias inside its own anchor expands without end
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes)
+        if size > MAX_SPACE_VALUES:
+            break
+    sizes[id(node)] = min(size, MAX_SPACE_VALUES + 1)
+    return sizes[id(node)]
+
+
+def _read_space(path: Path):
+    """The parsed YAML of a space file: a regular UTF-8 file under MAX_SPACE_BYTES."""
+    if not path.exists():
+        raise MinitronError(f"search space '{path}' not found: give a YAML file such as search_spaces/smollm2-135m-demo.yaml")
+    if not path.is_file():
+        raise MinitronError(
+            f"search space '{path}' is not a regular file (a folder, FIFO or device): give a YAML file such as search_spaces/smollm2-135m-demo.yaml"
+        )
+    size = path.stat().st_size
+    if size > MAX_SPACE_BYTES:
+        raise MinitronError(f"search space '{path}' is {size:,} bytes, over the {MAX_SPACE_BYTES:,} a space may have: give the space's YAML file")
+    loader = _SpaceLoader(decode_utf8(path.read_bytes(), path), path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MinitronError(f"search space '{path}' not found: give a YAML file such as search_spaces/smollm2-135m-demo.yaml") from None
+        return loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise MinitronError(f"search space '{path}' is not valid YAML{where}: fix the syntax") from None
+    except RecursionError:
+        raise MinitronError(f"search space '{path}' nests its YAML too deeply: write it with fewer levels") from None
+    finally:
+        loader.dispose()
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    data = _read_space(path)
     if not isinstance(data, dict):
         raise MinitronError(f"search space '{path}' must be a YAML mapping: give keys such as teacher, axes and budget")
     allowed = {f.name for f in fields(SearchSpace)} - {"source"}

@@ -11,12 +11,15 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
+from transformers.utils import logging as hf_logging
 
 from .devices import check_fits, placement
 from .errors import MinitronError
@@ -124,21 +127,31 @@ def fingerprint(model: torch.nn.Module) -> str:
 def load_config(spec: str):
     """Only the config (no weights): a config.json file, a model folder, a .gguf file or an embedded name."""
     path = Path(spec)
-    if path.suffix == ".json" and path.is_file():
-        data = json.loads(path.read_text())
-        if "model_type" not in data:
-            raise MinitronError(f"'{spec}' has no model_type: give a Hugging Face config.json")
-        family_of_type(data["model_type"])
-        config = AutoConfig.for_model(**data)
-    else:
-        _, folder = resolve(spec)
-        _check_model_type(Path(folder) / "config.json")
-        try:
-            config = AutoConfig.from_pretrained(str(folder))
-        except (OSError, ValueError) as err:
-            raise MinitronError(_not_loadable(spec, err)) from None
+    try:
+        if path.suffix == ".json" and path.is_file():
+            data = json.loads(path.read_text())
+            if "model_type" not in data:
+                raise MinitronError(f"'{spec}' has no model_type: give a Hugging Face config.json")
+            family_of_type(data["model_type"])
+            config = AutoConfig.for_model(**data)
+        else:
+            _, folder = resolve(spec)
+            _check_model_type(Path(folder) / "config.json")
+            try:
+                config = AutoConfig.from_pretrained(str(folder))
+            except (OSError, ValueError) as err:
+                raise MinitronError(_not_loadable(spec, err)) from None
+    except StrictDataclassError as err:  # transformers checks a config's values as it builds it
+        raise MinitronError(f"the config of '{spec}' is invalid ({_reason(err.__cause__ or err)}): fix its config.json") from None
     family_for(config)
     return config
+
+
+def check_context(config, seq_len: int, option: str) -> None:
+    """Refuse blocks longer than the model's positions: they run, but past its training length."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise MinitronError(f"{option} {seq_len} is above the model's max_position_embeddings ({limit}): make it {limit} or less")
 
 
 def _check_model_type(config_file: Path) -> None:
@@ -173,7 +186,10 @@ def load_model(folder, spec: str | None = None, dtype: torch.dtype | str = torch
     if path.is_dir() and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
         raise MinitronError(f"'{spec}' holds no weights (no model.safetensors): {fix or 'give a folder written by save_pretrained'}")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=device_map)
+        with _no_load_report():  # its table of missing weights is summed up in one line below
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, device_map=device_map, output_loading_info=True, ignore_mismatched_sizes=True
+            )
     except MinitronError:
         raise
     except Exception as err:
@@ -182,6 +198,35 @@ def load_model(folder, spec: str | None = None, dtype: torch.dtype | str = torch
         raise MinitronError(
             f"the weights in '{spec}' are unreadable ({_reason(err)}): {fix or 'the file may be truncated; save or copy the model again'}"
         ) from None
+    _check_weights_match(spec, path, info, fix)
+    return model
+
+
+@contextmanager
+def _no_load_report():
+    """transformers logs a many-line report of weights it did not find; `_check_weights_match` refuses them instead."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _check_weights_match(spec: str, path: Path, info: dict, fix: str | None) -> None:
+    """transformers fills weights the files lack with random values: refuse a config.json that claims more (or other) weights."""
+    problems = {
+        "missing": sorted(info["missing_keys"]),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "of another shape": sorted(key for key, *_ in info["mismatched_keys"]),
+    }
+    found = [f"{len(keys)} {what}, e.g. '{keys[0]}'" for what, keys in problems.items() if keys]
+    if found:
+        files = sorted(p.name for pattern in WEIGHT_FILES for p in path.glob(pattern)) if path.is_dir() else []
+        raise MinitronError(
+            f"the config.json of '{spec}' does not match its weights in {', '.join(files) or 'the checkpoint'} ({'; '.join(found)}): "
+            f"{fix or 'fix config.json (num_hidden_layers, sizes) or save the model again'}"
+        )
 
 
 def load_teacher(spec: str = DEFAULT_TEACHER, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Teacher:
@@ -204,4 +249,9 @@ def load_teacher(spec: str = DEFAULT_TEACHER, device: str | torch.device = "auto
         raise MinitronError(
             f"cannot load the tokenizer of '{spec}' ({_reason(err)}): save the tokenizer into the model folder (tokenizer.save_pretrained)"
         ) from None
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise MinitronError(
+            f"the tokenizer of '{spec}' has {len(tokenizer):,} ids but the model's vocabulary only {vocab:,}: save the model's own tokenizer into its folder"
+        )
     return Teacher(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model), path=Path(folder))

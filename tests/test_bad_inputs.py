@@ -158,6 +158,59 @@ def test_infeasible_budget(root, teacher, corpus, intact_run, command):
     assert_one_line_error(result, "no architecture within 1,000", "the nearest feasible budget is", "change budget.parameters")
 
 
+def test_duplicate_key_in_search_space(root, teacher, corpus, intact_run):
+    text = yaml.safe_dump(space_dict(teacher, corpus)) + "budget: {parameters: 90000}\n"
+    first = 1 + next(n for n, line in enumerate(text.splitlines()) if line.startswith("budget:"))
+    space = write_space(root, "duplicate-key.yaml", text)
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, str(space), f"sets 'budget' twice (lines {first} and {len(text.splitlines())})", "keep one of them")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_search_space_that_is_not_a_file(tmp_path, kind):
+    """A subprocess with a timeout: reading a FIFO waited for a writer forever."""
+    space = tmp_path / "space.yaml"
+    space.mkdir() if kind == "folder" else os.mkfifo(space)
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
+    assert_one_line_error(done, f"search space '{space}' is not a regular file", "give a YAML file")
+
+
+def _this_checkout() -> dict[str, str]:
+    """The environment of a subprocess that imports this checkout's minitron_nas."""
+    repo = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_search_space_in_latin_1(root, teacher, corpus, intact_run):
+    text = yaml.safe_dump(space_dict(teacher, corpus)) + "# café\n"
+    space = root / "latin-1.yaml"
+    space.write_bytes(text.encode("latin-1"))
+    result = invoke("search", space, "--out", intact_run, "--resume")
+    assert_one_line_error(result, f"'{space}' is not UTF-8 text (byte 0xe9 at offset {text.index('é')})", "convert it to UTF-8")
+
+
+def _laughs(depth: int) -> str:
+    """A 'billion laughs' list: each level holds ten aliases of the one before, 10**depth values in all."""
+    levels = "".join(f", &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, depth + 1))
+    return "[&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]" + levels + "]"
+
+
+@pytest.mark.parametrize(
+    "name, tail, fragments",
+    [
+        ("laughs", f"seed: {_laughs(9)}\n", ("expands its YAML aliases (*name) to over 100,000 values", "write the values out")),
+        ("deep", "seed: " + "[" * 5000 + "]" * 5000 + "\n", ("nests its YAML too deeply", "fewer levels")),
+        ("huge", "# padding\n" * 200_000, ("is 2,", "bytes, over the 1,000,000 a space may have", "give the space's YAML file")),
+    ],
+)
+def test_hostile_search_space(root, teacher, corpus, name, tail, fragments):
+    """Refused at once: a subprocess with a timeout, since expanding the aliases took minutes."""
+    space = write_space(root, f"{name}.yaml", yaml.safe_dump(space_dict(teacher, corpus)) + tail)
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
+    line = assert_one_line_error(done, f"search space '{space}'", *fragments)
+    assert len(line) < 300, line
+
+
 def test_unknown_lm_eval_task(teacher, shared_data):
     result = invoke("evaluate", "--model", teacher, "--tasks", "arc_easy,nope", "--data-dir", shared_data)
     assert_one_line_error(result, "unknown lm-eval task 'nope'", "lm-eval ls tasks", "--include-path")
@@ -181,6 +234,57 @@ def test_empty_data(root, teacher, intact_rankings):
     empty.write_text("\n\n  \n")
     result = invoke("rank", "--model", teacher, "--data", empty, "--out", intact_rankings, "--overwrite", *TINY_RANK)
     assert_one_line_error(result, str(empty), "gives no block of 32 tokens", "give more text", alone=False)
+
+
+GOOD_LINE = "A line of plain text for the calibration corpus, long enough to fill blocks.\n"
+LATIN_1 = GOOD_LINE.encode() * 3 + "Un café crème, s'il vous plaît.\n".encode("latin-1")
+CUT_JSONL = (json.dumps({"text": GOOD_LINE}) + "\n") * 3 + json.dumps({"text": GOOD_LINE})[:30] + "\n" + json.dumps({"text": GOOD_LINE}) + "\n"
+
+
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("binary.txt", bytes(range(256)) * 64, ("is not UTF-8 text (a NUL byte at offset 0", "binary data or UTF-16", "convert it to UTF-8")),
+        ("utf-16.txt", (GOOD_LINE * 20).encode("utf-16"), ("is not UTF-8 text (a NUL byte at offset 3", "convert it to UTF-8")),
+        ("latin-1.txt", LATIN_1 * 20, (f"is not UTF-8 text (byte 0xe9 at offset {LATIN_1.index(0xE9)})", "convert it to UTF-8")),
+        (
+            "latin-1.jsonl",
+            b"".join(json.dumps({"text": line}).encode() + b"\n" for line in [GOOD_LINE] * 20) + '{"text": "café"}\n'.encode("latin-1"),
+            (f"is not UTF-8 text (byte 0xe9 at offset {20 * len(json.dumps({'text': GOOD_LINE})) + 20 + 13})", "convert it to UTF-8"),
+        ),
+        ("cut.jsonl", CUT_JSONL.encode() * 20, ("has invalid JSON at line 4", "cut short?", "fix or remove that line")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_data_that_is_not_text(root, teacher, intact_rankings, name, content, fragments):
+    """Garbage bytes used to be ranked as if they were text (or ended in a traceback)."""
+    data = root / name
+    data.write_bytes(content)
+    result = invoke("rank", "--model", teacher, "--data", data, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"'{data}'" if name != "cut.jsonl" else str(data), *fragments, alone=False)
+
+
+def test_half_a_parquet_file(root, teacher, intact_rankings):
+    whole = root / "whole.parquet"
+    pd.DataFrame({"text": [GOOD_LINE] * 400}).to_parquet(whole)
+    half = root / "half.parquet"
+    half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    result = invoke("rank", "--model", teacher, "--data", half, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"'{half}' is not a readable Parquet file", "ArrowInvalid", "copy or write it again", alone=False)
+
+
+def test_fifo_as_data(tmp_path, teacher, intact_rankings):
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    result = invoke("rank", "--model", teacher, "--data", fifo, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"data path '{fifo}' is not a regular file or folder", "point --data at a file or folder", alone=False)
+
+
+@pytest.mark.parametrize("command", ["rank", "loss"])
+def test_zero_samples(teacher, corpus, intact_rankings, command):
+    out = ["--out", intact_rankings, "--overwrite"] if command == "rank" else []
+    result = invoke(command, "--model", teacher, "--data", corpus, *out, "--samples", "0", "--seq-len", "32")
+    assert_one_line_error(result, "samples must be at least 1, not 0", "--samples", alone=False)
 
 
 # --------------------------------------------------------------------------- rankings and models
@@ -383,6 +487,68 @@ def test_unreadable_model_weights(root, teacher, intact_rankings, damage):
     else:
         assert_one_line_error(result, f"the weights in '{broken}' are unreadable", "SafetensorError", "may be truncated")
     assert snapshot(broken) == before
+
+
+def _edited_config(teacher: Path, folder: Path, **changes) -> Path:
+    """A copy of the teacher whose config.json says something its weights do not."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(teacher, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps({key: value for key, value in config.items() if value is not None}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        ({"num_hidden_layers": 6}, ("18 missing, e.g. 'model.layers.4.",)),
+        ({"num_hidden_layers": 3}, ("9 unexpected, e.g. 'model.layers.3.",)),
+        ({"intermediate_size": 64}, ("of another shape, e.g. 'model.layers.0.mlp.down_proj.weight'",)),
+    ],
+    ids=["more-layers", "fewer-layers", "other-sizes"],
+)
+def test_config_that_does_not_match_the_weights(root, teacher, intact_rankings, changes, fragments):
+    """transformers fills the weights a config claims but the files lack with random values."""
+    folder = _edited_config(teacher, root / "teacher-edited-config", **changes)
+    before = snapshot(folder)
+    result = invoke("rank", "--model", folder, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"the config.json of '{folder}' does not match its weights in model.safetensors", *fragments, "fix config.json")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("command", ["rank", "count"])
+def test_hidden_size_not_divisible_by_heads(root, teacher, intact_rankings, command):
+    folder = _edited_config(teacher, root / "teacher-indivisible", hidden_size=50, head_dim=None)
+    model = folder if command == "rank" else folder / "config.json"
+    extra = ["--out", intact_rankings, "--overwrite", *TINY_RANK] if command == "rank" else []
+    result = invoke(command, "--model", model, *extra)
+    assert_one_line_error(
+        result, f"the config of '{model}' is invalid", "hidden size (50) is not a multiple of the number of attention heads (6)", "fix its config.json"
+    )
+
+
+def test_tokenizer_larger_than_the_vocabulary(root, intact_rankings):
+    """Token ids past the embedding ended in an IndexError half-way through ranking."""
+    folder = root / "teacher-small-vocabulary"
+    if not folder.exists():
+        save_model(tiny_model("llama", vocab_size=128), folder, byte_tokenizer())
+    result = invoke("rank", "--model", folder, "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    assert_one_line_error(result, f"the tokenizer of '{folder}' has 257 ids but the model's vocabulary only 128", "the model's own tokenizer", alone=False)
+
+
+@pytest.mark.parametrize("command", ["rank", "loss"])
+def test_seq_len_beyond_the_model_s_positions(teacher, corpus, intact_rankings, command):
+    out = ["--out", intact_rankings, "--overwrite"] if command == "rank" else []
+    result = invoke(command, "--model", teacher, "--data", corpus, *out, "--samples", "4", "--seq-len", "256")
+    assert_one_line_error(result, "--seq-len", "256 is above the model's max_position_embeddings (128)", "make it 128 or less", alone=False)
+
+
+def test_zero_batch_size(teacher, corpus, intact_rankings):
+    result = invoke(
+        "rank", "--model", teacher, "--data", corpus, "--out", intact_rankings, "--overwrite", "--samples", "4", "--seq-len", "32", "--batch-size", "0"
+    )
+    assert_one_line_error(result, "batch_size 0 is below 1", "use --batch-size", alone=False)
 
 
 # --------------------------------------------------------------------------- stages out of order, lost storage
