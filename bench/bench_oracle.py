@@ -115,7 +115,7 @@ class Oracle(Bench):
             seed=seed,
         )
 
-    def pruned_scores(self, target: int) -> dict:
+    def score_all_pruned(self, target: int) -> dict:
         """Every feasible candidate pruned and scored on held-out KL (the search's rung 0, done once here)."""
         space = self.space_for(target)
         feasible, _ = enumerate_candidates(space, self.teacher.model.config)
@@ -170,7 +170,7 @@ def run_budget(bench: Oracle, fraction: float, parts: list[str]) -> None:
     target = round(fraction * bench.teacher_total)
     say = lambda line: print(f"[{fraction:.0%}] {line}", file=sys.stderr, flush=True)
     if "pruned" in parts or not (folder / "pruned.json").is_file():
-        pruned = cached(folder / "pruned.json", lambda: bench.pruned_scores(target))
+        pruned = cached(folder / "pruned.json", lambda: bench.score_all_pruned(target))
         keep_part(folder / "pruned.json", bench.work)
         say(f"pruned scoring: {len(pruned['candidates'])} candidates, {pruned['per_minute']} per minute, {pruned['forward_share']:.0%} in the forward passes")
     pruned = json.loads((folder / "pruned.json").read_text())
