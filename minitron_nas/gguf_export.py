@@ -153,8 +153,9 @@ def _tensor_name(name: str, n_layers: int) -> str:
     raise MinitronError(f"tensor '{name}' has no place in a Llama GGUF: give a Llama model written by the export")
 
 
-def _encode(data: torch.Tensor, matrix_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
-    """(array, raw dtype for the writer): 1-D stays float32; q8_0 needs rows that are whole blocks."""
+def encode_tensor(data: torch.Tensor, matrix_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """(array, raw dtype for the writer, None when the array's own dtype says it): 1-D stays
+    float32; q8_0 needs rows that are whole blocks of 32, others are written in f16."""
     array = data.float().numpy()
     if array.ndim == 1:
         return array, None
@@ -202,7 +203,7 @@ def write_gguf(folder: Path, out: Path | None = None, gguf_type: str = "f16", na
                     data = permute(data, config.num_attention_heads)
                 elif key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
                     data = permute(data, config.num_key_value_heads)
-                array, raw_dtype = _encode(data, matrix_type)
+                array, raw_dtype = encode_tensor(data, matrix_type)
                 writer.add_tensor(_tensor_name(key, config.num_hidden_layers), array, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
