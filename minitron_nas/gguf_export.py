@@ -139,7 +139,14 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> st
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    # whether llama.cpp adds BOS / EOS, as the tokenizer itself does (5.x's tokenizer_config no longer says)
+    with_special, plain = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+    added_first = with_special[: len(with_special) - len(plain)] if with_special[-len(plain) :] == plain else []
+    added_last = with_special[len(plain) :] if with_special[: len(plain)] == plain else []
+    special.add_special_token.setdefault("bos", tokenizer.bos_token_id is not None and added_first[:1] == [tokenizer.bos_token_id])
+    special.add_special_token.setdefault("eos", tokenizer.eos_token_id is not None and added_last[-1:] == [tokenizer.eos_token_id])
+    special.add_to_gguf(writer, quiet=True)
     return pre
 
 
@@ -165,7 +172,10 @@ def encode_tensor(data: torch.Tensor, matrix_type: gguf.GGMLQuantizationType) ->
 
 
 def write_gguf(folder: Path, out: Path | None = None, gguf_type: str = "f16", name: str | None = None) -> Path:
-    """The Llama model in `folder` as one GGUF file `out` (default `gguf_path`), written whole or not at all."""
+    """The Llama model in `folder` as one GGUF file `out` (default `gguf_path`), written whole or not at all.
+
+    `general.name` is `name`, else the model's name in config.json (`_name_or_path`, which
+    `save_model` sets), else the folder's name."""
     folder = Path(folder)
     matrix_type, file_type = GGUF_TYPES[check_gguf_type(gguf_type)]
     out = Path(out) if out is not None else gguf_path(folder, gguf_type)
@@ -178,7 +188,7 @@ def write_gguf(folder: Path, out: Path | None = None, gguf_type: str = "f16", na
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name or folder.name)
+        writer.add_name(name or json.loads((folder / "config.json").read_text()).get("_name_or_path") or folder.name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
         writer.add_block_count(config.num_hidden_layers)

@@ -347,8 +347,7 @@ def export_gguf(space, out: Path, teacher: Teacher, gguf_type: str, check: bool 
     """RUN/export-TYPE.gguf beside RUN/export; with `check`, one line comparing llama.cpp's
     next-token NLL on the distillation's held-out text with transformers' (or why it was skipped)."""
     folder = RunFolder(out).export
-    name = json.loads((folder / "best_arch.json").read_text()).get("name")
-    path = write_gguf(folder, gguf_type=gguf_type, name=name)
+    path = write_gguf(folder, gguf_type=gguf_type)
     if not check:
         return path, None
     spec = space.distill

@@ -153,3 +153,21 @@ def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path):
     note = check_gguf(path, model, BLOCKS)
     difference = float(note.split("(difference ")[1].split(")")[0])
     assert abs(difference) < 1e-2, note
+
+
+@pytest.mark.teacher
+def test_the_teachers_gguf_says_what_llama_cpps_own_converter_said(tmp_path):
+    """The embedded teacher GGUF was written by llama.cpp's convert_hf_to_gguf.py: the tool's
+    GGUF of the same model carries the same architecture and tokenizer metadata."""
+    from minitron_nas.teachers import DEFAULT_TEACHER, embedded_gguf, load_teacher
+
+    teacher = load_teacher(DEFAULT_TEACHER, "cpu", "float32")
+    folder = save_model(teacher.model, tmp_path / "export", teacher.tokenizer, {"name": "smollm2-135m"})
+    ours, upstream = fields(write_gguf(folder, gguf_type="q8_0")), fields(embedded_gguf(DEFAULT_TEACHER))
+    same = [key for key in upstream if key.startswith(("llama.", "tokenizer.")) and key != "tokenizer.ggml.add_space_prefix"]
+    assert "tokenizer.ggml.tokens" in same and "llama.rope.freq_base" in same
+    differing = {key: (ours.get(key), upstream[key]) for key in same if ours.get(key) != upstream[key]}
+    # upstream's SmolLM2 pre-tokenizer splits digits one by one; the teacher's tokenizer.json as
+    # transformers rebuilt it from the GGUF is plain byte-level BPE, which llama.cpp calls gpt2
+    assert differing == {"tokenizer.ggml.pre": ("gpt2", "smollm")}
+    assert ours["general.name"] == "smollm2-135m" and sorted(ours["tensors"]) == sorted(upstream["tensors"])
