@@ -51,8 +51,6 @@ def _portable_config(folder: Path, model, name: str) -> None:
     config.update(legacy_rope(config))
     config["head_dim"] = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     config["tie_word_embeddings"] = bool(getattr(text_config, "tie_word_embeddings", False))
-    if "dtype" in config:
-        config["torch_dtype"] = config["dtype"]  # what 4.x before 4.56 reads
     config.pop("_model_name_or_path", None)  # a GGUF's general.name, copied by transformers' GGUF reader
     config["_name_or_path"] = name
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
