@@ -62,6 +62,16 @@ def test_gemma3_keeps_the_sliding_layers_rope_base_for_transformers_4(tmp_path):
     assert config["rope_local_base_freq"] == rope["sliding_attention"]["rope_theta"] and config["rope_scaling"] is None
 
 
+def test_the_chat_template_is_where_transformers_4_before_4_50_reads_it(tmp_path):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}<eos>{% endfor %}"
+    folder = save_model(tiny_model("llama", vocab_size=257), tmp_path / "chat", tokenizer)
+    assert (folder / "chat_template.jinja").read_text() == tokenizer.chat_template  # 5.x and 4.50+
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == tokenizer.chat_template
+    messages = [{"role": "user", "content": "hi"}]
+    assert AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False) == "hi<eos>"
+
+
 def test_every_exported_file_is_readable_by_others(tmp_path):
     previous = os.umask(0o022)
     try:
