@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     rankings = compute_rankings(teacher.model, calibration, batch_size=4, progress=False)
     cut = prune(teacher.model, rankings, Architecture.from_dict(CUT, Architecture.from_config(teacher.model.config))).eval()
     shutil.rmtree(args.work, ignore_errors=True)
-    rows = []
+    rows, exact = [], True
     for label, model in (("teacher, unpruned", teacher.model), (f"pruned: {CUT}", cut)):
         folder = save_model(model, args.work / ("teacher" if model is teacher.model else "pruned"), teacher.tokenizer, {"name": label})
         exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             seen = compare(transformers_logits(exported), transformers_logits(reloaded), blocks)
             alone = compare(transformers_logits(exported), transformers_logits(rounded(exported, gguf_type)), blocks)
             print(f"{label} {gguf_type}: {seen}; rounding alone: {alone}", flush=True)
+            exact = exact and (seen.max_abs_logit_diff, seen.nll_candidate) == (alone.max_abs_logit_diff, alone.nll_candidate)
             rows.append(
                 [
                     label,
@@ -121,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         "freshly pruned model. `rounding alone`: the exported model with every weight rounded in place as the file "
         "stores it (norms in float32, matrices in f16 or q8_0), no file involved. llama.cpp itself is not run here (llama-cpp-python is not installed); "
         "`minitron-nas export --gguf TYPE --check` runs it where it is.",
+        "",
+        "In every row the GGUF file gives exactly the logits of the model rounded in place: names, permutation and "
+        "metadata add no error beyond the storage type's rounding."
+        if exact
+        else "**Some rows differ from rounding alone: the file adds error beyond the storage type's rounding.**",
     ]
     run.write_report(args.out, "Benchmark: GGUF export round trip", details, body)
     return 0

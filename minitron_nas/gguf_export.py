@@ -4,7 +4,8 @@
 package's own writer and names: the `llama.*` metadata (context, embedding and
 feed-forward lengths, block count, head counts, key/value length = head_dim, rope base
 and dimension count, RMS eps, vocabulary size), a `gpt2` (byte-level BPE) tokenizer with
-its tokens, token types, merges, special ids and chat template, and the tensors under
+its tokens, token types, merges, special ids and chat template (the pre-tokenizer is named
+`gpt2` or `smollm` when tokenizer.json's matches, else llama.cpp's `default`), and the tensors under
 `gguf.TENSOR_NAMES`, q_proj and k_proj permuted as llama.cpp expects. Tied embeddings
 write no `output.weight`. 1-D tensors (norms, biases) stay float32, as in the converter;
 with q8_0, a matrix whose rows are not a multiple of 32 is written in f16.
