@@ -467,19 +467,36 @@ def distill(
 def export(
     space: Path = typer.Argument(..., help="search space YAML"),
     out: Path = typer.Option(None, help="run folder holding distill/model"),
+    gguf: str = typer.Option(None, help="also write RUN/export-TYPE.gguf for llama.cpp (Llama models): f16, bf16 or q8_0"),
+    check: bool = typer.Option(
+        False, "--check", help="with --gguf: compare the GGUF's next-token NLL in llama.cpp with transformers' (needs llama-cpp-python)"
+    ),
     device: str = typer.Option(None, help=SPACE_DEVICE_HELP),
     dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
 ):
-    """Write RUN_DIR/export: the distilled winner, best_arch.json with provenance, a model card."""
-    from .pipeline import export_stage
+    """Write RUN_DIR/export: the distilled winner, best_arch.json with provenance, a model card; optionally a GGUF beside it."""
+    from .gguf_export import check_gguf_type, check_llama
+    from .pipeline import export_gguf, export_stage
     from .space import load_space
     from .teachers import load_teacher
 
+    if gguf is not None:
+        check_gguf_type(gguf)
+    elif check:
+        raise MinitronError("--check compares a GGUF file with transformers: add --gguf f16 (or bf16, q8_0)")
     spec = _with_device(load_space(space), device, dtype)
     folder = _run_folder(space, out)
     if not RunFolder(folder).distilled_model.is_dir():
         raise MinitronError(f"no distilled model in '{folder}': run `minitron-nas distill` first")
-    console.print(f"exported -> {export_stage(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))}")
+    teacher = load_teacher(spec.teacher, spec.device.device, spec.device.dtype)
+    if gguf is not None:
+        check_llama(teacher.model.config, f"the teacher '{teacher.name}'")
+    console.print(f"exported -> {export_stage(spec, folder, teacher)}")
+    if gguf is not None:
+        path, note = export_gguf(spec, folder, teacher, gguf, check)
+        console.print(f"GGUF ({gguf}) -> {path}")
+        if note:
+            console.print(escape(note))
 
 
 @app.command()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import MinitronError
 
-__all__ = ["RunFolder", "atomic_dir", "check_writable", "decode_utf8", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["RunFolder", "atomic_dir", "check_writable", "decode_utf8", "file_mode", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,21 @@ def _write_failed(out: Path, err: OSError) -> str:
     return f"could not write '{out}' ({err.strerror or err}; nothing was replaced): free disk space or fix the folder's permissions, then rerun"
 
 
+def file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask: 0644 under the usual 022."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces `out`, on failure it is removed.
 
-    An OSError while writing (ENOSPC above all) becomes a one-line MinitronError naming `out`.
+    Every file in it gets `file_mode()` before the rename: libraries that write through
+    `mkstemp` (transformers' `model.safetensors`) would otherwise leave 0600, which other
+    users and containers cannot read. An OSError while writing (ENOSPC above all) becomes a
+    one-line MinitronError naming `out`.
     """
     out = Path(out)
     check_writable(out, overwrite)
@@ -106,6 +116,10 @@ def atomic_dir(out: Path, overwrite: bool = False):
     tmp.mkdir()
     try:
         yield tmp
+        mode = file_mode()
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(mode)
     except OSError as err:  # disk full, quota, permissions: the previous `out` stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise MinitronError(_write_failed(out, err)) from None

@@ -26,6 +26,7 @@ from .distill import distill
 from .errors import MinitronError, add_resume_hint, resume_hint
 from .export import export_winner, save_model
 from .files import RunFolder, check_writable, write_json_atomic
+from .gguf_export import check_gguf, write_gguf
 from .metrics import HeldoutKLD, HeldoutLoss
 from .pruning import prune, select
 from .ranking import Rankings, load_or_rank
@@ -364,6 +365,18 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
         "space": space.source,
     }
     return export_winner(model, teacher.tokenizer, RunFolder(out).export, provenance, scores)
+
+
+def export_gguf(space, out: Path, teacher: Teacher, gguf_type: str, check: bool = False) -> tuple[Path, str | None]:
+    """RUN/export-TYPE.gguf beside RUN/export; with `check`, one line comparing llama.cpp's
+    next-token NLL on the distillation's held-out text with transformers' (or why it was skipped)."""
+    folder = RunFolder(out).export
+    path = write_gguf(folder, gguf_type=gguf_type)
+    if not check:
+        return path, None
+    spec = space.distill
+    blocks = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, spec.heldout_samples, "heldout")
+    return path, check_gguf(path, load_model(folder).eval(), blocks)
 
 
 def _cached_json(path: Path, compute):

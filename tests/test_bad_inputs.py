@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import optuna  # noqa: F401  imported here so Optuna's log handler binds to the real stderr, not a runner's
 import pandas as pd
 import pytest
@@ -651,6 +652,32 @@ def test_export_of_an_unreadable_distilled_model(root, distill_space, distilled_
     result = invoke("export", distill_space, "--out", out)
     assert_one_line_error(result, "are unreadable", "rerun `minitron-nas distill`", alone=False)
     assert snapshot(out) == before and not (out / "export").exists()
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (("--gguf", "q4_k"), ("--gguf 'q4_k' is not a GGUF type written here", "give one of f16, bf16, q8_0")),
+        (("--check",), ("--check compares a GGUF file with transformers", "add --gguf f16")),
+    ],
+)
+def test_export_gguf_options_are_checked_before_any_work(distill_space, intact_distilled, options, fragments):
+    result = invoke("export", distill_space, "--out", intact_distilled, *options)
+    assert_one_line_error(result, *fragments)
+
+
+def test_export_with_gguf_writes_it_beside_the_folder(root, distill_space, distilled_run, monkeypatch):
+    out = root / "gguf-export"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(distilled_run, out)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the check says why it is skipped, in one line
+    result = invoke("export", distill_space, "--out", out, "--gguf", "q8_0", "--check")
+    assert result.exit_code == 0, result.output
+    path = out / "export-q8_0.gguf"
+    assert path.is_file() and (out / "export" / "model.safetensors").is_file() and not leftovers(out)
+    assert "GGUF (q8_0) -> " in result.output and "GGUF check skipped: llama-cpp-python is not installed" in result.output
+    name = json.loads((out / "export" / "best_arch.json").read_text())["name"]
+    assert gguf.GGUFReader(str(path)).fields["general.name"].contents() == name
 
 
 @pytest.fixture(scope="module")
