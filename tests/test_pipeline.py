@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from helpers import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
+from minitron_nas.errors import MinitronError
 from minitron_nas.export import save_model
 from minitron_nas.pipeline import STAGES, finished_stages, run
 from minitron_nas.space import load_space
@@ -94,6 +96,22 @@ def test_run_exports_a_loadable_model_and_resumes_finished_stages(teacher_folder
     before = (out / "stages.json").read_text()
     assert run(space, out) == exported
     assert (out / "stages.json").read_text() == before
+
+
+def test_a_run_stopped_by_n_trials_exports_nothing_and_the_same_command_goes_on(teacher_folder, shared_data, tmp_path):
+    corpus = str(shared_data / "tinyshakespeare" / "input.txt")
+    space = load_space(write_space(tmp_path / "space.yaml", teacher_folder, corpus))
+    out = tmp_path / "run"
+    with pytest.raises(MinitronError, match="has not finished its last rung yet: rerun the same command"):
+        run(space, out, n_trials=1)
+    assert "search" not in finished_stages(out) and not (out / "best_arch.json").exists() and not (out / "export").exists()
+    exported = run(space, out)  # resumes the study: rung 0's stored candidate is not scored again
+    assert list(finished_stages(out)) == list(STAGES) and (exported / "config.json").is_file()
+    trials = pd.read_csv(out / "trials.csv")
+    assert not trials[trials.rung == 0].key.duplicated().any()
+    summary = json.loads((out / "distill" / "summary.json").read_text())
+    best = json.loads((out / "best_arch.json").read_text())
+    assert summary["continued_from_search_steps"] == best["schedule"][-1]["stable"] > 0  # the winner's run went on
 
 
 def test_family_mode_prunes_each_member_from_the_previous(teacher_folder, shared_data, tmp_path):
