@@ -389,3 +389,42 @@ def test_latency_is_measured_carried_to_later_rungs_and_enforced(teacher, corpus
         run_search(too_fast, tmp_path / "slow", teacher=teacher)
     stopped = optuna.load_study(study_name="minitron", storage=f"sqlite:///{tmp_path / 'slow' / 'study.db'}").trials
     assert all(t.state.name == "PRUNED" and t.user_attrs.get("too_slow") for t in stopped if "rung" in t.user_attrs)
+
+
+def test_optuna_dashboard_shows_the_architecture_axes_as_params(teacher, corpus, tmp_path):
+    """optuna-dashboard, started on loopback over a finished search's study, plots the axes and their importance."""
+    import socket
+    import urllib.request
+
+    run_search(make_space(teacher, corpus), tmp_path / "run", teacher=teacher)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    code = f"import optuna_dashboard; optuna_dashboard.run_server({storage!r}, host='127.0.0.1', port={port})"
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def get(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                studies = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        study_id = studies[0]["study_id"]
+        detail = get(f"/api/studies/{study_id}?after=0")
+        assert {p["name"] for p in detail["union_search_space"]} == set(AXES)
+        with_params = [t for t in detail["trials"] if t["params"]]
+        assert len(with_params) >= len(require_feasible(make_space(teacher, corpus), teacher.model.config))
+        importances = get(f"/api/studies/{study_id}/param_importances")["param_importances"][0]
+        assert {"hidden_size", "num_hidden_layers"} <= {p["name"] for p in importances} <= set(AXES)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
