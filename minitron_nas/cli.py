@@ -388,7 +388,9 @@ def search(
     space: Path = typer.Argument(..., help="search space YAML"),
     out: Path = typer.Option(None, help="run folder (default: runs/<space name>)"),
     storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
-    n_trials: int = typer.Option(None, help="trials to run now (default: the space's trials, or the whole grid)"),
+    n_trials: int = typer.Option(
+        None, help="most trials to run now (rung-0 work units count one each); a search it stops is unfinished, and the same command goes on with it"
+    ),
     resume: bool = typer.Option(False, help="continue the study already in the run folder or storage"),
     device: str = typer.Option(None, help=SPACE_DEVICE_HELP + "; one worker per GPU: --device cuda:N"),
     dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
@@ -426,7 +428,7 @@ def run(
     space: Path = typer.Argument(..., help="search space YAML"),
     out: Path = typer.Option(None, help="run folder (default: runs/<space name>)"),
     storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
-    n_trials: int = typer.Option(None, help="search trials (default: the space's trials, or the whole grid)"),
+    n_trials: int = typer.Option(None, help="most search trials to run now; a search it stops exports nothing yet, and the same command goes on with it"),
     device: str = typer.Option(None, help=SPACE_DEVICE_HELP),
     dtype: str = typer.Option(None, help=SPACE_DTYPE_HELP),
 ):
