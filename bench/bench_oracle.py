@@ -286,7 +286,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
         f"Within noise: the paired difference to the best is within its standard error over the test blocks plus "
         f"the seed spread (pooled seed SD {math.sqrt(var_seed):.4f} from the candidates run on seeds 1 and 2).",
         "",
-        markdown_table(["candidate", "params", "pruned KL (valid)", "final KL, seed 0", "seeds 1, 2", "minus the best (paired)", "within noise"], rows),
+        *markdown_table(["candidate", "params", "pruned KL (valid)", "final KL, seed 0", "seeds 1, 2", "minus the best (paired)", "within noise"], rows),
         "",
     ]
     shared = {k: candidates[k]["kld"] for k in seed0}
@@ -346,7 +346,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             "its seeds, each its own data order; one-sided 95% upper bound). Hits: picks within noise of the best, with a 95% "
             "Wilson interval. Tau: mean over seeds between each rung's values and the final ranking, over the candidates it had.",
             "",
-            markdown_table(
+            *markdown_table(
                 ["strategy", "seeds", "selection regret", "95% upper bound", "picks the best (within noise)", "search tokens", "Kendall tau per rung"], table
             ),
             "",
