@@ -25,8 +25,9 @@ def command_line() -> str:
     python = Path(sys.executable)
     try:
         python_text = str(python.relative_to(Path.cwd()))
-    except ValueError:
-        python_text = str(python)
+    except ValueError:  # a venv elsewhere: name it as the README does, never by this machine's path
+        parts = python.parts
+        python_text = str(Path(*parts[parts.index(".venv") :])) if ".venv" in parts else python.name
     command = shlex.join([python_text, *sys.argv])
     if Path.cwd().resolve() != REPO:
         command = f"cd {shlex.quote(str(Path.cwd()))} && {command}"
