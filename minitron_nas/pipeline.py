@@ -32,7 +32,7 @@ from .pruning import prune, select
 from .ranking import Rankings, load_or_rank
 from .report import write_report
 from .scoring import lm_eval_scores, lm_loss
-from .search import run_search
+from .search import read_state, run_search
 from .signals import LiveFull
 from .teachers import Teacher, load_model, load_teacher
 
@@ -310,17 +310,11 @@ def _continue_from_search(student, arch: Architecture, best: dict) -> int:
     Only the weights carry over: AdamW starts afresh with the distillation's own warm-up,
     since its batch, sequence length, teacher signal and losses may differ from the rungs'.
     """
-    path = Path(best["state"]) if best.get("state") else None
-    if path is None or not path.is_file():
-        return 0
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        sizes = lambda a: {k: v for k, v in a.items() if k != "layers"}
-        if sizes(saved["architecture"]) != sizes(arch.to_dict()):
-            return 0  # made for another architecture than best_arch.json names now
-        student.load_state_dict(saved["model"])
-    except Exception as err:
-        raise MinitronError(f"the winner's rung state '{path}' is unreadable ({type(err).__name__}): delete it to distill from the pruned slice") from None
+    saved = read_state(Path(best["state"])) if best.get("state") else None
+    sizes = lambda a: {k: v for k, v in a.items() if k != "layers"}
+    if saved is None or sizes(saved["architecture"]) != sizes(arch.to_dict()):
+        return 0  # none kept, or made for another architecture than best_arch.json names now
+    student.load_state_dict(saved["model"])
     print(f"distill: continuing the winner's search run from its step {saved['step']} (the state before its last rung's decay)", file=sys.stderr, flush=True)
     return int(saved["step"])
 

@@ -73,7 +73,7 @@ from .teacher_cache import TeacherLogitCache
 from .teachers import Teacher, load_config, load_teacher
 from .trainer import TrainState, retrain
 
-__all__ = ["candidate_pool", "forget_states", "made_from", "run_search", "schedule_for", "state_file", "training_pool", "write_outputs"]
+__all__ = ["candidate_pool", "forget_states", "made_from", "read_state", "run_search", "schedule_for", "state_file", "training_pool", "write_outputs"]
 
 # What a candidate's trials at later rungs inherit from its rung-0 trial.
 CARRIED = ("architecture", "key", "params_total", "params_non_embedding", "pruned", "prefill_tokens_per_s", "decode_tokens_per_s")
@@ -426,16 +426,8 @@ class _Search:
 
     def _load_state(self, rung: int, key: str) -> TrainState | None:
         """The candidate's stable state after `rung`; None (retrain from the slice) when it is gone."""
-        path = state_file(self.out, rung, key)
-        if not path.is_file():
-            return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return TrainState(int(saved["step"]), saved["model"], saved["optimizer"])
-        except Exception as err:
-            raise MinitronError(
-                f"the rung state '{path}' is unreadable ({type(err).__name__}): delete it and rerun (the candidate is then retrained from the teacher's slice)"
-            ) from None
+        saved = read_state(state_file(self.out, rung, key))
+        return None if saved is None else TrainState(int(saved["step"]), saved["model"], saved["optimizer"])
 
     def _save_state(self, rung: int, attrs: dict, state: TrainState) -> None:
         path = state_file(self.out, rung, attrs["key"])
@@ -524,6 +516,18 @@ class _Search:
         finally:
             if self.bar is not None:
                 self.bar.close()
+
+
+def read_state(path: Path) -> dict | None:
+    """A saved rung state ({architecture, step, model, optimizer}); None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MinitronError(
+            f"the rung state '{path}' is unreadable ({type(err).__name__}): delete it and rerun (the candidate is then trained from the teacher's slice)"
+        ) from None
 
 
 def forget_states(out: Path, rung: int, keep: set[str]) -> None:

@@ -146,11 +146,6 @@ def order_stderr(study: optuna.Study) -> float:
     return statistics.stdev(values) if len(values) >= 2 else 0.0
 
 
-def _order_variance(study: optuna.Study, rung: int) -> float:
-    """The data-order variance of a value at `rung`: none for pruned scores (rung 0)."""
-    return order_stderr(study) ** 2 if rung > 0 else 0.0
-
-
 def final_ranking(study: optuna.Study, maximize_score: bool) -> list[optuna.trial.FrozenTrial]:
     """The last rung's finished candidates, best first by the space's score (equal scores by the tie rule)."""
     last = study.user_attrs.get("rungs", 1) - 1
@@ -173,10 +168,10 @@ def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.Froz
 
 
 def _score_order_stderr(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float:
-    """The data-order error applies to the score when the score is the rung metric itself."""
-    if study.user_attrs.get("metric") != study.user_attrs.get("rung_metric"):
+    """The data-order error applies to a retrained score that is the rung metric itself (none for pruned scores)."""
+    if trial.user_attrs["rung"] == 0 or study.user_attrs.get("metric") != study.user_attrs.get("rung_metric"):
         return 0.0
-    return math.sqrt(_order_variance(study, trial.user_attrs["rung"]))
+    return order_stderr(study)
 
 
 def search_cost(study: optuna.Study) -> dict:
