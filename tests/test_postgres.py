@@ -56,8 +56,10 @@ def spaces(tmp_path_factory, shared_data) -> dict[str, Path]:
     files = {}
     # six: the two late workers join ~20-30 s after the first (imports, resume grace): trials
     # must be long enough that the first has not finished the grid by then. nine: after the
-    # kill, the survivors must still be busy GRACE seconds later to notice the stale trial.
-    for name, axes, tolerance, steps in (("six", AXES, 0.25, 192), ("nine", AXES_9, 0.3, 512)):
+    # kill, the survivors must still be busy GRACE seconds later to notice the stale trial, and
+    # rung 1's trials (a third of the steps, ~100 tiny steps a second) must last seconds, not one,
+    # or three never run at once between two polls.
+    for name, axes, tolerance, steps in (("six", AXES, 0.25, 192), ("nine", AXES_9, 0.3, 3072)):
         files[name] = root / f"{name}.yaml"
         files[name].write_text(
             yaml.safe_dump(
