@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from common import REPORTS, Run, markdown_table
 
-from minitron_nas.architecture import Architecture
+from minitron_nas.config.settings import RetrainSettings
 from minitron_nas.data import token_blocks
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.settings import RetrainSettings
-from minitron_nas.signals import CachedTopK, LiveFull, LiveTopK
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import load_teacher
-from minitron_nas.trainer import batch_loss, make_optimizer
+from minitron_nas.distill.signals import CachedTopK, LiveFull, LiveTopK
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import batch_loss, make_optimizer
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import compute_rankings
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "distill.md"
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     body = [
         *markdown_table(["Measure", "Measured", "Goal", "Met", "Details"], rows_md),
         "",
-        "Each step is zero_grad, `minitron_nas.distill.batch_loss` (student forward; cached top-k, or the "
+        "Each step is zero_grad, `minitron_nas.distill.stage.batch_loss` (student forward; cached top-k, or the "
         "teacher's forward under no_grad then top-k, or the teacher's full logits; KD loss), backward, "
         "gradient clipping at 1.0 and a fused AdamW step (`make_optimizer`, as in `retrain`). The three "
         "variants run back to back in an order that rotates every repeat, after one untimed warm-up step "

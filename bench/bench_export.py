@@ -27,13 +27,13 @@ import torch
 from common import REPORTS, Run, markdown_table
 from transformers import AutoModelForCausalLM
 
-from minitron_nas.architecture import Architecture
 from minitron_nas.data import token_blocks
-from minitron_nas.export import save_model
-from minitron_nas.gguf_export import GGUF_TYPES, compare, encode_tensor, transformers_logits, write_gguf
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.teachers import load_teacher
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.gguf import GGUF_TYPES, compare, encode_tensor, transformers_logits, write_gguf
+from minitron_nas.model.saving import save_model
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import compute_rankings
 
 DEFAULT_DATA = "../shared/data/wikitext2/test.txt"
 CALIBRATION = "../shared/data/wikitext2/valid.txt"

@@ -40,17 +40,17 @@ import torch
 from common import REPO, REPORTS, Run, markdown_table
 from transformers import AutoModelForCausalLM
 
-from minitron_nas.architecture import Architecture, ParamCounter, head_dim_of
-from minitron_nas.devices import Placement, check_fits
+from minitron_nas.config.settings import RetrainSettings
+from minitron_nas.distill.signals import CachedTopK, LiveTopK
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import batch_loss, make_optimizer
 from minitron_nas.errors import MinitronError
-from minitron_nas.latency import measure_latency
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.settings import RetrainSettings
-from minitron_nas.signals import CachedTopK, LiveTopK
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import Teacher, fingerprint, load_config, load_teacher
-from minitron_nas.trainer import batch_loss, make_optimizer
+from minitron_nas.evaluate.latency import measure_latency
+from minitron_nas.model.architecture import Architecture, ParamCounter, head_dim_of
+from minitron_nas.model.devices import Placement, check_fits
+from minitron_nas.model.teachers import Teacher, fingerprint, load_config, load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import compute_rankings
 
 DEFAULT_CONFIG = REPO / "search_spaces" / "configs" / "llama-3.1-8b.json"
 DEFAULT_OUT = REPORTS / "gpu.md"
@@ -313,8 +313,8 @@ def measures(args: argparse.Namespace, model, device: torch.device) -> tuple[lis
 
 def pipeline_space(args: argparse.Namespace, config, device: torch.device):
     """A grid of `--candidates` architectures: 3/4 of the hidden size, FFN from half of the teacher's up."""
-    from minitron_nas.settings import DistillSettings, RankSettings, RetrainSettings
-    from minitron_nas.space import Budget, DeviceSpec, ScoringSpec, SearchSpace
+    from minitron_nas.config.settings import DistillSettings, RankSettings, RetrainSettings
+    from minitron_nas.config.space import Budget, DeviceSpec, ScoringSpec, SearchSpace
 
     teacher = Architecture.from_config(config)
     hidden = half_size(teacher).hidden_size
@@ -355,10 +355,10 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
 
 def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, work: Path) -> tuple[list[list[str]], list[str], str]:
     """(iv)-(v): every stage of the recipe on this teacher, then the latency of teacher and export."""
-    from minitron_nas.pipeline import distill_winner, export_stage
-    from minitron_nas.ranking import rank
-    from minitron_nas.search import run_search
-    from minitron_nas.settings import RankSettings
+    from minitron_nas.config.settings import RankSettings
+    from minitron_nas.prune.ranking import rank
+    from minitron_nas.recipes.run import distill_winner, export_stage
+    from minitron_nas.search.runner import run_search
 
     space = pipeline_space(args, teacher.model.config, device)
     out = work / "run"

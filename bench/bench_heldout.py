@@ -29,14 +29,14 @@ from common import REPORTS, Run, markdown_table
 from scipy.stats import kendalltau
 
 from minitron_nas.data import token_blocks
-from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr, paired_stderr
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import load_or_rank
-from minitron_nas.search import _key, schedule_for
-from minitron_nas.space import load_space, require_feasible
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import load_teacher
-from minitron_nas.trainer import retrain
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import retrain
+from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, mean_and_stderr, paired_stderr
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import load_or_rank
+from minitron_nas.search.candidates import load_space, require_feasible
+from minitron_nas.search.runner import _key, schedule_for
 
 SPACE = "search_spaces/smollm2-135m-demo.yaml"
 

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from common import REPORTS, Run, markdown_table
 
-from minitron_nas.architecture import Architecture, ParamCounter
+from minitron_nas.config.settings import RankSettings
 from minitron_nas.data import token_blocks
-from minitron_nas.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import load_or_rank
-from minitron_nas.settings import RankSettings
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import load_teacher
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.evaluate.metrics import HeldoutKLD, HeldoutLoss, Measurement, paired_stderr
+from minitron_nas.model.architecture import Architecture, ParamCounter
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import load_or_rank
 
 ARCHS = [  # hidden / FFN / heads:KV / layers; the first four cut the hidden size only
     {"hidden_size": 504},

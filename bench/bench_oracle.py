@@ -43,16 +43,16 @@ import pandas as pd
 from bench_quality import SPACE, TOKENS_PER_STEP, Bench, arch_text, cached, depth_only, uniform_width
 from common import REPO, REPORTS, Run, markdown_table
 
-from minitron_nas.architecture import Architecture
+from minitron_nas.config.settings import RetrainSettings
 from minitron_nas.data import token_blocks
-from minitron_nas.halving import rung_tau
-from minitron_nas.metrics import HeldoutKLD, Measurement, mean_and_stderr
-from minitron_nas.pruning import prune
-from minitron_nas.search import run_search
-from minitron_nas.settings import RetrainSettings
-from minitron_nas.space import enumerate_candidates, load_space
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.trainer import retrain
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import retrain
+from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, mean_and_stderr
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.prune.pruning import prune
+from minitron_nas.search.candidates import enumerate_candidates, load_space
+from minitron_nas.search.halving import rung_tau
+from minitron_nas.search.runner import run_search
 
 PARTS = ("pruned", "oracle", "search", "seeds", "baselines")
 FRACTIONS = (0.05, 0.10, 0.20)  # the search's S / T

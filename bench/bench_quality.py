@@ -46,18 +46,18 @@ from pathlib import Path
 import torch
 from common import REPO, REPORTS, Run, markdown_table
 
-from minitron_nas.architecture import Architecture, ParamCounter
+from minitron_nas.config.settings import RankSettings, RetrainSettings
 from minitron_nas.data import token_blocks
-from minitron_nas.metrics import HeldoutKLD, Measurement, paired_stderr
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import load_or_rank
-from minitron_nas.scoring import lm_eval_scores, lm_loss
-from minitron_nas.search import run_search
-from minitron_nas.settings import RankSettings, RetrainSettings
-from minitron_nas.space import enumerate_candidates, load_space
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import load_teacher
-from minitron_nas.trainer import retrain
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import retrain
+from minitron_nas.evaluate.harness import lm_eval_scores, lm_loss
+from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, paired_stderr
+from minitron_nas.model.architecture import Architecture, ParamCounter
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import load_or_rank
+from minitron_nas.search.candidates import enumerate_candidates, load_space
+from minitron_nas.search.runner import run_search
 
 TEACHER = "smollm2-135m"
 SPACE = REPO / "bench" / "quality-space.yaml"

@@ -29,11 +29,11 @@ import torch
 from common import REPORTS, Run, markdown_table
 from transformers import LlamaConfig
 
-from minitron_nas.architecture import Architecture, ParamCounter
 from minitron_nas.data import token_blocks
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.teachers import load_teacher
+from minitron_nas.model.architecture import Architecture, ParamCounter
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import compute_rankings
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "rank_prune.md"

@@ -37,19 +37,14 @@ import optuna
 import yaml
 from common import REPORTS, Run, markdown_table, usable_cores
 
-from minitron_nas.architecture import Architecture, ParamCounter
+from minitron_nas.config.space import Budget, SearchSpace
 from minitron_nas.data import token_blocks
-from minitron_nas.ranking import rank
-from minitron_nas.search import STUDY_NAME
-from minitron_nas.space import (
-    Budget,
-    SearchSpace,
-    enumerate_candidates,
-    load_space,
-    require_feasible,
-)
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import load_config, load_teacher
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.model.architecture import Architecture, ParamCounter
+from minitron_nas.model.teachers import load_config, load_teacher
+from minitron_nas.prune.ranking import rank
+from minitron_nas.search.candidates import enumerate_candidates, load_space, require_feasible
+from minitron_nas.search.runner import STUDY_NAME
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "search.md"
@@ -161,7 +156,7 @@ def thread_probe(threads: int) -> tuple[int, float]:
     """(torch threads, seconds) of a bare process with a worker's environment that imports what the CLI's search imports."""
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-c", "import torch, minitron_nas.search; print(torch.get_num_threads())"],
+        [sys.executable, "-c", "import torch, minitron_nas.search.runner; print(torch.get_num_threads())"],
         env=thread_env(threads),
         capture_output=True,
         text=True,
@@ -281,8 +276,8 @@ def split_time(study: optuna.Study, worker: Worker) -> dict[str, float]:
 
 def callback_seconds(folder: Path, space: SearchSpace) -> tuple[float, float]:
     """(first, warm) seconds of what search.py does after every trial, rerun here on the finished study."""
-    from minitron_nas.dashboard import build_dashboard
-    from minitron_nas.search import write_outputs
+    from minitron_nas.report.dashboard import build_dashboard
+    from minitron_nas.search.runner import write_outputs
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{(folder / 'study.db').resolve()}")
     times = []
@@ -421,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "Start-up",
             parts["startup"],
             "process start to the first trial: imports (a bare process importing torch and "
-            f"minitron_nas.search took {imports_s:.1f} s), teacher load (in the bench process: {pre['load_s']:.1f} s), "
+            f"minitron_nas.search.runner took {imports_s:.1f} s), teacher load (in the bench process: {pre['load_s']:.1f} s), "
             "token blocks, the held-out teacher cache for retraining, opening the study, loading the rankings and the "
             "teacher top-k cache",
         ],

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import MinitronError
-from .files import decode_utf8
+from minitron_nas.errors import MinitronError
+from minitron_nas.files import decode_utf8
 
 EMBEDDED_CORPUS = "shakespeare"
 HELDOUT_EVERY = 10  # paragraph i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MinitronError
+from minitron_nas.errors import MinitronError
 
 __all__ = ["RunFolder", "atomic_dir", "check_writable", "decode_utf8", "file_mode", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
 

@@ -10,15 +10,15 @@ import torch
 from helpers import TINY_CONFIGS, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from minitron_nas.architecture import (
+from minitron_nas.errors import MinitronError
+from minitron_nas.model.architecture import (
     Architecture,
     ParamCounter,
     student_config,
     validate,
 )
-from minitron_nas.errors import MinitronError
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import Rankings
 
 N_RANDOM = 50
 

@@ -27,12 +27,12 @@ from helpers import assert_one_line_error, byte_tokenizer, tiny_model
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
-from minitron_nas import ranking
-from minitron_nas.cli import app
-from minitron_nas.export import save_model
-from minitron_nas.settings import RetrainSettings
-from minitron_nas.space import Budget, ScoringSpec
-from minitron_nas.teachers import EMBEDDED, embedded_gguf
+from minitron_nas.cli.app import app
+from minitron_nas.config.settings import RetrainSettings
+from minitron_nas.config.space import Budget, ScoringSpec
+from minitron_nas.model.saving import save_model
+from minitron_nas.model.teachers import EMBEDDED, embedded_gguf
+from minitron_nas.prune import ranking
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
@@ -172,7 +172,9 @@ def test_search_space_that_is_not_a_file(tmp_path, kind):
     """A subprocess with a timeout: reading a FIFO waited for a writer forever."""
     space = tmp_path / "space.yaml"
     space.mkdir() if kind == "folder" else os.mkfifo(space)
-    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "minitron_nas.cli.app", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
+    )
     assert_one_line_error(done, f"search space '{space}' is not a regular file", "give a YAML file")
 
 
@@ -207,7 +209,9 @@ def _laughs(depth: int) -> str:
 def test_hostile_search_space(root, teacher, corpus, name, tail, fragments):
     """Refused at once: a subprocess with a timeout, since expanding the aliases took minutes."""
     space = write_space(root, f"{name}.yaml", yaml.safe_dump(space_dict(teacher, corpus)) + tail)
-    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "minitron_nas.cli.app", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
+    )
     line = assert_one_line_error(done, f"search space '{space}'", *fragments)
     assert len(line) < 300, line
 
@@ -386,7 +390,7 @@ def test_bad_heartbeat_settings(good_space, tmp_path, env, fragments):
     """Read when the search module loads; a subprocess so this process keeps its own values."""
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "minitron_nas.cli", "search", str(good_space), "--out", str(out)],
+        [sys.executable, "-m", "minitron_nas.cli.app", "search", str(good_space), "--out", str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

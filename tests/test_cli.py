@@ -12,8 +12,8 @@ from helpers import assert_one_line_error
 from transformers import GPT2Config
 from typer.testing import CliRunner
 
-from minitron_nas.cli import app
-from minitron_nas.settings import RankSettings
+from minitron_nas.cli.app import app
+from minitron_nas.config.settings import RankSettings
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
@@ -102,7 +102,7 @@ def test_help_and_argument_errors_do_not_import_torch():
     probe = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from minitron_nas.cli import app\n"
+        "from minitron_nas.cli.app import app\n"
         "for args in (['--help'], ['search', '--help'], ['search']):\n"
         "    CliRunner().invoke(app, args)\n"
         "print(sorted(m for m in ('torch', 'transformers', 'optuna', 'lm_eval') if m in sys.modules))\n"
@@ -157,7 +157,7 @@ def test_bad_aggregation_is_refused(tmp_path):
 
 def test_rank_options_are_the_rank_settings():
     """Defaults and help of `rank` come from RankSettings: one place for both."""
-    from minitron_nas.settings import RankSettings, field_doc
+    from minitron_nas.config.settings import RankSettings, field_doc
 
     result = runner.invoke(app, ["rank", "--help"])
     assert result.exit_code == 0, result.output
@@ -174,7 +174,7 @@ def test_options_that_mirror_a_settings_field_share_its_default():
 
     import typer.main
 
-    from minitron_nas.space import ScoringSpec
+    from minitron_nas.config.space import ScoringSpec
 
     commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
     for command, settings in (("rank", RankSettings), ("evaluate", ScoringSpec)):

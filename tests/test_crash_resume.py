@@ -15,13 +15,13 @@ import pytest
 from helpers import byte_tokenizer, tiny_model
 from test_pipeline import write_space
 
-from minitron_nas.export import save_model
+from minitron_nas.model.saving import save_model
 
 ENV = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3", "OMP_NUM_THREADS": "1"}
 
 
 def command(space: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "minitron_nas.cli", "run", str(space), "--out", str(out)]
+    return [sys.executable, "-m", "minitron_nas.cli.app", "run", str(space), "--out", str(out)]
 
 
 def stages(out: Path) -> list[str]:

@@ -17,21 +17,22 @@ import yaml
 from helpers import byte_tokenizer, random_blocks, tiny_model
 from typer.testing import CliRunner
 
-from minitron_nas import devices, teachers
-from minitron_nas.architecture import Architecture
-from minitron_nas.cli import app
-from minitron_nas.devices import Placement, check_fits, placement, to_model_device
+from minitron_nas.cli.app import app
+from minitron_nas.config.settings import RankSettings, RetrainSettings
+from minitron_nas.config.space import DeviceSpec
+from minitron_nas.distill.signals import CachedTopK
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import _evaluate, make_accelerator
 from minitron_nas.errors import MinitronError
-from minitron_nas.export import save_model
-from minitron_nas.pipeline import heldout_metrics, prune_to
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings, rank
-from minitron_nas.scoring import lm_loss
-from minitron_nas.settings import RankSettings, RetrainSettings
-from minitron_nas.signals import CachedTopK
-from minitron_nas.space import DeviceSpec, load_space
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.trainer import _evaluate, make_accelerator
+from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.model import devices, teachers
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.devices import Placement, check_fits, placement, to_model_device
+from minitron_nas.model.saving import save_model
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import compute_rankings, rank
+from minitron_nas.recipes.run import heldout_metrics, prune_to
+from minitron_nas.search.candidates import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -311,7 +312,7 @@ def test_cli_dtype_reaches_the_teacher(teacher_folder, shared_data, tmp_path):
 
 
 def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, shared_data, tmp_path):
-    from minitron_nas.ranking import Rankings
+    from minitron_nas.prune.ranking import Rankings
 
     corpus = str(shared_data / "tinyshakespeare" / "input.txt")
     full = teachers.load_teacher(str(teacher_folder), "cpu", "float32")
@@ -323,7 +324,7 @@ def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, sh
 
 
 def test_a_bf16_student_trains_with_float32_master_weights_and_returns_in_bf16(monkeypatch):
-    from minitron_nas import trainer
+    from minitron_nas.distill.stage import trainer
 
     teacher = tiny_model("llama").to(torch.bfloat16)
     blocks = random_blocks(4, 16)

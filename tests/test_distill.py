@@ -16,14 +16,14 @@ import pytest
 import torch
 from helpers import random_blocks, tiny_model
 
-from minitron_nas.architecture import Architecture
+from minitron_nas.config.settings import RetrainSettings
+from minitron_nas.distill.losses import kd_loss, kd_loss_topk
+from minitron_nas.distill.teacher_cache import CACHE_META, CACHE_TENSORS, TeacherLogitCache, blocks_sha256
+from minitron_nas.distill.trainer import retrain
 from minitron_nas.errors import MinitronError
-from minitron_nas.losses import kd_loss, kd_loss_topk
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.settings import RetrainSettings
-from minitron_nas.teacher_cache import CACHE_META, CACHE_TENSORS, TeacherLogitCache, blocks_sha256
-from minitron_nas.trainer import retrain
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import compute_rankings
 
 VOCAB = 128
 TOPK_KS = (8, 16, 32)
@@ -313,7 +313,7 @@ def test_a_nan_gradient_with_a_finite_loss_raises_too(pair):
 
 @pytest.mark.teacher
 def test_retraining_a_pruned_smollm2_recovers_heldout_losses(shared_data, tmp_path):
-    from minitron_nas.teachers import load_teacher
+    from minitron_nas.model.teachers import load_teacher
 
     teacher = load_teacher("smollm2-135m")
     tokenizer = teacher.tokenizer

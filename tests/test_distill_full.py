@@ -8,14 +8,14 @@ import pytest
 import torch
 from helpers import random_blocks, tiny_model
 
-from minitron_nas.architecture import Architecture
-from minitron_nas.checkpoint import Checkpoint
-from minitron_nas.distill import distill
+from minitron_nas.config.settings import DistillSettings
+from minitron_nas.distill.checkpoint import Checkpoint
+from minitron_nas.distill.losses import IntermediateStates
+from minitron_nas.distill.stage import distill
 from minitron_nas.errors import MinitronError
-from minitron_nas.losses import IntermediateStates
-from minitron_nas.pruning import prune, select
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.settings import DistillSettings
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.prune.pruning import prune, select
+from minitron_nas.prune.ranking import compute_rankings
 
 SETTINGS = DistillSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=1, top_k=None, eval_every=2, checkpoint_every=2)
 

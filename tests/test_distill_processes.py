@@ -12,12 +12,12 @@ import pytest
 import torch
 from helpers import random_blocks, tiny_model
 
-from minitron_nas.architecture import Architecture
-from minitron_nas.losses import IntermediateStates
-from minitron_nas.pruning import prune, select
-from minitron_nas.ranking import compute_rankings
-from minitron_nas.settings import DistillSettings
-from minitron_nas.trainer import make_accelerator, retrain
+from minitron_nas.config.settings import DistillSettings
+from minitron_nas.distill.losses import IntermediateStates
+from minitron_nas.distill.trainer import make_accelerator, retrain
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.prune.pruning import prune, select
+from minitron_nas.prune.ranking import compute_rankings
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]

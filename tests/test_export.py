@@ -13,8 +13,8 @@ import torch
 from helpers import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minitron_nas.export import model_card, save_model
-from minitron_nas.teachers import cache_root
+from minitron_nas.model.saving import model_card, save_model
+from minitron_nas.model.teachers import cache_root
 
 LINEAR = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 5e5}

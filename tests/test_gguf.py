@@ -12,12 +12,12 @@ import torch
 from helpers import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
-from minitron_nas.architecture import Architecture
 from minitron_nas.errors import MinitronError
-from minitron_nas.export import save_model
-from minitron_nas.gguf_export import check_gguf, compare, gguf_path, transformers_logits, write_gguf
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.gguf import check_gguf, compare, gguf_path, transformers_logits, write_gguf
+from minitron_nas.model.saving import save_model
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import Rankings
 
 # Tiny Llama: hidden 48, FFN 96, 6 heads of 8 in 2 KV groups, 4 layers.
 CUTS = {
@@ -159,7 +159,7 @@ def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path):
 def test_the_teachers_gguf_says_what_llama_cpps_own_converter_said(tmp_path):
     """The embedded teacher GGUF was written by llama.cpp's convert_hf_to_gguf.py: the tool's
     GGUF of the same model carries the same architecture and tokenizer metadata."""
-    from minitron_nas.teachers import DEFAULT_TEACHER, embedded_gguf, load_teacher
+    from minitron_nas.model.teachers import DEFAULT_TEACHER, embedded_gguf, load_teacher
 
     teacher = load_teacher(DEFAULT_TEACHER, "cpu", "float32")
     folder = save_model(teacher.model, tmp_path / "export", teacher.tokenizer, {"name": "smollm2-135m"})

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, plan_schedule, promote, rung_tau
-from minitron_nas.metrics import Measurement
+from minitron_nas.evaluate.metrics import Measurement
+from minitron_nas.search.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, plan_schedule, promote, rung_tau
 
 
 def m(value: float, stderr: float = 0.01, per_item=None) -> Measurement:

@@ -22,11 +22,12 @@ from helpers import byte_tokenizer, tiny_model
 from test_pipeline import write_space
 from typer.testing import CliRunner
 
-from minitron_nas import checkpoint as checkpoint_module
-from minitron_nas import export as export_module
-from minitron_nas import pipeline, ranking
-from minitron_nas.cli import app
-from minitron_nas.export import save_model
+from minitron_nas.cli.app import app
+from minitron_nas.distill.stage import checkpoint as checkpoint_module
+from minitron_nas.model import saving as export_module
+from minitron_nas.model.saving import save_model
+from minitron_nas.prune import ranking
+from minitron_nas.recipes import run as pipeline
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
@@ -180,7 +181,7 @@ def test_a_signal_to_a_separate_process_ends_it_in_one_line(root, corpus, tmp_pa
     command = [
         sys.executable,
         "-m",
-        "minitron_nas.cli",
+        "minitron_nas.cli.app",
         "rank",
         "--model",
         str(root / "teacher"),

@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_model
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.latency import measure_latency
+from minitron_nas.evaluate.latency import measure_latency
 
 
 def test_times_one_prefill_and_one_step_per_new_token():

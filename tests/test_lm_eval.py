@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.lm_eval_tasks import (
+from minitron_nas.evaluate.tasks import (
     SUPPORTED,
     lm_eval_tasks_dir,
     offline,
@@ -238,7 +238,7 @@ def test_missing_data_is_one_line_error(shared_data, tmp_path):
 def test_cli_evaluate_errors_are_one_line(shared_data, tmp_path):
     from typer.testing import CliRunner
 
-    from minitron_nas.cli import app
+    from minitron_nas.cli.app import app
 
     for args, fragment in (
         (["--tasks", "arc_easy,nope", "--data-dir", str(shared_data)], "unknown lm-eval task 'nope'"),
@@ -266,7 +266,7 @@ def test_offline_sets_and_restores_the_flags(monkeypatch):
 
 
 def test_metric_names_keep_the_filter_only_where_a_metric_has_several():
-    from minitron_nas.scoring import _clean
+    from minitron_nas.evaluate.harness import _clean
 
     row = {
         "alias": "gsm8k",
@@ -332,7 +332,7 @@ def test_lm_eval_scores_on_an_in_memory_model(shared_data, no_network):
     """The whole path (HFLM around the live model, generated tasks, few-shot) on a tiny random model."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from minitron_nas.scoring import lm_eval_scores
+    from minitron_nas.evaluate.harness import lm_eval_scores
 
     tokenizer = tiny_tokenizer(shared_data)
     torch.manual_seed(0)
@@ -372,7 +372,7 @@ def test_cli_evaluate_prints_scores(shared_data, tmp_path, no_network):
     from transformers import AutoModelForCausalLM, LlamaConfig
     from typer.testing import CliRunner
 
-    from minitron_nas.cli import app
+    from minitron_nas.cli.app import app
 
     tokenizer = tiny_tokenizer(shared_data)
     config = LlamaConfig(
@@ -395,7 +395,7 @@ def test_cli_evaluate_prints_scores(shared_data, tmp_path, no_network):
 
 
 def test_lm_eval_scores_refuses_bad_limits(shared_data):
-    from minitron_nas.scoring import lm_eval_scores
+    from minitron_nas.evaluate.harness import lm_eval_scores
 
     for limit in (0, 0.5, -3):
         with pytest.raises(MinitronError, match="limit must be a whole number >= 1"):
@@ -417,8 +417,8 @@ def assert_accuracies(metrics: dict[str, float], limit: int) -> None:
 
 @pytest.mark.teacher
 def test_teacher_scores(shared_data, no_network):
-    from minitron_nas.scoring import lm_eval_scores
-    from minitron_nas.teachers import load_teacher
+    from minitron_nas.evaluate.harness import lm_eval_scores
+    from minitron_nas.model.teachers import load_teacher
 
     teacher = load_teacher("smollm2-135m")
     model, tokenizer = teacher.model, teacher.tokenizer

@@ -17,15 +17,16 @@ import yaml
 from helpers import byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
+from minitron_nas.config.space import ScoringSpec
 from minitron_nas.errors import MinitronError
-from minitron_nas.scoring import (
+from minitron_nas.evaluate.harness import (
     Scores,
     check_lm_eval,
     lm_eval_evaluate,
     lm_eval_higher_is_better,
     lm_eval_objective,
 )
-from minitron_nas.space import ScoringSpec, load_space
+from minitron_nas.search.candidates import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +188,7 @@ def test_user_group_and_tag_aggregate_as_lm_eval_does(tmp_path, shared_data):
 def test_a_hub_task_not_in_the_cache_fails_in_one_line_when_offline(tmp_path, monkeypatch):
     import datasets.config
 
-    from minitron_nas.lm_eval_tasks import offline
+    from minitron_nas.evaluate.tasks import offline
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")  # whatever this machine has cached
     with offline(), pytest.raises(MinitronError) as err:
@@ -254,12 +255,12 @@ def test_few_shot_without_the_training_file_is_refused_before_scoring(shared_dat
 @pytest.fixture
 def no_teacher(monkeypatch):
     """Loading any teacher fails the test: errors must come first."""
-    import minitron_nas.teachers
+    import minitron_nas.model.teachers
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the error")
 
-    monkeypatch.setattr(minitron_nas.teachers, "load_teacher", refuse)
+    monkeypatch.setattr(minitron_nas.model.teachers, "load_teacher", refuse)
 
 
 def one_error_line(result) -> str:
@@ -269,7 +270,7 @@ def one_error_line(result) -> str:
 
 
 def test_unknown_task_names_fail_in_one_line_with_suggestions(no_teacher):
-    from minitron_nas.cli import app
+    from minitron_nas.cli.app import app
 
     line = one_error_line(CliRunner().invoke(app, ["evaluate", "--tasks", "arc_easy,hellaswg", "--limit", "2"]))
     assert "unknown lm-eval task 'hellaswg'" in line and "did you mean hellaswag" in line and line.endswith("with --include-path")
@@ -311,7 +312,7 @@ def write_space(tmp_path: Path, scoring: dict) -> Path:
     ],
 )
 def test_spaces_whose_scoring_cannot_work_are_refused_before_the_teacher_loads(tmp_path, shared_data, no_teacher, scoring, fragments):
-    from minitron_nas.cli import app
+    from minitron_nas.cli.app import app
 
     if scoring.get("data_dir") == "SHARED":
         scoring["data_dir"] = str(shared_data)
@@ -383,7 +384,7 @@ def saved_tiny_model(folder: Path) -> Path:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("LMEVAL_LOG_LEVEL", None)
-    return subprocess.run([sys.executable, "-m", "minitron_nas.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    return subprocess.run([sys.executable, "-m", "minitron_nas.cli.app", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
 def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
@@ -417,7 +418,7 @@ def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):
 
 
 def test_evaluate_scores_a_user_task_from_include_path(shared_data, tmp_path):
-    from minitron_nas.cli import app
+    from minitron_nas.cli.app import app
 
     folder = user_tasks(tmp_path / "my_tasks", shared_data)
     model = saved_tiny_model(tmp_path / "tiny")

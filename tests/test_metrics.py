@@ -9,16 +9,16 @@ import pytest
 import torch
 from helpers import random_blocks, tiny_model
 
-from minitron_nas.losses import kd_loss
-from minitron_nas.metrics import (
+from minitron_nas.distill.losses import kd_loss
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.metrics import (
     HeldoutKLD,
     HeldoutLoss,
     Measurement,
     paired_stderr,
     tied,
 )
-from minitron_nas.scoring import lm_loss
-from minitron_nas.teacher_cache import TeacherLogitCache
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from helpers import byte_tokenizer, tiny_model
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.export import save_model
-from minitron_nas.pipeline import STAGES, finished_stages, run
-from minitron_nas.space import load_space
-from minitron_nas.teachers import load_teacher
+from minitron_nas.model.saving import save_model
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.recipes.run import STAGES, finished_stages, run
+from minitron_nas.search.candidates import load_space
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_run_in_bfloat16_on_the_cpu_exports_a_bfloat16_model(teacher_folder, sha
 
 
 def test_a_run_whose_every_candidate_fails_ends_in_one_line_and_still_reports(teacher_folder, shared_data, tmp_path, monkeypatch):
-    from minitron_nas import search
     from minitron_nas.errors import MinitronError
+    from minitron_nas.search.runner import runner as search
 
     def diverge(*args, **kwargs):
         raise MinitronError("loss became NaN/inf at step 1: lower the learning rate")

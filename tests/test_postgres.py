@@ -25,10 +25,10 @@ import sqlalchemy
 import yaml
 from helpers import byte_tokenizer, tiny_model
 
-from minitron_nas import search
-from minitron_nas.export import save_model
-from minitron_nas.space import load_space, require_feasible
-from minitron_nas.teachers import load_config
+from minitron_nas.model.saving import save_model
+from minitron_nas.model.teachers import load_config
+from minitron_nas.search.candidates import load_space, require_feasible
+from minitron_nas.search.runner import runner as search
 
 pytestmark = pytest.mark.postgres
 
@@ -85,7 +85,7 @@ def grid_size(space_file: Path) -> int:
 
 def cli() -> list[str]:
     script = Path(sys.executable).parent / "minitron-nas"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "minitron_nas.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "minitron_nas.cli.app"]
 
 
 class Worker:
@@ -209,8 +209,8 @@ def test_three_workers_share_one_grid_each_candidate_once(spaces, postgres_url, 
 
 def queue_grid(space_file: Path, url: str, out: Path) -> None:
     """Create the study and queue the grid as a first worker does (open_study), from this process."""
-    from minitron_nas.study import make_storage
-    from minitron_nas.teachers import load_teacher
+    from minitron_nas.model.teachers import load_teacher
+    from minitron_nas.search.study import make_storage
 
     spec = load_space(space_file)
     pool = search.candidate_pool(spec, require_feasible(spec, load_config(spec.teacher)))

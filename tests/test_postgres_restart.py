@@ -21,9 +21,9 @@ import sqlalchemy
 import yaml
 from helpers import byte_tokenizer, tiny_model
 
-from minitron_nas.export import save_model
-from minitron_nas.space import load_space, require_feasible
-from minitron_nas.teachers import load_config
+from minitron_nas.model.saving import save_model
+from minitron_nas.model.teachers import load_config
+from minitron_nas.search.candidates import load_space, require_feasible
 
 pytestmark = pytest.mark.postgres
 
@@ -58,7 +58,7 @@ def space_file(tmp_path, shared_data) -> Path:
 
 
 def cli() -> list[str]:
-    return [sys.executable, "-m", "minitron_nas.cli"]
+    return [sys.executable, "-m", "minitron_nas.cli.app"]
 
 
 class Worker:
@@ -150,7 +150,7 @@ def test_a_database_restart_mid_search_loses_no_candidate(space_file, postgres_s
     wait_for(lambda: last.process.poll() is not None, "the resumed search to finish", [last], exits_ok=True)
     assert last.process.returncode == 0, last.text()[-3000:]
 
-    from minitron_nas.search import schedule_for
+    from minitron_nas.search.runner import schedule_for
 
     done = [t for t in trials(postgres_url) if t.state == optuna.trial.TrialState.COMPLETE and "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     pairs = sorted((t.user_attrs["rung"], t.user_attrs["key"]) for t in done if not t.user_attrs.get("order"))

@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import FAMILY_NAMES, random_blocks, tiny_model
 
-from minitron_nas.architecture import Architecture
 from minitron_nas.errors import MinitronError
-from minitron_nas.export import save_model
-from minitron_nas.families import layers_of
-from minitron_nas.pruning import prune, select
-from minitron_nas.ranking import Rankings
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.families import layers_of
+from minitron_nas.model.saving import save_model
+from minitron_nas.prune.pruning import prune, select
+from minitron_nas.prune.ranking import Rankings
 
 
 def random_rankings(teacher: Architecture, seed: int = 0) -> Rankings:
@@ -346,8 +346,8 @@ def test_prune_validates_architecture():
 def test_norm_correction_scales_each_gain_by_the_calibrated_rms_ratio(family):
     import numpy as np
 
-    from minitron_nas.families import family_for
-    from minitron_nas.ranking import compute_rankings
+    from minitron_nas.model.families import family_for
+    from minitron_nas.prune.ranking import compute_rankings
 
     model = tiny_model(family)
     offset = family_for(model.config).norm_offset

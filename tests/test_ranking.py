@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from helpers import random_blocks, tiny_model
 
-from minitron_nas.architecture import Architecture
+from minitron_nas.config.settings import REDUCTIONS, Aggregation
 from minitron_nas.errors import MinitronError
-from minitron_nas.families import layers_of
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings, compute_rankings
-from minitron_nas.scoring import lm_loss
-from minitron_nas.settings import REDUCTIONS, Aggregation
+from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.families import layers_of
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import Rankings, compute_rankings
 
 HEAD_DIM = 8
 

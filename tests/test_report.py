@@ -22,15 +22,14 @@ import yaml
 from helpers import TINY_CONFIGS
 from typer.testing import CliRunner
 
-from minitron_nas import dashboard
-from minitron_nas.cli import app
-from minitron_nas.dashboard import FIGURE_IDS, build_dashboard
+from minitron_nas.cli.app import app
 from minitron_nas.errors import MinitronError
-from minitron_nas.ranking import Rankings
-from minitron_nas.report import finished, open_run_study, pareto_front, write_report
-from minitron_nas.space import enumerate_candidates, load_space
-from minitron_nas.study import STUDY_NAME
-from minitron_nas.teachers import load_config
+from minitron_nas.model.teachers import load_config
+from minitron_nas.prune.ranking import Rankings
+from minitron_nas.report.dashboard import FIGURE_IDS, build_dashboard
+from minitron_nas.report.summary import dashboard, finished, open_run_study, pareto_front, write_report
+from minitron_nas.search.candidates import enumerate_candidates, load_space
+from minitron_nas.search.study import STUDY_NAME
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -360,12 +359,12 @@ def test_cli_dashboard_without_a_study_is_one_line(tmp_path):
 def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failure(shared_data, tmp_path, caplog, monkeypatch):
     from helpers import byte_tokenizer, tiny_model
 
-    from minitron_nas import search
-    from minitron_nas.export import save_model
-    from minitron_nas.search import run_search
-    from minitron_nas.settings import RankSettings, RetrainSettings
-    from minitron_nas.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
-    from minitron_nas.teachers import load_teacher
+    from minitron_nas.config.settings import RankSettings, RetrainSettings
+    from minitron_nas.config.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
+    from minitron_nas.model.saving import save_model
+    from minitron_nas.model.teachers import load_teacher
+    from minitron_nas.search.runner import run_search
+    from minitron_nas.search.runner import runner as search
 
     save_model(tiny_model("llama", vocab_size=257), tmp_path / "teacher", byte_tokenizer())
     teacher = load_teacher(str(tmp_path / "teacher"))
@@ -390,7 +389,7 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
 
     run = tmp_path / "run"
     monkeypatch.setattr(search, "OUTPUTS_EVERY", 0.0)  # rung 0's views too after every work unit
-    with caplog.at_level(logging.WARNING, logger="minitron_nas.search"):
+    with caplog.at_level(logging.WARNING, logger="minitron_nas.search.runner"):
         study = run_search(space, run, n_trials=2, teacher=teacher, on_trial=first_one_fails)
     assert calls == [1, 2]  # after every trial, with the finished trial already in the study
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2  # the failure did not stop the search

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minitron_nas.dashboard import FIGURE_IDS
-from minitron_nas.pipeline import STAGES, finished_stages, run
-from minitron_nas.space import load_space
+from minitron_nas.recipes.run import STAGES, finished_stages, run
+from minitron_nas.report.dashboard import FIGURE_IDS
+from minitron_nas.search.candidates import load_space
 
 pytestmark = pytest.mark.teacher
 
@@ -39,9 +39,9 @@ def demo_run(tmp_path_factory):
 
 
 def test_the_demo_search_runs_its_rungs_within_budget_and_keeps_the_best(demo_run):
-    from minitron_nas.search import schedule_for
-    from minitron_nas.space import require_feasible
-    from minitron_nas.teachers import load_config
+    from minitron_nas.model.teachers import load_config
+    from minitron_nas.search.candidates import require_feasible
+    from minitron_nas.search.runner import schedule_for
 
     space, out, _ = demo_run
     assert list(finished_stages(out)) == list(STAGES)

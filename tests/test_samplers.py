@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.samplers import AutoPool, GridPool, RandomPool, sampler_named
+from minitron_nas.search.samplers import AutoPool, GridPool, RandomPool, sampler_named
 
 
 def test_the_grid_is_every_feasible_candidate_in_order():

@@ -19,20 +19,21 @@ import sqlalchemy
 import yaml
 from helpers import byte_tokenizer, tiny_model
 
-from minitron_nas import search
+from minitron_nas.config.settings import RankSettings, RetrainSettings
+from minitron_nas.config.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
 from minitron_nas.data import token_blocks
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
+from minitron_nas.distill.trainer import RetrainResult, TrainState, retrain
 from minitron_nas.errors import MinitronError
-from minitron_nas.export import save_model
-from minitron_nas.metrics import HeldoutLoss, Measurement, Metric
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings
-from minitron_nas.search import candidate_pool, run_search, schedule_for
-from minitron_nas.settings import RankSettings, RetrainSettings
-from minitron_nas.space import Budget, HalvingSpec, ScoringSpec, SearchSpace, require_feasible
-from minitron_nas.study import rung_values, search_complete
-from minitron_nas.teacher_cache import TeacherLogitCache
-from minitron_nas.teachers import Teacher, load_teacher
-from minitron_nas.trainer import RetrainResult, TrainState, retrain
+from minitron_nas.evaluate.metrics import HeldoutLoss, Measurement, Metric
+from minitron_nas.model.saving import save_model
+from minitron_nas.model.teachers import Teacher, load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import Rankings
+from minitron_nas.search.candidates import require_feasible
+from minitron_nas.search.runner import candidate_pool, run_search, schedule_for
+from minitron_nas.search.runner import runner as search
+from minitron_nas.search.study import rung_values, search_complete
 
 AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (2, 3, 4)}
 
@@ -161,8 +162,8 @@ def test_the_search_stays_within_a_token_budget(teacher, corpus, tmp_path):
 
 def test_seeds_draw_different_training_rows():
     """With the pool the search draws, the rows a run reads differ between seeds, not only their order."""
-    from minitron_nas.halving import plan_schedule
-    from minitron_nas.trainer import _row_stream
+    from minitron_nas.distill.trainer import _row_stream
+    from minitron_nas.search.halving import plan_schedule
 
     spec = RetrainSettings(tokens=8 * 2 * 256, batch_size=2, seq_len=256)
     schedule = plan_schedule(18, spec.total_steps, spec.batch_size * spec.seq_len, eta=3)
@@ -329,11 +330,11 @@ def _each_once(study: optuna.Study, space, teacher) -> None:
 
 
 def test_a_worker_killed_mid_rung_loses_nothing_and_its_trial_is_retried_once(teacher, corpus, tmp_path):
-    from minitron_nas.space import load_space
+    from minitron_nas.search.candidates import load_space
 
     space_file = _space_file(tmp_path, teacher, corpus, steps=320)  # rung 1: 80 steps, long enough to be caught by a 50 ms poll
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
+    command = [sys.executable, "-m", "minitron_nas.cli.app", "search", str(space_file), "--out", str(run)]
     env = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3"}
     storage = f"sqlite:///{run / 'study.db'}"
     worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -353,11 +354,11 @@ def test_a_worker_killed_mid_rung_loses_nothing_and_its_trial_is_retried_once(te
 
 
 def test_ctrl_c_mid_trial_queues_the_candidate_again_and_prints_one_line(teacher, corpus, tmp_path):
-    from minitron_nas.space import load_space
+    from minitron_nas.search.candidates import load_space
 
     space_file = _space_file(tmp_path, teacher, corpus, steps=320)
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
+    command = [sys.executable, "-m", "minitron_nas.cli.app", "search", str(space_file), "--out", str(run)]
     storage = f"sqlite:///{run / 'study.db'}"
     worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     _wait_for_running_trial(storage, worker, time.time() + 300)
@@ -374,7 +375,7 @@ def test_ctrl_c_mid_trial_queues_the_candidate_again_and_prints_one_line(teacher
 
 
 def test_latency_is_measured_carried_to_later_rungs_and_enforced(teacher, corpus, tmp_path):
-    from minitron_nas.space import LatencySpec
+    from minitron_nas.config.space import LatencySpec
 
     space = make_space(teacher, corpus, latency=LatencySpec(measure=True, context=16, new_tokens=4, repeats=1))
     study = run_search(space, tmp_path / "run", teacher=teacher)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import random_blocks, tiny_model
 
+from minitron_nas.distill.signals import CachedTopK, LiveFull, LiveTopK, NoTeacher, live_teacher, teacher_signal
+from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.errors import MinitronError
-from minitron_nas.signals import CachedTopK, LiveFull, LiveTopK, NoTeacher, live_teacher, teacher_signal
-from minitron_nas.teacher_cache import TeacherLogitCache
 
 
 @pytest.fixture(scope="module")

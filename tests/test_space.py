@@ -10,16 +10,11 @@ import torch
 from helpers import TINY_CONFIGS
 from transformers import AutoModelForCausalLM
 
-from minitron_nas.architecture import Architecture, student_config
+from minitron_nas.config.space import Budget, SearchSpace
 from minitron_nas.errors import MinitronError
-from minitron_nas.space import (
-    Budget,
-    SearchSpace,
-    enumerate_candidates,
-    load_space,
-    require_feasible,
-)
-from minitron_nas.teachers import load_config
+from minitron_nas.model.architecture import Architecture, student_config
+from minitron_nas.model.teachers import load_config
+from minitron_nas.search.candidates import enumerate_candidates, load_space, require_feasible
 
 AXES = {
     "hidden_size": (24, 32, 40, 48),
@@ -215,7 +210,8 @@ def test_fields_added_later_are_checked_from_their_annotations():
     """A new section needs no change to the checker: its annotations and metadata drive it."""
     from dataclasses import dataclass, field
 
-    from minitron_nas.space import Range, _section
+    from minitron_nas.config.checks import Range
+    from minitron_nas.config.loader import _section
 
     @dataclass(frozen=True)
     class Halving:

@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from minitron_nas.architecture import Architecture
 from minitron_nas.data import token_blocks
-from minitron_nas.pruning import prune
-from minitron_nas.ranking import Rankings, compute_rankings
-from minitron_nas.scoring import lm_loss
-from minitron_nas.teachers import load_teacher
+from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.model.teachers import load_teacher
+from minitron_nas.prune.pruning import prune
+from minitron_nas.prune.ranking import Rankings, compute_rankings
 
 pytestmark = pytest.mark.teacher
 

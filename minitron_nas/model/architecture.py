@@ -1,0 +1,212 @@
+"""Typed architectures and exact parameter counts without allocating weights.
+
+An `Architecture` uses the Hugging Face config names. `ParamCounter` reads the teacher's
+parameter shapes once from a model built on the meta device (no memory), turns them into
+a short polynomial in (hidden, query width, kv width, ffn), and then counts any candidate
+with a handful of multiplications, fast enough for exhaustive enumeration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoModelForCausalLM
+
+from minitron_nas.errors import MinitronError
+from minitron_nas.model.families import FFN, HIDDEN, KV, QUERY, family_for, layer_index
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A candidate shape. `layers` (teacher indices, kept in order) overrides the depth choice."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    layers: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, config) -> Architecture:
+        return cls(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            num_hidden_layers=config.num_hidden_layers,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict, base: Architecture) -> Architecture:
+        """Fields missing from `data` are taken from `base` (usually the teacher)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MinitronError(f"unknown architecture key '{unknown[0]}': allowed keys are {', '.join(sorted(names))}")
+        values = {k: v for k, v in data.items() if v is not None}
+        if "layers" in values:
+            layers = values["layers"]
+            if not isinstance(layers, (list, tuple)) or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+                raise MinitronError(f"architecture key 'layers' must be a list of integer layer indices, got {layers!r}")
+            values["layers"] = tuple(layers)
+            values.setdefault("num_hidden_layers", len(values["layers"]))
+        for key, value in values.items():
+            if key != "layers" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise MinitronError(f"architecture key '{key}' must be an integer, got {value!r}")
+        return replace(base, **{"layers": None, **values})
+
+    @classmethod
+    def load(cls, source: str | Path, base: Architecture) -> Architecture:
+        """From a JSON file path or an inline JSON object."""
+        text = str(source)
+        try:
+            if text.lstrip().startswith("{"):
+                data = json.loads(text)
+            else:
+                data = json.loads(Path(text).read_text())
+        except FileNotFoundError:
+            raise MinitronError(f"architecture file '{text}' not found: give a JSON file or an inline JSON object") from None
+        except json.JSONDecodeError as err:
+            raise MinitronError(f"architecture '{text}' is not valid JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(data, dict):
+            raise MinitronError("an architecture must be a JSON object of HF config names")
+        return cls.from_dict(data, base)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers"] = list(self.layers) if self.layers is not None else None
+        return data
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    non_embedding: int
+
+
+def validate(arch: Architecture, teacher: Architecture) -> None:
+    """Reject candidates that cannot be sliced out of the teacher, with the reason."""
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"):
+        value, limit = getattr(arch, name), getattr(teacher, name)
+        if value < 1:
+            raise MinitronError(f"{name}={value} must be at least 1")
+        if value > limit:
+            raise MinitronError(f"{name}={value} is larger than the teacher's {limit}: pruning only shrinks")
+    if arch.num_attention_heads % arch.num_key_value_heads:
+        raise MinitronError(
+            f"num_attention_heads={arch.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={arch.num_key_value_heads}: choose heads = groups x heads per group"
+        )
+    if arch.heads_per_group > teacher.heads_per_group:
+        raise MinitronError(
+            f"{arch.heads_per_group} query heads per KV group exceeds the teacher's {teacher.heads_per_group}: keep fewer query heads or more KV groups"
+        )
+    if arch.layers is not None:
+        if len(arch.layers) != arch.num_hidden_layers:
+            raise MinitronError(f"layers lists {len(arch.layers)} layers but num_hidden_layers={arch.num_hidden_layers}: make them agree")
+        if len(set(arch.layers)) != len(arch.layers) or any(not 0 <= i < teacher.num_hidden_layers for i in arch.layers):
+            raise MinitronError(f"layers must be distinct teacher layer indices in 0..{teacher.num_hidden_layers - 1}, got {list(arch.layers)}")
+
+
+def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | None = None):
+    """The teacher's config with the candidate's sizes; per-layer lists follow the kept layers.
+
+    transformers itself validates the result, so a config it would refuse to load is
+    rejected here, before any weights are touched.
+    """
+    data = teacher_config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "name_or_path", "transformers_version"):
+        data.pop(key, None)
+    n_teacher = teacher_config.num_hidden_layers
+    kept = kept_layers if kept_layers is not None else list(range(arch.num_hidden_layers))
+    for key, value in list(data.items()):
+        if isinstance(value, list) and len(value) == n_teacher and key != "architectures":
+            data[key] = [value[i] for i in kept]
+    data.update(
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        num_hidden_layers=arch.num_hidden_layers,
+        head_dim=head_dim_of(teacher_config),
+    )
+    for key in family_for(teacher_config).layer_count_keys:
+        if key in data:
+            data[key] = min(data[key], arch.num_hidden_layers)
+    try:
+        return type(teacher_config).from_dict(data)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        # transformers 5 wraps config validation in huggingface_hub's StrictDataclassError
+        # (not a ValueError) whose first line only names the validator: keep the reason.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        message = lines[-1] if lines else type(err).__name__
+        raise MinitronError(f"transformers refuses this architecture: {message}") from None
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class ParamCounter:
+    """Exact parameter counts for any architecture of one teacher's family and vocabulary."""
+
+    def __init__(self, teacher_config):
+        self.family = family_for(teacher_config)
+        self.head_dim = head_dim_of(teacher_config)
+        self.teacher = Architecture.from_config(teacher_config)
+        config = copy.deepcopy(teacher_config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        # term: (axes, fixed multiplier) summed into coefficient dicts
+        self._global: dict[tuple[str, ...], int] = {}
+        self._embedding: dict[tuple[str, ...], int] = {}
+        layer_terms: dict[int, dict[tuple[str, ...], int]] = {}
+        for name, param in model.named_parameters():
+            axes = self.family.axes(name)
+            fixed = 1
+            for size, axis in zip(param.shape, axes):
+                if axis is None:
+                    fixed *= size
+            key = tuple(sorted(a for a in axes if a is not None))
+            index = layer_index(name)
+            if index is not None:
+                target = layer_terms.setdefault(index, {})
+            elif self.family.is_embedding(name):
+                target = self._embedding
+            else:
+                target = self._global
+            target[key] = target.get(key, 0) + fixed
+        shapes = {tuple(sorted(t.items())) for t in layer_terms.values()}
+        if len(shapes) != 1:
+            raise MinitronError("layers of this teacher differ in structure: count them with an explicit layer list")
+        self._layer = layer_terms[0]
+
+    def _evaluate(self, terms: dict[tuple[str, ...], int], arch: Architecture) -> int:
+        sizes = {
+            HIDDEN: arch.hidden_size,
+            QUERY: arch.num_attention_heads * self.head_dim,
+            KV: arch.num_key_value_heads * self.head_dim,
+            FFN: arch.intermediate_size,
+        }
+        total = 0
+        for axes, fixed in terms.items():
+            n = fixed
+            for axis in axes:
+                n *= sizes[axis]
+            total += n
+        return total
+
+    def count(self, arch: Architecture) -> ParamCount:
+        embedding = self._evaluate(self._embedding, arch)
+        body = self._evaluate(self._global, arch) + arch.num_hidden_layers * self._evaluate(self._layer, arch)
+        return ParamCount(total=embedding + body, non_embedding=body)

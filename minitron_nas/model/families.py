@@ -1,0 +1,151 @@
+"""Where heads, MLP neurons and norms live, per model family.
+
+Every other module asks this one, so family differences stay in one place. A family is
+described by data, not code: which per-layer norms act on the hidden size, whether the
+embedding is scaled by sqrt(hidden), whether RMSNorm stores its weight as (1 + w), and a
+table that says, for every parameter, which pruning axis each of its dimensions follows.
+Adding a Llama-like family is adding one `Family(...)` entry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from minitron_nas.errors import MinitronError
+
+# Pruning axes a tensor dimension can follow. None means "never pruned" (vocab, head_dim).
+HIDDEN, QUERY, KV, FFN = "hidden", "query", "kv", "ffn"
+
+# Parameter name suffix -> axis per dimension. Shared by all supported families.
+_COMMON_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed_tokens.weight": (None, HIDDEN),
+    "lm_head.weight": (None, HIDDEN),
+    "q_proj.weight": (QUERY, HIDDEN),
+    "q_proj.bias": (QUERY,),
+    "k_proj.weight": (KV, HIDDEN),
+    "k_proj.bias": (KV,),
+    "v_proj.weight": (KV, HIDDEN),
+    "v_proj.bias": (KV,),
+    "o_proj.weight": (HIDDEN, QUERY),
+    "o_proj.bias": (HIDDEN,),
+    "q_norm.weight": (None,),
+    "k_norm.weight": (None,),
+    "gate_proj.weight": (FFN, HIDDEN),
+    "gate_proj.bias": (FFN,),
+    "up_proj.weight": (FFN, HIDDEN),
+    "up_proj.bias": (FFN,),
+    "down_proj.weight": (HIDDEN, FFN),
+    "down_proj.bias": (HIDDEN,),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Facts about one model family that pruning, ranking and counting need."""
+
+    name: str
+    model_types: tuple[str, ...]
+    # Per-layer norms over the hidden size; all of them are sliced and ranked.
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # Gemma multiplies token embeddings by sqrt(hidden_size).
+    scaled_embedding: bool = False
+    # Gemma's RMSNorm computes x * (1 + w); the effective gain is w + norm_offset.
+    norm_offset: float = 0.0
+    # Where ranking hooks in: the inputs of these per-layer modules are the attention
+    # heads' outputs (concatenated) and the MLP neurons' activations.
+    head_output_module: str = "self_attn.o_proj"
+    neuron_output_module: str = "mlp.down_proj"
+    # State-dict names of the token embedding, the output head and the final norm.
+    embedding_weight: str = "model.embed_tokens.weight"
+    lm_head_weight: str = "lm_head.weight"
+    final_norm_weight: str = "model.norm.weight"
+    # Config keys that count layers and must not exceed the student's depth (Qwen2's sliding window).
+    layer_count_keys: tuple[str, ...] = ()
+
+    def axes(self, param_name: str) -> tuple[str | None, ...]:
+        """Pruning axis of each dimension of a parameter of this family's CausalLM."""
+        parts = param_name.split(".")
+        suffix = ".".join(parts[-2:])
+        if suffix in _COMMON_AXES:
+            return _COMMON_AXES[suffix]
+        if parts[-2] in self.layer_norms or suffix == "norm.weight":
+            return (HIDDEN,)
+        raise MinitronError(f"parameter '{param_name}' is unknown to the {self.name} family: extend the family table in minitron_nas/families.py")
+
+    def embedding_scale(self, hidden_size: int) -> float:
+        return hidden_size**0.5 if self.scaled_embedding else 1.0
+
+    def is_embedding(self, param_name: str) -> bool:
+        """The vocabulary matrices (input embedding, output head): counted apart from the body."""
+        return param_name in (self.embedding_weight, self.lm_head_weight)
+
+    def head_output(self, layer):
+        """The module whose input holds one layer's attention heads, side by side."""
+        return layer.get_submodule(self.head_output_module)
+
+    def neuron_output(self, layer):
+        """The module whose input holds one layer's MLP neuron activations."""
+        return layer.get_submodule(self.neuron_output_module)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama",)),
+    Family("mistral", ("mistral",)),
+    Family("qwen2", ("qwen2",), layer_count_keys=("max_window_layers",)),
+    Family("qwen3", ("qwen3",), layer_count_keys=("max_window_layers",)),
+    Family(
+        "gemma3",
+        ("gemma3_text",),
+        layer_norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+        scaled_embedding=True,
+        norm_offset=1.0,
+    ),
+)
+
+
+def family_for(config) -> Family:
+    """The family of a transformers config, or a one-line error naming the supported ones."""
+    return family_of_type(getattr(config, "model_type", None))
+
+
+def family_of_type(model_type: str | None) -> Family:
+    """The family of a config's `model_type`; asked before transformers parses the config,
+    so an unknown type is named here rather than in transformers' longer message."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise MinitronError(
+        f"Model type '{model_type}' is not supported: the supported types are {supported}; "
+        "a Llama-like family is added with one Family entry in minitron_nas/families.py."
+    )
+
+
+_LAYER_NAME = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(param_name: str) -> int | None:
+    """The decoder layer a parameter belongs to ('model.layers.3.mlp...' -> 3), None outside layers."""
+    match = _LAYER_NAME.search(param_name)
+    return int(match.group(1)) if match else None
+
+
+def in_layer(param_name: str, index: int) -> str:
+    """The same parameter's name in decoder layer `index` (how a student's layer finds its teacher's)."""
+    return _LAYER_NAME.sub(f".layers.{index}.", param_name, count=1)
+
+
+def layers_of(model):
+    """The decoder layers (a ModuleList) of a CausalLM of any supported family."""
+    return model.model.layers
+
+
+def final_norm(model):
+    """The norm after the last decoder layer of a CausalLM of any supported family."""
+    return model.model.norm

@@ -1,0 +1,175 @@
+"""Slice a teacher into a smaller model of its own class along the rankings.
+
+`select` decides what to keep (pure: rankings + architecture -> indices); `prune` builds a
+standard transformers model with the new config and copies the kept slices. Hidden
+channels are one global choice (the residual stream is shared); FFN neurons, KV groups
+and query heads are chosen per layer. Heads are GQA-aware: whole KV groups are kept or
+dropped, and inside each kept group the best query heads stay, so head j of the student
+still attends with the keys of its own group. head_dim never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from minitron_nas.errors import MinitronError
+from minitron_nas.model.architecture import Architecture, head_dim_of, student_config, validate
+from minitron_nas.model.families import FFN, HIDDEN, KV, QUERY, family_for, in_layer, layer_index
+from minitron_nas.prune.ranking import Rankings
+
+LAYER_CRITERIA = ("block_importance", "layer_loss", "last")
+
+
+@dataclass
+class Selection:
+    """Teacher indices kept on every axis; lists are per kept layer, in student order."""
+
+    layers: list[int]
+    channels: torch.Tensor
+    query_heads: list[torch.Tensor]
+    kv_groups: list[torch.Tensor]
+    neurons: list[torch.Tensor]
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, in ascending index order (keeps original layout)."""
+    return torch.topk(scores.float(), k, sorted=False).indices.sort().values
+
+
+def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criterion: str) -> list[int]:
+    if arch.layers is not None:
+        return list(arch.layers)
+    if arch.num_hidden_layers == n_teacher:
+        return list(range(n_teacher))
+    if criterion == "last":
+        return list(range(arch.num_hidden_layers))
+    if criterion not in LAYER_CRITERIA:
+        raise MinitronError(f"unknown layer criterion '{criterion}': use one of {', '.join(LAYER_CRITERIA)}")
+    scores = getattr(rankings, criterion)
+    if scores is None:
+        raise MinitronError("these rankings have no layer_loss scores: rank with --layer-loss or use block_importance")
+    return _top(scores, arch.num_hidden_layers).tolist()
+
+
+def select(rankings: Rankings, arch: Architecture, teacher: Architecture, layer_criterion: str = "block_importance") -> Selection:
+    layers = select_layers(rankings, arch, teacher.num_hidden_layers, layer_criterion)
+    query_heads, kv_groups, neurons = [], [], []
+    for layer in layers:
+        heads = rankings.heads[layer].view(teacher.num_key_value_heads, teacher.heads_per_group)
+        groups = _top(heads.sum(dim=1), arch.num_key_value_heads)
+        kept = [g * teacher.heads_per_group + _top(heads[g], arch.heads_per_group) for g in groups.tolist()]
+        kv_groups.append(groups)
+        query_heads.append(torch.cat(kept))
+        neurons.append(_top(rankings.neurons[layer], arch.intermediate_size))
+    return Selection(layers, _top(rankings.channels, arch.hidden_size), query_heads, kv_groups, neurons)
+
+
+def _rows(units: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Head (or group) indices -> the rows of a projection that belong to them."""
+    return (units[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+@torch.no_grad()
+def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = "block_importance", norm_correction: bool = False):
+    """A new model of the teacher's class, sliced to `arch` along `rankings`.
+
+    `norm_correction`: rescale every hidden-size norm's gain by sqrt(mean square of its
+    input over the kept channels / over all channels), measured in the calibration pass.
+    An RMSNorm of the pruned model divides by the root mean square of fewer channels, the
+    most important (largest) ones. Off by default: on the real teacher it lowers the
+    pruned loss when only the hidden size is cut and raises it when heads, FFN and depth
+    are cut too (reports/benchmarks/norm_correction.md).
+    """
+    family = family_for(model.config)
+    teacher_arch = Architecture.from_config(model.config)
+    validate(arch, teacher_arch)
+    _check_shapes(rankings, teacher_arch)
+    chosen = select(rankings, arch, teacher_arch, layer_criterion)
+    config = student_config(model.config, arch, chosen.layers)
+    head_dim = head_dim_of(model.config)
+    param = next(model.parameters())
+    # Built where the teacher lives, directly in its dtype: no float32 or host copy of the student.
+    with no_init_weights(), torch.device(param.device):
+        student = AutoModelForCausalLM.from_config(config, dtype=param.dtype)
+    student.tie_weights()  # no_init_weights also skips tying
+
+    teacher_state = model.state_dict()
+    state = {}
+    for name in student.state_dict():
+        position = layer_index(name)
+        inside = position is not None
+        source = in_layer(name, chosen.layers[position]) if inside else name
+        index = {
+            HIDDEN: chosen.channels,
+            QUERY: _rows(chosen.query_heads[position], head_dim) if inside else None,
+            KV: _rows(chosen.kv_groups[position], head_dim) if inside else None,
+            FFN: chosen.neurons[position] if inside else None,
+        }
+        tensor = teacher_state[source]
+        for dim, axis in enumerate(family.axes(name)):
+            if axis is not None:
+                tensor = tensor.index_select(dim, index[axis].to(tensor.device))
+        state[name] = tensor
+    if norm_correction and arch.hidden_size != teacher_arch.hidden_size:
+        _correct_norm_gains(state, rankings, family, chosen, teacher_arch.num_hidden_layers)
+    _keep_embedding_scale(state, family, teacher_arch.hidden_size, arch.hidden_size, config)
+    if getattr(config, "tie_word_embeddings", False) and family.lm_head_weight in state:
+        state[family.lm_head_weight] = state[family.embedding_weight]
+    student.load_state_dict(state, assign=True)  # the slices are fresh tensors: no second copy
+    student.tie_weights()
+    student.eval()
+    return student
+
+
+def _correct_norm_gains(state: dict, rankings: Rankings, family, chosen: Selection, n_teacher_layers: int) -> None:
+    """gain_c *= sqrt(mean_{kept} E[x_c^2] / mean_{all} E[x_c^2]) for every sliced hidden norm."""
+    if rankings.norm_inputs is None:
+        raise MinitronError("these rankings have no norm statistics: rank the teacher again to use norm correction")
+    per_layer = len(family.layer_norms)
+    for name in state:
+        parts = name.split(".")
+        if name == family.final_norm_weight:
+            row = n_teacher_layers * per_layer
+        elif len(parts) >= 2 and parts[-2] in family.layer_norms and layer_index(name) is not None:
+            position = layer_index(name)
+            row = chosen.layers[position] * per_layer + family.layer_norms.index(parts[-2])
+        else:
+            continue
+        squares = rankings.norm_inputs[row].double()
+        ratio = (squares[chosen.channels].mean() / squares.mean()).sqrt().item()
+        gain = state[name] + family.norm_offset
+        state[name] = gain * ratio - family.norm_offset
+
+
+def _keep_embedding_scale(state: dict, family, old_hidden: int, new_hidden: int, config) -> None:
+    """Gemma scales embeddings by sqrt(hidden): undo the change a smaller hidden size causes.
+
+    With tied embeddings the same matrix also produces the logits, so the final norm's
+    gain is divided by the same factor and the logits stay as they were.
+    """
+    if not family.scaled_embedding or old_hidden == new_hidden:
+        return
+    factor = family.embedding_scale(old_hidden) / family.embedding_scale(new_hidden)
+    state[family.embedding_weight] = state[family.embedding_weight] * factor
+    if getattr(config, "tie_word_embeddings", False):
+        gain = state[family.final_norm_weight] + family.norm_offset
+        state[family.final_norm_weight] = gain / factor - family.norm_offset
+
+
+def _check_shapes(rankings: Rankings, teacher: Architecture) -> None:
+    expected = {
+        "heads": (teacher.num_hidden_layers, teacher.num_attention_heads),
+        "neurons": (teacher.num_hidden_layers, teacher.intermediate_size),
+        "channels": (teacher.hidden_size,),
+        "block_importance": (teacher.num_hidden_layers,),
+    }
+    for name, shape in expected.items():
+        if tuple(getattr(rankings, name).shape) != shape:
+            raise MinitronError(
+                f"rankings '{name}' have shape {tuple(getattr(rankings, name).shape)}, the teacher needs {shape}: "
+                "these rankings belong to another model; rank this teacher first"
+            )

@@ -1,0 +1,316 @@
+"""Activation-based importance of every head, neuron, channel and layer (Minitron, Sec. 2).
+
+One calibration pass with forward hooks scores:
+- heads: L2 norm of each head's attention output, before the output projection;
+- neurons: magnitude of the down projection's input (the MLP's intermediate activation);
+- channels: magnitude of every hidden-size norm output (the inputs of the residual
+  branches, plus Gemma's post-branch norms and the final norm), summed over norms;
+- layers: Block Importance, 1 - mean cosine(layer input, layer output).
+Each score is reduced first over the sequence, then over the batch, with a configurable
+reduction; the paper's best is (batch=L2, seq=mean). Magnitudes are used because signed
+activations would cancel under a mean. On request, each layer is also scored by the
+held-out loss of the model with that layer skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from minitron_nas.config.settings import Aggregation, RankSettings
+from minitron_nas.data import token_blocks
+from minitron_nas.errors import MinitronError
+from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.files import atomic_dir, check_writable
+from minitron_nas.model.architecture import head_dim_of
+from minitron_nas.model.devices import model_device, model_dtype, to_model_device
+from minitron_nas.model.families import family_for, final_norm, layers_of
+from minitron_nas.model.teachers import Teacher, check_context
+
+TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
+_TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
+
+
+def _reduce_seq(values: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, S, N] -> [B, N]."""
+    values = values.float()
+    if how == "mean":
+        return values.mean(dim=1)
+    if how == "l2":
+        return values.norm(dim=1)
+    return values.var(dim=1, unbiased=False)
+
+
+_COS_EPS = 1e-8  # F.cosine_similarity's default
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, eps) along the last axis: the first step of F.cosine_similarity, op for op."""
+    return x / torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clamp_min_(_COS_EPS)
+
+
+class _BatchAccumulator:
+    """Streams [B, N] rows into one [N] score: mean, L2 norm or variance over all rows.
+
+    Sums are float64 on the rows' own device: whatever the model's dtype (bf16 included),
+    scores accumulate in full precision, and a GPU pass never waits on a host copy per hook.
+    """
+
+    def __init__(self, how: str):
+        self.how, self.n, self.s1, self.s2 = how, 0, None, None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().double()  # [B, N]
+        s1, s2 = rows.sum(0), rows.pow(2).sum(0)
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += rows.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """[N] float32 on the CPU."""
+        if self.how == "mean":
+            value = self.s1 / self.n
+        elif self.how == "l2":
+            value = self.s2.sqrt()
+        else:
+            mean = self.s1 / self.n
+            value = (self.s2 / self.n - mean**2).clamp_min(0)
+        return value.float().cpu()
+
+
+@dataclass
+class Rankings:
+    """Importance scores (higher = more important) and where they came from."""
+
+    heads: torch.Tensor  # [layers, query heads]
+    neurons: torch.Tensor  # [layers, ffn]
+    channels: torch.Tensor  # [hidden]
+    block_importance: torch.Tensor  # [layers]
+    layer_loss: torch.Tensor | None = None  # [layers] held-out loss with the layer skipped
+    norm_inputs: torch.Tensor | None = None  # [norms, hidden] mean square of each hidden norm's input per channel
+    meta: dict = field(default_factory=dict)
+
+    def save(self, out: Path, overwrite: bool = False) -> None:
+        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS if getattr(self, k) is not None}
+        with atomic_dir(Path(out), overwrite) as tmp:
+            save_file(tensors, str(tmp / TENSOR_FILE))
+            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2))
+
+    @staticmethod
+    def weights_file(folder: Path) -> Path:
+        """The tensors of the rankings saved in `folder` (hashed into an export's provenance)."""
+        return Path(folder) / TENSOR_FILE
+
+    @classmethod
+    def load(cls, folder: Path, teacher_fingerprint: str | None = None) -> Rankings:
+        folder = Path(folder)
+        meta_file, tensor_file = folder / META_FILE, folder / TENSOR_FILE
+        if not meta_file.is_file() or not tensor_file.is_file():
+            raise MinitronError(f"no rankings in '{folder}': run `minitron-nas rank` first or fix --rankings")
+        try:
+            meta = json.loads(meta_file.read_text())
+            tensors = load_file(str(tensor_file))
+        except Exception as err:  # corrupt JSON or safetensors header
+            raise MinitronError(f"rankings in '{folder}' are corrupt ({type(err).__name__}): rerun `minitron-nas rank`") from None
+        missing = [k for k in _TENSORS[:4] if k not in tensors]
+        if missing:
+            raise MinitronError(f"rankings in '{folder}' lack '{missing[0]}': rerun `minitron-nas rank`")
+        if teacher_fingerprint is not None and meta.get("teacher_fingerprint") != teacher_fingerprint:
+            raise MinitronError(
+                f"rankings in '{folder}' were made for teacher '{meta.get('teacher')}' "
+                f"({meta.get('teacher_fingerprint')}{', in ' + meta['teacher_dtype'] if meta.get('teacher_dtype') else ''}), "
+                f"not this one ({teacher_fingerprint}): rank this teacher first (in the same --dtype)"
+            )
+        return cls(**{k: tensors.get(k) for k in _TENSORS}, meta=meta)
+
+
+def _hidden_norms(model, family):
+    """Every norm whose output lives in the hidden space, final norm included.
+
+    Order: layer by layer, `family.layer_norms` within a layer, then the final norm (the
+    rows of `Rankings.norm_inputs`)."""
+    norms = []
+    for layer in layers_of(model):
+        norms += [getattr(layer, name) for name in family.layer_norms]
+    return norms + [final_norm(model)]
+
+
+def _layer_io(args, kwargs, output):
+    hidden_in = args[0] if args else kwargs["hidden_states"]
+    hidden_out = output[0] if isinstance(output, tuple) else output
+    return hidden_in, hidden_out
+
+
+@torch.no_grad()
+def compute_rankings(
+    model,
+    blocks: torch.Tensor,
+    aggregation: Aggregation = Aggregation(),
+    batch_size: int = 8,
+    heldout: torch.Tensor | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> Rankings:
+    """Score every axis of `model` on calibration `blocks` ([N, seq_len] token ids).
+
+    With `heldout` blocks, layers are also scored by the loss when each one is skipped.
+    """
+    family = family_for(model.config)
+    config = model.config
+    head_dim = head_dim_of(config)
+    layers = layers_of(model)
+    device = model_device(model)
+    acc_heads = [_BatchAccumulator(aggregation.batch) for _ in layers]
+    acc_neurons = [_BatchAccumulator(aggregation.batch) for _ in layers]
+    norms = _hidden_norms(model, family)
+    acc_channels = [_BatchAccumulator(aggregation.batch) for _ in norms]
+    norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64, device=device)  # sum over tokens of x_c^2
+    norm_tokens = [0]
+    cos_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)  # [layers], no host sync per hook
+    cos_count = [0]
+    previous = [None]  # (last layer output, its version, its unit rows): usually the next layer's input
+
+    def head_hook(index):
+        def hook(module, args):
+            x = args[0]
+            per_head = x.view(*x.shape[:-1], -1, head_dim).float().norm(dim=-1)
+            acc_heads[index].add(_reduce_seq(per_head, aggregation.seq))
+
+        return hook
+
+    def neuron_hook(index):
+        def hook(module, args):
+            acc_neurons[index].add(_reduce_seq(args[0].abs(), aggregation.seq))
+
+        return hook
+
+    def channel_hook(index):
+        def hook(module, args, output):
+            acc_channels[index].add(_reduce_seq(output.abs(), aggregation.seq))
+            x = args[0]  # [B, S, hidden]: what the norm divides by its root mean square
+            norm_squares[index] += x.double().pow(2).sum(dim=(0, 1))  # on the device: no host sync per hook
+            if index == 0:
+                norm_tokens[0] += x.shape[0] * x.shape[1]
+
+        return hook
+
+    def block_hook(index):
+        def hook(module, args, kwargs, output):
+            hidden_in, hidden_out = _layer_io(args, kwargs, output)
+            # F.cosine_similarity(hidden_in, hidden_out, dim=-1) op for op (identical values), but
+            # a layer's output is the next layer's input: its unit rows are normalised only once.
+            cached = previous[0]
+            if cached is not None and cached[0] is hidden_in and cached[1] == hidden_in._version:
+                unit_in = cached[2]
+            else:
+                unit_in = _unit_rows(hidden_in.float())
+            unit_out = _unit_rows(hidden_out.float())
+            previous[0] = (hidden_out, hidden_out._version, unit_out)
+            cos = unit_in.mul_(unit_out).sum(dim=-1)  # unit_in is not needed again
+            cos_sum[index] += cos.double().sum()
+            if index == 0:
+                cos_count[0] += cos.numel()
+
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(family.head_output(layer).register_forward_pre_hook(head_hook(i)))
+        handles.append(family.neuron_output(layer).register_forward_pre_hook(neuron_hook(i)))
+        handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
+    for i, norm in enumerate(norms):
+        handles.append(norm.register_forward_hook(channel_hook(i)))
+    start = time.perf_counter()
+    try:
+        for batch in tqdm(blocks.split(batch_size), desc="ranking", disable=not progress, unit="batch"):
+            model(input_ids=to_model_device(batch, model), use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    elapsed = time.perf_counter() - start
+
+    rankings = Rankings(
+        heads=torch.stack([a.result() for a in acc_heads]),
+        neurons=torch.stack([a.result() for a in acc_neurons]),
+        channels=torch.stack([a.result() for a in acc_channels]).sum(0),
+        block_importance=(1 - cos_sum / cos_count[0]).float().cpu(),
+        norm_inputs=(norm_squares / norm_tokens[0]).float().cpu(),
+        meta={
+            **(meta or {}),
+            "aggregation": asdict(aggregation),
+            "samples": int(blocks.shape[0]),
+            "seq_len": int(blocks.shape[1]),
+            "seconds": round(elapsed, 2),
+            "model_type": config.model_type,
+        },
+    )
+    if heldout is not None:
+        rankings.layer_loss = layer_drop_losses(model, heldout, batch_size, progress)
+        rankings.meta["heldout_samples"] = int(heldout.shape[0])
+    return rankings
+
+
+@torch.no_grad()
+def layer_drop_losses(model, heldout: torch.Tensor, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+    """Held-out loss with each layer in turn replaced by the identity (higher = more important)."""
+    losses = []
+
+    def skip(module, args, kwargs, output):
+        hidden_in, _ = _layer_io(args, kwargs, output)
+        return (hidden_in, *output[1:]) if isinstance(output, tuple) else hidden_in
+
+    for layer in tqdm(layers_of(model), desc="layer-drop loss", disable=not progress, unit="layer"):
+        handle = layer.register_forward_hook(skip, with_kwargs=True)
+        try:
+            losses.append(lm_loss(model, heldout, batch_size))
+        finally:
+            handle.remove()
+    return torch.tensor(losses, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- the rank stage
+
+
+def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, overwrite: bool = False) -> Rankings:
+    """Calibrate on `settings.data` and (optionally) save the rankings to `out`."""
+    if out is not None:
+        check_writable(out, overwrite)
+    if settings.batch_size < 1:
+        raise MinitronError(f"batch_size {settings.batch_size} is below 1: use --batch-size (ranking.batch_size) 1 or more")
+    check_context(teacher.model.config, settings.seq_len, "--seq-len (ranking.seq_len)")
+    blocks = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.samples, settings.split)
+    heldout = None
+    if settings.layer_loss:
+        heldout = token_blocks(settings.data, teacher.tokenizer, settings.seq_len, settings.heldout_samples, "heldout")
+    rankings = compute_rankings(
+        teacher.model,
+        blocks,
+        settings.aggregation,
+        settings.batch_size,
+        heldout=heldout,
+        meta={
+            "teacher": teacher.name,
+            "teacher_fingerprint": teacher.fingerprint,
+            "teacher_dtype": str(model_dtype(teacher.model)).removeprefix("torch."),  # the fingerprint depends on it
+            "data": settings.data,
+            "split": settings.split,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    if out is not None:
+        rankings.save(out, overwrite)
+    return rankings
+
+
+def load_or_rank(teacher: Teacher, settings: RankSettings, folder: Path) -> Rankings:
+    """The rankings saved in `folder` (refused if made for another teacher), else rank and save them there."""
+    if (Path(folder) / "rankings.json").is_file():
+        return Rankings.load(folder, teacher.fingerprint)
+    return rank(teacher, settings, folder)

@@ -1,0 +1,1 @@
+"""Recipes: whole stages over a run folder (run, distill, export), each resumable."""

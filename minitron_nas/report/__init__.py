@@ -1,0 +1,1 @@
+"""Reports: the markdown report and the plotly dashboards of a run folder."""

@@ -1,0 +1,444 @@
+"""What a search run found, in Markdown; and the readers of a run folder the dashboard shares.
+
+`write_report(run_dir)` writes RUN_DIR/report.md: budget, feasible count, trial counts, the
+search's cost, the rungs (kept, Kendall tau with its n, cuts inside the noise), the
+candidates with their standard errors and ties with the best, errors, and the winner before and after full distillation
+beside the teacher (RUN_DIR/distill/summary.json).
+
+Files written by the final distillation, read here when present (each is optional):
+
+RUN_DIR/distill/curve.json -- the distillation curve, one point per logged optimizer step::
+
+    [{"step": 0, "train_loss": null, "eval_loss": 3.91}, {"step": 50, "train_loss": 3.2, "eval_loss": 3.4}, ...]
+
+  `step` is required; `train_loss` and `eval_loss` may be null or missing at a step. Also
+  accepted: {"curve": [that list]}, or a retraining result {"curve": [[step, train_loss], ...],
+  "eval_curve": [[step, eval_loss], ...]}.
+
+RUN_DIR/distill/summary.json -- one object; "teacher", "before" (the pruned winner before
+distillation) and "after" (after it) map metric names to numbers, measured on the same
+held-out text; everything else is optional::
+
+    {"architecture": {...},
+     "teacher": {"heldout_loss": 3.05, "kld": 0.0, "params_total": 134515008},
+     "before":  {"heldout_loss": 7.30, "kld": 4.1},
+     "after":   {"heldout_loss": 3.71, "kld": 0.62},
+     "tokens": 100000000, "seconds": 5400.0}
+
+  Nested numbers (for example lm-eval accuracies per task) become dotted columns
+  ("arc_easy.acc"); `tokens`, `steps` and `seconds` are reported below the table.
+
+Missing pieces (no finished trial, no rankings, no distillation yet) leave the figure in
+place, empty, with a note saying what is missing. Both files are replaced atomically.
+
+Long (about 430 lines) because the Markdown report's sections (space, rungs, candidates,
+distillation) each need their own table; the figures are in dashboard.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from minitron_nas.errors import MinitronError
+from minitron_nas.files import RunFolder, write_text_atomic
+from minitron_nas.search.halving import TIE_RULE
+from minitron_nas.search.study import (
+    STUDY_NAME,
+    candidates_table,
+    rung_summary,
+    search_cost,
+    trials_table,
+)
+
+METRIC_LABELS = {
+    "heldout_loss": "held-out loss (nats)",
+    "kld": "KL divergence to the teacher",
+    "lm_eval": "lm-eval accuracy (mean over tasks)",
+}
+ARCH_COLUMNS = {  # trials_table column -> short label
+    "hidden_size": "hidden",
+    "intermediate_size": "ffn",
+    "num_attention_heads": "heads",
+    "num_key_value_heads": "kv groups",
+    "num_hidden_layers": "layers",
+}
+
+
+# --------------------------------------------------------------------------- study access
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
+def open_run_study(run_dir: str | Path, storage: str | None = None) -> optuna.Study:
+    """The run's study (study.STUDY_NAME) from `storage`, by default sqlite RUN_DIR/study.db."""
+    run_dir = Path(run_dir)
+    url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    journal = url.endswith((".log", ".journal"))
+    local = _sqlite_path(url) or (Path(url) if journal else None)
+    if local is not None and not local.is_file():  # opening it would create an empty store
+        where = f"run folder '{run_dir}'" if storage is None else f"storage '{url}'"
+        raise MinitronError(f"no study in {where} ({local} is missing): run `minitron-nas search` first or pass --storage")
+    if not journal and not url.startswith(("sqlite", "postgresql", "mysql")):
+        raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+    try:
+        if journal:
+            store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+        else:
+            store = optuna.storages.RDBStorage(url)  # read-only use: no heartbeat
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise MinitronError(f"cannot open storage '{url}' ({type(err).__name__}: {first}): check the URL or file") from None
+    if STUDY_NAME not in names:
+        raise MinitronError(f"storage '{url}' holds no study named '{STUDY_NAME}': run `minitron-nas search` first or fix --storage")
+    return optuna.load_study(study_name=STUDY_NAME, storage=store)
+
+
+def maximizes(study: optuna.Study) -> bool:
+    """Whether the space's score (the last rung's ranking) is higher-is-better, as the search recorded it."""
+    return bool(study.user_attrs.get("score_maximize", False))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def pareto_front(params, scores, maximize: bool) -> list[int]:
+    """Indices of the non-dominated points, by increasing parameters.
+
+    A point is dominated when another has no more parameters and a score at least as good,
+    and is strictly better in one of the two. Identical points are all kept. Points with a
+    missing or non-finite score are never on the front.
+    """
+    sign = -1.0 if maximize else 1.0
+    points = sorted(
+        (p, sign * s, i) for i, (p, s) in enumerate(zip(params, scores)) if p is not None and s is not None and math.isfinite(s) and math.isfinite(p)
+    )
+    front, best = [], math.inf
+    for _, group in itertools.groupby(points, key=lambda pt: pt[0]):  # equal parameter counts together
+        group = list(group)
+        lowest = group[0][1]
+        if lowest < best:
+            front += [i for _, s, i in group if s == lowest]
+            best = lowest
+    return front
+
+
+def finished(study: optuna.Study) -> pd.DataFrame:
+    """Every candidate that finished a rung, at the last rung it reached, with its curves.
+
+    `pareto` marks the non-dominated candidates of the last rung by (parameters, score):
+    values of different rungs are not comparable, so the front is drawn among equals.
+    """
+    table = candidates_table(study, maximizes(study))
+    if table.empty:
+        return table
+    done = table[table.state == "COMPLETE"].copy()
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    done["retrain_curve"] = [by_number[n].user_attrs.get("retrain_curve") or [] for n in done.trial]
+    last = study.user_attrs.get("rungs", 1) - 1
+    final = done[(done.last_rung == last) & done.score.notna()]
+    front = pareto_front(list(final.params_total), list(final.score), maximizes(study))
+    done["pareto"] = False
+    done.loc[final.index[front], "pareto"] = True
+    done = done.reset_index(drop=True)
+    done["hover"] = [hover_text(row) for _, row in done.iterrows()]
+    return done
+
+
+def _read_json(path: Path):
+    """(data, problem): data is None when the file is missing or unreadable."""
+    if not path.is_file():
+        return None, f"{path} not found"
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError) as err:
+        return None, f"{path} is unreadable ({type(err).__name__}: {err})"
+
+
+def load_distill_curve(run_dir: Path) -> tuple[list[dict] | None, str | None]:
+    """The curve as [{step, train_loss, eval_loss}], or (None, why not)."""
+    path = RunFolder(run_dir).distill_curve
+    data, problem = _read_json(path)
+    if problem is not None:
+        return None, problem
+    if isinstance(data, dict) and data.get("curve") and all(isinstance(p, (list, tuple)) for p in data["curve"]):
+        points: dict[int, dict] = {}
+        for key, name in (("curve", "train_loss"), ("eval_curve", "eval_loss")):
+            for step, value in data.get(key) or []:
+                points.setdefault(step, {"step": step})[name] = value
+        data = [points[k] for k in sorted(points)]
+    elif isinstance(data, dict):
+        data = data.get("curve")
+    if not isinstance(data, list) or not all(isinstance(p, dict) and "step" in p for p in data):
+        return None, f"{path} is not a list of {{step, train_loss, eval_loss}}"
+    return data, None
+
+
+def load_distill_summary(run_dir: Path) -> tuple[dict | None, str | None]:
+    data, problem = _read_json(RunFolder(run_dir).distill_summary)
+    if problem is None and not isinstance(data, dict):
+        return None, f"{RunFolder(run_dir).distill_summary} is not a JSON object"
+    return data, problem
+
+
+def load_rankings(run_dir: Path):
+    from minitron_nas.prune.ranking import Rankings  # torch-backed: only when the run has rankings
+
+    folder = RunFolder(run_dir).rankings
+    try:
+        return Rankings.load(folder), None
+    except MinitronError as err:
+        return None, str(err)
+
+
+# --------------------------------------------------------------------------- formatting shared with the dashboard
+
+
+def score_label(study: optuna.Study) -> str:
+    metric = study.user_attrs.get("metric", "score")
+    arrow = "higher is better" if maximizes(study) else "lower is better"
+    return f"{METRIC_LABELS.get(metric, metric)}, {arrow}"
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def hover_text(row) -> str:
+    arch = " · ".join(f"{label} {fmt(as_int(row[col]))}" for col, label in ARCH_COLUMNS.items())
+    return (
+        f"<b>trial {row.trial}</b>{' (Pareto)' if row.get('pareto') else ''}<br>{arch}<br>"
+        f"params {fmt(as_int(row.params_total))} (non-embedding {fmt(as_int(row.params_non_embedding))})<br>"
+        f"stopped at rung {row.last_rung} ({fmt(as_int(row.tokens))} tokens): {fmt(as_float(row.value))} ± {fmt(as_float(row.stderr))}"
+        + ("" if as_float(row.score) is None else f"<br>score {fmt(as_float(row.score))} ± {fmt(as_float(row.score_stderr))}")
+        + (" (tied with the best)" if row.get("tied_with_best") else "")
+        + ("" if as_float(row.get("decode_tokens_per_s")) is None else f"<br>decode {row.decode_tokens_per_s:,.0f} tokens/s")
+    )
+
+
+def as_int(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+
+
+def as_float(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def best_line(study: optuna.Study, done: pd.DataFrame) -> str:
+    row = best_row(study, done)
+    if row is None:
+        return "no candidate has finished the last rung yet"
+    arch = ", ".join(f"{label} {as_int(row[col])}" for col, label in ARCH_COLUMNS.items())
+    tied = done[done.tied_with_best & ~done.best]
+    ties = f"; tied within one standard error with {len(tied)} other(s): {', '.join(tied.key)}, the tie broken by {TIE_RULE}" if len(tied) else ""
+    return f"trial {row.trial}: {arch}; {as_int(row.params_total):,} parameters; score {row.score:.4f} ± {fmt(as_float(row.score_stderr))}{ties}"
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
+    """Budget and feasible count from the study's space file; degrades to best_arch.json's budget."""
+    lines, source = [], study.user_attrs.get("space")
+    try:
+        from minitron_nas.search.candidates import enumerate_candidates, load_space  # torch-backed: only for the space facts
+
+        if not source:
+            raise MinitronError("the study records no search space file")
+        space = load_space(source)
+        b = space.budget
+        memory = f", memory <= {b.memory_gb} GiB at context {b.context} x batch {b.batch}" if b.memory_gb is not None else ""
+        lines.append(f"- budget: {b.parameters:,} {b.count} parameters +/- {b.tolerance:.0%}{memory} (space `{source}`)")
+    except Exception as err:
+        best, _ = _read_json(RunFolder(run_dir).best_arch)
+        budget = (best or {}).get("budget") if isinstance(best, dict) else None
+        if budget:
+            lines.append(
+                f"- budget: {budget['parameters']:,} {budget.get('count', 'total')} parameters +/- {budget.get('tolerance', 0):.0%} (from best_arch.json)"
+            )
+        else:
+            lines.append("- budget: unknown")
+        lines.append(f"- feasible architectures: unknown (search space unavailable: {err})")
+        return lines
+    try:
+        from minitron_nas.model.teachers import load_config  # torch-backed: only for the teacher's size
+
+        feasible, valid = enumerate_candidates(space, load_config(space.teacher))
+        lines.append(f"- feasible architectures: {len(feasible):,} of {len(valid):,} valid ones (teacher `{space.teacher}`)")
+    except Exception as err:
+        lines.append(f"- feasible architectures: unknown (teacher config `{space.teacher}` unavailable: {err})")
+    return lines
+
+
+def _md(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".4f", intfmt=",")
+
+
+def _pm(value, stderr) -> str:
+    value, stderr = as_float(value), as_float(stderr)
+    return "-" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
+def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
+    columns = {"trial": "trial", **ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "tokens": "tokens"}
+    out = frame[list(columns)].rename(columns=columns)
+    for col in ("hidden", "ffn", "heads", "kv groups", "layers", "params", "tokens"):
+        out[col] = out[col].astype("int64")
+    out["value"] = [_pm(v, e) for v, e in zip(frame.value, frame.stderr)]
+    out["score"] = [_pm(v, e) for v, e in zip(frame.score, frame.score_stderr)]
+    out["tied with best"] = frame.tied_with_best.map({True: "yes", False: ""}).to_numpy()
+    out["Pareto"] = frame.pareto.map({True: "yes", False: ""}).to_numpy()
+    out["seconds"] = frame.seconds.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.0f}").to_numpy()
+    if "decode_tokens_per_s" in frame and frame.decode_tokens_per_s.notna().any():
+        out["decode tok/s"] = frame.decode_tokens_per_s.map(lambda v: "-" if pd.isna(v) else f"{v:,.0f}").to_numpy()
+    return out
+
+
+def _rungs_table(study: optuna.Study) -> pd.DataFrame:
+    schedule = study.user_attrs.get("schedule") or []
+    rows = []
+    for row in rung_summary(study, maximizes(study)):
+        planned = schedule[row["rung"]] if row["rung"] < len(schedule) else {}
+        tau, n = row.get("tau_with_previous"), row.get("tau_n")
+        interval = f" [{row['tau_low']:.2f}, {row['tau_high']:.2f}]" if row.get("tau_low") is not None else ""
+        rows.append(
+            {
+                "rung": row["rung"],
+                "steps each": "pruned" if row["rung"] == 0 else planned.get("steps"),
+                "planned": planned.get("candidates"),
+                "finished": row["finished"],
+                "kept": row.get("kept", "-"),
+                "of which within noise of the cut": row.get("kept_within_noise", "-"),
+                "data-order SD": "-" if not row.get("order_stderr") else f"{row['order_stderr']:.4f}",
+                "Kendall tau vs previous rung [95% CI] (n)": "-" if n is None else f"{'-' if tau is None else f'{tau:.2f}'}{interval} (n={n})",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _numbers(row, prefix: str = "") -> dict:
+    """{name: number}, nested dicts flattened to dotted names; anything else dropped."""
+    out = {}
+    for key, value in (row or {}).items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _with_errors(values: dict) -> dict:
+    """{"kld": 0.6, "kld_stderr": 0.02} -> {"kld": "0.6000 ± 0.0200"}: each value shown with its error."""
+    out = {}
+    for key, value in values.items():
+        if key.endswith("_stderr") and key[: -len("_stderr")] in values:
+            continue
+        error = values.get(f"{key}_stderr")
+        out[key] = value if error is None else _pm(value, error)
+    return out
+
+
+def _teacher_params(study: optuna.Study) -> int | None:
+    try:
+        from minitron_nas.model.architecture import Architecture, ParamCounter  # torch-backed: only for the teacher's size
+        from minitron_nas.model.teachers import load_config  # torch-backed: only for the teacher's size
+        from minitron_nas.search.candidates import load_space  # torch-backed: only for the teacher's size
+
+        config = load_config(load_space(study.user_attrs["space"]).teacher)
+        return ParamCounter(config).count(Architecture.from_config(config)).total
+    except Exception:
+        return None
+
+
+def best_row(study: optuna.Study, done: pd.DataFrame):
+    best = done[done.best] if not done.empty else done
+    return None if best.empty else best.iloc[0]
+
+
+def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> list[str]:
+    lines = ["## Winner before and after full distillation, beside the teacher", ""]
+    best = best_row(study, done)
+    if best is not None:
+        lines += [
+            f"In the search the winner (trial {best.trial}, {int(best.params_total):,} parameters) scored "
+            f"{_pm(best.score, best.score_stderr)} ({study.user_attrs.get('metric', 'score')}) after retraining on "
+            f"{int(best.tokens):,} tokens at the last rung.",
+            "",
+        ]
+    summary, problem = load_distill_summary(run_dir)
+    if summary is None:
+        missing = problem is not None and problem.endswith("not found")
+        lines.append(
+            "Distillation has not run yet" + ("" if missing else f" ({problem})") + ": this section is filled from `distill/summary.json` when it exists."
+        )
+        return lines
+    teacher = _numbers(summary.get("teacher"))
+    winner_params = as_int(best.params_total) if best is not None else None
+    rows = [
+        ("teacher", teacher.pop("params_total", None) or _teacher_params(study), teacher),
+        ("winner, pruned, before distillation", winner_params, _numbers(summary.get("before"))),
+        ("winner after full distillation", winner_params, _numbers(summary.get("after"))),
+    ]
+    for _, _, values in rows[1:]:
+        values.pop("params_total", None)
+    rows = [(name, n, _with_errors(values)) for name, n, values in rows]
+    table = pd.DataFrame([{"model": name, "params": "-" if n is None else f"{int(n):,}", **values} for name, n, values in rows])
+    lines.append(_md(table))
+    facts = {k: v for k, v in {**summary, **(summary.get("after") or {})}.items() if k in ("tokens", "steps", "seconds")}
+    if facts:
+        lines += ["", "Distillation: " + ", ".join(f"{k} {v:,}" for k, v in facts.items())]
+    return lines
+
+
+def write_report(run_dir: str | Path, storage: str | None = None, *, study: optuna.Study | None = None, top: int = 10) -> Path:
+    """Write RUN_DIR/report.md (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    study = study or open_run_study(run_dir, storage)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = trials_table(study)
+    done = finished(study)
+    maximize = maximizes(study)
+    states = table.state.value_counts().to_dict() if not table.empty else {}
+    cost = search_cost(study)
+    lines = [
+        f"# Search report: {run_dir.resolve().name}",
+        "",
+        f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Interactive figures: [dashboard.html](dashboard.html).",
+        "",
+        "## Budget and search space",
+        "",
+        *_space_facts(study, run_dir),
+        f"- metric: {score_label(study)}; rungs compared on {study.user_attrs.get('rung_metric', 'kld')} at equal tokens",
+        f"- trials: {', '.join(f'{n} {s.lower()}' for s, n in states.items()) or 'none yet'}; {len(done)} candidates finished a rung",
+        f"- search cost: {cost['tokens']:,} training tokens (budget {fmt(study.user_attrs.get('budget_tokens'))}), {cost['seconds']:,.0f} s",
+        f"- best: {best_line(study, done)}",
+        "",
+        "## Rungs",
+        "",
+    ]
+    rungs = _rungs_table(study)
+    lines.append(_md(rungs) if not rungs.empty else "No rung has started.")
+    lines += ["", "## Candidates (last rung first; values are the rung metric at the last rung reached, ± one standard error)", ""]
+    if done.empty:
+        lines.append("No finished trial yet.")
+    else:
+        last = done.last_rung.max()
+        final = done[done.last_rung == last].sort_values("score", ascending=not maximize)
+        ranked = pd.concat([final, done[done.last_rung != last]]).head(top)
+        lines.append(_md(_candidates(ranked)))
+    errors = table[table.error.notna()] if not table.empty else table
+    if not errors.empty:
+        lines += ["", "## Failed trials", "", _md(errors[["trial", "state", "rung", "key", "error"]])]
+    lines += ["", *_distill_section(study, done, run_dir), ""]
+    return write_text_atomic(RunFolder(run_dir).report, "\n".join(lines))

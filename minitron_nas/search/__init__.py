@@ -1,0 +1,1 @@
+"""The architecture search: candidates, samplers, successive halving, the Optuna study and the runner."""

@@ -1,0 +1,109 @@
+"""Every feasible architecture of a space, exactly counted, and the space file checked for the search.
+
+Enumeration walks the product of the axes, keeps what can be sliced from the teacher and what
+transformers accepts, and keeps the candidates whose exact parameter count (or memory, weights
+plus KV cache) lies within the budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from minitron_nas.config.loader import read_space
+from minitron_nas.config.space import AXES, Budget, SearchSpace
+from minitron_nas.errors import MinitronError
+from minitron_nas.model.architecture import Architecture, ParamCounter, head_dim_of, student_config, validate
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """A space file read (config.loader) and its lm-eval tasks checked: names, folders and files, before any teacher loads."""
+    space = read_space(path)
+    if space.scoring.metric == "lm_eval":
+        from minitron_nas.evaluate.harness import check_lm_eval  # lm-eval's task registry: imported only when scored by it
+
+        scoring = check_lm_eval(space.scoring, where="scoring.")
+        if scoring is not space.scoring:
+            space = replace(space, scoring=scoring)
+    return space
+
+
+@dataclass(frozen=True)
+class Candidate:
+    arch: Architecture
+    total: int
+    non_embedding: int
+    memory_gb: float
+
+    def budgeted(self, budget: Budget) -> int:
+        return self.total if budget.count == "total" else self.non_embedding
+
+
+def memory_gb(config, arch: Architecture, params: int, budget: Budget) -> float:
+    kv_cache = 2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim_of(config) * budget.context * budget.batch
+    return (params + kv_cache) * budget.bytes_per_value / 2**30
+
+
+def _transformers_requires_divisible_heads(config) -> bool:
+    """Ask transformers once whether this family refuses hidden % heads != 0."""
+    probe = Architecture(config.num_attention_heads + 1, 1, config.num_attention_heads, 1, 1)
+    try:
+        student_config(config, probe)
+    except MinitronError:
+        return True
+    return False
+
+
+def all_architectures(space: SearchSpace, config) -> list[Architecture]:
+    """The product of the axes (axes not given keep the teacher's value), before any budget."""
+    teacher = Architecture.from_config(config)
+    axes = {
+        "hidden_size": (teacher.hidden_size,),
+        "intermediate_size": (teacher.intermediate_size,),
+        "heads_per_group": (teacher.heads_per_group,),
+        "num_key_value_heads": (teacher.num_key_value_heads,),
+        "num_hidden_layers": (teacher.num_hidden_layers,),
+        **space.axes,
+    }
+    return [
+        Architecture(hidden, ffn, per_group * groups, groups, layers) for hidden, ffn, per_group, groups, layers in itertools.product(*(axes[a] for a in AXES))
+    ]
+
+
+def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], list[Candidate]]:
+    """(feasible candidates closest to the target first, every valid candidate)."""
+    teacher = Architecture.from_config(config)
+    counter = ParamCounter(config)
+    divisible = _transformers_requires_divisible_heads(config)
+    valid: list[Candidate] = []
+    for arch in all_architectures(space, config):
+        if divisible and arch.hidden_size % arch.num_attention_heads:
+            continue
+        try:
+            validate(arch, teacher)
+        except MinitronError:
+            continue
+        n = counter.count(arch)
+        valid.append(Candidate(arch, n.total, n.non_embedding, memory_gb(config, arch, n.total, space.budget)))
+    budget = space.budget
+    low, high = budget.parameters * (1 - budget.tolerance), budget.parameters * (1 + budget.tolerance)
+    feasible = [c for c in valid if low <= c.budgeted(budget) <= high and (budget.memory_gb is None or c.memory_gb <= budget.memory_gb)]
+    closeness = lambda c: (abs(c.budgeted(budget) - budget.parameters), -c.total, str(c.arch))
+    feasible.sort(key=closeness)
+    valid.sort(key=closeness)
+    return feasible, valid
+
+
+def require_feasible(space: SearchSpace, config) -> list[Candidate]:
+    feasible, valid = enumerate_candidates(space, config)
+    if feasible:
+        return feasible
+    if not valid:
+        raise MinitronError(f"the axes of '{space.source}' allow no architecture this teacher can be pruned to: widen axes")
+    near = valid[0]
+    memory = f" and memory_gb >= {near.memory_gb:.2f}" if space.budget.memory_gb is not None else ""
+    raise MinitronError(
+        f"no architecture within {space.budget.parameters:,} +/- {space.budget.tolerance:.0%} {space.budget.count} parameters: "
+        f"the nearest feasible budget is {near.budgeted(space.budget):,}{memory}; change budget.parameters or widen the axes"
+    )

@@ -1,0 +1,252 @@
+"""The Optuna study a search writes and the report reads: storage, tables, the winner.
+
+One trial is one candidate at one rung (halving.py): scored pruned at rung 0, retrained at
+the others. Its params are the architecture's axes; its user attributes say which:
+`architecture`, `key` (the architecture as text), `rung`, `order` (the data order: 0, or a
+pilot order measuring the data-order error), `steps`, `tokens`; and what came out: `value`
+/ `stderr` / `per_item` of the rung metric, `score` / `score_stderr` of the space's own
+metric at the last rung, `pruned` (its rung-0 value), `tokens_trained`, `timings`. A
+trial's Optuna value is its rung metric.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import warnings
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from minitron_nas.errors import MinitronError
+from minitron_nas.evaluate.metrics import Measurement
+from minitron_nas.search.halving import break_tie, rung_tau
+
+__all__ = [
+    "GRACE_SECONDS",
+    "HEARTBEAT_SECONDS",
+    "STUDY_NAME",
+    "candidates_table",
+    "decide",
+    "final_ranking",
+    "make_storage",
+    "measurement",
+    "order_stderr",
+    "rung0_keys",
+    "rung0_missing",
+    "rung_summary",
+    "rung_values",
+    "search_complete",
+    "search_cost",
+    "tie_order",
+    "trials_table",
+]
+
+STUDY_NAME = "minitron"
+ARCH_COLUMNS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+
+
+def _env_seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) <= 0:
+        raise MinitronError(f"{name}={raw!r} is not a whole number of seconds > 0: fix or unset it")
+    return int(raw)
+
+
+# A running trial beats every HEARTBEAT_SECONDS; one silent for GRACE_SECONDS is failed and
+# retried once (its worker died). The environment overrides both (tests use a few seconds).
+HEARTBEAT_SECONDS = _env_seconds("MINITRON_NAS_HEARTBEAT_SECONDS", 10)
+GRACE_SECONDS = _env_seconds("MINITRON_NAS_GRACE_SECONDS", 30)
+if GRACE_SECONDS <= HEARTBEAT_SECONDS:
+    raise MinitronError(
+        f"MINITRON_NAS_GRACE_SECONDS ({GRACE_SECONDS}) must exceed MINITRON_NAS_HEARTBEAT_SECONDS ({HEARTBEAT_SECONDS}): "
+        "a live worker would be taken for dead; raise the grace period"
+    )
+
+
+def make_storage(url: str | None, out: Path):
+    """SQLite in the run folder by default; any RDB URL with heartbeats; or a journal file."""
+    url = url or f"sqlite:///{(Path(out) / 'study.db').resolve()}"
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+    if url.endswith((".log", ".journal")):
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+
+
+def _candidate_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:
+    """Trials that ran a candidate: not a worker's empty ask, not a duplicate of another trial."""
+    return [t for t in study.get_trials(deepcopy=False, states=states) if "rung" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+
+
+_FIELDS = {"value": ("value", "stderr", "per_item"), "score": ("score", "score_stderr", "score_per_item")}
+
+
+def measurement(trial: optuna.trial.FrozenTrial, which: str = "value") -> Measurement | None:
+    """The rung metric ("value") or the space's score ("score") a trial recorded."""
+    value, stderr, per_item = (trial.user_attrs.get(name) for name in _FIELDS[which])
+    return None if value is None else Measurement(value, stderr, 0.0, per_item)
+
+
+def rung_values(study: optuna.Study, rung: int) -> dict[str, optuna.trial.FrozenTrial]:
+    """Finished trials of one rung on the search's own data order, by architecture key."""
+    done = _candidate_trials(study, (optuna.trial.TrialState.COMPLETE,))
+    return {t.user_attrs["key"]: t for t in done if t.user_attrs["rung"] == rung and not t.user_attrs.get("order")}
+
+
+def rung0_keys(study: optuna.Study) -> set[str]:
+    """Candidates rung 0 has dealt with: scored, failed, or stopped as too slow."""
+    return {t.user_attrs["key"] for t in _candidate_trials(study) if t.user_attrs["rung"] == 0 and t.state != optuna.trial.TrialState.RUNNING}
+
+
+def rung0_missing(study: optuna.Study) -> bool:
+    return len(rung0_keys(study)) < study.user_attrs.get("rung0_candidates", 0)
+
+
+def search_complete(study: optuna.Study) -> bool:
+    """Every candidate of rung 0 dealt with, and the last rung done: nothing queued or running, a score stored."""
+    if rung0_missing(study):
+        return False
+    last = study.user_attrs.get("rungs", 1) - 1
+    live = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if last > 0 and any(t.user_attrs["rung"] == last for t in _candidate_trials(study, live)):
+        return False
+    if any(t.user_attrs["rung"] < last for t in _candidate_trials(study, live)):
+        return False
+    return any(t.user_attrs.get("score") is not None for t in rung_values(study, last).values())
+
+
+def tie_order(trial: optuna.trial.FrozenTrial) -> tuple:
+    """The tie rule's keys (halving.TIE_RULE): lower pruned score, faster decoding, fewer parameters."""
+    a = trial.user_attrs
+    return (a.get("pruned", math.inf), -(a.get("decode_tokens_per_s") or 0.0), a.get("params_total", 0))
+
+
+def order_stderr(study: optuna.Study) -> float:
+    """The data-order standard deviation of a retrained value: the spread of rung 1's pilot
+    candidate over its data orders (its own order included); 0 until the pilot has run, or
+    when it is off. Measured at the cheapest retraining rung and assumed for the later ones."""
+    pilot = study.user_attrs.get("pilot")
+    values = [
+        t.user_attrs["value"]
+        for t in _candidate_trials(study, (optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs["rung"] == 1 and t.user_attrs["key"] == pilot
+    ]
+    return statistics.stdev(values) if len(values) >= 2 else 0.0
+
+
+def final_ranking(study: optuna.Study, maximize_score: bool) -> list[optuna.trial.FrozenTrial]:
+    """The last rung's finished candidates, best first by the space's score (equal scores by the tie rule)."""
+    last = study.user_attrs.get("rungs", 1) - 1
+    done = [t for t in rung_values(study, last).values() if t.user_attrs.get("score") is not None]
+    sign = -1 if maximize_score else 1
+    return sorted(done, key=lambda t: (sign * t.user_attrs["score"], tie_order(t)))
+
+
+def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.FrozenTrial, list[str], str | None] | None:
+    """(the winner, the keys tied with the best, the rule that broke the tie or None): the best
+    score wins unless others are within one standard error of it; then TIE_RULE decides."""
+    ranking = final_ranking(study, maximize_score)
+    if not ranking:
+        return None
+    by_key = {t.user_attrs["key"]: t for t in ranking}
+    scores = {k: measurement(t, "score") for k, t in by_key.items()}
+    extra = _score_order_stderr(study, ranking[0])
+    winner, tied_keys, rule = break_tie(scores, {k: tie_order(t) for k, t in by_key.items()}, maximize_score, extra)
+    return by_key[winner], tied_keys, rule
+
+
+def _score_order_stderr(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float:
+    """The data-order error applies to a retrained score that is the rung metric itself (none for pruned scores)."""
+    if trial.user_attrs["rung"] == 0 or study.user_attrs.get("metric") != study.user_attrs.get("rung_metric"):
+        return 0.0
+    return order_stderr(study)
+
+
+def search_cost(study: optuna.Study) -> dict:
+    """Training tokens and seconds of every trial that ran (finished, failed or interrupted)."""
+    tokens = seconds = 0.0
+    for t in _candidate_trials(study):
+        tokens += t.user_attrs.get("tokens_trained", 0)
+        seconds += sum(t.user_attrs.get("timings", {}).values())
+    return {"tokens": int(tokens), "seconds": round(seconds, 1)}
+
+
+TRIAL_COLUMNS = (
+    "rung", "order", "tokens", *ARCH_COLUMNS, "params_total", "params_non_embedding", "before", "before_stderr", "value", "stderr",
+    "score", "score_stderr", "tokens_trained", "decode_tokens_per_s", "prefill_tokens_per_s", "seconds", "key", "error",
+)  # fmt: skip
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per candidate trial (every rung), with its value, error and cost: Optuna's
+    `trials_dataframe`, its user attributes unpacked (the architecture into its axes)."""
+    frame = study.trials_dataframe(attrs=("number", "state", "user_attrs"))
+    if frame.empty or "user_attrs_rung" not in frame:
+        return pd.DataFrame()
+    frame = frame[frame.user_attrs_rung.notna() & (frame.get("user_attrs_duplicate_of", pd.Series(index=frame.index)).isna())]
+    attrs = frame.rename(columns=lambda c: c.removeprefix("user_attrs_"))
+    arch = pd.DataFrame(list(attrs.get("architecture", pd.Series([{}] * len(attrs))).map(lambda a: a if isinstance(a, dict) else {})), index=attrs.index)
+    for column in ARCH_COLUMNS:
+        attrs[column] = arch.get(column)
+    timings = attrs.get("timings", pd.Series([None] * len(attrs), index=attrs.index))
+    attrs["seconds"] = timings.map(lambda t: round(sum(t.values()), 2) if isinstance(t, dict) and t else None)
+    table = pd.DataFrame({"trial": attrs.number, "state": attrs.state, **{c: attrs.get(c) for c in TRIAL_COLUMNS}}).reset_index(drop=True)
+    counts = [*ARCH_COLUMNS, "params_total", "params_non_embedding", "tokens", "tokens_trained", "order"]
+    table[counts] = table[counts].astype("Int64")
+    return table
+
+
+def candidates_table(study: optuna.Study, maximize_score: bool) -> pd.DataFrame:
+    """One row per architecture at the last rung it reached (its own data order), with
+    `tied_with_best` and `best` as `decide` finds them: a candidate within one standard error
+    of the best score (the data-order error included where it applies) is tied with it."""
+    table = trials_table(study)
+    if table.empty:
+        return table
+    table = table[table["order"].fillna(0).eq(0)]
+    done_last = table.assign(_done=table.state.eq("COMPLETE")).sort_values(["_done", "rung"], kind="stable")
+    out = done_last.drop_duplicates("key", keep="last").drop(columns="_done").rename(columns={"rung": "last_rung"})
+    out["last_rung"] = out["last_rung"].astype(int)
+    out["tied_with_best"] = False
+    out["best"] = False
+    decision = decide(study, maximize_score)
+    if decision is not None:
+        best, tied_keys, _ = decision
+        out.loc[out.key.isin([best.user_attrs["key"], *tied_keys]), "tied_with_best"] = True
+        out.loc[out.key == best.user_attrs["key"], "best"] = True
+    out = out.sort_values(["last_rung", "value"], ascending=[False, True], kind="stable")
+    return out.reset_index(drop=True)
+
+
+def rung_summary(study: optuna.Study, maximize_score: bool) -> list[dict]:
+    """Per rung: candidates finished and kept (by rank, and within noise of the cut), the
+    data-order error used at the cut, and Kendall tau with the previous rung with its n and
+    95% bootstrap interval (withheld below halving.TAU_MIN_N)."""
+    rungs = study.user_attrs.get("rungs", 1)
+    summary = []
+    previous = None
+    for index in range(rungs):
+        done = rung_values(study, index)
+        values = {k: t.user_attrs["value"] for k, t in done.items()}
+        row = {"rung": index, "finished": len(done)}
+        if previous is not None:
+            tau = rung_tau(previous, values)
+            row.update(tau_with_previous=tau["tau"], tau_n=tau["n"], tau_low=tau["low"], tau_high=tau["high"])
+        cut = study.user_attrs.get(f"cut_{index}")
+        if cut:
+            row.update(kept=len(cut["kept"]) + len(cut["within_noise"]), kept_within_noise=len(cut["within_noise"]), order_stderr=cut["order_stderr"])
+        summary.append(row)
+        previous = values
+    return summary
