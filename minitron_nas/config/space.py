@@ -167,4 +167,3 @@ class SearchSpace:
     trials: int | None = None
     seed: int = 0
     source: str = field(default="", compare=False)
-
