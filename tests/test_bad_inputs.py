@@ -173,7 +173,7 @@ def test_search_space_that_is_not_a_file(tmp_path, kind):
     space = tmp_path / "space.yaml"
     space.mkdir() if kind == "folder" else os.mkfifo(space)
     done = subprocess.run(
-        [sys.executable, "-m", "minitron_nas.cli.app", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
+        [sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
     )
     assert_one_line_error(done, f"search space '{space}' is not a regular file", "give a YAML file")
 
@@ -210,7 +210,7 @@ def test_hostile_search_space(root, teacher, corpus, name, tail, fragments):
     """Refused at once: a subprocess with a timeout, since expanding the aliases took minutes."""
     space = write_space(root, f"{name}.yaml", yaml.safe_dump(space_dict(teacher, corpus)) + tail)
     done = subprocess.run(
-        [sys.executable, "-m", "minitron_nas.cli.app", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
+        [sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
     )
     line = assert_one_line_error(done, f"search space '{space}'", *fragments)
     assert len(line) < 300, line
@@ -390,7 +390,7 @@ def test_bad_heartbeat_settings(good_space, tmp_path, env, fragments):
     """Read when the search module loads; a subprocess so this process keeps its own values."""
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "minitron_nas.cli.app", "search", str(good_space), "--out", str(out)],
+        [sys.executable, "-m", "minitron_nas.cli", "search", str(good_space), "--out", str(out)],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

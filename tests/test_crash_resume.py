@@ -21,7 +21,7 @@ ENV = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_
 
 
 def command(space: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "minitron_nas.cli.app", "run", str(space), "--out", str(out)]
+    return [sys.executable, "-m", "minitron_nas.cli", "run", str(space), "--out", str(out)]
 
 
 def stages(out: Path) -> list[str]:

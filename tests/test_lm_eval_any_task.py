@@ -384,7 +384,7 @@ def saved_tiny_model(folder: Path) -> Path:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("LMEVAL_LOG_LEVEL", None)
-    return subprocess.run([sys.executable, "-m", "minitron_nas.cli.app", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    return subprocess.run([sys.executable, "-m", "minitron_nas.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
 def test_evaluate_console_holds_no_lm_eval_noise(shared_data, tmp_path):

@@ -85,7 +85,7 @@ def grid_size(space_file: Path) -> int:
 
 def cli() -> list[str]:
     script = Path(sys.executable).parent / "minitron-nas"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "minitron_nas.cli.app"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "minitron_nas.cli"]
 
 
 class Worker:

@@ -58,7 +58,7 @@ def space_file(tmp_path, shared_data) -> Path:
 
 
 def cli() -> list[str]:
-    return [sys.executable, "-m", "minitron_nas.cli.app"]
+    return [sys.executable, "-m", "minitron_nas.cli"]
 
 
 class Worker:

@@ -334,7 +334,7 @@ def test_a_worker_killed_mid_rung_loses_nothing_and_its_trial_is_retried_once(te
 
     space_file = _space_file(tmp_path, teacher, corpus, steps=320)  # rung 1: 80 steps, long enough to be caught by a 50 ms poll
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "minitron_nas.cli.app", "search", str(space_file), "--out", str(run)]
+    command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
     env = {**os.environ, "MINITRON_NAS_HEARTBEAT_SECONDS": "1", "MINITRON_NAS_GRACE_SECONDS": "3"}
     storage = f"sqlite:///{run / 'study.db'}"
     worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -358,7 +358,7 @@ def test_ctrl_c_mid_trial_queues_the_candidate_again_and_prints_one_line(teacher
 
     space_file = _space_file(tmp_path, teacher, corpus, steps=320)
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "minitron_nas.cli.app", "search", str(space_file), "--out", str(run)]
+    command = [sys.executable, "-m", "minitron_nas.cli", "search", str(space_file), "--out", str(run)]
     storage = f"sqlite:///{run / 'study.db'}"
     worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     _wait_for_running_trial(storage, worker, time.time() + 300)
