@@ -181,7 +181,7 @@ def test_a_signal_to_a_separate_process_ends_it_in_one_line(root, corpus, tmp_pa
     command = [
         sys.executable,
         "-m",
-        "minitron_nas.cli.app",
+        "minitron_nas.cli",
         "rank",
         "--model",
         str(root / "teacher"),
