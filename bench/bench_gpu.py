@@ -357,7 +357,8 @@ def pipeline(args: argparse.Namespace, teacher: Teacher, device: torch.device, w
     """(iv)-(v): every stage of the recipe on this teacher, then the latency of teacher and export."""
     from minitron_nas.config.settings import RankSettings
     from minitron_nas.prune.ranking import rank
-    from minitron_nas.recipes.run import distill_winner, export_stage
+    from minitron_nas.recipes.distill import distill_winner
+    from minitron_nas.recipes.export import export_stage
     from minitron_nas.search.runner import run_search
 
     space = pipeline_space(args, teacher.model.config, device)

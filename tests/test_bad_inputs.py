@@ -172,9 +172,7 @@ def test_search_space_that_is_not_a_file(tmp_path, kind):
     """A subprocess with a timeout: reading a FIFO waited for a writer forever."""
     space = tmp_path / "space.yaml"
     space.mkdir() if kind == "folder" else os.mkfifo(space)
-    done = subprocess.run(
-        [sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
-    )
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
     assert_one_line_error(done, f"search space '{space}' is not a regular file", "give a YAML file")
 
 
@@ -209,9 +207,7 @@ def _laughs(depth: int) -> str:
 def test_hostile_search_space(root, teacher, corpus, name, tail, fragments):
     """Refused at once: a subprocess with a timeout, since expanding the aliases took minutes."""
     space = write_space(root, f"{name}.yaml", yaml.safe_dump(space_dict(teacher, corpus)) + tail)
-    done = subprocess.run(
-        [sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60
-    )
+    done = subprocess.run([sys.executable, "-m", "minitron_nas.cli", "enumerate", str(space)], capture_output=True, text=True, env=_this_checkout(), timeout=60)
     line = assert_one_line_error(done, f"search space '{space}'", *fragments)
     assert len(line) < 300, line
 

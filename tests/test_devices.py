@@ -31,7 +31,8 @@ from minitron_nas.model.devices import Placement, check_fits, placement, to_mode
 from minitron_nas.model.saving import save_model
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import compute_rankings, rank
-from minitron_nas.recipes.run import heldout_metrics, prune_to
+from minitron_nas.recipes.distill import heldout_metrics
+from minitron_nas.recipes.prune import prune_to
 from minitron_nas.search.candidates import load_space
 
 REPO = Path(__file__).resolve().parents[1]

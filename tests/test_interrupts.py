@@ -27,6 +27,7 @@ from minitron_nas.distill.stage import checkpoint as checkpoint_module
 from minitron_nas.model import saving as export_module
 from minitron_nas.model.saving import save_model
 from minitron_nas.prune import ranking
+from minitron_nas.recipes import distill as distill_recipe
 from minitron_nas.recipes import run as pipeline
 
 runner = CliRunner()
@@ -142,7 +143,7 @@ def test_distill_interrupted_keeps_its_checkpoint_and_resumes_on_the_same_trajec
 
 def test_distill_interrupted_before_its_first_checkpoint_says_so(monkeypatch, searched, space):
     out = copy_of(searched, "early-distill")
-    signal_after(monkeypatch, pipeline, "heldout_metrics", signal.SIGTERM)
+    signal_after(monkeypatch, distill_recipe, "heldout_metrics", signal.SIGTERM)
     result = invoke("distill", space, "--out", out)
     assert interrupted_line(result.output, result.exit_code) == (
         f"interrupted: no checkpoint yet (the first comes at step {EVERY} of {DISTILL_STEPS}); rerun the same command to start the distillation again"
