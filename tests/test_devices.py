@@ -325,7 +325,7 @@ def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, sh
 
 
 def test_a_bf16_student_trains_with_float32_master_weights_and_returns_in_bf16(monkeypatch):
-    from minitron_nas.distill.stage import trainer
+    from minitron_nas.distill import trainer
 
     teacher = tiny_model("llama").to(torch.bfloat16)
     blocks = random_blocks(4, 16)

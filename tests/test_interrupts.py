@@ -23,7 +23,7 @@ from test_pipeline import write_space
 from typer.testing import CliRunner
 
 from minitron_nas.cli.app import app
-from minitron_nas.distill.stage import checkpoint as checkpoint_module
+from minitron_nas.distill import checkpoint as checkpoint_module
 from minitron_nas.model import saving as export_module
 from minitron_nas.model.saving import save_model
 from minitron_nas.prune import ranking

@@ -150,7 +150,7 @@ def test_run_in_bfloat16_on_the_cpu_exports_a_bfloat16_model(teacher_folder, sha
 
 def test_a_run_whose_every_candidate_fails_ends_in_one_line_and_still_reports(teacher_folder, shared_data, tmp_path, monkeypatch):
     from minitron_nas.errors import MinitronError
-    from minitron_nas.search.runner import runner as search
+    from minitron_nas.search import runner as search
 
     def diverge(*args, **kwargs):
         raise MinitronError("loss became NaN/inf at step 1: lower the learning rate")

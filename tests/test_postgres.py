@@ -28,7 +28,7 @@ from helpers import byte_tokenizer, tiny_model
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import load_config
 from minitron_nas.search.candidates import load_space, require_feasible
-from minitron_nas.search.runner import runner as search
+from minitron_nas.search import runner as search
 
 pytestmark = pytest.mark.postgres
 
