@@ -27,8 +27,8 @@ from helpers import byte_tokenizer, tiny_model
 
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import load_config
-from minitron_nas.search.candidates import load_space, require_feasible
 from minitron_nas.search import runner as search
+from minitron_nas.search.candidates import load_space, require_feasible
 
 pytestmark = pytest.mark.postgres
 

@@ -30,9 +30,9 @@ from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import Teacher, load_teacher
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings
+from minitron_nas.search import runner as search
 from minitron_nas.search.candidates import require_feasible
 from minitron_nas.search.runner import candidate_pool, run_search, schedule_for
-from minitron_nas.search import runner as search
 from minitron_nas.search.study import rung_values, search_complete
 
 AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (2, 3, 4)}
