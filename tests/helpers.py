@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -107,3 +108,38 @@ def assert_one_line_error(result, *fragments: str, alone: bool = True) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def write_space(path: Path, teacher: Path, corpus: str, **extra) -> Path:
+    """A small space on a tiny teacher: a grid of nine, 4 retraining steps, 8 distillation steps (a checkpoint every 4)."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "teacher": str(teacher),
+                "axes": {
+                    "hidden_size": [32, 48],
+                    "intermediate_size": [48, 96],
+                    "heads_per_group": [1, 3],
+                    "num_key_value_heads": [2],
+                    "num_hidden_layers": [2, 3, 4],
+                },
+                "budget": {"parameters": 40000, "tolerance": 0.2},
+                "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
+                "retrain": {"tokens": 4 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 0.003, "top_k": 32, "data": corpus, "eval_every": 2},
+                "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
+                "distill": {
+                    "tokens": 8 * 4 * 32,
+                    "batch_size": 4,
+                    "seq_len": 32,
+                    "lr": 0.001,
+                    "data": corpus,
+                    "eval_every": 4,
+                    "checkpoint_every": 4,
+                    "heldout_samples": 4,
+                },
+                "sampler": "grid",
+                **extra,
+            }
+        )
+    )
+    return path

@@ -19,8 +19,8 @@ from minitron_nas.model.architecture import Architecture
 from minitron_nas.prune.pruning import prune, select
 from minitron_nas.prune.ranking import compute_rankings
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
-REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parents[1] / "ddp_worker.py"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

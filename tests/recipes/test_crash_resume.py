@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import byte_tokenizer, tiny_model
-from test_pipeline import write_space
+from helpers import byte_tokenizer, tiny_model, write_space
 
 from minitron_nas.model.saving import save_model
 

@@ -4,7 +4,7 @@ Each case runs the command line (typer's runner, in process; a subprocess where 
 environment must differ) on a tiny random teacher, and checks that what was there before
 (a finished search run, a rankings folder, a model folder) is byte-identical afterwards and
 that no `.partial-` folder is left behind. Self-contained: helpers are not shared with
-test_cli.py or test_search.py.
+cli/test_app.py or search/test_runner.py.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def test_search_space_that_is_not_a_file(tmp_path, kind):
 
 def _this_checkout() -> dict[str, str]:
     """The environment of a subprocess that imports this checkout's minitron_nas."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
 
 

@@ -35,7 +35,7 @@ from minitron_nas.recipes.distill import heldout_metrics
 from minitron_nas.recipes.prune import prune_to
 from minitron_nas.search.candidates import load_space
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import optuna  # noqa: F401  imported here so Optuna's log handler binds to the real stderr, not a runner's
 import pytest
-from helpers import byte_tokenizer, tiny_model
-from test_pipeline import write_space
+from helpers import byte_tokenizer, tiny_model, write_space
 from typer.testing import CliRunner
 
 from minitron_nas.cli.app import app
@@ -32,7 +31,7 @@ from minitron_nas.recipes import run as pipeline
 
 runner = CliRunner()
 TINY_RANK = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
-DISTILL_STEPS, EVERY = 8, 4  # test_pipeline.write_space: 8 distillation steps, a checkpoint every 4
+DISTILL_STEPS, EVERY = 8, 4  # helpers.write_space: 8 distillation steps, a checkpoint every 4
 
 
 def invoke(*args):

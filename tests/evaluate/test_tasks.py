@@ -28,7 +28,7 @@ from minitron_nas.evaluate.harness import (
 )
 from minitron_nas.search.candidates import load_space
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # a multiple-choice task none of our converters knows: its data exists only in this file
 CAPITALS = [

@@ -10,8 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
-from helpers import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, tiny_model, write_space
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.errors import MinitronError
@@ -26,40 +25,6 @@ def teacher_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("teacher") / "tiny-llama"
     save_model(tiny_model("llama", vocab_size=257), folder, byte_tokenizer())
     return folder
-
-
-def write_space(path: Path, teacher: Path, corpus: str, **extra) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "teacher": str(teacher),
-                "axes": {
-                    "hidden_size": [32, 48],
-                    "intermediate_size": [48, 96],
-                    "heads_per_group": [1, 3],
-                    "num_key_value_heads": [2],
-                    "num_hidden_layers": [2, 3, 4],
-                },
-                "budget": {"parameters": 40000, "tolerance": 0.2},
-                "ranking": {"data": corpus, "samples": 8, "seq_len": 32},
-                "retrain": {"tokens": 4 * 4 * 32, "batch_size": 4, "seq_len": 32, "lr": 0.003, "top_k": 32, "data": corpus, "eval_every": 2},
-                "scoring": {"metric": "heldout_loss", "heldout_samples": 4, "seq_len": 32},
-                "distill": {
-                    "tokens": 8 * 4 * 32,
-                    "batch_size": 4,
-                    "seq_len": 32,
-                    "lr": 0.001,
-                    "data": corpus,
-                    "eval_every": 4,
-                    "checkpoint_every": 4,
-                    "heldout_samples": 4,
-                },
-                "sampler": "grid",
-                **extra,
-            }
-        )
-    )
-    return path
 
 
 LOGITS = (
