@@ -71,7 +71,7 @@ class Family:
             return _COMMON_AXES[suffix]
         if parts[-2] in self.layer_norms or suffix == "norm.weight":
             return (HIDDEN,)
-        raise MinitronError(f"parameter '{param_name}' is unknown to the {self.name} family: extend the family table in minitron_nas/families.py")
+        raise MinitronError(f"parameter '{param_name}' is unknown to the {self.name} family: extend the family table in minitron_nas/model/families.py")
 
     def embedding_scale(self, hidden_size: int) -> float:
         return hidden_size**0.5 if self.scaled_embedding else 1.0
@@ -123,7 +123,7 @@ def family_of_type(model_type: str | None) -> Family:
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise MinitronError(
         f"Model type '{model_type}' is not supported: the supported types are {supported}; "
-        "a Llama-like family is added with one Family entry in minitron_nas/families.py."
+        "a Llama-like family is added with one Family entry in minitron_nas/model/families.py."
     )
 
 
