@@ -6,6 +6,7 @@ wrong type or outside its range is refused in one line that names the key and wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import types
@@ -192,3 +193,14 @@ def check_value(key: str, value, hint, default=MISSING, rule: Range = NON_NEGATI
             raise MinitronError(f"{key} is {_shown(value)}: give a mapping of key: value pairs")
         return value
     return value
+
+
+def check_fields(settings, section: str) -> None:
+    """Every number, flag and text of a settings dataclass checked by the rules a space file's
+    keys are checked by (the same `Range`s), so the Python API refuses what YAML would."""
+    hints = _hints(type(settings))
+    for f in dataclasses.fields(settings):
+        hint, value = hints.get(f.name), getattr(settings, f.name)
+        if hint is None or dataclasses.is_dataclass(value):
+            continue
+        check_value(f"{section}.{f.name}", value, hint, f.default, _rule(section, f.name, f.metadata))

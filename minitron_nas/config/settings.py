@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from minitron_nas.config.checks import check_fields
 from minitron_nas.errors import MinitronError
 
 __all__ = ["DEFAULT_TEACHER", "REDUCTIONS", "Aggregation", "DistillSettings", "RankSettings", "RetrainSettings", "field_doc"]
@@ -59,6 +60,9 @@ class RankSettings:
     """Held-out blocks for the layer-drop loss."""
     split: str = "train"
     """Which paragraphs of the data calibrate: train (held-out ones are kept for scoring)."""
+
+    def __post_init__(self):
+        check_fields(self, "ranking")
 
 
 # Fields the space file may not set: the search space's top-level `seed` sets them.
@@ -135,26 +139,10 @@ class RetrainSettings:
             return warm
         return warm * 0.5 * (1.0 + math.cos(math.pi * (step - start) / (self.decay + 1)))
 
+    SECTION: ClassVar[str] = "retrain"
+
     def __post_init__(self):
-        checks = [
-            (self.tokens >= 1, "tokens", "use at least 1"),
-            (self.steps is None or self.steps >= 1, "steps", "use at least 1, or leave it out to derive it from tokens"),
-            (self.batch_size >= 1, "batch_size", "use at least 1"),
-            (self.seq_len >= 1, "seq_len", "use at least 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr", "use a positive learning rate such as 1e-4"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "use 0 or more, or leave it out for a tenth of the steps"),
-            (self.decay_steps is None or self.decay_steps >= 0, "decay_steps", "use 0 or more, or leave it out to decay after the warm-up"),
-            (self.temperature > 0, "temperature", "use a positive temperature such as 1.0"),
-            (self.top_k is None or self.top_k >= 1, "top_k", "use a positive k or None for the full vocabulary"),
-            (self.clm_weight >= 0, "clm_weight", "use 0 or a positive weight"),
-            (self.grad_accum >= 1, "grad_accum", "use at least 1"),
-            (self.eval_every >= 0, "eval_every", "use 0 (only at the end) or a positive step count"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "use a positive norm or None"),
-            (self.weight_decay >= 0, "weight_decay", "use 0 or a positive value"),
-        ]
-        for ok, name, fix in checks:
-            if not ok:
-                raise MinitronError(f"retraining setting {name}={getattr(self, name)!r} is invalid: {fix}")
+        check_fields(self, self.SECTION)  # the same ranges as the space file's keys (config/checks.py)
 
 
 @dataclass(frozen=True)
@@ -179,6 +167,8 @@ class DistillSettings(RetrainSettings):
     """Held-out blocks measured before and after distillation."""
 
     WARMUP_SHARE: ClassVar[int] = 20
+
+    SECTION: ClassVar[str] = "distill"
 
     def __post_init__(self):
         super().__post_init__()
