@@ -87,11 +87,6 @@ class TeacherLogitCache:
     def nbytes(self) -> int:
         return self.logprobs.numel() * _BYTES_PER_ENTRY
 
-    @staticmethod
-    def size_bytes(n_blocks: int, seq_len: int, top_k: int) -> int:
-        """Bytes a cache of this shape takes: n_blocks * seq_len * top_k * 6."""
-        return n_blocks * seq_len * top_k * _BYTES_PER_ENTRY
-
     def __len__(self) -> int:
         return self.logprobs.shape[0]
 
