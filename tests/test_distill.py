@@ -174,24 +174,24 @@ def test_cache_refuses_other_blocks_teacher_k_or_temperature(pair, tmp_path):
     teacher, _, _, train, heldout = pair
     out = tmp_path / "cache"
     TeacherLogitCache.build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
-    mismatches = [
-        {"blocks": heldout},
-        {"blocks": train.flip(0)},  # same tokens, other order
-        {"teacher_fingerprint": "def"},
-        {"top_k": 32},
-        {"temperature": 2.0},
+    mismatches = [  # what is asked for, and the first difference the refusal names
+        ({"blocks": heldout}, "blocks_sha256 was"),
+        ({"blocks": train.flip(0)}, "blocks_sha256 was"),  # same tokens, other order
+        ({"teacher_fingerprint": "def"}, 'teacher_fingerprint was "abc", now "def"'),
+        ({"top_k": 32}, "top_k was 16, now 32"),
+        ({"temperature": 2.0}, "temperature was 1.0, now 2.0"),
     ]
-    for expected in mismatches:
+    for expected, named in mismatches:
         with pytest.raises(MinitronError) as err:
             TeacherLogitCache.load(out, expected)
-        assert "\n" not in str(err.value) and "rebuild" in str(err.value)
+        assert "\n" not in str(err.value) and named in str(err.value) and "rebuild" in str(err.value)
     with pytest.raises(MinitronError, match="already exists"):
         TeacherLogitCache.build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
     with pytest.raises(MinitronError, match="no teacher logit cache"):
         TeacherLogitCache.load(tmp_path / "missing")
     reused = TeacherLogitCache.load_or_build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
     assert reused.top_k == 16
-    with pytest.raises(MinitronError, match="top_k=16, not 8"):
+    with pytest.raises(MinitronError, match="top_k was 16, now 8"):
         TeacherLogitCache.load_or_build(teacher, train, 8, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
 
 

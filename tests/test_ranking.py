@@ -234,7 +234,7 @@ def test_save_refuses_existing_folder_unless_overwrite(tmp_path):
 
 def test_load_refuses_other_teacher(tmp_path):
     _rankings().save(tmp_path / "r")
-    with pytest.raises(MinitronError, match="not this one") as info:
+    with pytest.raises(MinitronError, match='teacher_fingerprint was "abc123", now "zzz".*rank this teacher first') as info:
         Rankings.load(tmp_path / "r", teacher_fingerprint="zzz")
     assert "\n" not in str(info.value)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.files import atomic_dir, check_writable
 from minitron_nas.model.devices import to_model_device
 from minitron_nas.model.teachers import fingerprint
+from minitron_nas.provenance import refuse_if_changed
 
 __all__ = ["TeacherLogitCache", "blocks_sha256", "teacher_topk"]
 
@@ -217,16 +217,13 @@ class TeacherLogitCache:
             expected["blocks_sha256"] = blocks_sha256(blocks)
             expected.setdefault("n_blocks", int(blocks.shape[0]))
             expected.setdefault("seq_len", int(blocks.shape[1]))
-        for key in _CHECKED:
-            if key not in expected or expected[key] is None:
-                continue
-            have, want = self.meta.get(key), expected[key]
-            same = math.isclose(float(have), float(want)) if key == "temperature" and have is not None else have == want
-            if not same:
-                raise MinitronError(
-                    f"teacher logit cache{' ' + where if where else ''} was made for {key}={have}, not {want}: "
-                    "rebuild it for this teacher, these blocks and this k/temperature (or use another folder)"
-                )
+        refuse_if_changed(
+            f"teacher logit cache{' ' + where if where else ''}",
+            self.meta,
+            expected,
+            "rebuild it for this teacher, these blocks and this k/temperature (or use another folder)",
+            keys=_CHECKED,
+        )
 
     def matches(self, blocks: torch.Tensor) -> bool:
         return tuple(blocks.shape) == (self.meta.get("n_blocks"), self.meta.get("seq_len")) and blocks_sha256(blocks) == self.blocks_hash
