@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from minitron_nas.errors import MinitronError
+from minitron_nas.evaluate.converters import SUPPORTED
+from minitron_nas.evaluate.quiet import offline
 from minitron_nas.evaluate.tasks import (
-    SUPPORTED,
     lm_eval_tasks_dir,
-    offline,
     prepare_task,
     prepare_tasks,
     task_manager,

@@ -11,7 +11,7 @@ from helpers import random_blocks, tiny_model
 
 from minitron_nas.config.settings import REDUCTIONS, Aggregation
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.model.families import layers_of
 from minitron_nas.prune.pruning import prune

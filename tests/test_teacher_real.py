@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minitron_nas.data import token_blocks
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.model.teachers import load_teacher
 from minitron_nas.prune.pruning import prune

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_per_token", "kd_loss_topk_per_token"]
+__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_per_token", "kd_loss_topk_per_token", "next_token_losses"]
 
 _TINY = torch.finfo(torch.float32).eps  # smallest tail exponent gap kept away from log(0)
 
@@ -70,10 +70,14 @@ def kd_loss_topk_per_token(
     return per_token * temperature**2
 
 
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S - 1] next-token cross-entropy (nats, float32) of [B, S, V] logits on [B, S] ids."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
 def clm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy (nats) of [B, S, V] logits on [B, S] ids."""
-    logits = student_logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    """Mean next-token cross-entropy (nats) of [B, S, V] logits on [B, S] ids: the CLM training term."""
+    return next_token_losses(student_logits, input_ids).mean()
 
 
 class IntermediateStates(torch.nn.Module):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from minitron_nas.config.settings import Aggregation, RankSettings
 from minitron_nas.data import token_blocks
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.files import atomic_dir, check_writable
 from minitron_nas.model.architecture import head_dim_of
 from minitron_nas.model.devices import model_device, model_dtype, to_model_device
@@ -125,7 +125,7 @@ class Rankings:
             raise MinitronError(f"rankings in '{folder}' lack '{missing[0]}': rerun `minitron-nas rank`")
         dtype = f", in {meta['teacher_dtype']}" if meta.get("teacher_dtype") else ""
         refuse_if_changed(
-            f"the rankings in '{folder}'",
+            f"the rankings folder '{folder}'",
             meta,
             {"teacher_fingerprint": teacher_fingerprint},
             f"rank this teacher first in the same --dtype (these were ranked on '{meta.get('teacher')}'{dtype})",
