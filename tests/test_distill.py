@@ -150,7 +150,7 @@ def test_kd_loss_topk_is_stable_when_the_student_puts_all_mass_in_the_top_k():
 def test_cache_round_trip(pair, tmp_path):
     teacher, _, _, train, _ = pair
     out = tmp_path / "cache"
-    built = TeacherLogitCache.build(teacher, train, 16, 2.0, 8, out, meta={"teacher_fingerprint": "abc", "teacher": "tiny"})
+    built = TeacherLogitCache.load_or_build(teacher, train, 16, 2.0, 8, out, meta={"teacher_fingerprint": "abc", "teacher": "tiny"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temporary folder left behind
     meta = json.loads((out / CACHE_META).read_text())
     assert meta["teacher_fingerprint"] == "abc" and meta["top_k"] == 16 and meta["temperature"] == 2.0
@@ -173,7 +173,7 @@ def test_cache_round_trip(pair, tmp_path):
 def test_cache_refuses_other_blocks_teacher_k_or_temperature(pair, tmp_path):
     teacher, _, _, train, heldout = pair
     out = tmp_path / "cache"
-    TeacherLogitCache.build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
+    TeacherLogitCache.load_or_build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
     mismatches = [  # what is asked for, and the first difference the refusal names
         ({"blocks": heldout}, "blocks_sha256 was"),
         ({"blocks": train.flip(0)}, "blocks_sha256 was"),  # same tokens, other order
@@ -186,7 +186,7 @@ def test_cache_refuses_other_blocks_teacher_k_or_temperature(pair, tmp_path):
             TeacherLogitCache.load(out, expected)
         assert "\n" not in str(err.value) and named in str(err.value) and "rebuild" in str(err.value)
     with pytest.raises(MinitronError, match="already exists"):
-        TeacherLogitCache.build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
+        TeacherLogitCache.compute(teacher, train, 16, 1.0, 8, meta={"teacher_fingerprint": "abc"}).save(out)
     with pytest.raises(MinitronError, match="no teacher logit cache"):
         TeacherLogitCache.load(tmp_path / "missing")
     reused = TeacherLogitCache.load_or_build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
@@ -313,7 +313,7 @@ def test_retraining_a_pruned_smollm2_recovers_heldout_losses(shared_data, tmp_pa
     arch = replace(Architecture.from_config(teacher.model.config), intermediate_size=768, num_hidden_layers=26)
     student = prune(teacher.model, rankings, arch)
     meta = {"teacher_fingerprint": teacher.fingerprint, "teacher": teacher.name}
-    cache = TeacherLogitCache.build(teacher.model, train, 64, 1.0, 4, tmp_path / "cache", meta)
+    cache = TeacherLogitCache.load_or_build(teacher.model, train, 64, 1.0, 4, tmp_path / "cache", meta)
     assert cache.nbytes == 16 * 128 * 64 * 6
 
     with torch.no_grad():  # how much of the full KD the top-64 buckets see, on held-out text
