@@ -202,7 +202,7 @@ def _clean(row: dict) -> tuple[dict[str, float | None], dict[str, str]]:
 def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | None = None, progress: bool = True):
     """Score an in-memory model with lm-eval; returns (Scores, lm-eval's whole output with samples).
 
-    Tasks resolve as `lm_eval_tasks.plan_tasks` says: our seven converted tasks from
+    Tasks resolve as `tasks.plan_tasks` says: our seven converted tasks from
     `spec.data_dir` fully offline, anything else through lm-eval's TaskManager (built-in or
     `include_path`), loaded the way lm-eval loads it. Nothing is downloaded for the model
     and nothing is saved: it is wrapped as is. Global RNG states and the model's train/eval
