@@ -7,7 +7,7 @@ checkpointing (the scheduler and the curves so far). The data position follows f
 step (the row order is a function of the seed). Beside it, `made_from.json` records the
 step and what the trajectory was made from: the settings, a hash of the training blocks,
 the teacher's fingerprint and the student's architecture. A rerun with any of them changed
-is refused in one line, before anything is loaded or trained. The folder is replaced
+is refused in one line naming the first difference, before anything is loaded or trained. The folder is replaced
 whole at each save (`files.atomic_dir`), so a kill mid-save keeps the previous one.
 """
 
@@ -23,6 +23,7 @@ from minitron_nas.distill.teacher_cache import blocks_sha256
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import atomic_dir
 from minitron_nas.model.teachers import fingerprint
+from minitron_nas.provenance import refuse_if_changed
 
 __all__ = ["Checkpoint"]
 
@@ -88,15 +89,13 @@ class Checkpoint:
                     list(handle.keys())
         except Exception as err:
             raise self._unreadable(err) from None
-        for what, want in self.made_from.items():  # the inputs first: they name what changed
-            have = saved.get(what)
-            if what != "settings" and have is not None and want is not None and have != want:
-                raise MinitronError(
-                    f"the checkpoint in '{self.folder}' was made for other {what} ({_short(have)}, now {_short(want)}): "
-                    "resume with the original, or delete the checkpoint to start over"
-                )
-        if saved.get("settings") != json.loads(json.dumps(self.made_from["settings"])):
-            raise MinitronError(f"the checkpoint in '{self.folder}' was made with other settings: use another folder or delete it")
+        refuse_if_changed(
+            f"the checkpoint in '{self.folder}'",
+            saved,
+            self.made_from,
+            "resume with the original inputs and settings, or delete the checkpoint to start over",
+            keys=("training data", "teacher", "student architecture", "settings"),  # the inputs first: they name what changed
+        )
 
     def restore(self, accelerator) -> int:
         """Load the state into the accelerator's prepared objects; returns the step it was saved at."""
@@ -114,9 +113,3 @@ class Checkpoint:
 def _architecture_of(config) -> dict:
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size")
     return {key: getattr(config, key, None) for key in keys}
-
-
-def _short(value) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
-    return str(value)

@@ -2,10 +2,10 @@
 
 `kd_loss` is forward KL(teacher || student) between temperature-softened
 distributions, times T**2 (so gradients keep their scale across temperatures), averaged
-over tokens. `kd_loss_topk` is the same divergence after both distributions are reduced
-to k + 1 buckets: the teacher's top-k tokens (log-probabilities taken from the FULL
-softmax at temperature T) and one tail bucket with the remaining mass. Merging buckets
-can only lower a KL divergence, so `0 <= kd_loss_topk <= kd_loss` (up to float16 rounding
+over tokens. `kd_loss_topk_per_token` is the same divergence per token after both
+distributions are reduced to k + 1 buckets: the teacher's top-k tokens (log-probabilities
+taken from the FULL softmax at temperature T) and one tail bucket with the remaining mass.
+Merging buckets can only lower a KL divergence, so top-k KD is between 0 and `kd_loss` (up to float16 rounding
 of cached log-probabilities) and the two are equal when k = vocab. How much lower is
 measurable: for SmolLM2-135M pruned to FFN 768 / 26 layers, on WikiText-2 test text, top-64
 KD is 20% below full KD at T = 1 (1.51 vs 1.89 nats) and 62% below at T = 2; the part of the
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_per_token", "kd_loss_topk", "kd_loss_topk_per_token"]
+__all__ = ["IntermediateStates", "clm_loss", "kd_loss", "kd_loss_per_token", "kd_loss_topk_per_token", "next_token_losses"]
 
 _TINY = torch.finfo(torch.float32).eps  # smallest tail exponent gap kept away from log(0)
 
@@ -52,7 +52,14 @@ def kd_loss_topk_per_token(
     topk_indices: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """[..., ] per-token T**2 * KL over the (k+1) buckets of `kd_loss_topk` (no mean taken)."""
+    """[...] per-token KD against a teacher kept as its top-k log-probabilities plus one tail bucket.
+
+    `topk_logprobs` [..., k] are the teacher's log-softmax(logits / T) at `topk_indices`
+    (any dtype; float16 from the cache). The teacher's tail is 1 - sum(top-k), clamped
+    at 0. The student is reduced to the same buckets: its log-softmax gathered at the
+    indices, tail log(1 - sum) via log1mexp of their logsumexp. Returns T**2 * the
+    (k+1)-bucket KL(teacher || student) of each token (no mean taken).
+    """
     z = student_logits.float() / temperature
     s_top = z.gather(-1, topk_indices.long()) - torch.logsumexp(z, dim=-1, keepdim=True)
     s_tail = _log1mexp(torch.logsumexp(s_top, dim=-1))
@@ -63,27 +70,14 @@ def kd_loss_topk_per_token(
     return per_token * temperature**2
 
 
-def kd_loss_topk(
-    student_logits: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    topk_indices: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """KD against a teacher kept as its top-k log-probabilities plus one tail bucket.
-
-    `topk_logprobs` [..., k] are the teacher's log-softmax(logits / T) at `topk_indices`
-    (any dtype; float16 from the cache). The teacher's tail is 1 - sum(top-k), clamped
-    at 0. The student is reduced to the same buckets: its log-softmax gathered at the
-    indices, tail log(1 - sum) via log1mexp of their logsumexp. Returns
-    T**2 * mean over tokens of the (k+1)-bucket KL(teacher || student).
-    """
-    return kd_loss_topk_per_token(student_logits, topk_logprobs, topk_indices, temperature).mean()
+def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S - 1] next-token cross-entropy (nats, float32) of [B, S, V] logits on [B, S] ids."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
 
 
 def clm_loss(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy (nats) of [B, S, V] logits on [B, S] ids."""
-    logits = student_logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+    """Mean next-token cross-entropy (nats) of [B, S, V] logits on [B, S] ids: the CLM training term."""
+    return next_token_losses(student_logits, input_ids).mean()
 
 
 class IntermediateStates(torch.nn.Module):

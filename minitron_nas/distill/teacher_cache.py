@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.files import atomic_dir, check_writable
 from minitron_nas.model.devices import to_model_device
 from minitron_nas.model.teachers import fingerprint
+from minitron_nas.provenance import refuse_if_changed
 
 __all__ = ["TeacherLogitCache", "blocks_sha256", "teacher_topk"]
 
@@ -86,11 +86,6 @@ class TeacherLogitCache:
     @property
     def nbytes(self) -> int:
         return self.logprobs.numel() * _BYTES_PER_ENTRY
-
-    @staticmethod
-    def size_bytes(n_blocks: int, seq_len: int, top_k: int) -> int:
-        """Bytes a cache of this shape takes: n_blocks * seq_len * top_k * 6."""
-        return n_blocks * seq_len * top_k * _BYTES_PER_ENTRY
 
     def __len__(self) -> int:
         return self.logprobs.shape[0]
@@ -155,26 +150,6 @@ class TeacherLogitCache:
             (tmp / CACHE_META).write_text(json.dumps(self.meta, indent=2))
 
     @classmethod
-    def build(
-        cls,
-        teacher_model,
-        blocks: torch.Tensor,
-        top_k: int,
-        temperature: float,
-        batch_size: int,
-        folder: Path,
-        meta: dict | None = None,
-        overwrite: bool = False,
-        progress: bool = False,
-    ) -> TeacherLogitCache:
-        """`compute` then `save` to `folder`. `meta` should carry `teacher_fingerprint`
-        (from `Teacher.fingerprint`); without it the fingerprint is computed here."""
-        check_writable(Path(folder), overwrite)  # fail before the teacher pass
-        cache = cls.compute(teacher_model, blocks, top_k, temperature, batch_size, meta, progress)
-        cache.save(Path(folder), overwrite)
-        return cache
-
-    @classmethod
     def load(cls, folder: Path, expected_meta: dict | None = None) -> TeacherLogitCache:
         """Load and check against `expected_meta`: any of teacher_fingerprint, blocks_sha256
         (or `blocks`, a tensor that is hashed), top_k, temperature, vocab_size, n_blocks,
@@ -182,7 +157,7 @@ class TeacherLogitCache:
         folder = Path(folder)
         meta_file, tensor_file = folder / CACHE_META, folder / CACHE_TENSORS
         if not meta_file.is_file() or not tensor_file.is_file():
-            raise MinitronError(f"no teacher logit cache in '{folder}': build it with TeacherLogitCache.build first")
+            raise MinitronError(f"no teacher logit cache in '{folder}': build it with TeacherLogitCache.load_or_build first")
         try:
             meta = json.loads(meta_file.read_text())
             tensors = load_file(str(tensor_file))
@@ -206,14 +181,21 @@ class TeacherLogitCache:
         meta: dict | None = None,
         progress: bool = False,
     ) -> TeacherLogitCache:
-        """Reuse the cache in `folder` if it was made for exactly this; build it if absent.
-        A cache there made for something else is refused, never silently replaced."""
-        if Path(folder).exists():
+        """Reuse the cache in `folder` if it was made for exactly this; else `compute` and save it there.
+
+        A cache there made for something else is refused, never silently replaced. `meta`
+        should carry `teacher_fingerprint` (from `Teacher.fingerprint`); without it the
+        fingerprint is computed here."""
+        folder = Path(folder)
+        if folder.exists():
             expected = {**(meta or {}), "blocks": blocks, "top_k": top_k, "temperature": temperature}
             if "teacher_fingerprint" not in expected:
                 expected["teacher_fingerprint"] = fingerprint(teacher_model)
             return cls.load(folder, {k: v for k, v in expected.items() if k in _CHECKED or k == "blocks"})
-        return cls.build(teacher_model, blocks, top_k, temperature, batch_size, folder, meta, progress=progress)
+        check_writable(folder, overwrite=False)  # fail before the teacher pass
+        cache = cls.compute(teacher_model, blocks, top_k, temperature, batch_size, meta, progress)
+        cache.save(folder)
+        return cache
 
     def check(self, expected_meta: dict, where: str = "") -> None:
         expected = dict(expected_meta)
@@ -222,16 +204,13 @@ class TeacherLogitCache:
             expected["blocks_sha256"] = blocks_sha256(blocks)
             expected.setdefault("n_blocks", int(blocks.shape[0]))
             expected.setdefault("seq_len", int(blocks.shape[1]))
-        for key in _CHECKED:
-            if key not in expected or expected[key] is None:
-                continue
-            have, want = self.meta.get(key), expected[key]
-            same = math.isclose(float(have), float(want)) if key == "temperature" and have is not None else have == want
-            if not same:
-                raise MinitronError(
-                    f"teacher logit cache{' ' + where if where else ''} was made for {key}={have}, not {want}: "
-                    "rebuild it for this teacher, these blocks and this k/temperature (or use another folder)"
-                )
+        refuse_if_changed(
+            f"teacher logit cache{' ' + where if where else ''}",
+            self.meta,
+            expected,
+            "rebuild it for this teacher, these blocks and this k/temperature (or use another folder)",
+            keys=_CHECKED,
+        )
 
     def matches(self, blocks: torch.Tensor) -> bool:
         return tuple(blocks.shape) == (self.meta.get("n_blocks"), self.meta.get("seq_len")) and blocks_sha256(blocks) == self.blocks_hash

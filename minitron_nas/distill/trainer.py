@@ -13,15 +13,13 @@ then a cosine decay (`RetrainSettings.lr_factor`: no step has a learning rate of
 accumulation, gradient clipping, a data order fixed by the seed. A run can stop at a step
 and hand back its state (`snapshot_at` -> `RetrainResult.snapshot`), and another can continue
 from it (`resume=`): the search trains a candidate's stable phase once across its rungs.
-Every `eval_every` optimizer steps (and after the last) the held-out blocks are scored and
-the value is passed to `report(step, value)`; whatever `report` raises propagates and
-stops training. Held-out sums are gathered from every process (`gather_for_metrics`), so
-all report the same value. With a `Checkpoint`, the state is saved through accelerate's
+Every `eval_every` optimizer steps (and after the last) the held-out blocks are scored.
+Held-out sums are gathered from every process (`gather_for_metrics`), so all record the
+same value. With a `Checkpoint`, the state is saved through accelerate's
 `save_state` every `checkpoint.every` steps and a rerun continues from it.
 
 Held-out metric: the KD loss against the teacher (the objective being trained, top-k when
-`settings.top_k` is set) whenever teacher logits for the held-out blocks are available,
-i.e. `heldout_cache` is given or `teacher` is given (its held-out top-k is then computed
+`settings.top_k` is set) whenever `teacher` is given (its held-out top-k is then computed
 once, in memory, before training); otherwise the held-out LM loss (next-token
 cross-entropy). `RetrainResult.eval_metric` says which; the LM loss is recorded in every
 case. Both are lower-is-better.
@@ -34,7 +32,6 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -192,8 +189,6 @@ def retrain(
     settings: RetrainSettings,
     heldout_blocks: torch.Tensor | None = None,
     teacher=None,
-    report: Callable[[int, float], None] | None = None,
-    heldout_cache: TeacherLogitCache | None = None,
     accelerator=None,
     progress: bool = True,
     intermediate: IntermediateStates | None = None,
@@ -208,11 +203,8 @@ def retrain(
     `snapshot_at`, the state right after that step is kept in `result.snapshot`.
 
     Teacher signal: `cache` (top-k of the teacher over exactly `train_blocks`) if given,
-    else the live `teacher` each step. `report(step, value)` receives the held-out metric
-    after every `eval_every` steps and after the last (not at step 0, which is only
-    recorded); it runs on every process with the same value, and whatever it raises
-    propagates. A non-finite loss or gradient raises MinitronError; the student is then
-    partly trained and should be discarded.
+    else the live `teacher` each step. A non-finite loss or gradient raises MinitronError;
+    the student is then partly trained and should be discarded.
     """
     if accelerator is None:
         accelerator = make_accelerator(model_device(student))  # train where the student was placed
@@ -223,15 +215,12 @@ def retrain(
     device = accelerator.device
     if teacher is not None:
         teacher.to(device).eval()
-    if heldout_blocks is not None and heldout_cache is None and teacher is not None and settings.top_k is not None:
+    heldout_cache = None
+    if heldout_blocks is not None and teacher is not None and settings.top_k is not None:
         heldout_cache = TeacherLogitCache.compute(
             teacher, heldout_blocks, settings.top_k, settings.temperature, settings.batch_size, meta={"teacher_fingerprint": "live"}
         )
-    if heldout_cache is not None:
-        if heldout_blocks is None or not heldout_cache.matches(heldout_blocks):
-            raise MinitronError("heldout_cache was not made for heldout_blocks: build it from exactly those blocks")
-        _check_cache_settings(heldout_cache, settings, vocab, "held-out")
-    metric = None if heldout_blocks is None else ("kd" if (heldout_cache is not None or teacher is not None) else "lm")
+    metric = None if heldout_blocks is None else ("kd" if teacher is not None else "lm")
     signal = teacher_signal(cache, teacher, settings.top_k)  # what each training step learns from
     heldout_signal = None if metric != "kd" else teacher_signal(heldout_cache, teacher)
 
@@ -275,17 +264,14 @@ def retrain(
     bar = tqdm(total=settings.total_steps, initial=first - 1, desc="retrain", unit="step", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
 
-    def evaluate(step: int, call_report: bool) -> None:
+    def evaluate(step: int) -> None:
         kd, lm = _evaluate(model, heldout_blocks, heldout_signal, settings, accelerator, dtype)
-        value = kd if metric == "kd" else lm
-        result.eval_curve.append((step, value))
+        result.eval_curve.append((step, kd if metric == "kd" else lm))
         result.eval_lm_curve.append((step, lm))
-        if call_report and report is not None:
-            report(step, value)
 
     try:
         if heldout_blocks is not None and first == 1:
-            evaluate(0, call_report=False)
+            evaluate(0)
         model.train()
         for step in range(first, settings.total_steps + 1):
             for group in optimizer.param_groups:
@@ -323,7 +309,7 @@ def retrain(
             bar.update(1)
             bar.set_postfix(loss=f"{float(step_loss):.4f}", tok_s=f"{result.tokens_seen / max(elapsed, 1e-9):.0f}")
             if heldout_blocks is not None and (step == settings.total_steps or (settings.eval_every and step % settings.eval_every == 0)):
-                evaluate(step, call_report=True)
+                evaluate(step)
             if checkpoint is not None and accelerator.is_main_process and checkpoint.due(step, settings.total_steps):
                 checkpoint.save(step, accelerator, result)
     finally:
@@ -356,19 +342,19 @@ def _nan_message(step: int, settings: RetrainSettings) -> str:
     )
 
 
-def _check_cache_settings(cache: TeacherLogitCache, settings: RetrainSettings, vocab: int, which: str) -> None:
+def _check_cache_settings(cache: TeacherLogitCache, settings: RetrainSettings, vocab: int) -> None:
     if settings.top_k is None:
         raise MinitronError(
-            f"a {which} teacher cache holds top-{cache.top_k} logits but settings ask for full-vocabulary KD (top_k=None): set top_k={cache.top_k} or drop the cache"
+            f"a training teacher cache holds top-{cache.top_k} logits but settings ask for full-vocabulary KD (top_k=None): set top_k={cache.top_k} or drop the cache"
         )
     if cache.top_k != settings.top_k:
-        raise MinitronError(f"the {which} teacher cache holds top-{cache.top_k}, settings ask for top_k={settings.top_k}: rebuild it or change top_k")
+        raise MinitronError(f"the training teacher cache holds top-{cache.top_k}, settings ask for top_k={settings.top_k}: rebuild it or change top_k")
     if not math.isclose(cache.temperature, settings.temperature):
         raise MinitronError(
-            f"the {which} teacher cache was made at temperature {cache.temperature}, settings ask for {settings.temperature}: rebuild it at that temperature"
+            f"the training teacher cache was made at temperature {cache.temperature}, settings ask for {settings.temperature}: rebuild it at that temperature"
         )
     if cache.meta.get("vocab_size") not in (None, vocab):
-        raise MinitronError(f"the {which} teacher cache is for a vocabulary of {cache.meta['vocab_size']}, the student has {vocab}: use the student's teacher")
+        raise MinitronError(f"the training teacher cache is for a vocabulary of {cache.meta['vocab_size']}, the student has {vocab}: use the student's teacher")
 
 
 def _check_inputs(train_blocks, cache, settings, teacher, vocab) -> None:
@@ -382,7 +368,7 @@ def _check_inputs(train_blocks, cache, settings, teacher, vocab) -> None:
                 f"the teacher cache ({cache.meta.get('n_blocks')} blocks, {cache.blocks_hash}) was not made for these "
                 f"training blocks ({len(train_blocks)} blocks, {blocks_sha256(train_blocks)}): build it from exactly these blocks"
             )
-        _check_cache_settings(cache, settings, vocab, "training")
+        _check_cache_settings(cache, settings, vocab)
     elif teacher is not None and settings.top_k is not None and settings.top_k > vocab:
         raise MinitronError(f"top_k {settings.top_k} exceeds the vocabulary ({vocab}): choose a smaller k or None")
     if teacher is not None and teacher.config.vocab_size != vocab:

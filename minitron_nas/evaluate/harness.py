@@ -1,11 +1,9 @@
-"""How good is a (pruned) model: held-out language-modelling loss, or lm-evaluation-harness tasks.
+"""Score an in-memory model with lm-evaluation-harness, after checking its spec before any model loads.
 
 lm-eval scoring takes one `ScoringSpec` (space.py): any lm-eval task, group or tag, the
 user's own task YAMLs (`include_path`), few-shot counts and limits per task, and an
-objective over any named metric, with lm-eval's standard errors.
-
-About 400 lines: held-out loss, the lm-eval wrapper, and the checks of an lm-eval spec,
-which must all run before a model loads.
+objective over any named metric (objective.py), with lm-eval's standard errors. The
+held-out loss (heldout.py) and the objective stay importable from here.
 """
 
 from __future__ import annotations
@@ -20,28 +18,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minitron_nas.config.space import ScoringSpec
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.tasks import TASKS, builtin_metrics, fewshot_of, offline, parse_tasks, plan_tasks, quiet_lm_eval
-from minitron_nas.model.devices import to_model_device
+from minitron_nas.evaluate.converters import TASKS
+from minitron_nas.evaluate.heldout import lm_loss
+from minitron_nas.evaluate.objective import lm_eval_higher_is_better, lm_eval_objective, objective_terms
+from minitron_nas.evaluate.quiet import offline, quiet_lm_eval
+from minitron_nas.evaluate.tasks import builtin_metrics, fewshot_of, parse_tasks, plan_tasks
+
+__all__ = [
+    "Scores",
+    "check_lm_eval",
+    "lm_eval_evaluate",
+    "lm_eval_higher_is_better",  # objective.py; importable from here too
+    "lm_eval_objective",  # objective.py; importable from here too
+    "lm_eval_scores",
+    "lm_loss",  # heldout.py; importable from here too
+    "set_lm_eval_verbose",
+]
 
 _VERBOSE = False
-
-
-@torch.no_grad()
-def lm_loss(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
-    """Mean next-token cross-entropy (nats) over all predicted tokens of `blocks`."""
-    total, count = 0.0, 0
-    for batch in tqdm(blocks.split(batch_size), desc="loss", disable=not progress, unit="batch"):
-        batch = to_model_device(batch, model)  # [B, S]
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    return total / count
 
 
 def set_lm_eval_verbose(flag: bool) -> None:
@@ -75,46 +73,6 @@ def _per_task(value, what: str, tasks, allow_zero: bool) -> None:
             _count(n, f"{what}.{name}", allow_zero)
     else:
         _count(value, what, allow_zero)
-
-
-def objective_terms(spec: ScoringSpec) -> list[tuple[str, str, float]] | None:
-    """(task, metric, weight) of the objective; None for the default (mean acc_norm, else acc)."""
-    objective = spec.objective
-    if objective is None:
-        return None
-    items = {objective: 1.0} if isinstance(objective, str) else objective
-    if not isinstance(items, dict) or not items:
-        raise MinitronError(f"objective must be 'task/metric' or {{'task/metric': weight}}, not {objective!r}: give e.g. arc_easy/acc_norm")
-    terms = []
-    for key, weight in items.items():
-        task, _, metric = str(key).partition("/")
-        if not task or not metric:
-            raise MinitronError(f"objective term {key!r} is not 'task/metric': give e.g. arc_challenge/acc_norm or wikitext/word_perplexity")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or not math.isfinite(weight):
-            raise MinitronError(f"objective weight of '{key}' must be a positive number, not {weight!r}")
-        terms.append((task, metric, float(weight)))
-    return terms
-
-
-def _registry_higher_is_better(metric: str) -> bool | None:
-    """lm-eval's registered direction of a metric name (tasks may override it; their results say so)."""
-    from lm_eval.api.registry import is_higher_better  # lm-eval takes seconds to import: only when scoring with it
-
-    try:
-        return is_higher_better(metric.split(",")[0])
-    except Exception:  # not registered: a task-defined metric, known once the task has run
-        return None
-
-
-def lm_eval_higher_is_better(spec: ScoringSpec) -> bool:
-    """Which way the objective improves, known before scoring (lm-eval's registered metric directions)."""
-    terms = objective_terms(spec)
-    if terms is None:
-        return True  # accuracies
-    directions = {_registry_higher_is_better(m) for _, m, _ in terms} - {None}
-    if len(directions) > 1:
-        raise MinitronError(f"objective mixes metrics that improve upwards and downwards ({spec.objective}): weight metrics of one direction only")
-    return directions.pop() if directions else True
 
 
 def check_lm_eval(spec: ScoringSpec, where: str = "") -> ScoringSpec:
@@ -244,7 +202,7 @@ def _clean(row: dict) -> tuple[dict[str, float | None], dict[str, str]]:
 def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | None = None, progress: bool = True):
     """Score an in-memory model with lm-eval; returns (Scores, lm-eval's whole output with samples).
 
-    Tasks resolve as `lm_eval_tasks.plan_tasks` says: our seven converted tasks from
+    Tasks resolve as `tasks.plan_tasks` says: our seven converted tasks from
     `spec.data_dir` fully offline, anything else through lm-eval's TaskManager (built-in or
     `include_path`), loaded the way lm-eval loads it. Nothing is downloaded for the model
     and nothing is saved: it is wrapped as is. Global RNG states and the model's train/eval
@@ -360,47 +318,3 @@ def lm_eval_scores(
     """
     spec = _as_spec(tasks, data_dir, limit, batch_size, num_fewshot, include_path)
     return lm_eval_evaluate(model, tokenizer, spec, verbose=verbose, progress=progress)[0]
-
-
-def lm_eval_objective(results: dict, spec: ScoringSpec) -> tuple[float, float | None, bool]:
-    """(objective value, its standard error, higher_is_better) from `lm_eval_scores` results.
-
-    A weighted mean sum(w_i x_i) / sum(w_i) of the named task metrics, with
-    SE = sqrt(sum(w_i^2 se_i^2)) / sum(w_i): this treats the metrics' errors as independent,
-    true for different tasks scored on different documents, not for two metrics of one task
-    (acc and acc_norm share documents; their SE is then understated). None when a term has
-    no stderr. The default objective is the mean over the requested tasks of acc_norm (else
-    acc); a tag without a row of its own counts each of its member tasks.
-    """
-    terms = objective_terms(spec)
-    members = getattr(results, "members", {}) or {}
-    if terms is None:
-        names = [n for name in spec.tasks for n in ([name] if name in results else members.get(name, []))]
-        terms = [(n, "acc_norm" if "acc_norm" in results[n] else "acc", 1.0) for n in names if n in results and ({"acc_norm", "acc"} & set(results[n]))]
-        if not terms:
-            raise MinitronError(
-                f"the tasks {', '.join(spec.tasks)} report no acc or acc_norm to optimise: name a metric with scoring.objective, e.g. wikitext/word_perplexity"
-            )
-    directions = getattr(results, "higher_is_better", {}) or {}
-    values, errors, weights, ways = [], [], [], set()
-    for task, metric, weight in terms:
-        if task not in results:
-            raise MinitronError(f"objective names task '{task}', which was not scored: name one of {', '.join(results)}")
-        if metric not in results[task] or metric.endswith("_stderr"):
-            known = ", ".join(m for m in results[task] if not m.endswith("_stderr"))
-            raise MinitronError(f"objective names metric '{metric}' of {task}, which reports {known}: name one of them")
-        value = results[task][metric]
-        if value is None:
-            raise MinitronError(f"{task}/{metric} has no value (lm-eval returned none): choose another metric")
-        way = directions.get(task, {}).get(metric)
-        way = _registry_higher_is_better(metric) if way is None else way
-        ways.add(True if way is None else bool(way))
-        values.append(value)
-        errors.append(results[task].get(f"{metric}_stderr"))
-        weights.append(weight)
-    if len(ways) > 1:
-        raise MinitronError("objective mixes metrics that improve upwards and downwards: weight metrics of one direction only")
-    total = sum(weights)
-    value = sum(w * v for w, v in zip(weights, values)) / total
-    stderr = None if any(e is None for e in errors) else math.sqrt(sum((w * e) ** 2 for w, e in zip(weights, errors))) / total
-    return value, stderr, ways.pop()

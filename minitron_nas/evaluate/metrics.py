@@ -21,13 +21,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from minitron_nas.distill.signals import CachedTopK, TeacherSignal
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.harness import lm_eval_higher_is_better, lm_eval_objective, lm_eval_scores
-from minitron_nas.model.devices import to_model_device
+from minitron_nas.evaluate.harness import lm_eval_scores
+from minitron_nas.evaluate.heldout import block_lm_losses, score_blocks
+from minitron_nas.evaluate.objective import lm_eval_higher_is_better, lm_eval_objective
 
 __all__ = [
     "HeldoutKLD",
@@ -108,19 +108,9 @@ class _PerBlock(Metric):
     def _per_block(self, logits: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """[B] values for the [B, S, V] logits of the [B, S] ids at block `rows`."""
 
-    @torch.no_grad()
     def measure(self, model) -> Measurement:
         start = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        values: list[float] = []
-        try:
-            for rows in torch.arange(len(self.blocks)).split(self.batch_size):
-                ids = to_model_device(self.blocks[rows], model)  # [B, S]
-                logits = model(input_ids=ids, use_cache=False).logits
-                values.extend(self._per_block(logits, ids, rows).tolist())
-        finally:
-            model.train(was_training)
+        values = score_blocks(model, self.blocks, self.batch_size, self._per_block)
         mean, se = mean_and_stderr(values)
         return Measurement(mean, se, time.perf_counter() - start, values)
 
@@ -129,9 +119,7 @@ class HeldoutLoss(_PerBlock):
     name = "heldout_loss"
 
     def _per_block(self, logits, ids, rows):
-        # logits [B, S, V] predict ids[:, 1:]: [B, S-1] token losses, averaged per block
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-        return losses.mean(dim=1)
+        return block_lm_losses(logits, ids)
 
 
 class HeldoutKLD(_PerBlock):

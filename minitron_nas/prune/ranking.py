@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from minitron_nas.config.settings import Aggregation, RankSettings
 from minitron_nas.data import token_blocks
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.files import atomic_dir, check_writable
 from minitron_nas.model.architecture import head_dim_of
 from minitron_nas.model.devices import model_device, model_dtype, to_model_device
 from minitron_nas.model.families import family_for, final_norm, layers_of
 from minitron_nas.model.teachers import Teacher, check_context
+from minitron_nas.provenance import refuse_if_changed
 
 TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
 _TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
@@ -122,12 +123,13 @@ class Rankings:
         missing = [k for k in _TENSORS[:4] if k not in tensors]
         if missing:
             raise MinitronError(f"rankings in '{folder}' lack '{missing[0]}': rerun `minitron-nas rank`")
-        if teacher_fingerprint is not None and meta.get("teacher_fingerprint") != teacher_fingerprint:
-            raise MinitronError(
-                f"rankings in '{folder}' were made for teacher '{meta.get('teacher')}' "
-                f"({meta.get('teacher_fingerprint')}{', in ' + meta['teacher_dtype'] if meta.get('teacher_dtype') else ''}), "
-                f"not this one ({teacher_fingerprint}): rank this teacher first (in the same --dtype)"
-            )
+        dtype = f", in {meta['teacher_dtype']}" if meta.get("teacher_dtype") else ""
+        refuse_if_changed(
+            f"the rankings folder '{folder}'",
+            meta,
+            {"teacher_fingerprint": teacher_fingerprint},
+            f"rank this teacher first in the same --dtype (these were ranked on '{meta.get('teacher')}'{dtype})",
+        )
         return cls(**{k: tensors.get(k) for k in _TENSORS}, meta=meta)
 
 

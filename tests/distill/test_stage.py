@@ -87,7 +87,7 @@ def test_interrupted_run_resumes_on_the_same_trajectory(setup, tmp_path, monkeyp
 
 def test_checkpoint_of_other_settings_is_refused(setup, tmp_path):
     run(setup, tmp_path / "d")
-    with pytest.raises(MinitronError, match="other settings"):
+    with pytest.raises(MinitronError, match=r"other inputs \(settings\.lr was 0\.001, now 0\.0005\)"):
         run(setup, tmp_path / "d", replace(SETTINGS, lr=5e-4))
 
 
@@ -104,6 +104,6 @@ def test_checkpoint_of_other_data_teacher_or_student_is_refused(setup, tmp_path)
     ]
     for what, student, model, blocks, target in cases:
         picked = select(rankings, target, Architecture.from_config(teacher.config))
-        with pytest.raises(MinitronError, match=f"made for other {what}"):
+        with pytest.raises(MinitronError, match=rf"made from other inputs \({what}"):
             distill(student, model, blocks, SETTINGS, tmp_path / "d", random_blocks(4, 32, seed=4), picked.layers, picked.channels, progress=False)
     assert (tmp_path / "d" / "checkpoint" / "made_from.json").read_bytes() == saved

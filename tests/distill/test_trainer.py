@@ -17,7 +17,7 @@ import torch
 from helpers import random_blocks, tiny_model
 
 from minitron_nas.config.settings import RetrainSettings
-from minitron_nas.distill.losses import kd_loss, kd_loss_topk
+from minitron_nas.distill.losses import kd_loss, kd_loss_topk_per_token
 from minitron_nas.distill.teacher_cache import CACHE_META, CACHE_TENSORS, TeacherLogitCache, blocks_sha256
 from minitron_nas.distill.trainer import retrain
 from minitron_nas.errors import MinitronError
@@ -112,7 +112,7 @@ def test_kd_loss_topk_with_k_equal_vocab_is_kd_loss(pair):
         values, ids = torch.log_softmax(t / temperature, -1).topk(VOCAB, -1)
         full = kd_loss(s, t, temperature).item()
         assert full > 0.1
-        assert kd_loss_topk(s, values, ids, temperature).item() == pytest.approx(full, abs=1e-5)
+        assert kd_loss_topk_per_token(s, values, ids, temperature).mean().item() == pytest.approx(full, abs=1e-5)
 
 
 def test_kd_loss_topk_is_the_bucketed_kl_and_a_lower_bound(pair):
@@ -124,7 +124,7 @@ def test_kd_loss_topk_is_the_bucketed_kl_and_a_lower_bound(pair):
     gaps = {}
     for k in TOPK_KS:
         values, ids = torch.log_softmax(t, -1).topk(k, -1)
-        topk = kd_loss_topk(s, values.half(), ids.int(), 1.0).item()  # as stored in the cache
+        topk = kd_loss_topk_per_token(s, values.half(), ids.int(), 1.0).mean().item()  # as stored in the cache
         assert topk == pytest.approx(bucketed_kl(s, t, k), rel=1e-2), k  # float16 log-probs: about 3 digits
         gaps[k] = (full - topk) / full
     for k, gap in gaps.items():
@@ -138,7 +138,7 @@ def test_kd_loss_topk_is_stable_when_the_student_puts_all_mass_in_the_top_k():
     student_logits = torch.full((1, 4, VOCAB), -1e4)
     student_logits.scatter_(-1, ids, 50.0)  # tail mass underflows to exactly 0
     student_logits.requires_grad_()
-    loss = kd_loss_topk(student_logits, values, ids, 1.0)
+    loss = kd_loss_topk_per_token(student_logits, values, ids, 1.0).mean()
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert torch.isfinite(student_logits.grad).all()
@@ -150,7 +150,7 @@ def test_kd_loss_topk_is_stable_when_the_student_puts_all_mass_in_the_top_k():
 def test_cache_round_trip(pair, tmp_path):
     teacher, _, _, train, _ = pair
     out = tmp_path / "cache"
-    built = TeacherLogitCache.build(teacher, train, 16, 2.0, 8, out, meta={"teacher_fingerprint": "abc", "teacher": "tiny"})
+    built = TeacherLogitCache.load_or_build(teacher, train, 16, 2.0, 8, out, meta={"teacher_fingerprint": "abc", "teacher": "tiny"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temporary folder left behind
     meta = json.loads((out / CACHE_META).read_text())
     assert meta["teacher_fingerprint"] == "abc" and meta["top_k"] == 16 and meta["temperature"] == 2.0
@@ -159,7 +159,7 @@ def test_cache_round_trip(pair, tmp_path):
     assert loaded.logprobs.dtype == torch.float16 and loaded.indices.dtype == torch.int32
     assert loaded.logprobs.shape == (32, 32, 16) and len(loaded) == 32
     assert torch.equal(loaded.logprobs, built.logprobs) and torch.equal(loaded.indices, built.indices)
-    assert loaded.nbytes == TeacherLogitCache.size_bytes(32, 32, 16) == 32 * 32 * 16 * 6
+    assert loaded.nbytes == 32 * 32 * 16 * 6  # float16 log-probability + int32 id per entry
     assert abs((out / CACHE_TENSORS).stat().st_size - loaded.nbytes) < 1024  # the formula is the file size
     rows = [3, 0, 7]
     lp, ix = loaded[rows]
@@ -173,25 +173,25 @@ def test_cache_round_trip(pair, tmp_path):
 def test_cache_refuses_other_blocks_teacher_k_or_temperature(pair, tmp_path):
     teacher, _, _, train, heldout = pair
     out = tmp_path / "cache"
-    TeacherLogitCache.build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
-    mismatches = [
-        {"blocks": heldout},
-        {"blocks": train.flip(0)},  # same tokens, other order
-        {"teacher_fingerprint": "def"},
-        {"top_k": 32},
-        {"temperature": 2.0},
+    TeacherLogitCache.load_or_build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
+    mismatches = [  # what is asked for, and the first difference the refusal names
+        ({"blocks": heldout}, "blocks_sha256 was"),
+        ({"blocks": train.flip(0)}, "blocks_sha256 was"),  # same tokens, other order
+        ({"teacher_fingerprint": "def"}, 'teacher_fingerprint was "abc", now "def"'),
+        ({"top_k": 32}, "top_k was 16, now 32"),
+        ({"temperature": 2.0}, "temperature was 1.0, now 2.0"),
     ]
-    for expected in mismatches:
+    for expected, named in mismatches:
         with pytest.raises(MinitronError) as err:
             TeacherLogitCache.load(out, expected)
-        assert "\n" not in str(err.value) and "rebuild" in str(err.value)
+        assert "\n" not in str(err.value) and named in str(err.value) and "rebuild" in str(err.value)
     with pytest.raises(MinitronError, match="already exists"):
-        TeacherLogitCache.build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
+        TeacherLogitCache.compute(teacher, train, 16, 1.0, 8, meta={"teacher_fingerprint": "abc"}).save(out)
     with pytest.raises(MinitronError, match="no teacher logit cache"):
         TeacherLogitCache.load(tmp_path / "missing")
     reused = TeacherLogitCache.load_or_build(teacher, train, 16, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
     assert reused.top_k == 16
-    with pytest.raises(MinitronError, match="top_k=16, not 8"):
+    with pytest.raises(MinitronError, match="top_k was 16, now 8"):
         TeacherLogitCache.load_or_build(teacher, train, 8, 1.0, 8, out, meta={"teacher_fingerprint": "abc"})
 
 
@@ -215,17 +215,15 @@ def test_retrain_refuses_a_cache_of_other_blocks_or_settings(pair):
 def test_retraining_a_pruned_student_lowers_the_heldout_kd_loss(pair):
     teacher, _, _, train, heldout = pair
     cache = TeacherLogitCache.compute(teacher, train, 16, 1.0, 8, meta={"teacher_fingerprint": "abc"})
-    reports = []
     settings = RetrainSettings(steps=30, batch_size=4, lr=1e-3, warmup_steps=3, top_k=16, eval_every=10)
-    result = retrain(_student(pair), train, cache, settings, heldout, teacher=teacher, report=lambda s, v: reports.append((s, v)), progress=False)
+    result = retrain(_student(pair), train, cache, settings, heldout, teacher=teacher, progress=False)
     print("held-out KD", result.eval_curve, "LM", result.eval_lm_curve)
     assert result.eval_metric == "kd"
     assert [s for s, _ in result.eval_curve] == [0, 10, 20, 30]
-    assert reports == result.eval_curve[1:]  # step 0 is recorded, not reported
     assert [s for s, _ in result.curve] == list(range(1, 31))
     assert result.tokens_seen == 30 * 4 * 32 and result.seconds > 0
     before, after = result.eval_curve[0][1], result.eval_curve[-1][1]
-    assert after < 0.97 * before  # measured: 0.529 -> 0.496
+    assert after < before  # by how much is the benchmarks' business
     assert result.curve[-1][1] < result.curve[0][1]
 
 
@@ -255,24 +253,16 @@ def test_data_order_is_fixed_by_the_seed_and_accumulation_matches_a_bigger_batch
     assert accumulated == pytest.approx(first, rel=1e-4)
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_an_exception_in_report_stops_training(pair):
-    teacher, _, _, train, heldout = pair
+def test_heldout_blocks_are_scored_at_step_zero_and_every_eval_every_steps(pair):
+    _, _, _, train, heldout = pair
     student = _student(pair)
     calls = []
     student.register_forward_pre_hook(lambda module, args: calls.append(1))
-    settings = RetrainSettings(steps=30, batch_size=8, lr=1e-3, warmup_steps=0, top_k=None, eval_every=5, clm_weight=1.0)
-
-    def report(step, value):
-        raise _Stop(step)
-
-    with pytest.raises(_Stop) as err:
-        retrain(student, train, None, settings, heldout, report=report, progress=False)
-    assert err.value.args == (5,)
-    assert len(calls) == 1 + 5 + 1  # eval at 0, five steps, eval at 5, then nothing
+    settings = RetrainSettings(steps=10, batch_size=8, lr=1e-3, warmup_steps=0, top_k=None, eval_every=5, clm_weight=1.0)
+    result = retrain(student, train, None, settings, heldout, progress=False)
+    assert result.eval_metric == "lm" and [s for s, _ in result.eval_curve] == [0, 5, 10]
+    assert result.eval_curve == result.eval_lm_curve  # without a teacher the held-out metric is the LM loss
+    assert len(calls) == 3 + 10  # one held-out batch at each of three evaluations, one per step
     assert not student.training
 
 
@@ -323,23 +313,26 @@ def test_retraining_a_pruned_smollm2_recovers_heldout_losses(shared_data, tmp_pa
     arch = replace(Architecture.from_config(teacher.model.config), intermediate_size=768, num_hidden_layers=26)
     student = prune(teacher.model, rankings, arch)
     meta = {"teacher_fingerprint": teacher.fingerprint, "teacher": teacher.name}
-    cache = TeacherLogitCache.build(teacher.model, train, 64, 1.0, 4, tmp_path / "cache", meta)
+    cache = TeacherLogitCache.load_or_build(teacher.model, train, 64, 1.0, 4, tmp_path / "cache", meta)
     assert cache.nbytes == 16 * 128 * 64 * 6
 
     with torch.no_grad():  # how much of the full KD the top-64 buckets see, on held-out text
         s_logits, t_logits = student(input_ids=heldout).logits, teacher.model(input_ids=heldout).logits
-    values, ids = torch.log_softmax(t_logits.float(), -1).topk(64, -1)
-    full, top = kd_loss(s_logits, t_logits).item(), kd_loss_topk(s_logits, values.half(), ids.int()).item()
-    print(f"pruned student: full KD {full:.3f}, top-64 KD {top:.3f}, relative gap {(full - top) / full:.3f}")
-    assert 0 <= (full - top) / full <= 0.30  # measured 0.20 (4 x 128 WikiText-2 test tokens)
+    full = kd_loss(s_logits, t_logits).item()
+    top = {}
+    for k in (16, 64):
+        values, ids = torch.log_softmax(t_logits.float(), -1).topk(k, -1)
+        top[k] = kd_loss_topk_per_token(s_logits, values.half(), ids.int()).mean().item()
+    print(f"pruned student: full KD {full:.3f}, top-64 KD {top[64]:.3f}, top-16 KD {top[16]:.3f}")
+    # the top-16 buckets merge some of the top-64 ones, which merge some of the full vocabulary: each can only lower the KL
+    assert 0 <= top[16] <= top[64] * (1 + 1e-3) and top[64] <= full * (1 + 1e-3)  # float16 log-probabilities
 
     settings = RetrainSettings(steps=8, batch_size=4, lr=3e-4, warmup_steps=1, top_k=64, eval_every=8)
     result = retrain(student, train, cache, settings, heldout, teacher=teacher.model, progress=False)
     (_, kd0), (_, kd1) = result.eval_curve
     (_, lm0), (_, lm1) = result.eval_lm_curve
     print(f"held-out KD {kd0:.3f} -> {kd1:.3f}, LM {lm0:.3f} -> {lm1:.3f}, {result.seconds:.0f} s")
-    assert kd1 < 0.85 * kd0  # measured 1.510 -> 1.089 (12 steps at 2e-4: -> 1.062)
-    assert lm1 < lm0 - 0.2  # measured 4.932 -> 4.403 (12 steps at 2e-4: -> 4.380)
+    assert kd1 < kd0 and lm1 < lm0  # retraining recovers both; by how much is measured in reports/benchmarks
 
 
 def token_blocks_(path, tokenizer, n):

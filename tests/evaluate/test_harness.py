@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from minitron_nas.errors import MinitronError
+from minitron_nas.evaluate.converters import SUPPORTED
+from minitron_nas.evaluate.quiet import offline
 from minitron_nas.evaluate.tasks import (
-    SUPPORTED,
     lm_eval_tasks_dir,
-    offline,
     prepare_task,
     prepare_tasks,
     task_manager,
@@ -436,13 +436,14 @@ def test_teacher_scores(shared_data, no_network):
 
     assert set(scores["arc_easy"]) == {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
     assert set(scores["lambada_openai"]) == {"acc", "perplexity", "acc_stderr", "perplexity_stderr"}
-    # Measured on these documents: arc_easy 0.475, piqa 0.725, winogrande 0.475, lambada 0.325 / ppl 58.7,
-    # boolq 0.30, wikitext word ppl 20.8 / 0.844 bits per byte. The bounds leave a few documents of room
-    # and are far from what random weights give (chance accuracy, perplexities in the thousands).
-    assert scores["arc_easy"]["acc"] >= 0.40  # chance 0.25
-    assert scores["piqa"]["acc"] >= 0.60  # chance 0.50
-    assert scores["lambada_openai"]["acc"] >= 0.20 and scores["lambada_openai"]["perplexity"] < 100
-    # winogrande and boolq: 135M models score near chance / below the majority class; no bound is safe
+    # The teacher beats chance by more than two of lm-eval's own standard errors (4 answers in ARC-Easy,
+    # 2 in PIQA; a LAMBADA word is never right by chance). winogrande and boolq: 135M models score near
+    # chance / below the majority class, so they have no such oracle.
+    for task, chance in (("arc_easy", 0.25), ("piqa", 0.5), ("lambada_openai", 0.0)):
+        assert scores[task]["acc"] - 2 * scores[task]["acc_stderr"] > chance, (task, scores[task])
     wiki = scores["wikitext"]
+    # A measured range must stay for perplexities (no closed-form chance level short of the vocabulary):
+    # measured lambada ppl 58.7, wikitext word ppl 20.8 / 0.844 bits per byte; random weights give thousands.
+    assert scores["lambada_openai"]["perplexity"] < 100
     assert 10 < wiki["word_perplexity"] < 40 and 0.7 < wiki["bits_per_byte"] < 1.0
     assert wiki["byte_perplexity"] == pytest.approx(2 ** wiki["bits_per_byte"])

@@ -1,4 +1,4 @@
-"""measure_latency: what it times, and that it tells a big model from a small one."""
+"""measure_latency: what it times and what it reports (how fast is measured by the benchmarks)."""
 
 from __future__ import annotations
 
@@ -28,16 +28,15 @@ def test_times_one_prefill_and_one_step_per_new_token():
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["peak_memory_gib"] is None
 
 
-def test_a_much_bigger_model_measures_slower():
-    """~400x the per-token compute and 8x the layers: slower by far more than timing noise."""
-    small = tiny_model("llama", hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    big = tiny_model(
-        "llama", hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2, head_dim=64, vocab_size=4096
-    )
-    settings = dict(batch_size=4, context=64, new_tokens=8, repeats=5, warmup=1)
-    fast, slow = measure_latency(small, **settings), measure_latency(big, **settings)
-    assert slow["prefill_tokens_per_s"] < fast["prefill_tokens_per_s"] / 2
-    assert slow["decode_tokens_per_s"] < fast["decode_tokens_per_s"] / 2
+def test_every_part_is_reported_once_per_repeat_and_positive():
+    """What a benchmark compares is there and sane; how fast it is belongs to the benchmarks, not to tests."""
+    settings = dict(batch_size=3, context=8, new_tokens=4, repeats=4, warmup=0)
+    result = measure_latency(tiny_model("llama"), **settings)
+    assert {key: result[key] for key in settings} == settings
+    assert len(result["prefill_seconds"]) == len(result["decode_seconds"]) == 4
+    assert all(seconds > 0 for seconds in result["prefill_seconds"] + result["decode_seconds"])
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_ms", "decode_ms_per_token"):
+        assert result[key] > 0, key
 
 
 def test_bf16_model_is_measured_in_bf16():

@@ -11,7 +11,7 @@ from helpers import random_blocks, tiny_model
 
 from minitron_nas.distill.losses import kd_loss
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.evaluate.metrics import (
     HeldoutKLD,
     HeldoutLoss,
@@ -26,15 +26,23 @@ def models():
     return tiny_model("llama", seed=0, vocab_size=128).eval(), tiny_model("llama", seed=1, vocab_size=128).eval()
 
 
+def _hand_cross_entropy(model, blocks) -> list[float]:
+    """Per block: minus the mean log-probability the model gives each next token, by hand."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=blocks).logits.double(), dim=-1)
+    picked = logp[:, :-1].gather(-1, blocks[:, 1:, None]).squeeze(-1)  # [N, S-1]
+    return (-picked.mean(dim=1)).tolist()
+
+
 def test_heldout_loss_is_the_token_mean_with_the_standard_error_of_block_means(models):
     student, _ = models
     blocks = random_blocks(10, 16, vocab=128)
     m = HeldoutLoss(blocks, batch_size=3).measure(student)
-    assert m.value == pytest.approx(lm_loss(student, blocks), rel=1e-5)  # equal blocks: mean of means = token mean
-    with torch.no_grad():
-        per_block = [lm_loss(student, blocks[i : i + 1]) for i in range(10)]
+    per_block = _hand_cross_entropy(student, blocks)
     assert m.per_item == pytest.approx(per_block, rel=1e-5)
+    assert m.value == pytest.approx(float(np.mean(per_block)), rel=1e-5)
     assert m.stderr == pytest.approx(np.std(per_block, ddof=1) / math.sqrt(10), rel=1e-5)
+    assert lm_loss(student, blocks, batch_size=4) == pytest.approx(float(np.mean(per_block)), rel=1e-5)  # equal blocks: mean of means = token mean
 
 
 def test_heldout_kld_at_k_equal_vocab_is_the_full_kl(models):

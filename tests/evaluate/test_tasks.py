@@ -188,7 +188,7 @@ def test_user_group_and_tag_aggregate_as_lm_eval_does(tmp_path, shared_data):
 def test_a_hub_task_not_in_the_cache_fails_in_one_line_when_offline(tmp_path, monkeypatch):
     import datasets.config
 
-    from minitron_nas.evaluate.tasks import offline
+    from minitron_nas.evaluate.quiet import offline
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")  # whatever this machine has cached
     with offline(), pytest.raises(MinitronError) as err:

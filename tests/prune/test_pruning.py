@@ -201,6 +201,18 @@ def test_gqa_selection_keeps_favoured_groups_and_heads():
         assert [h // 3 for h in chosen.query_heads[layer].tolist()] == [g for g in groups for _ in range(2)]
 
 
+def test_kv_groups_are_chosen_by_the_sum_of_their_heads_not_the_largest():
+    """Hand-computed: group 0 holds heads (5, 5, 5), sum 15, max 5; group 1 holds (9, 0, 0), sum 9,
+    max 9; groups 2 and 3 are smaller on both. Keeping 1 of 4 groups by sum keeps group 0 (max would keep group 1)."""
+    teacher = Architecture(48, 96, num_attention_heads=12, num_key_value_heads=4, num_hidden_layers=1)
+    rankings = random_rankings(teacher)
+    rankings.heads = torch.tensor([[5.0, 5.0, 5.0, 9.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0]])
+    arch = Architecture(48, 96, num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=1)
+    chosen = select(rankings, arch, teacher)
+    assert chosen.kv_groups[0].tolist() == [0]
+    assert chosen.query_heads[0].tolist() == [0, 1, 2]
+
+
 def _rows(units, head_dim=8):
     return [u * head_dim + d for u in units for d in range(head_dim)]
 
