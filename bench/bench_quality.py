@@ -50,7 +50,8 @@ from minitron_nas.config.settings import RankSettings, RetrainSettings
 from minitron_nas.data import token_blocks
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.distill.trainer import retrain
-from minitron_nas.evaluate.harness import lm_eval_scores, lm_loss
+from minitron_nas.evaluate.harness import lm_eval_scores
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, paired_stderr
 from minitron_nas.model.architecture import Architecture, ParamCounter
 from minitron_nas.model.teachers import load_teacher

@@ -27,7 +27,7 @@ _WHERE = {
     "distill_winner": "recipes.distill",
     "export_stage": "recipes.export",
     "layer_drop_losses": "prune.ranking",
-    "lm_loss": "evaluate.harness",
+    "lm_loss": "evaluate.heldout",
     "load_config": "model.teachers",
     "load_space": "config.space",
     "load_teacher": "model.teachers",

@@ -180,7 +180,8 @@ def evaluate(
     dtype: str = _from(DeviceSpec, "dtype"),
 ):
     """lm-evaluation-harness scores (its own prompts, metrics and standard errors) as JSON."""
-    from minitron_nas.evaluate.harness import check_lm_eval, lm_eval_objective, lm_eval_scores
+    from minitron_nas.evaluate.harness import check_lm_eval, lm_eval_scores
+    from minitron_nas.evaluate.objective import lm_eval_objective
     from minitron_nas.model.teachers import load_teacher
 
     spec = ScoringSpec(

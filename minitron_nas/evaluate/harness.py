@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 from minitron_nas.config.space import ScoringSpec
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.converters import TASKS
-from minitron_nas.evaluate.heldout import lm_loss
-from minitron_nas.evaluate.objective import lm_eval_higher_is_better, lm_eval_objective, objective_terms
+from minitron_nas.evaluate.objective import lm_eval_higher_is_better, objective_terms
 from minitron_nas.evaluate.quiet import offline, quiet_lm_eval
 from minitron_nas.evaluate.tasks import builtin_metrics, fewshot_of, parse_tasks, plan_tasks
 
@@ -32,10 +31,7 @@ __all__ = [
     "Scores",
     "check_lm_eval",
     "lm_eval_evaluate",
-    "lm_eval_higher_is_better",  # objective.py; importable from here too
-    "lm_eval_objective",  # objective.py; importable from here too
     "lm_eval_scores",
-    "lm_loss",  # heldout.py; importable from here too
     "set_lm_eval_verbose",
 ]
 

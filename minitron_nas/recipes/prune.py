@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from minitron_nas.data import token_blocks
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.files import check_writable
 from minitron_nas.model.architecture import Architecture, ParamCount, ParamCounter, student_config, validate
 from minitron_nas.model.saving import save_model

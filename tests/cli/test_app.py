@@ -78,7 +78,7 @@ def test_rankings_of_another_teacher_are_refused(ranked, tmp_path):
     (meta_file.parent / "rankings.safetensors").write_bytes((ranked / "rankings.safetensors").read_bytes())
     meta_file.write_text(json.dumps({**json.loads((ranked / "rankings.json").read_text()), "teacher_fingerprint": "0" * 16}))
     result = invoke("prune", "--rankings", meta_file.parent, "--arch", '{"intermediate_size": 768}', "--out", tmp_path / "x")
-    assert_one_line_error(result, "made for teacher", "rank this teacher first")
+    assert_one_line_error(result, "was made from other inputs (teacher_fingerprint was", "rank this teacher first")
     assert not (tmp_path / "x").exists()
 
 

@@ -311,7 +311,7 @@ def test_mismatched_rankings(root, teacher, corpus, rankings_dir):
     before = snapshot(other_rankings)
     out = root / "pruned-from-other"
     result = invoke("prune", "--model", teacher, "--rankings", other_rankings, "--arch", SMALL_ARCH, "--out", out)
-    assert_one_line_error(result, "were made for teacher", "not this one", "rank this teacher first", alone=False)
+    assert_one_line_error(result, "was made from other inputs (teacher_fingerprint was", "rank this teacher first", alone=False)
     assert snapshot(other_rankings) == before and not out.exists() and not leftovers(root)
 
 
@@ -614,7 +614,7 @@ def test_distillation_resumed_with_other_data(root, teacher, corpus, intact_dist
     other.write_text(Path(corpus).read_text()[::-1])
     space = write_space(root, "other-data.yaml", space_dict(teacher, corpus, distill={**SMALL_DISTILL, "data": str(other)}))
     result = invoke("distill", space, "--out", intact_distilled)
-    assert_one_line_error(result, "was made for other training data", "resume with the original", alone=False)
+    assert_one_line_error(result, "was made from other inputs (training data was", "resume with the original", alone=False)
 
 
 def test_distillation_resumed_for_another_student(root, distill_space, distilled_run):
@@ -626,7 +626,7 @@ def test_distillation_resumed_for_another_student(root, distill_space, distilled
     (out / "best_arch.json").write_text(json.dumps(best))
     before = snapshot(out)
     result = invoke("distill", distill_space, "--out", out)
-    assert_one_line_error(result, "was made for other student architecture", "intermediate_size", alone=False)
+    assert_one_line_error(result, "was made from other inputs (student architecture.intermediate_size was", alone=False)
     assert snapshot(out) == before
 
 

@@ -19,13 +19,8 @@ from typer.testing import CliRunner
 
 from minitron_nas.config.space import ScoringSpec
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.harness import (
-    Scores,
-    check_lm_eval,
-    lm_eval_evaluate,
-    lm_eval_higher_is_better,
-    lm_eval_objective,
-)
+from minitron_nas.evaluate.harness import Scores, check_lm_eval, lm_eval_evaluate
+from minitron_nas.evaluate.objective import lm_eval_higher_is_better, lm_eval_objective
 from minitron_nas.search.candidates import load_space
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,7 +24,7 @@ from minitron_nas.distill.signals import CachedTopK
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.distill.trainer import _evaluate, make_accelerator
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.harness import lm_loss
+from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.model import devices, teachers
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.model.devices import Placement, check_fits, placement, to_model_device
@@ -319,7 +319,7 @@ def test_rankings_made_in_another_dtype_are_refused_naming_it(teacher_folder, sh
     full = teachers.load_teacher(str(teacher_folder), "cpu", "float32")
     rank(full, RankSettings(data=corpus, samples=2, seq_len=16, batch_size=2), tmp_path / "rankings")
     half = teachers.load_teacher(str(teacher_folder), "cpu", "bfloat16")
-    with pytest.raises(MinitronError, match=r"in float32\), not this one .*same --dtype"):
+    with pytest.raises(MinitronError, match=r"teacher_fingerprint was .*same --dtype \(these were ranked on .*, in float32\)"):
         Rankings.load(tmp_path / "rankings", half.fingerprint)
     assert Rankings.load(tmp_path / "rankings", full.fingerprint).meta["teacher_dtype"] == "float32"
 
