@@ -26,8 +26,10 @@ from minitron_nas.cli.app import app
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.teachers import load_config
 from minitron_nas.prune.ranking import Rankings
+from minitron_nas.report import dashboard
 from minitron_nas.report.dashboard import FIGURE_IDS, build_dashboard
-from minitron_nas.report.summary import dashboard, finished, open_run_study, pareto_front, write_report
+from minitron_nas.report.run_data import finished, open_run_study, pareto_front
+from minitron_nas.report.summary import write_report
 from minitron_nas.search.candidates import enumerate_candidates, load_space
 from minitron_nas.search.study import STUDY_NAME
 
@@ -363,8 +365,8 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
     from minitron_nas.config.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
     from minitron_nas.model.saving import save_model
     from minitron_nas.model.teachers import load_teacher
+    from minitron_nas.search import runner as search
     from minitron_nas.search.runner import run_search
-    from minitron_nas.search.runner import runner as search
 
     save_model(tiny_model("llama", vocab_size=257), tmp_path / "teacher", byte_tokenizer())
     teacher = load_teacher(str(tmp_path / "teacher"))
