@@ -16,11 +16,9 @@ a div with a stable id:
   Importance and, when ranked with --layer-loss, the loss with each layer dropped);
 - `distill-curves`: the final distillation of the winner, from RUN_DIR/distill/curve.json.
 
-The figures read the study and the run folder through `report.py`'s readers; a missing
+The figures read the study and the run folder through run_data.py's readers; a missing
 piece (no finished trial, no rankings, no distillation yet) leaves its figure in place,
 empty, with a note saying what is missing. The page is replaced atomically.
-
-About 400 lines: one function per figure, then the page.
 """
 
 from __future__ import annotations
@@ -36,22 +34,10 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from minitron_nas.files import RunFolder, write_text_atomic
-from minitron_nas.report.summary import (
-    ARCH_COLUMNS,
-    METRIC_LABELS,
-    as_float,
-    best_line,
-    finished,
-    load_distill_curve,
-    load_rankings,
-    open_run_study,
-    score_label,
-)
+from minitron_nas.report.labels import ARCH_COLUMNS, METRIC_LABELS, as_float, best_line, hover_text, score_label
+from minitron_nas.report.run_data import finished, load_distill_curve, load_rankings, open_run_study
 from minitron_nas.search.halving import rung_tau
-from minitron_nas.search.study import (
-    rung_values,
-    search_cost,
-)
+from minitron_nas.search.study import rung_values, search_cost, storage_url
 
 FIGURE_IDS = (
     "pareto",
@@ -92,7 +78,7 @@ def pareto_figure(done: pd.DataFrame, study: optuna.Study) -> go.Figure:
             y=list(group.value),
             error_y=dict(type="data", array=[as_float(v) or 0.0 for v in group.stderr], visible=True),
             mode="markers",
-            text=list(group.hover),
+            text=[hover_text(row) for _, row in group.iterrows()],
             hovertemplate="%{text}<extra></extra>",
             marker=dict(size=9 + 3 * int(rung)),
         )
@@ -395,13 +381,12 @@ def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: o
             config={"displaylogo": False, "responsive": True},
         )
         sections.append(f'<section class="figure" data-figure="{div_id}">{snippet}</section>')
-    url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     page = PAGE.format(
         title=html.escape(f"minitron_nas search: {run_dir.resolve().name}"),
         summary=_summary(study, done),
         when=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         source=html.escape(str(run_dir.resolve())),
-        storage=html.escape(url),
+        storage=html.escape(storage_url(storage, run_dir)),
         sections="\n".join(sections),
     )
     return write_text_atomic(RunFolder(run_dir).dashboard, page)

@@ -1,4 +1,4 @@
-"""What a search run found, in Markdown; and the readers of a run folder the dashboard shares.
+"""What a search run found, in Markdown (the readers it shares with the dashboard are in run_data.py).
 
 `write_report(run_dir)` writes RUN_DIR/report.md: budget, feasible count, trial counts, the
 search's cost, the rungs (kept, Kendall tau with its n, cuts inside the noise), the
@@ -30,16 +30,10 @@ held-out text; everything else is optional::
 
 Missing pieces (no finished trial, no rankings, no distillation yet) leave the figure in
 place, empty, with a note saying what is missing. Both files are replaced atomically.
-
-Long (about 430 lines) because the Markdown report's sections (space, rungs, candidates,
-distillation) each need their own table; the figures are in dashboard.py.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,201 +42,11 @@ import pandas as pd
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import RunFolder, write_text_atomic
-from minitron_nas.search.halving import TIE_RULE
-from minitron_nas.search.study import (
-    STUDY_NAME,
-    candidates_table,
-    rung_summary,
-    search_cost,
-    trials_table,
-)
+from minitron_nas.report.labels import ARCH_COLUMNS, as_float, as_int, best_line, fmt, score_label
+from minitron_nas.report.run_data import best_row, finished, load_distill_summary, maximizes, open_run_study, read_json
+from minitron_nas.search.study import rung_summary, search_cost, trials_table
 
-METRIC_LABELS = {
-    "heldout_loss": "held-out loss (nats)",
-    "kld": "KL divergence to the teacher",
-    "lm_eval": "lm-eval accuracy (mean over tasks)",
-}
-ARCH_COLUMNS = {  # trials_table column -> short label
-    "hidden_size": "hidden",
-    "intermediate_size": "ffn",
-    "num_attention_heads": "heads",
-    "num_key_value_heads": "kv groups",
-    "num_hidden_layers": "layers",
-}
-
-
-# --------------------------------------------------------------------------- study access
-
-
-def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
-
-
-def open_run_study(run_dir: str | Path, storage: str | None = None) -> optuna.Study:
-    """The run's study (study.STUDY_NAME) from `storage`, by default sqlite RUN_DIR/study.db."""
-    run_dir = Path(run_dir)
-    url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    journal = url.endswith((".log", ".journal"))
-    local = _sqlite_path(url) or (Path(url) if journal else None)
-    if local is not None and not local.is_file():  # opening it would create an empty store
-        where = f"run folder '{run_dir}'" if storage is None else f"storage '{url}'"
-        raise MinitronError(f"no study in {where} ({local} is missing): run `minitron-nas search` first or pass --storage")
-    if not journal and not url.startswith(("sqlite", "postgresql", "mysql")):
-        raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
-    try:
-        if journal:
-            store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-        else:
-            store = optuna.storages.RDBStorage(url)  # read-only use: no heartbeat
-        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-        raise MinitronError(f"cannot open storage '{url}' ({type(err).__name__}: {first}): check the URL or file") from None
-    if STUDY_NAME not in names:
-        raise MinitronError(f"storage '{url}' holds no study named '{STUDY_NAME}': run `minitron-nas search` first or fix --storage")
-    return optuna.load_study(study_name=STUDY_NAME, storage=store)
-
-
-def maximizes(study: optuna.Study) -> bool:
-    """Whether the space's score (the last rung's ranking) is higher-is-better, as the search recorded it."""
-    return bool(study.user_attrs.get("score_maximize", False))
-
-
-# --------------------------------------------------------------------------- data
-
-
-def pareto_front(params, scores, maximize: bool) -> list[int]:
-    """Indices of the non-dominated points, by increasing parameters.
-
-    A point is dominated when another has no more parameters and a score at least as good,
-    and is strictly better in one of the two. Identical points are all kept. Points with a
-    missing or non-finite score are never on the front.
-    """
-    sign = -1.0 if maximize else 1.0
-    points = sorted(
-        (p, sign * s, i) for i, (p, s) in enumerate(zip(params, scores)) if p is not None and s is not None and math.isfinite(s) and math.isfinite(p)
-    )
-    front, best = [], math.inf
-    for _, group in itertools.groupby(points, key=lambda pt: pt[0]):  # equal parameter counts together
-        group = list(group)
-        lowest = group[0][1]
-        if lowest < best:
-            front += [i for _, s, i in group if s == lowest]
-            best = lowest
-    return front
-
-
-def finished(study: optuna.Study) -> pd.DataFrame:
-    """Every candidate that finished a rung, at the last rung it reached, with its curves.
-
-    `pareto` marks the non-dominated candidates of the last rung by (parameters, score):
-    values of different rungs are not comparable, so the front is drawn among equals.
-    """
-    table = candidates_table(study, maximizes(study))
-    if table.empty:
-        return table
-    done = table[table.state == "COMPLETE"].copy()
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    done["retrain_curve"] = [by_number[n].user_attrs.get("retrain_curve") or [] for n in done.trial]
-    last = study.user_attrs.get("rungs", 1) - 1
-    final = done[(done.last_rung == last) & done.score.notna()]
-    front = pareto_front(list(final.params_total), list(final.score), maximizes(study))
-    done["pareto"] = False
-    done.loc[final.index[front], "pareto"] = True
-    done = done.reset_index(drop=True)
-    done["hover"] = [hover_text(row) for _, row in done.iterrows()]
-    return done
-
-
-def _read_json(path: Path):
-    """(data, problem): data is None when the file is missing or unreadable."""
-    if not path.is_file():
-        return None, f"{path} not found"
-    try:
-        return json.loads(path.read_text()), None
-    except (OSError, ValueError) as err:
-        return None, f"{path} is unreadable ({type(err).__name__}: {err})"
-
-
-def load_distill_curve(run_dir: Path) -> tuple[list[dict] | None, str | None]:
-    """The curve as [{step, train_loss, eval_loss}], or (None, why not)."""
-    path = RunFolder(run_dir).distill_curve
-    data, problem = _read_json(path)
-    if problem is not None:
-        return None, problem
-    if isinstance(data, dict) and data.get("curve") and all(isinstance(p, (list, tuple)) for p in data["curve"]):
-        points: dict[int, dict] = {}
-        for key, name in (("curve", "train_loss"), ("eval_curve", "eval_loss")):
-            for step, value in data.get(key) or []:
-                points.setdefault(step, {"step": step})[name] = value
-        data = [points[k] for k in sorted(points)]
-    elif isinstance(data, dict):
-        data = data.get("curve")
-    if not isinstance(data, list) or not all(isinstance(p, dict) and "step" in p for p in data):
-        return None, f"{path} is not a list of {{step, train_loss, eval_loss}}"
-    return data, None
-
-
-def load_distill_summary(run_dir: Path) -> tuple[dict | None, str | None]:
-    data, problem = _read_json(RunFolder(run_dir).distill_summary)
-    if problem is None and not isinstance(data, dict):
-        return None, f"{RunFolder(run_dir).distill_summary} is not a JSON object"
-    return data, problem
-
-
-def load_rankings(run_dir: Path):
-    from minitron_nas.prune.ranking import Rankings  # torch-backed: only when the run has rankings
-
-    folder = RunFolder(run_dir).rankings
-    try:
-        return Rankings.load(folder), None
-    except MinitronError as err:
-        return None, str(err)
-
-
-# --------------------------------------------------------------------------- formatting shared with the dashboard
-
-
-def score_label(study: optuna.Study) -> str:
-    metric = study.user_attrs.get("metric", "score")
-    arrow = "higher is better" if maximizes(study) else "lower is better"
-    return f"{METRIC_LABELS.get(metric, metric)}, {arrow}"
-
-
-def fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}"
-
-
-def hover_text(row) -> str:
-    arch = " · ".join(f"{label} {fmt(as_int(row[col]))}" for col, label in ARCH_COLUMNS.items())
-    return (
-        f"<b>trial {row.trial}</b>{' (Pareto)' if row.get('pareto') else ''}<br>{arch}<br>"
-        f"params {fmt(as_int(row.params_total))} (non-embedding {fmt(as_int(row.params_non_embedding))})<br>"
-        f"stopped at rung {row.last_rung} ({fmt(as_int(row.tokens))} tokens): {fmt(as_float(row.value))} ± {fmt(as_float(row.stderr))}"
-        + ("" if as_float(row.score) is None else f"<br>score {fmt(as_float(row.score))} ± {fmt(as_float(row.score_stderr))}")
-        + (" (tied with the best)" if row.get("tied_with_best") else "")
-        + ("" if as_float(row.get("decode_tokens_per_s")) is None else f"<br>decode {row.decode_tokens_per_s:,.0f} tokens/s")
-    )
-
-
-def as_int(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-
-
-def as_float(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-
-def best_line(study: optuna.Study, done: pd.DataFrame) -> str:
-    row = best_row(study, done)
-    if row is None:
-        return "no candidate has finished the last rung yet"
-    arch = ", ".join(f"{label} {as_int(row[col])}" for col, label in ARCH_COLUMNS.items())
-    tied = done[done.tied_with_best & ~done.best]
-    ties = f"; tied within one standard error with {len(tied)} other(s): {', '.join(tied.key)}, the tie broken by {TIE_RULE}" if len(tied) else ""
-    return f"trial {row.trial}: {arch}; {as_int(row.params_total):,} parameters; score {row.score:.4f} ± {fmt(as_float(row.score_stderr))}{ties}"
+__all__ = ["open_run_study", "write_report"]
 
 
 # --------------------------------------------------------------------------- report.md
@@ -261,7 +65,7 @@ def _space_facts(study: optuna.Study, run_dir: Path) -> list[str]:
         memory = f", memory <= {b.memory_gb} GiB at context {b.context} x batch {b.batch}" if b.memory_gb is not None else ""
         lines.append(f"- budget: {b.parameters:,} {b.count} parameters +/- {b.tolerance:.0%}{memory} (space `{source}`)")
     except Exception as err:
-        best, _ = _read_json(RunFolder(run_dir).best_arch)
+        best, _ = read_json(RunFolder(run_dir).best_arch)
         budget = (best or {}).get("budget") if isinstance(best, dict) else None
         if budget:
             lines.append(
@@ -359,11 +163,6 @@ def _teacher_params(study: optuna.Study) -> int | None:
         return ParamCounter(config).count(Architecture.from_config(config)).total
     except Exception:
         return None
-
-
-def best_row(study: optuna.Study, done: pd.DataFrame):
-    best = done[done.best] if not done.empty else done
-    return None if best.empty else best.iloc[0]
 
 
 def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> list[str]:

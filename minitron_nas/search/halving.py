@@ -40,12 +40,18 @@ __all__ = [
     "plan_schedule",
     "promote",
     "rung_tau",
+    "tie_keys",
 ]
 
 TAU_MIN_N = 5  # Kendall tau over fewer pairs than this says nothing; it is not reported
 DECAY_SHARE = 0.2  # the closing decay of a warmup-stable-decay run: a fifth of its steps
 MIN_STEPS = 4  # fewest optimizer steps of a retraining rung: warm-up, stable and decay each need some
 TIE_RULE = "lower pruned score (rung 0), then faster decoding when measured, then fewer parameters"
+
+
+def tie_keys(attrs: dict) -> tuple:
+    """TIE_RULE as an ascending sort key over a candidate's recorded attributes (a trial's user attributes)."""
+    return (attrs.get("pruned", math.inf), -(attrs.get("decode_tokens_per_s") or 0.0), attrs.get("params_total", 0))
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ trial's Optuna value is its rung metric.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -22,25 +23,27 @@ import pandas as pd
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.metrics import Measurement
-from minitron_nas.search.halving import break_tie, rung_tau
+from minitron_nas.files import RunFolder
+from minitron_nas.search.halving import break_tie, rung_tau, tie_keys
 
 __all__ = [
-    "GRACE_SECONDS",
-    "HEARTBEAT_SECONDS",
     "STUDY_NAME",
     "candidates_table",
     "decide",
     "final_ranking",
-    "make_storage",
+    "heartbeat_seconds",
     "measurement",
+    "open_storage",
     "order_stderr",
+    "quiet_heartbeats",
+    "recorded",
     "rung0_keys",
     "rung0_missing",
     "rung_summary",
     "rung_values",
     "search_complete",
     "search_cost",
-    "tie_order",
+    "storage_url",
     "trials_table",
 ]
 
@@ -57,32 +60,64 @@ def _env_seconds(name: str, default: int) -> int:
     return int(raw)
 
 
-# A running trial beats every HEARTBEAT_SECONDS; one silent for GRACE_SECONDS is failed and
-# retried once (its worker died). The environment overrides both (tests use a few seconds).
-HEARTBEAT_SECONDS = _env_seconds("MINITRON_NAS_HEARTBEAT_SECONDS", 10)
-GRACE_SECONDS = _env_seconds("MINITRON_NAS_GRACE_SECONDS", 30)
-if GRACE_SECONDS <= HEARTBEAT_SECONDS:
-    raise MinitronError(
-        f"MINITRON_NAS_GRACE_SECONDS ({GRACE_SECONDS}) must exceed MINITRON_NAS_HEARTBEAT_SECONDS ({HEARTBEAT_SECONDS}): "
-        "a live worker would be taken for dead; raise the grace period"
-    )
-
-
-def make_storage(url: str | None, out: Path):
-    """SQLite in the run folder by default; any RDB URL with heartbeats; or a journal file."""
-    url = url or f"sqlite:///{(Path(out) / 'study.db').resolve()}"
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+def heartbeat_seconds() -> tuple[int, int]:
+    """(beat, grace): a running trial beats every `beat` seconds; one silent for `grace` is failed
+    and retried once (its worker died). The environment overrides both (tests use a few seconds)."""
+    beat = _env_seconds("MINITRON_NAS_HEARTBEAT_SECONDS", 10)
+    grace = _env_seconds("MINITRON_NAS_GRACE_SECONDS", 30)
+    if grace <= beat:
+        raise MinitronError(
+            f"MINITRON_NAS_GRACE_SECONDS ({grace}) must exceed MINITRON_NAS_HEARTBEAT_SECONDS ({beat}): "
+            "a live worker would be taken for dead; raise the grace period"
         )
-    if url.endswith((".log", ".journal")):
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
-    raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+    return beat, grace
+
+
+@contextmanager
+def quiet_heartbeats() -> Iterator[None]:
+    """Optuna's heartbeats are experimental and warn at each use; inside this, they do not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def storage_url(url: str | None, out: Path) -> str:
+    """The storage named, or by default SQLite in the run folder."""
+    return url or f"sqlite:///{RunFolder(out).study_db.resolve()}"
+
+
+def open_storage(url: str | None, out: Path, *, worker: bool = True):
+    """Any RDB URL (SQLite, PostgreSQL, MySQL) or a journal file; SQLite in the run folder by default.
+
+    A worker's RDB storage beats (a dead worker's trial is failed and retried once); a reader's
+    does not, and refuses a missing local file rather than create an empty store."""
+    url = storage_url(url, out)
+    journal = url.endswith((".log", ".journal"))
+    if not journal and not url.startswith(("sqlite", "postgresql", "mysql")):
+        raise MinitronError(f"unsupported storage '{url}': use sqlite:///FILE, postgresql://..., or a FILE.journal path")
+    local = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else Path(url) if journal else None
+    if not worker and local is not None and not local.is_file():
+        where = f"run folder '{out}'" if url == storage_url(None, out) else f"storage '{url}'"
+        raise MinitronError(f"no study in {where} ({local} is missing): run `minitron-nas search` first or pass --storage")
+    try:
+        if journal:
+            return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+        if not worker:
+            return optuna.storages.RDBStorage(url)
+        beat, grace = heartbeat_seconds()
+        with quiet_heartbeats():
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                heartbeat_interval=beat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+    except MinitronError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise MinitronError(f"cannot open storage '{url}' ({type(err).__name__}: {first}): check the URL or file") from None
 
 
 def _candidate_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:
@@ -93,8 +128,14 @@ def _candidate_trials(study: optuna.Study, states=None) -> list[optuna.trial.Fro
 _FIELDS = {"value": ("value", "stderr", "per_item"), "score": ("score", "score_stderr", "score_per_item")}
 
 
+def recorded(m: Measurement, which: str = "value") -> dict:
+    """The user attributes that record a measurement as the rung metric ("value") or the space's score ("score")."""
+    return dict(zip(_FIELDS[which], (m.value, m.stderr, m.per_item), strict=True))
+
+
 def measurement(trial: optuna.trial.FrozenTrial, which: str = "value") -> Measurement | None:
-    """The rung metric ("value") or the space's score ("score") a trial recorded."""
+    """The rung metric ("value") or the space's score ("score") a trial recorded; its
+    per-block values make comparisons between two trials paired (metrics.paired_stderr)."""
     value, stderr, per_item = (trial.user_attrs.get(name) for name in _FIELDS[which])
     return None if value is None else Measurement(value, stderr, 0.0, per_item)
 
@@ -127,12 +168,6 @@ def search_complete(study: optuna.Study) -> bool:
     return any(t.user_attrs.get("score") is not None for t in rung_values(study, last).values())
 
 
-def tie_order(trial: optuna.trial.FrozenTrial) -> tuple:
-    """The tie rule's keys (halving.TIE_RULE): lower pruned score, faster decoding, fewer parameters."""
-    a = trial.user_attrs
-    return (a.get("pruned", math.inf), -(a.get("decode_tokens_per_s") or 0.0), a.get("params_total", 0))
-
-
 def order_stderr(study: optuna.Study) -> float:
     """The data-order standard deviation of a retrained value: the spread of rung 1's pilot
     candidate over its data orders (its own order included); 0 until the pilot has run, or
@@ -151,7 +186,7 @@ def final_ranking(study: optuna.Study, maximize_score: bool) -> list[optuna.tria
     last = study.user_attrs.get("rungs", 1) - 1
     done = [t for t in rung_values(study, last).values() if t.user_attrs.get("score") is not None]
     sign = -1 if maximize_score else 1
-    return sorted(done, key=lambda t: (sign * t.user_attrs["score"], tie_order(t)))
+    return sorted(done, key=lambda t: (sign * t.user_attrs["score"], tie_keys(t.user_attrs)))
 
 
 def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.FrozenTrial, list[str], str | None] | None:
@@ -163,7 +198,7 @@ def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.Froz
     by_key = {t.user_attrs["key"]: t for t in ranking}
     scores = {k: measurement(t, "score") for k, t in by_key.items()}
     extra = _score_order_stderr(study, ranking[0])
-    winner, tied_keys, rule = break_tie(scores, {k: tie_order(t) for k, t in by_key.items()}, maximize_score, extra)
+    winner, tied_keys, rule = break_tie(scores, {k: tie_keys(t.user_attrs) for k, t in by_key.items()}, maximize_score, extra)
     return by_key[winner], tied_keys, rule
 
 

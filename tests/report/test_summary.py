@@ -28,7 +28,8 @@ from minitron_nas.model.teachers import load_config
 from minitron_nas.prune.ranking import Rankings
 from minitron_nas.report import dashboard
 from minitron_nas.report.dashboard import FIGURE_IDS, build_dashboard
-from minitron_nas.report.summary import finished, open_run_study, pareto_front, write_report
+from minitron_nas.report.run_data import finished, open_run_study, pareto_front
+from minitron_nas.report.summary import write_report
 from minitron_nas.search.candidates import enumerate_candidates, load_space
 from minitron_nas.search.study import STUDY_NAME
 

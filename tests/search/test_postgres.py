@@ -210,12 +210,12 @@ def test_three_workers_share_one_grid_each_candidate_once(spaces, postgres_url, 
 def queue_grid(space_file: Path, url: str, out: Path) -> None:
     """Create the study and queue the grid as a first worker does (open_study), from this process."""
     from minitron_nas.model.teachers import load_teacher
-    from minitron_nas.search.study import make_storage
+    from minitron_nas.search.study import open_storage
 
     spec = load_space(space_file)
     pool = search.candidate_pool(spec, require_feasible(spec, load_config(spec.teacher)))
     teacher = load_teacher(spec.teacher)
-    search.open_study(spec, make_storage(url, out), url, False, teacher.fingerprint, pool, search.schedule_for(spec, len(pool)))
+    search.open_study(spec, open_storage(url, out), url, False, teacher.fingerprint, pool, search.schedule_for(spec, len(pool)))
 
 
 def test_a_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried_once(spaces, postgres_url, tmp_path, workers):
