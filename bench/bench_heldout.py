@@ -36,7 +36,8 @@ from minitron_nas.model.teachers import load_teacher
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import load_or_rank
 from minitron_nas.search.candidates import load_space, require_feasible
-from minitron_nas.search.runner import _key, schedule_for
+from minitron_nas.search.runner import schedule_for
+from minitron_nas.search.trials import arch_key
 
 SPACE = "search_spaces/smollm2-135m-demo.yaml"
 
@@ -64,7 +65,7 @@ def main() -> None:
     metric = HeldoutKLD(heldout, held_cache, spec.batch_size)
     values: dict[str, list[float]] = {}
     for candidate in feasible:
-        key = _key(candidate.arch)
+        key = arch_key(candidate.arch)
         path = args.work / f"{key.replace('/', '_').replace(':', '-')}.json"
         if path.is_file():
             values[key] = json.loads(path.read_text())

@@ -44,7 +44,7 @@ from minitron_nas.model.architecture import Architecture, ParamCounter
 from minitron_nas.model.teachers import load_config, load_teacher
 from minitron_nas.prune.ranking import rank
 from minitron_nas.search.candidates import enumerate_candidates, load_space, require_feasible
-from minitron_nas.search.runner import STUDY_NAME
+from minitron_nas.search.study import STUDY_NAME
 
 DEFAULT_DATA = "../shared/data/wikitext2/valid.txt"
 DEFAULT_OUT = REPORTS / "search.md"

@@ -45,6 +45,17 @@ def _from(cls, name: str):
     return typer.Option(getattr(cls, name), help=field_doc(cls, name))
 
 
+def _as_options(section: str, cls, **values):
+    """`cls(**values)`; a refused value is named as the command's option (--samples), not the space key (ranking.samples)."""
+    try:
+        return cls(**values)
+    except MinitronError as err:
+        text = str(err)
+        for name in values:
+            text = text.replace(f"{section}.{name} is", f"--{name.replace('_', '-')} is")
+        raise MinitronError(text) from None
+
+
 def _space_option(cls, name: str, extra: str = ""):
     """A settings field as an option of a command that reads a space: unset keeps the space's value."""
     return typer.Option(None, help=f"{field_doc(cls, name)} Default: the space's {name} setting{extra}.")
@@ -79,7 +90,9 @@ def rank(
     from minitron_nas.model.teachers import load_teacher
     from minitron_nas.prune.ranking import rank as rank_stage
 
-    settings = RankSettings(
+    settings = _as_options(
+        "ranking",
+        RankSettings,
         data=data,
         samples=samples,
         seq_len=seq_len,
