@@ -314,7 +314,7 @@ def measures(args: argparse.Namespace, model, device: torch.device) -> tuple[lis
 def pipeline_space(args: argparse.Namespace, config, device: torch.device):
     """A grid of `--candidates` architectures: 3/4 of the hidden size, FFN from half of the teacher's up."""
     from minitron_nas.config.settings import DistillSettings, RankSettings, RetrainSettings
-    from minitron_nas.config.space import Budget, DeviceSpec, ScoringSpec, SearchSpace
+    from minitron_nas.config.space import Budget, DeviceSettings, ScoringSettings, SearchSpace
 
     teacher = Architecture.from_config(config)
     hidden = half_size(teacher).hidden_size
@@ -337,7 +337,7 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
             data=args.data,
             eval_every=max(1, args.retrain_tokens // (batch * seq) // 2),
         ),
-        scoring=ScoringSpec(metric="heldout_loss", heldout_samples=max(2, batch), seq_len=seq),
+        scoring=ScoringSettings(metric="heldout_loss", heldout_samples=max(2, batch), seq_len=seq),
         distill=DistillSettings(
             tokens=args.distill_tokens,
             batch_size=batch,
@@ -348,7 +348,7 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
             heldout_samples=max(2, batch),
         ),
         sampler="grid",
-        device=DeviceSpec(str(device), "bfloat16"),
+        device=DeviceSettings(str(device), "bfloat16"),
         source="bench_gpu.py",
     )
 

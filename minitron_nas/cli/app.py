@@ -19,7 +19,7 @@ from rich.table import Table
 
 from minitron_nas.cli.handling import console, one_line_errors
 from minitron_nas.config.settings import DEFAULT_TEACHER, Aggregation, RankSettings, field_doc
-from minitron_nas.config.space import DeviceSpec, ScoringSpec
+from minitron_nas.config.space import DeviceSettings, ScoringSettings
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import RunFolder
 
@@ -82,8 +82,8 @@ def rank(
     layer_loss: bool = _from(RankSettings, "layer_loss"),
     heldout_samples: int = _from(RankSettings, "heldout_samples"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
-    device: str = _from(DeviceSpec, "device"),
-    dtype: str = _from(DeviceSpec, "dtype"),
+    device: str = _from(DeviceSettings, "device"),
+    dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
     from minitron_nas.files import check_writable
@@ -122,8 +122,8 @@ def prune(
     layer_criterion: str = typer.Option("block_importance", help="depth choice: block_importance, layer_loss, last"),
     norm_correction: bool = typer.Option(False, help="rescale norm gains for the kept hidden channels (see reports/benchmarks/norm_correction.md)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
-    device: str = _from(DeviceSpec, "device"),
-    dtype: str = _from(DeviceSpec, "dtype"),
+    device: str = _from(DeviceSettings, "device"),
+    dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """Slice the teacher to an architecture; the result loads with plain transformers."""
     from minitron_nas.recipes.prune import prune_model
@@ -153,8 +153,8 @@ def loss(
     samples: int = typer.Option(32),
     seq_len: int = typer.Option(256),
     split: str = typer.Option("heldout", help="train, heldout or all"),
-    device: str = _from(DeviceSpec, "device"),
-    dtype: str = _from(DeviceSpec, "dtype"),
+    device: str = _from(DeviceSettings, "device"),
+    dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """Mean next-token loss (nats) of a model on text."""
     from minitron_nas.model.teachers import load_teacher
@@ -181,23 +181,23 @@ def _per_task_option(value: str | None, what: str):
 @one_line_errors
 def evaluate(
     model: str = typer.Option(DEFAULT_TEACHER, help=MODEL_HELP),
-    tasks: str = typer.Option(..., help=field_doc(ScoringSpec, "tasks") + " Comma-separated."),
-    data_dir: Path = typer.Option(None, help=field_doc(ScoringSpec, "data_dir")),
-    include_path: list[Path] = typer.Option(None, help=field_doc(ScoringSpec, "include_path") + " Repeatable."),
-    limit: str = typer.Option(None, help=field_doc(ScoringSpec, "limit") + " Here: N, or task=N,task=N."),
-    batch_size: int = typer.Option(ScoringSpec.batch_size, help=field_doc(ScoringSpec, "batch_size")),
-    num_fewshot: str = typer.Option(None, help=field_doc(ScoringSpec, "num_fewshot") + " Here: N, or task=N,task=N."),
-    objective: str = typer.Option(None, help=field_doc(ScoringSpec, "objective") + " Here: task/metric."),
+    tasks: str = typer.Option(..., help=field_doc(ScoringSettings, "tasks") + " Comma-separated."),
+    data_dir: Path = typer.Option(None, help=field_doc(ScoringSettings, "data_dir")),
+    include_path: list[Path] = typer.Option(None, help=field_doc(ScoringSettings, "include_path") + " Repeatable."),
+    limit: str = typer.Option(None, help=field_doc(ScoringSettings, "limit") + " Here: N, or task=N,task=N."),
+    batch_size: int = typer.Option(ScoringSettings.batch_size, help=field_doc(ScoringSettings, "batch_size")),
+    num_fewshot: str = typer.Option(None, help=field_doc(ScoringSettings, "num_fewshot") + " Here: N, or task=N,task=N."),
+    objective: str = typer.Option(None, help=field_doc(ScoringSettings, "objective") + " Here: task/metric."),
     verbose: bool = typer.Option(False, "--verbose", help="show lm-eval's own logs, warnings and progress bars"),
-    device: str = _from(DeviceSpec, "device"),
-    dtype: str = _from(DeviceSpec, "dtype"),
+    device: str = _from(DeviceSettings, "device"),
+    dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """lm-evaluation-harness scores (its own prompts, metrics and standard errors) as JSON."""
     from minitron_nas.evaluate.harness import check_lm_eval, lm_eval_scores
     from minitron_nas.evaluate.objective import lm_eval_objective
     from minitron_nas.model.teachers import load_teacher
 
-    spec = ScoringSpec(
+    spec = ScoringSettings(
         metric="lm_eval",
         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
         data_dir=None if data_dir is None else str(data_dir),
@@ -259,8 +259,8 @@ def search(
         None, help="most trials to run now (rung-0 work units count one each); a search it stops is unfinished, and the same command goes on with it"
     ),
     resume: bool = typer.Option(False, help="continue the study already in the run folder or storage"),
-    device: str = _space_option(DeviceSpec, "device", "; one worker per GPU: --device cuda:N"),
-    dtype: str = _space_option(DeviceSpec, "dtype"),
+    device: str = _space_option(DeviceSettings, "device", "; one worker per GPU: --device cuda:N"),
+    dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
     """Budget-constrained architecture search: every candidate retrained by KD in rungs of growing tokens."""
     from minitron_nas.recipes.search import run_folder, search, with_device
@@ -284,8 +284,8 @@ def run(
     out: Path = typer.Option(None, help=RUN_HELP),
     storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
     n_trials: int = typer.Option(None, help="most search trials to run now; a search it stops exports nothing yet, and the same command goes on with it"),
-    device: str = _space_option(DeviceSpec, "device"),
-    dtype: str = _space_option(DeviceSpec, "dtype"),
+    device: str = _space_option(DeviceSettings, "device"),
+    dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
     """The whole recipe: rank -> search -> distill -> export -> report; a rerun resumes."""
     from minitron_nas.recipes.run import run as run_recipe
@@ -301,8 +301,8 @@ def run(
 def distill(
     space: Path = typer.Argument(..., help="search space YAML (its distill section)"),
     out: Path = typer.Option(None, help="run folder holding best_arch.json and rankings/"),
-    device: str = _space_option(DeviceSpec, "device", "; under accelerate launch: auto"),
-    dtype: str = _space_option(DeviceSpec, "dtype"),
+    device: str = _space_option(DeviceSettings, "device", "; under accelerate launch: auto"),
+    dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
     """Fully distill the search's winner (checkpointed: a rerun resumes; several GPUs with accelerate launch)."""
     from minitron_nas.model.teachers import load_teacher
@@ -330,8 +330,8 @@ def export(
     check: bool = typer.Option(
         False, "--check", help="with --gguf: compare the GGUF's next-token NLL in llama.cpp with transformers' (needs llama-cpp-python)"
     ),
-    device: str = _space_option(DeviceSpec, "device"),
-    dtype: str = _space_option(DeviceSpec, "dtype"),
+    device: str = _space_option(DeviceSettings, "device"),
+    dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
     """Write RUN_DIR/export: the distilled winner, best_arch.json with provenance, a model card; optionally a GGUF beside it."""
     from minitron_nas.model.gguf import check_gguf_type, check_llama

@@ -15,7 +15,18 @@ import yaml
 
 from minitron_nas.config.checks import POSITIVE, _hints, _rule, _shown, check_value
 from minitron_nas.config.settings import DistillSettings, RankSettings, RetrainSettings
-from minitron_nas.config.space import AXES, METRICS, RUNG_METRICS, SAMPLER_NAMES, Budget, DeviceSpec, HalvingSpec, LatencySpec, ScoringSpec, SearchSpace
+from minitron_nas.config.space import (
+    AXES,
+    METRICS,
+    RUNG_METRICS,
+    SAMPLER_NAMES,
+    Budget,
+    DeviceSettings,
+    HalvingSettings,
+    LatencySettings,
+    ScoringSettings,
+    SearchSpace,
+)
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import decode_utf8
 
@@ -193,11 +204,11 @@ def read_space(path: str | Path) -> SearchSpace:
         budget=budget,
         ranking=_section(RankSettings, data.get("ranking"), "ranking"),
         retrain=_section(RetrainSettings, data.get("retrain"), "retrain"),
-        scoring=_section(ScoringSpec, data.get("scoring"), "scoring"),
+        scoring=_section(ScoringSettings, data.get("scoring"), "scoring"),
         distill=_section(DistillSettings, data.get("distill"), "distill"),
-        device=_section(DeviceSpec, data.get("device"), "device"),
-        halving=_section(HalvingSpec, data.get("halving"), "halving"),
-        latency=_section(LatencySpec, data.get("latency"), "latency"),
+        device=_section(DeviceSettings, data.get("device"), "device"),
+        halving=_section(HalvingSettings, data.get("halving"), "halving"),
+        latency=_section(LatencySettings, data.get("latency"), "latency"),
         family=_top_level(data, "family", ()) or (),
         sampler=_top_level(data, "sampler", "auto"),
         trials=_top_level(data, "trials", None),

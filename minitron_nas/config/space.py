@@ -44,7 +44,7 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class HalvingSpec:
+class HalvingSettings:
     """How the search spends its retraining tokens: synchronous successive halving (halving.py)."""
 
     eta: int = 3
@@ -78,7 +78,7 @@ class HalvingSpec:
 
 
 @dataclass(frozen=True)
-class LatencySpec:
+class LatencySettings:
     """Inference speed of each candidate on the run's device (latency.py), a constraint if asked."""
 
     measure: bool = False
@@ -100,7 +100,7 @@ class LatencySpec:
 
 
 @dataclass(frozen=True)
-class ScoringSpec:
+class ScoringSettings:
     """How a candidate is scored: lm-eval tasks, held-out loss, or KL divergence to the teacher."""
 
     metric: str = "heldout_loss"
@@ -137,7 +137,7 @@ class ScoringSpec:
 
 
 @dataclass(frozen=True)
-class DeviceSpec:
+class DeviceSettings:
     """Where every stage runs and in which dtype the teacher (and so every student) is held."""
 
     device: str = "auto"
@@ -157,11 +157,11 @@ class SearchSpace:
     budget: Budget
     ranking: RankSettings = RankSettings()
     retrain: RetrainSettings = RetrainSettings()
-    scoring: ScoringSpec = ScoringSpec()
+    scoring: ScoringSettings = ScoringSettings()
     distill: DistillSettings = DistillSettings()
-    halving: HalvingSpec = HalvingSpec()
-    latency: LatencySpec = LatencySpec()
-    device: DeviceSpec = DeviceSpec()
+    halving: HalvingSettings = HalvingSettings()
+    latency: LatencySettings = LatencySettings()
+    device: DeviceSettings = DeviceSettings()
     family: tuple[int, ...] = ()  # several budgets: each pruned from the previous, largest first
     sampler: str = "auto"
     trials: int | None = None

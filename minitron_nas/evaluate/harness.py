@@ -1,6 +1,6 @@
 """Score an in-memory model with lm-evaluation-harness, after checking its spec before any model loads.
 
-lm-eval scoring takes one `ScoringSpec` (space.py): any lm-eval task, group or tag, the
+lm-eval scoring takes one `ScoringSettings` (space.py): any lm-eval task, group or tag, the
 user's own task YAMLs (`include_path`), few-shot counts and limits per task, and an
 objective over any named metric (objective.py), with lm-eval's standard errors. The
 held-out loss (heldout.py) and the objective stay importable from here.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minitron_nas.config.space import ScoringSpec
+from minitron_nas.config.space import ScoringSettings
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.converters import TASKS
 from minitron_nas.evaluate.objective import lm_eval_higher_is_better, objective_terms
@@ -71,7 +71,7 @@ def _per_task(value, what: str, tasks, allow_zero: bool) -> None:
         _count(value, what, allow_zero)
 
 
-def check_lm_eval(spec: ScoringSpec, where: str = "") -> ScoringSpec:
+def check_lm_eval(spec: ScoringSettings, where: str = "") -> ScoringSettings:
     """Every setting, name, folder and file of an lm-eval spec checked before any model loads.
 
     Returns the spec, or, when `tasks_optional` is set and `data_dir` is missing, a copy that
@@ -80,7 +80,7 @@ def check_lm_eval(spec: ScoringSpec, where: str = "") -> ScoringSpec:
     return _check(spec, where)[0]
 
 
-def _check(spec: ScoringSpec, where: str = ""):
+def _check(spec: ScoringSettings, where: str = ""):
     tasks = parse_tasks(list(spec.tasks))
     _per_task(spec.limit, _key(where, "limit"), tasks, allow_zero=False)
     _per_task(spec.num_fewshot, _key(where, "num_fewshot"), tasks, allow_zero=True)
@@ -112,10 +112,10 @@ def _check(spec: ScoringSpec, where: str = ""):
     return spec, plan
 
 
-def _as_spec(tasks, data_dir, limit, batch_size, num_fewshot, include_path) -> ScoringSpec:
-    if isinstance(tasks, ScoringSpec):
+def _as_spec(tasks, data_dir, limit, batch_size, num_fewshot, include_path) -> ScoringSettings:
+    if isinstance(tasks, ScoringSettings):
         return tasks if tasks.metric == "lm_eval" else replace(tasks, metric="lm_eval")
-    return ScoringSpec(
+    return ScoringSettings(
         metric="lm_eval",
         tasks=tasks if isinstance(tasks, str) else tuple(tasks or ()),
         data_dir=None if data_dir is None else str(data_dir),
@@ -195,7 +195,7 @@ def _clean(row: dict) -> tuple[dict[str, float | None], dict[str, str]]:
     return out, names
 
 
-def lm_eval_evaluate(model, tokenizer, spec: ScoringSpec, *, verbose: bool | None = None, progress: bool = True):
+def lm_eval_evaluate(model, tokenizer, spec: ScoringSettings, *, verbose: bool | None = None, progress: bool = True):
     """Score an in-memory model with lm-eval; returns (Scores, lm-eval's whole output with samples).
 
     Tasks resolve as `tasks.plan_tasks` says: our seven converted tasks from
@@ -309,7 +309,7 @@ def lm_eval_scores(
 ) -> Scores:
     """{task: {metric: value, metric + "_stderr": stderr or None}} of an in-memory model.
 
-    `tasks` is a `ScoringSpec` (its lm-eval settings are used), or task names with the other
+    `tasks` is a `ScoringSettings` (its lm-eval settings are used), or task names with the other
     arguments. Groups give their own aggregate row and one per member task.
     """
     spec = _as_spec(tasks, data_dir, limit, batch_size, num_fewshot, include_path)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 
-from minitron_nas.config.space import ScoringSpec
+from minitron_nas.config.space import ScoringSettings
 from minitron_nas.errors import MinitronError
 
 __all__ = ["lm_eval_higher_is_better", "lm_eval_objective", "objective_terms"]
 
 
-def objective_terms(spec: ScoringSpec) -> list[tuple[str, str, float]] | None:
+def objective_terms(spec: ScoringSettings) -> list[tuple[str, str, float]] | None:
     """(task, metric, weight) of the objective; None for the default (mean acc_norm, else acc)."""
     objective = spec.objective
     if objective is None:
@@ -44,7 +44,7 @@ def _registry_higher_is_better(metric: str) -> bool | None:
         return None
 
 
-def lm_eval_higher_is_better(spec: ScoringSpec) -> bool:
+def lm_eval_higher_is_better(spec: ScoringSettings) -> bool:
     """Which way the objective improves, known before scoring (lm-eval's registered metric directions)."""
     terms = objective_terms(spec)
     if terms is None:
@@ -55,7 +55,7 @@ def lm_eval_higher_is_better(spec: ScoringSpec) -> bool:
     return directions.pop() if directions else True
 
 
-def lm_eval_objective(results: dict, spec: ScoringSpec) -> tuple[float, float | None, bool]:
+def lm_eval_objective(results: dict, spec: ScoringSettings) -> tuple[float, float | None, bool]:
     """(objective value, its standard error, higher_is_better) from `lm_eval_scores` results.
 
     A weighted mean sum(w_i x_i) / sum(w_i) of the named task metrics, with

@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from minitron_nas.config.space import DeviceSpec, SearchSpace
+from minitron_nas.config.space import DeviceSettings, SearchSpace
 from minitron_nas.errors import add_resume_hint
 from minitron_nas.files import RunFolder
 from minitron_nas.model.teachers import Teacher, load_config, load_teacher
@@ -27,7 +27,7 @@ def run_folder(space_file: Path, out: Path | None) -> Path:
 
 def with_device(space: SearchSpace, device: str | None, dtype: str | None) -> SearchSpace:
     """The space with `device` / `dtype`, where given, replacing its `device:` section."""
-    return replace(space, device=DeviceSpec(device or space.device.device, dtype or space.device.dtype))
+    return replace(space, device=DeviceSettings(device or space.device.device, dtype or space.device.dtype))
 
 
 def search(

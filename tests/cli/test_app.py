@@ -174,10 +174,10 @@ def test_options_that_mirror_a_settings_field_share_its_default():
 
     import typer.main
 
-    from minitron_nas.config.space import ScoringSpec
+    from minitron_nas.config.space import ScoringSettings
 
     commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
-    for command, settings in (("rank", RankSettings), ("evaluate", ScoringSpec)):
+    for command, settings in (("rank", RankSettings), ("evaluate", ScoringSettings)):
         defaults = {f.name: f.default for f in dataclasses.fields(settings)}
         shared = [p for p in commands[command].params if p.name in defaults]
         assert len(shared) >= 3, (command, [p.name for p in shared])

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from minitron_nas.cli.app import app
 from minitron_nas.config.settings import RetrainSettings
-from minitron_nas.config.space import Budget, ScoringSpec
+from minitron_nas.config.space import Budget, ScoringSettings
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import EMBEDDED, embedded_gguf
 from minitron_nas.prune import ranking
@@ -431,7 +431,7 @@ TOLERANCE = Budget(parameters=1).tolerance
         ({"seed": -1}, ("seed is -1", "give a whole number in [0,")),
         ({"trials": 1.5}, ("trials is 1.5", "give a positive whole number")),
         ({"scoring": {"limit": 0}}, ("scoring.limit is 0", "give a positive whole number")),
-        ({"scoring": {"heldout_samples": "four"}}, ("scoring.heldout_samples is 'four'", f"such as {ScoringSpec().heldout_samples}")),
+        ({"scoring": {"heldout_samples": "four"}}, ("scoring.heldout_samples is 'four'", f"such as {ScoringSettings().heldout_samples}")),
         ({"axes": {**AXES, "hidden_size": {"range": [32]}}}, ("axes.hidden_size.range is [32]", "give two integers [lo, hi]")),
         ({"family": [40000, "big"]}, ("family[1] is 'big'", "give a positive whole number")),
         ({"distill": {"intermediate": "sometimes"}}, ("distill.intermediate is 'sometimes'", "use auto, on or off")),

@@ -17,7 +17,7 @@ import yaml
 from helpers import byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-from minitron_nas.config.space import ScoringSpec
+from minitron_nas.config.space import ScoringSettings
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.harness import Scores, check_lm_eval, lm_eval_evaluate
 from minitron_nas.evaluate.objective import lm_eval_higher_is_better, lm_eval_objective
@@ -98,7 +98,7 @@ def test_user_task_yaml_in_include_path_gets_lm_eval_s_number(tmp_path, shared_d
 
     folder = user_tasks(tmp_path / "my_tasks", shared_data)
     tokenizer, model = byte_tokenizer(), byte_model()
-    spec = ScoringSpec(
+    spec = ScoringSettings(
         metric="lm_eval", tasks=("my_capitals", "my_bard"), include_path=(str(folder),), limit={"my_bard": 6}, batch_size=4, objective="my_bard/bits_per_byte"
     )
     assert check_lm_eval(spec) is spec
@@ -159,7 +159,7 @@ def test_user_group_and_tag_aggregate_as_lm_eval_does(tmp_path, shared_data):
         )
     )
     tokenizer, model = byte_tokenizer(), byte_model(seed=1)
-    group = ScoringSpec(metric="lm_eval", tasks=("my_group",), include_path=(str(folder),), limit={"my_group": 6})
+    group = ScoringSettings(metric="lm_eval", tasks=("my_group",), include_path=(str(folder),), limit={"my_group": 6})
     scores = lm_eval_evaluate(model, tokenizer, group)[0]
     assert list(scores) == ["my_group", "my_capitals", "my_capitals_q"] and scores.members == {"my_group": ["my_capitals", "my_capitals_q"]}
     direct = simple_evaluate(
@@ -173,7 +173,7 @@ def test_user_group_and_tag_aggregate_as_lm_eval_does(tmp_path, shared_data):
         assert scores[name]["acc_stderr"] == pytest.approx(direct[name]["acc_stderr,none"])
     assert lm_eval_objective(scores, group)[:2] == (pytest.approx(scores["my_group"]["acc"]), pytest.approx(scores["my_group"]["acc_stderr"]))
 
-    tag = ScoringSpec(metric="lm_eval", tasks=("my_tag",), include_path=(str(folder),), limit=6)
+    tag = ScoringSettings(metric="lm_eval", tasks=("my_tag",), include_path=(str(folder),), limit=6)
     by_tag = lm_eval_evaluate(model, tokenizer, tag)[0]
     assert set(by_tag) == {"my_capitals", "my_capitals_q"}
     value, se, up = lm_eval_objective(by_tag, tag)  # the mean over the tag's members
@@ -187,7 +187,7 @@ def test_a_hub_task_not_in_the_cache_fails_in_one_line_when_offline(tmp_path, mo
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")  # whatever this machine has cached
     with offline(), pytest.raises(MinitronError) as err:
-        lm_eval_evaluate(byte_model(), byte_tokenizer(), ScoringSpec(metric="lm_eval", tasks=("hellaswag",), limit=2))
+        lm_eval_evaluate(byte_model(), byte_tokenizer(), ScoringSettings(metric="lm_eval", tasks=("hellaswag",), limit=2))
     message = str(err.value)
     assert message.startswith("lm-eval could not load task 'hellaswag' (") and "\n" not in message
     assert "Hugging Face Hub or in the local cache" in message
@@ -195,7 +195,7 @@ def test_a_hub_task_not_in_the_cache_fails_in_one_line_when_offline(tmp_path, mo
 
 def test_include_path_must_exist(tmp_path):
     with pytest.raises(MinitronError, match=r"include_path '.*nowhere' not found: give a folder or YAML file"):
-        check_lm_eval(ScoringSpec(metric="lm_eval", tasks=("my_task",), include_path=(str(tmp_path / "nowhere"),)))
+        check_lm_eval(ScoringSettings(metric="lm_eval", tasks=("my_task",), include_path=(str(tmp_path / "nowhere"),)))
 
 
 # --------------------------------------------------------------------------- few-shot
@@ -216,7 +216,7 @@ def test_five_shot_arc_easy_prompts_hold_five_training_examples(shared_data, tmp
     data, train = arc_data_with_training_file(shared_data, tmp_path / "data")
     gold = {r["question"]["stem"]: next(c["text"] for c in r["question"]["choices"] if c["label"] == r["answerKey"]) for r in train}
     easy_dev = {json.loads(line)["question"]["stem"] for line in (shared_data / "arc" / "ARC-Easy-Dev.jsonl").open()}
-    spec = ScoringSpec(metric="lm_eval", tasks=("arc_easy",), data_dir=str(data), num_fewshot=5, limit=3, batch_size=8)
+    spec = ScoringSettings(metric="lm_eval", tasks=("arc_easy",), data_dir=str(data), num_fewshot=5, limit=3, batch_size=8)
     scores, output = lm_eval_evaluate(byte_model(), byte_tokenizer(), spec)
     samples = output["samples"]["arc_easy"]
     assert len(samples) == 3 and output["configs"]["arc_easy"]["num_fewshot"] == 5
@@ -235,12 +235,12 @@ def test_five_shot_arc_easy_prompts_hold_five_training_examples(shared_data, tmp
 def test_few_shot_without_the_training_file_is_refused_before_scoring(shared_data):
     for shots in (5, {"arc_easy": 2}):
         with pytest.raises(MinitronError) as err:
-            check_lm_eval(ScoringSpec(metric="lm_eval", tasks=("arc_easy", "piqa"), data_dir=str(shared_data), num_fewshot=shots))
+            check_lm_eval(ScoringSettings(metric="lm_eval", tasks=("arc_easy", "piqa"), data_dir=str(shared_data), num_fewshot=shots))
         message = str(err.value)
         assert "arc_easy draws its few-shot examples from its train split" in message and "ARC-Easy-Train.jsonl" in message
         assert "\n" not in message
     # zero-shot, and LAMBADA (few-shot from its test split), need nothing more
-    spec = ScoringSpec(metric="lm_eval", tasks=("arc_easy", "lambada_openai"), data_dir=str(shared_data), num_fewshot={"lambada_openai": 3})
+    spec = ScoringSettings(metric="lm_eval", tasks=("arc_easy", "lambada_openai"), data_dir=str(shared_data), num_fewshot={"lambada_openai": 3})
     assert check_lm_eval(spec) is spec
 
 
@@ -272,7 +272,7 @@ def test_unknown_task_names_fail_in_one_line_with_suggestions(no_teacher):
     line = one_error_line(CliRunner().invoke(app, ["evaluate", "--tasks", "mmlu_astronomyy"]))
     assert "did you mean mmlu_astronomy" in line
     # a real lm-eval task outside our converters is accepted by name (it is loaded from the Hub or the cache)
-    spec = ScoringSpec(metric="lm_eval", tasks=("hellaswag", "mmlu_astronomy"))
+    spec = ScoringSettings(metric="lm_eval", tasks=("hellaswag", "mmlu_astronomy"))
     assert check_lm_eval(spec) is spec
 
 
@@ -346,24 +346,24 @@ def test_objective_weighted_mean_and_its_standard_error():
         piqa={"acc": 0.7, "acc_stderr": 0.02, "acc_norm": 0.65, "acc_norm_stderr": 0.01},
         wikitext={"word_perplexity": 30.0, "word_perplexity_stderr": None},
     )
-    default = ScoringSpec(metric="lm_eval", tasks=("arc_easy", "piqa"))
+    default = ScoringSettings(metric="lm_eval", tasks=("arc_easy", "piqa"))
     value, se, up = lm_eval_objective(results, default)
     assert (value, up) == (pytest.approx(0.575), True) and se == pytest.approx(math.sqrt(0.04**2 + 0.01**2) / 2)
-    weighted = ScoringSpec(metric="lm_eval", tasks=("arc_easy", "piqa"), objective={"arc_easy/acc": 3, "piqa/acc_norm": 1})
+    weighted = ScoringSettings(metric="lm_eval", tasks=("arc_easy", "piqa"), objective={"arc_easy/acc": 3, "piqa/acc_norm": 1})
     value, se, up = lm_eval_objective(results, weighted)
     assert value == pytest.approx((3 * 0.6 + 0.65) / 4) and se == pytest.approx(math.sqrt(9 * 0.03**2 + 0.01**2) / 4) and up
-    ppl = ScoringSpec(metric="lm_eval", tasks=("wikitext",), objective="wikitext/word_perplexity")
+    ppl = ScoringSettings(metric="lm_eval", tasks=("wikitext",), objective="wikitext/word_perplexity")
     assert lm_eval_objective(results, ppl) == (30.0, None, False) and lm_eval_higher_is_better(ppl) is False
     with pytest.raises(MinitronError, match="metric 'acc_nrm' of arc_easy, which reports acc, acc_norm"):
-        lm_eval_objective(results, ScoringSpec(metric="lm_eval", tasks=("arc_easy",), objective="arc_easy/acc_nrm"))
+        lm_eval_objective(results, ScoringSettings(metric="lm_eval", tasks=("arc_easy",), objective="arc_easy/acc_nrm"))
     with pytest.raises(MinitronError, match="report no acc or acc_norm"):
-        lm_eval_objective(results, ScoringSpec(metric="lm_eval", tasks=("wikitext",)))
+        lm_eval_objective(results, ScoringSettings(metric="lm_eval", tasks=("wikitext",)))
 
 
 def test_objective_direction_comes_from_the_task():
     # a task may declare its own direction for a metric; lm-eval's results carry it
     results = Scores({"t": {"acc": 0.2, "acc_stderr": 0.1}}, higher_is_better={"t": {"acc": False}})
-    assert lm_eval_objective(results, ScoringSpec(metric="lm_eval", tasks=("t",), objective="t/acc"))[2] is False
+    assert lm_eval_objective(results, ScoringSettings(metric="lm_eval", tasks=("t",), objective="t/acc"))[2] is False
 
 
 # --------------------------------------------------------------------------- a quiet console

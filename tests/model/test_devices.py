@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from minitron_nas.cli.app import app
 from minitron_nas.config.settings import RankSettings, RetrainSettings
-from minitron_nas.config.space import DeviceSpec
+from minitron_nas.config.space import DeviceSettings
 from minitron_nas.distill.signals import CachedTopK
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.distill.trainer import _evaluate, make_accelerator
@@ -99,9 +99,9 @@ def test_space_file_device_section(tmp_path):
     base = {"teacher": "smollm2-135m", "axes": {"intermediate_size": [768]}, "budget": {"parameters": 1e8}}
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({**base, "device": {"device": "cpu", "dtype": "bfloat16"}}))
-    assert load_space(path).device == DeviceSpec("cpu", "bfloat16")
+    assert load_space(path).device == DeviceSettings("cpu", "bfloat16")
     path.write_text(yaml.safe_dump(base))
-    assert load_space(path).device == DeviceSpec()
+    assert load_space(path).device == DeviceSettings()
     path.write_text(yaml.safe_dump({**base, "device": {"gpu": 0}}))
     with pytest.raises(MinitronError, match="unknown key 'device.gpu'"):
         load_space(path)

@@ -362,7 +362,7 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
     from helpers import byte_tokenizer, tiny_model
 
     from minitron_nas.config.settings import RankSettings, RetrainSettings
-    from minitron_nas.config.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
+    from minitron_nas.config.space import Budget, HalvingSettings, ScoringSettings, SearchSpace
     from minitron_nas.model.saving import save_model
     from minitron_nas.model.teachers import load_teacher
     from minitron_nas.search import runner as search
@@ -377,8 +377,8 @@ def test_search_rebuilds_the_dashboard_after_every_trial_and_survives_its_failur
         budget=Budget(parameters=40_000, tolerance=0.25),
         ranking=RankSettings(data=corpus, samples=4, seq_len=32),
         retrain=RetrainSettings(tokens=4 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, top_k=16, data=corpus),
-        scoring=ScoringSpec(metric="heldout_loss", heldout_samples=2, seq_len=32),
-        halving=HalvingSpec(),
+        scoring=ScoringSettings(metric="heldout_loss", heldout_samples=2, seq_len=32),
+        halving=HalvingSettings(),
         sampler="grid",
     )
     calls = []

@@ -20,7 +20,7 @@ import yaml
 from helpers import byte_tokenizer, tiny_model
 
 from minitron_nas.config.settings import RankSettings, RetrainSettings
-from minitron_nas.config.space import Budget, HalvingSpec, ScoringSpec, SearchSpace
+from minitron_nas.config.space import Budget, HalvingSettings, ScoringSettings, SearchSpace
 from minitron_nas.data import token_blocks
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.distill.trainer import RetrainResult, TrainState, retrain
@@ -59,8 +59,8 @@ def make_space(teacher: Teacher, corpus: str, **changes) -> SearchSpace:
         budget=Budget(parameters=40_000, tolerance=0.25),
         ranking=RankSettings(data=corpus, samples=8, seq_len=32),
         retrain=RetrainSettings(tokens=8 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, top_k=32, data=corpus),
-        scoring=ScoringSpec(metric="heldout_loss", heldout_samples=6, seq_len=32),
-        halving=HalvingSpec(eta=2, rung_metric="kld"),
+        scoring=ScoringSettings(metric="heldout_loss", heldout_samples=6, seq_len=32),
+        halving=HalvingSettings(eta=2, rung_metric="kld"),
         sampler="grid",
     )
     return replace(space, **changes)
@@ -155,7 +155,7 @@ def test_rung_zero_scores_every_feasible_candidate_pruned_and_the_rungs_continue
 
 def test_the_search_stays_within_a_token_budget(teacher, corpus, tmp_path):
     budget = 6 * 4 * 128 + 2 * 8 * 128  # too little for the deepest halving at full length
-    space = make_space(teacher, corpus, halving=HalvingSpec(eta=2, budget_tokens=budget, order_pilot=0, within_noise=0.0))
+    space = make_space(teacher, corpus, halving=HalvingSettings(eta=2, budget_tokens=budget, order_pilot=0, within_noise=0.0))
     run_search(space, tmp_path / "run", teacher=teacher)
     best = json.loads((tmp_path / "run" / "best_arch.json").read_text())
     assert 0 < best["search_tokens"] <= budget and best["budget_tokens"] == budget
@@ -201,8 +201,8 @@ def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tm
         corpus,
         axes=axes,
         budget=Budget(parameters=40_000, tolerance=0.4),  # 5,346 feasible
-        scoring=ScoringSpec(metric="kld", heldout_samples=2, seq_len=8),
-        halving=HalvingSpec(retrained=0),
+        scoring=ScoringSettings(metric="kld", heldout_samples=2, seq_len=8),
+        halving=HalvingSettings(retrained=0),
     )
     feasible = require_feasible(space, teacher.model.config)
     assert len(feasible) >= 5000
@@ -376,9 +376,9 @@ def test_ctrl_c_mid_trial_queues_the_candidate_again_and_prints_one_line(teacher
 
 
 def test_latency_is_measured_carried_to_later_rungs_and_enforced(teacher, corpus, tmp_path):
-    from minitron_nas.config.space import LatencySpec
+    from minitron_nas.config.space import LatencySettings
 
-    space = make_space(teacher, corpus, latency=LatencySpec(measure=True, context=16, new_tokens=4, repeats=1))
+    space = make_space(teacher, corpus, latency=LatencySettings(measure=True, context=16, new_tokens=4, repeats=1))
     study = run_search(space, tmp_path / "run", teacher=teacher)
     done = [t for t in study.trials if t.state.name == "COMPLETE" and "rung" in t.user_attrs]
     assert all(t.user_attrs["decode_tokens_per_s"] > 0 and t.user_attrs["prefill_tokens_per_s"] > 0 for t in done)
@@ -386,7 +386,7 @@ def test_latency_is_measured_carried_to_later_rungs_and_enforced(teacher, corpus
     table = pd.read_csv(tmp_path / "run" / "candidates.csv")
     assert table.decode_tokens_per_s.notna().all()
 
-    too_fast = make_space(teacher, corpus, latency=LatencySpec(min_decode_tokens_per_s=1e12, context=16, new_tokens=4, repeats=1))
+    too_fast = make_space(teacher, corpus, latency=LatencySettings(min_decode_tokens_per_s=1e12, context=16, new_tokens=4, repeats=1))
     with pytest.raises(MinitronError, match="no candidate finished the search"):
         run_search(too_fast, tmp_path / "slow", teacher=teacher)
     stopped = optuna.load_study(study_name="minitron", storage=f"sqlite:///{tmp_path / 'slow' / 'study.db'}").trials
