@@ -22,6 +22,7 @@ from minitron_nas.recipes.export import export_stage
 from minitron_nas.report.dashboard import build_dashboard
 from minitron_nas.report.summary import write_report
 from minitron_nas.search.runner import run_search
+from minitron_nas.search.study import check_study_file
 
 __all__ = ["STAGES", "finished_stages", "run"]
 
@@ -69,6 +70,7 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
     teacher = teacher or load_teacher(space.teacher, space.device.device, space.device.dtype)
     made_from["teacher_fingerprint"] = teacher.fingerprint
     _check_made_from(out, made_from)
+    check_study_file(RunFolder(out).study_db)  # a damaged study is refused before anything is written
     write_json_atomic(RunFolder(out).run_file, made_from)
     stage = STAGES[0]
     try:

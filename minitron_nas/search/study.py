@@ -12,10 +12,11 @@ trial's Optuna value is its rung metric.
 from __future__ import annotations
 
 import os
+import sqlite3
 import statistics
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import optuna
@@ -29,6 +30,7 @@ from minitron_nas.search.halving import break_tie, rung_tau, tie_keys
 __all__ = [
     "STUDY_NAME",
     "candidates_table",
+    "check_study_file",
     "decide",
     "final_ranking",
     "heartbeat_seconds",
@@ -86,6 +88,19 @@ def storage_url(url: str | None, out: Path) -> str:
     return url or f"sqlite:///{RunFolder(out).study_db.resolve()}"
 
 
+def check_study_file(path: Path) -> None:
+    """Refuse a cut or overwritten SQLite study before Optuna reads it as empty or rewrites it."""
+    if not path.is_file():
+        return
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        problem = str(err)
+    if problem != "ok":
+        raise MinitronError(f"the study database '{path}' is unreadable ({problem}): delete it to start the search over, or restore it from a copy")
+
+
 def open_storage(url: str | None, out: Path, *, worker: bool = True):
     """Any RDB URL (SQLite, PostgreSQL, MySQL) or a journal file; SQLite in the run folder by default.
 
@@ -99,6 +114,8 @@ def open_storage(url: str | None, out: Path, *, worker: bool = True):
     if not worker and local is not None and not local.is_file():
         where = f"run folder '{out}'" if url == storage_url(None, out) else f"storage '{url}'"
         raise MinitronError(f"no study in {where} ({local} is missing): run `minitron-nas search` first or pass --storage")
+    if local is not None and not journal:
+        check_study_file(local)
     try:
         if journal:
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))

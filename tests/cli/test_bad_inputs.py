@@ -724,3 +724,72 @@ def test_run_resumed_from_changed_inputs(root, teacher, started_run, change):
     finally:
         data.write_bytes(original)
     assert snapshot(out) == before and not leftovers(out)
+
+
+# --------------------------------------------------------------------------- state cut short or overwritten
+
+
+def _copy(source: Path, folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source, folder)
+    return folder
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("command", ["search", "run", "dashboard"])
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_damaged_study_database(root, good_space, previous_run, damage, command):
+    """Optuna read a cut study.db as an empty study (or failed in a traceback): refused, nothing touched."""
+    out = _copy(previous_run, root / f"study-{damage}-{command}")
+    db = out / "study.db"
+    _cut(db) if damage == "cut" else db.write_bytes(b"not a database\n" * 512)
+    before = snapshot(out)
+    args = {"search": ("search", good_space, "--out", out, "--resume"), "run": ("run", good_space, "--out", out), "dashboard": ("dashboard", out)}
+    result = invoke(*args[command])
+    assert_one_line_error(result, f"the study database '{db}' is unreadable", "delete it to start the search over, or restore it", alone=False)
+    assert snapshot(out) == before and not leftovers(out)
+
+
+def test_cut_stages_file(root, started_run):
+    space, _, started = started_run
+    out = _copy(started, root / "cut-stages")
+    (out / "stages.json").write_text('{"rank": {"finished": "2026-')
+    before = snapshot(out)
+    result = invoke("run", space, "--out", out)
+    assert_one_line_error(result, f"'{out / 'stages.json'}' is corrupt", "delete it and rerun the same command", alone=False)
+    assert snapshot(out) == before
+
+
+def test_cut_run_file(root, started_run):
+    space, _, started = started_run
+    out = _copy(started, root / "cut-run-file")
+    _cut(out / "run.json")
+    before = snapshot(out)
+    result = invoke("run", space, "--out", out)
+    assert_one_line_error(result, f"'{out / 'run.json'}' is corrupt", "delete it", "or use another --out", alone=False)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", ["distill", "export"])
+def test_cut_best_arch(root, distill_space, distilled_run, command):
+    out = _copy(distilled_run, root / f"cut-best-arch-{command}")
+    _cut(out / "best_arch.json")
+    before = snapshot(out)
+    result = invoke(command, distill_space, "--out", out)
+    assert_one_line_error(result, f"'{out / 'best_arch.json'}' is corrupt", "delete it and rerun `minitron-nas search", alone=False)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", ["cut", "missing"])
+def test_damaged_distill_summary(root, distill_space, distilled_run, damage):
+    out = _copy(distilled_run, root / f"summary-{damage}")
+    summary = out / "distill" / "summary.json"
+    _cut(summary) if damage == "cut" else summary.unlink()
+    before = snapshot(out)
+    result = invoke("export", distill_space, "--out", out)
+    problem = "is corrupt" if damage == "cut" else "is missing"
+    assert_one_line_error(result, f"'{summary}' {problem}", "rerun `minitron-nas distill`", alone=False)
+    assert snapshot(out) == before and not (out / "export").exists()
