@@ -24,7 +24,18 @@ from pathlib import Path
 
 from minitron_nas.errors import MinitronError
 
-__all__ = ["RunFolder", "atomic_dir", "check_writable", "decode_utf8", "file_mode", "make_dir", "write_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "RunFolder",
+    "atomic_dir",
+    "check_writable",
+    "decode_utf8",
+    "file_mode",
+    "make_dir",
+    "read_stage_file",
+    "write_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 
 @dataclass(frozen=True)
@@ -198,6 +209,28 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 def write_json_atomic(path: Path, value, indent: int | None = 2) -> Path:
     """`write_text_atomic` of `value` as JSON."""
     return write_text_atomic(path, json.dumps(value, indent=indent))
+
+
+def read_stage_file(path: Path, fix: str, keys: tuple[str, ...] = (), missing: str | None = None) -> dict:
+    """The JSON object a stage wrote to `path`, or one line naming it and `fix`.
+
+    A file cut short or overwritten must never pass for a finished stage: it must parse, be
+    an object and hold `keys`. `missing` is the fix when the file is absent (else `fix`).
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise MinitronError(f"'{path}' is missing: {missing or fix}") from None
+    except ValueError as err:  # cut mid-write, or other bytes written over it
+        reason = f"invalid JSON at line {err.lineno}; cut short?" if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise MinitronError(f"'{path}' is corrupt ({reason}): {fix}") from None
+    if not isinstance(value, dict):
+        raise MinitronError(f"'{path}' is corrupt (not a JSON object): {fix}")
+    lacks = [key for key in keys if key not in value]
+    if lacks:
+        raise MinitronError(f"'{path}' is corrupt (no '{lacks[0]}'): {fix}")
+    return value
 
 
 def decode_utf8(raw: bytes, path: Path | str, offset: int = 0) -> str:

@@ -3,7 +3,6 @@ fully distilled from the live teacher into RUN/distill (checkpointed; a rerun re
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import Teacher
 from minitron_nas.prune.pruning import prune, select
 from minitron_nas.prune.ranking import Rankings
+from minitron_nas.recipes.search import best_arch
 from minitron_nas.search.runner import read_state
 
 __all__ = ["distill_winner", "heldout_metrics", "winner"]
@@ -38,7 +38,7 @@ def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int 
 
 
 def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
-    best = json.loads(RunFolder(out).best_arch.read_text())
+    best = best_arch(out)
     rankings = Rankings.load(RunFolder(out).rankings, teacher.fingerprint)
     arch = Architecture.from_dict(best["architecture"], Architecture.from_config(teacher.model.config))
     return arch, rankings, best

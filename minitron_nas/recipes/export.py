@@ -3,13 +3,12 @@ scores beside the teacher's, provenance and a model card), and optionally a GGUF
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from minitron_nas.data import token_blocks
 from minitron_nas.evaluate.harness import lm_eval_scores
-from minitron_nas.files import RunFolder, write_json_atomic
+from minitron_nas.files import RunFolder, read_stage_file, write_json_atomic
 from minitron_nas.model.architecture import Architecture, ParamCounter
 from minitron_nas.model.devices import model_device, model_dtype
 from minitron_nas.model.gguf import check_gguf, write_gguf
@@ -26,11 +25,13 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
     """out/export: the distilled winner, best_arch.json with provenance, and a model card."""
 
     arch, rankings, best = winner(out, teacher)
+    summary = read_stage_file(
+        RunFolder(out).distill_summary, "rerun `minitron-nas distill` (it resumes from its last checkpoint)", keys=("teacher", "after", "tokens")
+    )
     fix = "delete it and rerun `minitron-nas distill` (it resumes from its last checkpoint)"
     model = load_model(
         RunFolder(out).distilled_model, fix=fix, dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
     ).eval()  # scored where, and in the dtype in which, the teacher runs
-    summary = json.loads(RunFolder(out).distill_summary.read_text())
     counter = ParamCounter(teacher.model.config)
     teacher_arch = Architecture.from_config(teacher.model.config)
     scores = {"teacher": {}, "student": {}}
@@ -78,7 +79,7 @@ def export_gguf(space, out: Path, teacher: Teacher, gguf_type: str, check: bool 
 
 def _cached_json(path: Path, compute):
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_stage_file(path, "delete it (the teacher is scored again)")
     value = compute()
     write_json_atomic(path, value)
     return value

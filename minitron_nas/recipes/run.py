@@ -13,12 +13,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from minitron_nas.errors import MinitronError, resume_hint
-from minitron_nas.files import RunFolder, write_json_atomic
+from minitron_nas.files import RunFolder, read_stage_file, write_json_atomic
 from minitron_nas.model.teachers import Teacher, load_teacher
 from minitron_nas.provenance import data_signature, file_sha256, first_difference
 from minitron_nas.prune.ranking import load_or_rank
 from minitron_nas.recipes.distill import distill_winner
 from minitron_nas.recipes.export import export_stage
+from minitron_nas.recipes.search import best_arch
 from minitron_nas.report.dashboard import build_dashboard
 from minitron_nas.report.summary import write_report
 from minitron_nas.search.runner import run_search
@@ -32,7 +33,7 @@ STAGES = ("rank", "search", "distill", "export", "report")
 
 def finished_stages(out: Path) -> dict:
     path = RunFolder(out).stages
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_stage_file(path, "delete it and rerun the same command (finished stages are checked again, not redone)") if path.is_file() else {}
 
 
 def _mark_done(out: Path, stage: str, info: dict) -> None:
@@ -89,10 +90,9 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
                     build_dashboard(out, storage)
                     write_report(out, storage)
                 raise
-            best_file = RunFolder(out).best_arch
-            if not best_file.is_file():
+            if not RunFolder(out).best_arch.is_file():
                 raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")
-            best = json.loads(best_file.read_text())
+            best = best_arch(out)
             _mark_done(out, "search", {"best_architecture": best["architecture"], "score": best["score"], "search_tokens": best["search_tokens"]})
         stage = "distill"
         if "distill" not in done:
@@ -140,10 +140,7 @@ def _check_made_from(out: Path, now: dict) -> None:
     path = RunFolder(out).run_file
     if not path.is_file():
         return
-    try:
-        before = json.loads(path.read_text())
-    except ValueError:
-        raise MinitronError(f"'{path}' is corrupt: delete it to accept the run folder as it is, or use another --out") from None
+    before = read_stage_file(path, "delete it to accept the run folder as it is, or use another --out")
     fix = "use another --out, or put the original back"
     change = first_difference(before.get("settings"), now["settings"])
     if change:

@@ -6,18 +6,23 @@ finished trial and queues the running candidate again, and the hint says how to 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from minitron_nas.config.space import DeviceSettings, SearchSpace
 from minitron_nas.errors import add_resume_hint
-from minitron_nas.files import RunFolder
+from minitron_nas.files import RunFolder, read_stage_file
 from minitron_nas.model.teachers import Teacher, load_config, load_teacher
 from minitron_nas.search.candidates import require_feasible
 from minitron_nas.search.runner import run_search
 
-__all__ = ["run_folder", "search", "with_device"]
+__all__ = ["best_arch", "run_folder", "search", "with_device"]
+
+
+def best_arch(out: Path) -> dict:
+    """RUN/best_arch.json, checked: one cut short is refused, never taken for a finished search."""
+    fix = "delete it and rerun `minitron-nas search --resume` (it is written again from the study)"
+    return read_stage_file(RunFolder(out).best_arch, fix, keys=("architecture", "score", "search_tokens"))
 
 
 def run_folder(space_file: Path, out: Path | None) -> Path:
@@ -42,5 +47,4 @@ def search(
     except KeyboardInterrupt as err:
         add_resume_hint(err, f"finished trials are kept in {out} and the running candidate is queued again; rerun the same command with --resume")
         raise
-    best = RunFolder(out).best_arch
-    return json.loads(best.read_text()) if best.is_file() else None
+    return best_arch(out) if RunFolder(out).best_arch.is_file() else None
