@@ -13,6 +13,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 from minitron_nas.errors import MinitronError
 
 __all__ = [
+    "WRITE_ERRNOS",
     "RunFolder",
     "atomic_dir",
     "check_writable",
@@ -33,6 +35,7 @@ __all__ = [
     "make_dir",
     "read_stage_file",
     "write_atomic",
+    "write_failure",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -98,10 +101,47 @@ def _probe(folder: Path) -> None:
         raise MinitronError(f"cannot write to '{folder}' ({err.strerror}): choose a writable --out") from None
 
 
-def _write_failed(out: Path, err: OSError) -> str:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+_RUST_IO_ERROR = re.compile(r"\bOs \{ code: (\d+)")  # safetensors: `IoError(Os { code: 28, kind: StorageFull, ... })`
+_TORCH_WRITE_FAILED = "PytorchStreamWriter failed writing"  # torch.save: the errno is lost
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a write that failed, whoever wrote
+
+
+def _write_cause(err: BaseException | None) -> tuple[int | None, str, str | None] | None:
+    """(errno or None, reason, the file if known) of the failed write behind `err`, or None if it is none.
+
+    Libraries wrap the OSError: safetensors raises SafetensorError naming the errno only in
+    its text, torch.save a RuntimeError without it. A MinitronError is its own message.
+    """
+    seen = set()
+    while err is not None and not isinstance(err, MinitronError) and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err.errno, err.strerror or str(err), err.filename
+        found = _RUST_IO_ERROR.search(str(err))
+        if found:
+            return int(found.group(1)), os.strerror(int(found.group(1))), None
+        if _TORCH_WRITE_FAILED in str(err):
+            return None, "file write failed", None
+        err = err.__cause__ if err.__suppress_context__ else (err.__cause__ or err.__context__)
+    return None
+
+
+def write_failure(out: Path | str | None, err: BaseException, errors: tuple[int, ...] | None = None) -> str | None:
+    """One line for a write under `out` (default: the file the error names) that failed: disk
+    full, read-only disk, permissions. None if `err` is no write error (or, given `errors`,
+    not one of those errnos)."""
+    cause = _write_cause(err)
+    if cause is None or (errors is not None and cause[0] not in errors):
+        return None
+    code, reason, filename = cause
+    out = out or filename or "a file"
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device while writing '{out}' (nothing was replaced): free disk space, then rerun"
-    return f"could not write '{out}' ({err.strerror or err}; nothing was replaced): free disk space or fix the folder's permissions, then rerun"
+    if code == errno.EROFS:
+        return f"'{out}' is on a read-only file system (nothing was replaced): remount it read-write or choose another --out, then rerun"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied while writing '{out}' (nothing was replaced): fix the folder's permissions or choose another --out, then rerun"
+    return f"could not write '{out}' ({reason}; nothing was replaced): free disk space or fix the folder's permissions, then rerun"
 
 
 def file_mode() -> int:
@@ -117,8 +157,8 @@ def atomic_dir(out: Path, overwrite: bool = False):
 
     Every file in it gets `file_mode()` before the rename: libraries that write through
     `mkstemp` (transformers' `model.safetensors`) would otherwise leave 0600, which other
-    users and containers cannot read. An OSError while writing (ENOSPC above all) becomes a
-    one-line MinitronError naming `out`.
+    users and containers cannot read. A failed write (ENOSPC above all, also when a library
+    wraps the OSError) becomes a one-line MinitronError naming `out`.
     """
     out = Path(out)
     check_writable(out, overwrite)
@@ -131,12 +171,12 @@ def atomic_dir(out: Path, overwrite: bool = False):
         for path in tmp.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 path.chmod(mode)
-    except OSError as err:  # disk full, quota, permissions: the previous `out` stays as it was
+    except BaseException as err:  # disk full, quota, permissions: the previous `out` stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MinitronError(_write_failed(out, err)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failure = write_failure(out, err) if isinstance(err, Exception) else None
+        if failure is None:
+            raise
+        raise MinitronError(failure) from None
     with _signals_deferred():  # Ctrl-C between the two renames would leave neither version
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -197,12 +237,12 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise MinitronError(_write_failed(path, err)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        failure = write_failure(path, err) if isinstance(err, Exception) else None
+        if failure is None:
+            raise
+        raise MinitronError(failure) from None
     return path
 
 

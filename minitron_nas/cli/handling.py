@@ -1,5 +1,6 @@
 """How a command ends: bad input as one line and exit 2; Ctrl-C or SIGTERM as one line saying what
-was kept and how to go on, exit 130; a lost study database as one line, never a traceback."""
+was kept and how to go on, exit 130; a lost study database, a full or read-only disk as one line,
+never a traceback."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from minitron_nas.errors import MinitronError, resume_hint
+from minitron_nas.files import WRITE_ERRNOS, write_failure
 
 __all__ = ["console", "one_line_errors"]
 
@@ -74,7 +76,12 @@ def _reason(err: BaseException) -> str:
 
 
 def _storage_message(err: BaseException) -> str:
-    return f"lost the connection to the study's database ({_reason(err)}): check that the server runs, then rerun with --resume"
+    reason = _reason(err)
+    if "database or disk is full" in reason:  # SQLite's SQLITE_FULL: the errno is not passed on
+        return f"no space left on the device while writing the study's database ({reason}): free disk space, then rerun with --resume"
+    if "readonly database" in reason:
+        return f"the study's database is read-only ({reason}): make the file and its folder writable (chmod u+w), then rerun with --resume"
+    return f"lost the connection to the study's database ({reason}): check that the server runs, then rerun with --resume"
 
 
 @contextmanager
@@ -120,9 +127,10 @@ def one_line_errors(command):
             raise typer.Exit(130) from None
         except Exception as err:
             lost = _lost_connection(err)
-            if lost is None:
+            message = _storage_message(lost) if lost is not None else write_failure(None, err, WRITE_ERRNOS)
+            if message is None:
                 raise
-            console.print(f"[red]error:[/red] {escape(_storage_message(lost))}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.files import file_mode
+from minitron_nas.files import file_mode, write_failure
 
 GGUF_TYPES = {
     # --gguf name -> (type of the matrices, file type recorded in general.file_type)
@@ -222,12 +222,12 @@ def write_gguf(folder: Path, out: Path | None = None, gguf_type: str = "f16", na
         writer.close()
         tmp.chmod(file_mode())
         os.replace(tmp, out)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise MinitronError(f"could not write '{out}' ({err.strerror or err}; nothing was replaced): free disk space or fix the folder's permissions") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        failure = write_failure(out, err) if isinstance(err, Exception) else None
+        if failure is None:
+            raise
+        raise MinitronError(failure) from None
     return out
 
 

@@ -793,3 +793,71 @@ def test_damaged_distill_summary(root, distill_space, distilled_run, damage):
     problem = "is corrupt" if damage == "cut" else "is missing"
     assert_one_line_error(result, f"'{summary}' {problem}", "rerun `minitron-nas distill`", alone=False)
     assert snapshot(out) == before and not (out / "export").exists()
+
+
+def _failed_write(code: int, filename) -> None:
+    """A safetensors write that fails half-way: some bytes land, then Rust's io::Error in a SafetensorError."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 1024)
+    raise SafetensorError(f'Error while serializing: IoError(Os {{ code: {code}, kind: Other, message: "{os.strerror(code)}" }})')
+
+
+WRITE_ERRORS = [
+    (errno.ENOSPC, ("no space left on the device", "free disk space")),
+    (errno.EROFS, ("is on a read-only file system", "remount it read-write or choose another --out")),
+    (errno.EACCES, ("permission denied while writing", "fix the folder's permissions")),
+]
+
+
+@pytest.mark.parametrize("code, fragments", WRITE_ERRORS, ids=[errno.errorcode[code] for code, _ in WRITE_ERRORS])
+def test_write_error_during_a_checkpoint_save(root, distill_space, previous_run, monkeypatch, code, fragments):
+    """safetensors raises SafetensorError, not OSError: still one line naming the checkpoint, the run untouched."""
+    import accelerate.utils.other
+
+    out = _copy(previous_run, root / f"checkpoint-{errno.errorcode[code]}")
+    before = snapshot(out)
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", lambda tensors, filename, *a, **k: _failed_write(code, filename))
+    result = invoke("distill", distill_space, "--out", out)
+    assert_one_line_error(result, f"'{out / 'distill' / 'checkpoint'}'", *fragments, alone=False)
+    assert {name: data for name, data in snapshot(out).items() if name in before} == before
+    assert not (out / "distill" / "checkpoint").exists() and not leftovers(out)
+
+
+@pytest.mark.parametrize("code, fragments", WRITE_ERRORS, ids=[errno.errorcode[code] for code, _ in WRITE_ERRORS])
+def test_write_error_in_a_library(good_space, tmp_path, monkeypatch, code, fragments):
+    """A write no atomic writer wraps (a library's own file) still ends in one line naming the file."""
+    import minitron_nas.recipes.search as recipe
+
+    target = tmp_path / "somewhere" / "file.bin"
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(target))
+
+    monkeypatch.setattr(recipe, "run_search", fail)
+    result = invoke("search", good_space, "--out", tmp_path / "run")
+    assert_one_line_error(result, f"'{target}'", *fragments, alone=False)
+
+
+@pytest.mark.parametrize(
+    "reason, fragments",
+    [
+        ("database or disk is full", ("no space left on the device while writing the study's database", "free disk space", "--resume")),
+        ("attempt to write a readonly database", ("the study's database is read-only", "make the file and its folder writable")),
+    ],
+    ids=["full", "read-only"],
+)
+def test_study_database_write_error(good_space, tmp_path, monkeypatch, reason, fragments):
+    """SQLite names neither errno nor file: still not 'check that the server runs'."""
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    import minitron_nas.recipes.search as recipe
+
+    def fail(*args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT INTO trials", None, sqlite3.OperationalError(reason))
+
+    monkeypatch.setattr(recipe, "run_search", fail)
+    line = assert_one_line_error(invoke("search", good_space, "--out", tmp_path / "run"), *fragments, alone=False)
+    assert "server" not in line
