@@ -88,6 +88,16 @@ def storage_url(url: str | None, out: Path) -> str:
     return url or f"sqlite:///{RunFolder(out).study_db.resolve()}"
 
 
+def _check_local_store(path: Path) -> None:
+    """A worker writes its study file: a missing folder or a read-only file is named here, not as a lost server."""
+    if not path.parent.is_dir():
+        raise MinitronError(f"the folder '{path.parent}' of the study file '{path.name}' does not exist: create it (mkdir -p), or point --storage elsewhere")
+    if path.is_file() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        raise MinitronError(
+            f"the study database '{path}' is read-only (the file or its folder): make both writable (chmod u+w), or copy it somewhere writable and pass that as --storage"
+        )
+
+
 def check_study_file(path: Path) -> None:
     """Refuse a cut or overwritten SQLite study before Optuna reads it as empty or rewrites it."""
     if not path.is_file():
@@ -114,6 +124,8 @@ def open_storage(url: str | None, out: Path, *, worker: bool = True):
     if not worker and local is not None and not local.is_file():
         where = f"run folder '{out}'" if url == storage_url(None, out) else f"storage '{url}'"
         raise MinitronError(f"no study in {where} ({local} is missing): run `minitron-nas search` first or pass --storage")
+    if local is not None and worker:
+        _check_local_store(local)
     if local is not None and not journal:
         check_study_file(local)
     try:

@@ -861,3 +861,26 @@ def test_study_database_write_error(good_space, tmp_path, monkeypatch, reason, f
     monkeypatch.setattr(recipe, "run_search", fail)
     line = assert_one_line_error(invoke("search", good_space, "--out", tmp_path / "run"), *fragments, alone=False)
     assert "server" not in line
+
+
+@pytest.mark.parametrize("storage", ["study.journal", "study.db"])
+def test_storage_in_a_missing_folder(good_space, tmp_path, storage):
+    missing = tmp_path / "no-such-folder"
+    url = str(missing / storage) if storage.endswith(".journal") else f"sqlite:///{missing / storage}"
+    result = invoke("search", good_space, "--out", tmp_path / "run", "--storage", url)
+    assert_one_line_error(result, f"the folder '{missing}' of the study file '{storage}' does not exist", "create it (mkdir -p)", alone=False)
+    assert not missing.exists()
+
+
+def test_read_only_study_database(root, good_space, previous_run, monkeypatch):
+    """Root may write any file, so the refusal's own check is made to see the file read-only."""
+    out = _copy(previous_run, root / "read-only-study")
+    db = out / "study.db"
+    db.chmod(0o444)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: access(path, mode, **kw) and not (Path(path) == db and mode & os.W_OK))
+    before = snapshot(out)
+    line = assert_one_line_error(
+        invoke("search", good_space, "--out", out, "--resume"), f"the study database '{db}' is read-only", "make both writable (chmod u+w)", alone=False
+    )
+    assert "server" not in line and snapshot(out) == before
