@@ -65,7 +65,7 @@ class TeacherLogitCache:
 
     def __init__(self, logprobs: torch.Tensor, indices: torch.Tensor, meta: dict):
         if logprobs.shape != indices.shape or logprobs.dim() != 3:
-            raise MinitronError(f"teacher cache tensors disagree ({tuple(logprobs.shape)} vs {tuple(indices.shape)}): rebuild it")
+            raise MinitronError(f"teacher cache tensors disagree: {tuple(logprobs.shape)} vs {tuple(indices.shape)}")
         self.logprobs = logprobs.to(torch.float16)
         self.indices = indices.to(torch.int32)
         self.meta = meta
@@ -157,15 +157,16 @@ class TeacherLogitCache:
         folder = Path(folder)
         meta_file, tensor_file = folder / CACHE_META, folder / CACHE_TENSORS
         if not meta_file.is_file() or not tensor_file.is_file():
-            raise MinitronError(f"no teacher logit cache in '{folder}': build it with TeacherLogitCache.load_or_build first")
+            raise MinitronError(f"no teacher logit cache in '{folder}' (a file is missing): delete the folder to rebuild it from the teacher, then rerun")
         try:
             meta = json.loads(meta_file.read_text())
             tensors = load_file(str(tensor_file))
             cache = cls(tensors["logprobs"], tensors["indices"], meta)
-        except MinitronError:
-            raise
-        except Exception as err:  # corrupt JSON or safetensors, missing tensor
-            raise MinitronError(f"teacher logit cache in '{folder}' is corrupt ({type(err).__name__}): rebuild it") from None
+        except Exception as err:  # corrupt JSON or safetensors, missing tensor, tensors that disagree
+            why = str(err) if isinstance(err, MinitronError) else type(err).__name__
+            raise MinitronError(
+                f"the teacher logit cache in '{folder}' is corrupt ({why}): delete the folder to rebuild it from the teacher, then rerun"
+            ) from None
         cache.check(expected_meta or {}, where=f"in '{folder}'")
         return cache
 

@@ -43,7 +43,13 @@ class Teacher:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MINITRON_NAS_CACHE", Path.home() / ".cache" / "minitron_nas"))
+    """Where converted teachers and lm-eval data are kept: $MINITRON_NAS_CACHE, else ~/.cache/minitron_nas."""
+    raw = os.environ.get("MINITRON_NAS_CACHE")
+    root = Path(raw) if raw else Path.home() / ".cache" / "minitron_nas"
+    if root.exists() and not root.is_dir():
+        what = f"MINITRON_NAS_CACHE='{raw}'" if raw else f"the cache folder '{root}'"
+        raise MinitronError(f"{what} is a file, not a folder: point MINITRON_NAS_CACHE at a folder (or unset it)")
+    return root
 
 
 def embedded_gguf(name: str) -> Path:
@@ -86,6 +92,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # no_init_weights also skips tying
     model.load_state_dict(loaded.state_dict())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MinitronError(f"cannot write the cache folder '{out.parent}' ({err.strerror}): point MINITRON_NAS_CACHE at a writable folder") from None
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -884,3 +884,32 @@ def test_read_only_study_database(root, good_space, previous_run, monkeypatch):
         invoke("search", good_space, "--out", out, "--resume"), f"the study database '{db}' is read-only", "make both writable (chmod u+w)", alone=False
     )
     assert "server" not in line and snapshot(out) == before
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_cache_variable_that_is_not_a_folder(tmp_path, intact_rankings, monkeypatch, where):
+    """The GGUF teacher is converted into the cache: the line names the variable, not --out."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MINITRON_NAS_CACHE", str(blocker if where == "file" else blocker / "cache"))
+    result = invoke("rank", "--model", embedded_gguf(next(iter(EMBEDDED))), "--out", intact_rankings, "--overwrite", *TINY_RANK)
+    fragments = (
+        (f"MINITRON_NAS_CACHE='{blocker}' is a file", "point MINITRON_NAS_CACHE at a folder")
+        if where == "file"
+        else (str(blocker), "point MINITRON_NAS_CACHE at a writable folder")
+    )
+    line = assert_one_line_error(result, *fragments, alone=False)
+    assert "--out" not in line and blocker.read_text() == "not a folder"
+
+
+def test_corrupt_teacher_logit_cache(root, good_space, previous_run):
+    """Read once the study is open (which marks it resumed); every other file stays as it was."""
+    out = _copy(previous_run, root / "corrupt-teacher-logits")
+    _cut(out / "teacher_logits" / "teacher_topk.safetensors")
+    before = snapshot(out)
+    result = invoke("search", good_space, "--out", out, "--resume")
+    assert_one_line_error(
+        result, f"the teacher logit cache in '{out / 'teacher_logits'}' is corrupt", "delete the folder to rebuild it from the teacher", alone=False
+    )
+    after = snapshot(out)
+    assert after.keys() == before.keys() and all(after[name] == data for name, data in before.items() if name != "study.db")
