@@ -9,6 +9,7 @@ binary, UTF-16 or Latin-1 bytes in one line naming the file and the byte's offse
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import glob
 import json
@@ -16,12 +17,16 @@ import os
 import re
 import shutil
 import signal
+import socket
+import sys
 import threading
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import filelock
 
 from minitron_nas.errors import MinitronError
 
@@ -34,6 +39,7 @@ __all__ = [
     "file_mode",
     "make_dir",
     "read_stage_file",
+    "run_lock",
     "write_atomic",
     "write_failure",
     "write_json_atomic",
@@ -73,6 +79,59 @@ class RunFolder:
     # report
     dashboard = property(lambda self: self.root / "dashboard.html")
     report = property(lambda self: self.root / "report.md")
+    # held while a stage writes (run_lock)
+    lock = property(lambda self: self.root / ".minitron.lock")
+    lock_holder = property(lambda self: self.root / ".minitron.lock.json")  # pid, host, since, stage
+
+
+@contextmanager
+def run_lock(out: Path, stage: str):
+    """Hold the run folder while `stage` writes it: a second process is refused in one line
+    naming the holder (pid, host, since when) and the fix.
+
+    filelock's OS lock (flock) ends with its process, so a killed holder never blocks a rerun;
+    its record is then taken over with a warning. Where the OS lock falls back to a plain file
+    (some network filesystems), a holder whose pid is gone on this host is taken over too.
+    """
+    folder = RunFolder(make_dir(out))
+    for attempt in range(2):
+        lock = filelock.FileLock(folder.lock, timeout=0)
+        try:
+            lock.acquire()
+            break
+        except filelock.Timeout:
+            holder = _lock_holder(folder)
+            gone = holder is not None and holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0)))
+            if attempt or not gone:
+                who = f"`{holder.get('stage')}` (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})" if holder else "another process"
+                raise MinitronError(
+                    f"run folder '{out}' is in use by {who}: wait for it to finish, or delete '{folder.lock}' if that process is gone"
+                ) from None
+            folder.lock.unlink(missing_ok=True)
+    try:
+        holder = _lock_holder(folder)
+        if holder is not None and int(holder.get("pid", 0)) != os.getpid():
+            print(
+                f"warning: took over the lock of run folder '{out}' from `{holder.get('stage')}` (pid {holder.get('pid')} on {holder.get('host')}, "
+                f"since {holder.get('since')}), which is gone",
+                file=sys.stderr,
+                flush=True,
+            )
+        since = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        write_json_atomic(folder.lock_holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "stage": stage})
+        yield
+    finally:
+        folder.lock_holder.unlink(missing_ok=True)
+        folder.lock.unlink(missing_ok=True)  # while still held: a later process makes a fresh one
+        lock.release()
+
+
+def _lock_holder(folder: RunFolder) -> dict | None:
+    try:
+        holder = json.loads(folder.lock_holder.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 def check_writable(out: Path, overwrite: bool = False) -> None:

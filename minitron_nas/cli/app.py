@@ -21,7 +21,7 @@ from minitron_nas.cli.handling import console, one_line_errors
 from minitron_nas.config.settings import DEFAULT_TEACHER, Aggregation, RankSettings, field_doc
 from minitron_nas.config.space import DeviceSettings, ScoringSettings
 from minitron_nas.errors import MinitronError
-from minitron_nas.files import RunFolder
+from minitron_nas.files import RunFolder, run_lock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Minitron pruning and architecture search.")
 
@@ -265,9 +265,13 @@ def search(
     """Budget-constrained architecture search: every candidate retrained by KD in rungs of growing tokens."""
     from minitron_nas.recipes.search import run_folder, search, with_device
     from minitron_nas.search.candidates import load_space
+    from minitron_nas.search.study import heartbeat_seconds
 
+    spec = with_device(load_space(space), device, dtype)
+    heartbeat_seconds()  # bad settings are refused before the run folder (and its lock) is made
     folder = run_folder(space, out)
-    found = search(with_device(load_space(space), device, dtype), folder, storage, n_trials, resume)
+    with run_lock(folder, "search"):
+        found = search(spec, folder, storage, n_trials, resume)
     if found is not None:
         error = "" if found.get("score_stderr") is None else f" ± {found['score_stderr']:.4f}"
         console.print(
@@ -292,7 +296,9 @@ def run(
     from minitron_nas.recipes.search import run_folder, with_device
     from minitron_nas.search.candidates import load_space
 
-    exported = run_recipe(with_device(load_space(space), device, dtype), run_folder(space, out), storage, n_trials)
+    spec, folder = with_device(load_space(space), device, dtype), run_folder(space, out)
+    with run_lock(folder, "run"):
+        exported = run_recipe(spec, folder, storage, n_trials)
     console.print(f"exported model (loads with AutoModelForCausalLM.from_pretrained): {exported}")
 
 
@@ -305,6 +311,9 @@ def distill(
     dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
     """Fully distill the search's winner (checkpointed: a rerun resumes; several GPUs with accelerate launch)."""
+    from contextlib import nullcontext
+
+    from minitron_nas.model.devices import is_main_process
     from minitron_nas.model.teachers import load_teacher
     from minitron_nas.recipes.distill import distill_winner
     from minitron_nas.recipes.search import run_folder, with_device
@@ -314,7 +323,8 @@ def distill(
     folder = run_folder(space, out)
     if not RunFolder(folder).best_arch.is_file():
         raise MinitronError(f"no best_arch.json in '{folder}': run `minitron-nas search` first")
-    summary = distill_winner(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))
+    with run_lock(folder, "distill") if is_main_process() else nullcontext():  # under accelerate launch, the writing process holds it
+        summary = distill_winner(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype))
     console.print(
         f"held-out loss {summary['before']['heldout_loss']:.3f} -> {summary['after']['heldout_loss']:.3f} "
         f"(teacher {summary['teacher']['heldout_loss']:.3f}) -> {RunFolder(folder).distill}"
@@ -348,15 +358,16 @@ def export(
     folder = run_folder(space, out)
     if not RunFolder(folder).distilled_model.is_dir():
         raise MinitronError(f"no distilled model in '{folder}': run `minitron-nas distill` first")
-    teacher = load_teacher(spec.teacher, spec.device.device, spec.device.dtype)
-    if gguf is not None:
-        check_llama(teacher.model.config, f"the teacher '{teacher.name}'")
-    console.print(f"exported -> {export_stage(spec, folder, teacher)}")
-    if gguf is not None:
-        path, note = export_gguf(spec, folder, teacher, gguf, check)
-        console.print(f"GGUF ({gguf}) -> {path}")
-        if note:
-            console.print(escape(note))
+    with run_lock(folder, "export"):
+        teacher = load_teacher(spec.teacher, spec.device.device, spec.device.dtype)
+        if gguf is not None:
+            check_llama(teacher.model.config, f"the teacher '{teacher.name}'")
+        console.print(f"exported -> {export_stage(spec, folder, teacher)}")
+        if gguf is not None:
+            path, note = export_gguf(spec, folder, teacher, gguf, check)
+            console.print(f"GGUF ({gguf}) -> {path}")
+            if note:
+                console.print(escape(note))
 
 
 @app.command()

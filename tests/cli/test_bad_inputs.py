@@ -913,3 +913,48 @@ def test_corrupt_teacher_logit_cache(root, good_space, previous_run):
     )
     after = snapshot(out)
     assert after.keys() == before.keys() and all(after[name] == data for name, data in before.items() if name != "study.db")
+
+
+# --------------------------------------------------------------------------- one process per run folder
+
+HOLD = "import sys, time\nfrom minitron_nas.files import run_lock\nwith run_lock(sys.argv[1], 'search'):\n    print('held', flush=True)\n    time.sleep(120)\n"
+
+
+@pytest.mark.parametrize("command", ["search", "distill", "export", "run"])
+def test_run_folder_in_use(root, good_space, distill_space, distilled_run, command):
+    """A second process on a run folder is refused before it writes anything, naming the holder."""
+    import socket
+
+    out = _copy(distilled_run, root / f"in-use-{command}")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=_this_checkout())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        args = ("search", good_space, "--out", out, "--resume") if command == "search" else (command, distill_space, "--out", out)
+        result = invoke(*args)
+        assert_one_line_error(
+            result,
+            f"run folder '{out}' is in use by `search` (pid {holder.pid} on {socket.gethostname()}, since 20",
+            f"wait for it to finish, or delete '{out / '.minitron.lock'}' if that process is gone",
+        )
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_a_process_that_is_gone(root, good_space, previous_run):
+    """A killed holder's record is taken over with a warning; the lock is gone again afterwards."""
+    out = _copy(previous_run, root / "stale-lock")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    import socket
+
+    (out / ".minitron.lock").write_text("")
+    (out / ".minitron.lock.json").write_text(
+        json.dumps({"pid": child.pid, "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00", "stage": "distill"})
+    )
+    result = invoke("search", good_space, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"warning: took over the lock of run folder '{out}' from `distill` (pid {child.pid}" in result.output and "which is gone" in result.output
+    assert not (out / ".minitron.lock").exists() and not (out / ".minitron.lock.json").exists()
