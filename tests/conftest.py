@@ -5,10 +5,20 @@ Plain helpers (tiny models, a byte tokenizer, the one-line-error check) are in h
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 from helpers import FAMILY_NAMES, SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def interruptible():
+    """A command interrupted in process ignores further Ctrl-C while it exits; the test session goes on taking it."""
+    yield
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture(params=FAMILY_NAMES)

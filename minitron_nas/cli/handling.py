@@ -40,6 +40,14 @@ INTERRUPTED = {
 }
 
 
+def _ignore_further_interrupts() -> None:
+    """The command is ending: a second Ctrl-C or SIGTERM is ignored on the way out, where it would
+    end an exit handler (torch's, Optuna's) with a traceback instead of the one line."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -122,6 +130,7 @@ def one_line_errors(command):
             console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:
+            _ignore_further_interrupts()
             hint = resume_hint(err) or INTERRUPTED.get(command.__name__, "nothing was written; rerun the same command")
             console.print(f"\ninterrupted: {escape(hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None

@@ -958,3 +958,37 @@ def test_lock_of_a_process_that_is_gone(root, good_space, previous_run):
     assert result.exit_code == 0, result.output
     assert f"warning: took over the lock of run folder '{out}' from `distill` (pid {child.pid}" in result.output and "which is gone" in result.output
     assert not (out / ".minitron.lock").exists() and not (out / ".minitron.lock.json").exists()
+
+
+# --------------------------------------------------------------------------- interrupts
+
+INTERRUPTIBLE = """
+import atexit, sys, time
+import minitron_nas.search.candidates as candidates
+from minitron_nas.cli.app import app
+
+def wait(path):
+    print("ready", flush=True)
+    time.sleep(60)
+
+candidates.load_space = wait
+atexit.register(time.sleep, 0.5)  # a library's cleanup at exit, as torch's and Optuna's are
+sys.argv = ["minitron-nas", "enumerate", "space.yaml"]
+app()
+"""
+
+
+def test_ctrl_c_twice():
+    """The second Ctrl-C (20 ms after the first) lands while the command exits: still one line, no traceback."""
+    import signal
+    import time
+
+    worker = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_this_checkout())
+    assert worker.stdout.readline().strip() == "ready"
+    worker.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    worker.send_signal(signal.SIGINT)
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 130, out + err
+    assert "Traceback" not in err and "Exception ignored" not in err and "KeyboardInterrupt" not in err, err
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted: nothing was written; rerun the same command"]
