@@ -62,7 +62,7 @@ def test_a_reader_never_creates_an_empty_store(tmp_path):
 
 def test_a_file_that_is_no_database_is_a_one_line_error(tmp_path):
     (tmp_path / "study.db").write_text("not a database")
-    with pytest.raises(MinitronError, match="cannot open storage .*check the URL or file"):
+    with pytest.raises(MinitronError, match=r"the study database '.*study.db' is unreadable \(file is not a database\): delete it to start the search over"):
         open_storage(None, tmp_path, worker=False)
 
 
