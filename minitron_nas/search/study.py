@@ -105,6 +105,8 @@ def check_study_file(path: Path) -> None:
     try:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.OperationalError:  # locked or busy (another worker writes it): Optuna waits for it
+        return
     except sqlite3.DatabaseError as err:
         problem = str(err)
     if problem != "ok":
