@@ -345,7 +345,7 @@ def run_search(
     search stopped by it is unfinished, and the same call again goes on with it.
 
     `on_trial(study, trial)` is called after every retraining trial and after rung 0 (the
-    pipeline rebuilds the dashboard there).
+    run recipe rebuilds the dashboard there).
     """
     heartbeat_seconds()  # a bad MINITRON_NAS_*_SECONDS setting is refused before anything is written
     out = make_dir(Path(out))
