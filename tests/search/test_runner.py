@@ -216,6 +216,33 @@ def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tm
     assert best["score"] == pytest.approx(min(t.user_attrs["value"] for t in rung_values(study, 0).values()))
 
 
+def test_under_a_cap_tpe_proposes_rung_zero_one_candidate_at_a_time_with_the_axes_as_params(teacher, corpus, tmp_path, capfd):
+    axes = {"hidden_size": tuple(range(6, 49, 6)), "intermediate_size": tuple(range(1, 97)), "heads_per_group": (1, 2, 3),
+            "num_key_value_heads": (1, 2), "num_hidden_layers": (1, 2, 3, 4)}  # fmt: skip
+    space = make_space(
+        teacher,
+        corpus,
+        axes=axes,
+        budget=Budget(parameters=40_000, tolerance=0.4),  # 5,346 feasible
+        scoring=ScoringSettings(metric="kld", heldout_samples=2, seq_len=8),
+        halving=HalvingSettings(retrained=0),
+        sampler="tpe",
+        trials=24,
+    )
+    feasible = {search.arch_key(c.arch) for c in require_feasible(space, teacher.model.config)}
+    runs = []
+    for name in ("one", "two"):
+        study = run_search(space, tmp_path / name, teacher=teacher)
+        scored = rung_values(study, 0)
+        assert len(scored) == 24 and set(scored) <= feasible  # distinct, feasible, exactly the cap
+        assert all(set(t.params) == set(axes) for t in scored.values())  # optuna-dashboard's params
+        best = json.loads((tmp_path / name / "best_arch.json").read_text())
+        assert best["score"] == pytest.approx(min(t.value for t in scored.values()))
+        runs.append([t.user_attrs["key"] for t in sorted(scored.values(), key=lambda t: t.number)])
+    assert runs[0] == runs[1]  # the same scores propose the same candidates, in the same order
+    assert "24 candidates scored pruned" in capfd.readouterr().err
+
+
 class KnownValues(Metric):
     """A metric whose value for each architecture is fixed in advance."""
 
