@@ -193,17 +193,23 @@ def test_a_search_stopped_by_n_trials_is_not_finished_and_the_same_call_goes_on(
     assert json.loads((run / "best_arch.json").read_text())["key"] == json.loads((tmp_path / "whole" / "best_arch.json").read_text())["key"]
 
 
-def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tmp_path, capfd):
+def thousands_space(teacher: Teacher, corpus: str, **changes) -> SearchSpace:
+    """5,346 feasible candidates on the tiny teacher, scored pruned only (no retraining rung)."""
     axes = {"hidden_size": tuple(range(6, 49, 6)), "intermediate_size": tuple(range(1, 97)), "heads_per_group": (1, 2, 3),
             "num_key_value_heads": (1, 2), "num_hidden_layers": (1, 2, 3, 4)}  # fmt: skip
-    space = make_space(
+    return make_space(
         teacher,
         corpus,
         axes=axes,
-        budget=Budget(parameters=40_000, tolerance=0.4),  # 5,346 feasible
+        budget=Budget(parameters=40_000, tolerance=0.4),
         scoring=ScoringSettings(metric="kld", heldout_samples=2, seq_len=8),
         halving=HalvingSettings(retrained=0),
+        **changes,
     )
+
+
+def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tmp_path, capfd):
+    space = thousands_space(teacher, corpus)
     feasible = require_feasible(space, teacher.model.config)
     assert len(feasible) >= 5000
     run = tmp_path / "run"
@@ -217,18 +223,8 @@ def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tm
 
 
 def test_under_a_cap_tpe_proposes_rung_zero_one_candidate_at_a_time_with_the_axes_as_params(teacher, corpus, tmp_path, capfd):
-    axes = {"hidden_size": tuple(range(6, 49, 6)), "intermediate_size": tuple(range(1, 97)), "heads_per_group": (1, 2, 3),
-            "num_key_value_heads": (1, 2), "num_hidden_layers": (1, 2, 3, 4)}  # fmt: skip
-    space = make_space(
-        teacher,
-        corpus,
-        axes=axes,
-        budget=Budget(parameters=40_000, tolerance=0.4),  # 5,346 feasible
-        scoring=ScoringSettings(metric="kld", heldout_samples=2, seq_len=8),
-        halving=HalvingSettings(retrained=0),
-        sampler="tpe",
-        trials=24,
-    )
+    space = thousands_space(teacher, corpus, sampler="tpe", trials=24)
+    axes = space.axes
     feasible = {search.arch_key(c.arch) for c in require_feasible(space, teacher.model.config)}
     runs = []
     for name in ("one", "two"):
