@@ -245,6 +245,8 @@ class _Search:
         """Queue the next rung if the current one is closed; False when nothing is left to run."""
         trials = search_trials(self.study)
         current = max((t.user_attrs["rung"] for t in trials), default=0)
+        if any(t.state in (WAITING, RUNNING) for t in trials if t.user_attrs["rung"] == current):
+            return True  # another worker closed the rung since this one looked: its next rung is there to run
         if current >= self.last:
             if current >= 1:
                 forget_states(self.out, current - 1, set())

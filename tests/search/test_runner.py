@@ -281,6 +281,32 @@ def test_survivors_are_the_best_whatever_the_trial_order_and_the_workers(teacher
         alive = at
 
 
+def test_a_worker_that_looked_just_before_another_queued_the_next_rung_runs_it_and_cuts_nothing_early(teacher, corpus, tmp_path, monkeypatch):
+    space = make_space(teacher, corpus)
+    feasible = require_feasible(space, teacher.model.config)
+    values = {arch_key(c.arch): float(i) for i, c in enumerate(feasible)}
+    monkeypatch.setattr(search, "_metric", lambda name, *args: KnownValues(values))
+    monkeypatch.setattr(search, "retrain", lambda *a, **k: RetrainResult([], [], None, tokens_seen=1, snapshot=TrainState(1, {}, {})))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    for i in itertools.count():  # one worker until rung 0 is closed, rung 1 queued and one of its trials run
+        study = run_search(space, tmp_path / "a", storage=url, n_trials=1, resume=i > 0, teacher=teacher)
+        if any(t.user_attrs.get("rung") == 1 and t.state.name == "COMPLETE" for t in study.trials):
+            break
+    real, looks = search.work_trials, []
+
+    def stale_first_look(study, *states):
+        """The first look for waiting work sees the study as it was before rung 1 was queued."""
+        looks.append(states)
+        return [] if len(looks) == 1 else real(study, *states)
+
+    monkeypatch.setattr(search, "work_trials", stale_first_look)
+    run_search(space, tmp_path / "b", storage=url, n_trials=1, resume=True, teacher=teacher)
+    study = optuna.load_study(study_name="minitron", storage=url)
+    done = finished(study)
+    assert len(done[(done.rung == 1) & (done.state == "COMPLETE")]) == 2  # the second worker ran a rung-1 trial
+    assert "cut_1" not in study.user_attrs and not (done.rung == 2).any()  # rung 1 was not closed on one result
+
+
 def test_a_resume_with_another_space_is_refused_naming_what_changed(teacher, corpus, tmp_path):
     space = make_space(teacher, corpus)
     run_search(space, tmp_path / "run", n_trials=1, teacher=teacher)
