@@ -15,7 +15,7 @@ from minitron_nas.errors import MinitronError
 
 RUNG_METRICS = ("kld", "heldout_loss")
 METRICS = ("lm_eval", "heldout_loss", "kld")
-SAMPLER_NAMES = ("auto", "grid", "random")  # search.samplers.SAMPLERS, by name
+SAMPLER_NAMES = ("auto", "grid", "random", "tpe")  # search.samplers.SAMPLERS, by name
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # model.devices.DTYPES, by name
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AXES = ("hidden_size", "intermediate_size", "heads_per_group", "num_key_value_heads", "num_hidden_layers")

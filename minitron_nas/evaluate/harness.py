@@ -1,6 +1,6 @@
 """Score an in-memory model with lm-evaluation-harness, after checking its spec before any model loads.
 
-lm-eval scoring takes one `ScoringSettings` (space.py): any lm-eval task, group or tag, the
+lm-eval scoring takes one `ScoringSettings` (config/space.py): any lm-eval task, group or tag, the
 user's own task YAMLs (`include_path`), few-shot counts and limits per task, and an
 objective over any named metric (objective.py), with lm-eval's standard errors. The
 held-out loss (heldout.py) and the objective stay importable from here.

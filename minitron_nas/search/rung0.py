@@ -1,7 +1,8 @@
 """Rung 0: every candidate pruned and scored on the rung metric, forward passes only.
 
 Rung 0 costs no training, so it looks at the whole pool. Its candidates come in work units
-(trials.queue_rung0) that any worker pops; each candidate becomes a finished trial of its
+(trials.queue_rung0) that any worker pops, or, with an adaptive sampler (TPE), as units of
+proposals, each candidate proposed from every score stored so far; each candidate becomes a finished trial of its
 own with the architecture as its params, streamed with a progress bar. A unit interrupted
 by Ctrl-C queues its unscored rest again; a retried unit skips what is already stored.
 """
@@ -23,8 +24,9 @@ from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings
 from minitron_nas.search.candidates import Candidate
 from minitron_nas.search.lines import say
-from minitron_nas.search.study import recorded, rung0_keys
-from minitron_nas.search.trials import COMPLETE, arch_key, candidate_attrs, distributions, params_of, queue_rung0
+from minitron_nas.search.samplers import sampler_named
+from minitron_nas.search.study import recorded, rung0_keys, rung_values
+from minitron_nas.search.trials import COMPLETE, arch_key, candidate_attrs, distributions, params_of, queue_proposals, queue_rung0
 
 __all__ = ["PrunedScoring"]
 
@@ -46,6 +48,8 @@ class PrunedScoring:
 
     def score_chunk(self, trial: optuna.Trial) -> None:
         """A rung-0 work unit: its candidates not stored yet, each scored pruned and stored as a trial of its own."""
+        if "rung0_propose" in trial.user_attrs:
+            self.propose_chunk(trial)
         wanted = trial.user_attrs["rung0_chunk"]
         retried = trial.user_attrs.get("started") or trial.user_attrs.get("requeued")  # a retry copies the user attributes
         done = rung0_keys(self.study) if retried else set()  # a fresh unit's candidates are not stored yet: no O(n) read
@@ -55,6 +59,28 @@ class PrunedScoring:
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             queue_rung0(self.study, [k for k in wanted if k not in rung0_keys(self.study)], requeued=True)
+            raise
+        raise optuna.TrialPruned("a rung-0 work unit: its candidates are trials of their own")
+
+    def propose_chunk(self, trial: optuna.Trial) -> None:
+        """An adaptive sampler's work unit: up to `rung0_propose` candidates, each proposed from every
+        score stored so far (any worker's), then scored; never beyond rung 0's size."""
+        trial.set_user_attr("started", True)
+        sampler, axes = sampler_named(self.space.sampler), distributions(self.space)
+        try:
+            for _ in range(trial.user_attrs["rung0_propose"]):
+                done = rung0_keys(self.study)
+                if len(done) >= self.total:
+                    break
+                history = [(t.params, t.value) for t in rung_values(self.study, 0).values()]
+                unscored = [c for key, c in self.pool.items() if key not in done]
+                seed = self.space.seed * 100_003 + len(done)  # the same scores so far propose the same candidate
+                self.score([sampler.propose(history, unscored, lambda c: params_of(self.space, c.arch), axes, seed)])
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            missing = self.total - len(rung0_keys(self.study))
+            if missing > 0:
+                queue_proposals(self.study, missing, requeued=True)
             raise
         raise optuna.TrialPruned("a rung-0 work unit: its candidates are trials of their own")
 

@@ -77,6 +77,7 @@ from minitron_nas.search.trials import (
     made_from,
     open_study,
     queue_candidate,
+    queue_proposals,
     queue_rung0,
     search_trials,
     work_trials,
@@ -244,6 +245,8 @@ class _Search:
         """Queue the next rung if the current one is closed; False when nothing is left to run."""
         trials = search_trials(self.study)
         current = max((t.user_attrs["rung"] for t in trials), default=0)
+        if any(t.state in (WAITING, RUNNING) for t in trials if t.user_attrs["rung"] == current):
+            return True  # another worker closed the rung since this one looked: its next rung is there to run
         if current >= self.last:
             if current >= 1:
                 forget_states(self.out, current - 1, set())
@@ -303,7 +306,11 @@ class _Search:
                     time.sleep(heartbeat_seconds()[0])  # their rung closes when they finish (or are failed as stale)
                     continue
                 if rung0_missing(self.study):  # a work unit lost twice (killed worker, retried and killed again): queue its rest
-                    queue_rung0(self.study, [k for k in self.rung0.pool if k not in rung0_keys(self.study)], requeued=True)
+                    done = rung0_keys(self.study)
+                    if sampler_named(self.space.sampler).adaptive and self.rung0.total < len(self.rung0.pool):
+                        queue_proposals(self.study, self.rung0.total - len(done), requeued=True)
+                    else:
+                        queue_rung0(self.study, [k for k in self.rung0.pool if k not in done], requeued=True)
                     continue
                 if self.rung0.active:  # rung 0 just ended in this worker: its tables and views now
                     self.rung0.finish()
@@ -345,7 +352,7 @@ def run_search(
     search stopped by it is unfinished, and the same call again goes on with it.
 
     `on_trial(study, trial)` is called after every retraining trial and after rung 0 (the
-    pipeline rebuilds the dashboard there).
+    run recipe rebuilds the dashboard there).
     """
     heartbeat_seconds()  # a bad MINITRON_NAS_*_SECONDS setting is refused before anything is written
     out = make_dir(Path(out))
@@ -355,7 +362,7 @@ def run_search(
         teacher = load_teacher(space.teacher, space.device.device, space.device.dtype)
     feasible = require_feasible(space, teacher.model.config)
     pool = candidate_pool(space, feasible)
-    schedule = schedule_for(space, len(pool))
+    schedule = schedule_for(space, sampler_named(space.sampler).size(feasible, space.trials))
     if schedule.rungs[-1].index == 0 and space.scoring.metric != space.halving.rung_metric:
         raise MinitronError(
             f"with halving.retrained: 0 the search ranks on the pruned {space.halving.rung_metric} only: set scoring.metric to "

@@ -147,8 +147,21 @@ def open_storage(url: str | None, out: Path, *, worker: bool = True):
     except MinitronError:
         raise
     except Exception as err:
+        if local is None and _unreachable(err):
+            raise  # a database server that does not answer: the CLI says so, and to check that it runs
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise MinitronError(f"cannot open storage '{url}' ({type(err).__name__}: {first}): check the URL or file") from None
+
+
+def _unreachable(err: BaseException) -> bool:
+    """A server's refused or lost connection (sqlalchemy's OperationalError or InterfaceError), here or behind `err`."""
+    import sqlalchemy.exc  # optuna's dependency: imported with the RDB storage
+
+    while err is not None:
+        if isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _candidate_trials(study: optuna.Study, states=None) -> list[optuna.trial.FrozenTrial]:

@@ -22,6 +22,7 @@ from minitron_nas.model.architecture import Architecture
 from minitron_nas.provenance import refuse_if_changed
 from minitron_nas.search.candidates import Candidate
 from minitron_nas.search.halving import Schedule
+from minitron_nas.search.samplers import sampler_named
 from minitron_nas.search.study import STUDY_NAME
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
 CARRIED = ("architecture", "key", "params_total", "params_non_embedding", "pruned", "prefill_tokens_per_s", "decode_tokens_per_s")
 WAITING, RUNNING, COMPLETE = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
 RUNG0_CHUNK = 64  # most rung-0 candidates per work unit: few queue writes, yet shared among workers
+PROPOSALS = 8  # most adaptive proposals per work unit: each waits for the scores before it
 
 
 def arch_key(arch: Architecture) -> str:
@@ -115,7 +117,10 @@ def open_study(space: SearchSpace, store, where, resume: bool, teacher_fingerpri
     study.set_user_attr("schedule", [{**asdict(r), "stable": r.stable} for r in schedule.rungs])
     study.set_user_attr("budget_tokens", schedule.budget_tokens)
     study.set_user_attr("rung0_candidates", schedule.rungs[0].candidates)
-    queue_rung0(study, [arch_key(c.arch) for c in pool])
+    if sampler_named(space.sampler).adaptive and schedule.rungs[0].candidates < len(pool):
+        queue_proposals(study, schedule.rungs[0].candidates)  # proposed one at a time from the scores so far
+    else:
+        queue_rung0(study, [arch_key(c.arch) for c in pool])
     return study
 
 
@@ -130,6 +135,13 @@ def queue_rung0(study: optuna.Study, keys: list[str], requeued: bool = False) ->
     size = max(1, min(RUNG0_CHUNK, math.ceil(len(keys) / RUNG0_CHUNK)))
     for i in range(0, len(keys), size):
         study.enqueue_trial({}, user_attrs={"rung0_chunk": keys[i : i + size], **({"requeued": True} if requeued else {})}, skip_if_exists=False)
+
+
+def queue_proposals(study: optuna.Study, n: int, requeued: bool = False) -> None:
+    """`n` of rung 0's candidates still to be proposed by an adaptive sampler, as work units of up to PROPOSALS."""
+    for i in range(0, n, PROPOSALS):
+        attrs = {"rung0_chunk": [], "rung0_propose": min(PROPOSALS, n - i), **({"requeued": True} if requeued else {})}
+        study.enqueue_trial({}, user_attrs=attrs, skip_if_exists=False)
 
 
 def search_trials(study: optuna.Study, *states) -> list[optuna.trial.FrozenTrial]:

@@ -550,7 +550,7 @@ def test_zero_batch_size(teacher, corpus, intact_rankings):
     result = invoke(
         "rank", "--model", teacher, "--data", corpus, "--out", intact_rankings, "--overwrite", "--samples", "4", "--seq-len", "32", "--batch-size", "0"
     )
-    assert_one_line_error(result, "batch_size 0 is below 1", "use --batch-size", alone=False)
+    assert_one_line_error(result, "--batch-size is 0", "give a positive whole number", alone=False)  # RankSettings' own range check
 
 
 # --------------------------------------------------------------------------- stages out of order, lost storage

@@ -106,7 +106,7 @@ def test_shipped_smollm2_spaces_have_candidates():
         ("teacher: x\naxes: {}\nbudget: {parameters: 10, slack: 1}\n", "unknown key 'budget.slack'"),
         ("teacher: x\naxes: {hidden_size: [a]}\nbudget: {parameters: 10}\n", "axes.hidden_size\\[0\\] is 'a': give a positive whole number"),
         ("axes: {}\nbudget: {parameters: 10}\n", "lacks 'teacher'"),
-        ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nsampler: tpe\n", "unknown sampler 'tpe'"),
+        ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nsampler: nsga\n", "unknown sampler 'nsga': use one of auto, grid, random, tpe"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nscoring: {metric: lm_eval}\n", "scoring.tasks is empty"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10, count: all}\n", "budget.count is 'all': use total or non_embedding"),
         ("- a list\n", "must be a YAML mapping"),

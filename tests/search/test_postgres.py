@@ -119,7 +119,7 @@ def workers():
         w.stop()
 
 
-def wait_for(condition, what: str, workers: list[Worker], timeout: float = 240):
+def wait_for(condition, what: str, workers: list[Worker], timeout: float = 480):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()

@@ -82,7 +82,7 @@ def workers():
             w.process.wait()
 
 
-def wait_for(condition, what: str, workers: list[Worker], timeout: float = 300, exits_ok: bool = False):
+def wait_for(condition, what: str, workers: list[Worker], timeout: float = 480, exits_ok: bool = False):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:

@@ -193,17 +193,23 @@ def test_a_search_stopped_by_n_trials_is_not_finished_and_the_same_call_goes_on(
     assert json.loads((run / "best_arch.json").read_text())["key"] == json.loads((tmp_path / "whole" / "best_arch.json").read_text())["key"]
 
 
-def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tmp_path, capfd):
+def thousands_space(teacher: Teacher, corpus: str, **changes) -> SearchSpace:
+    """5,346 feasible candidates on the tiny teacher, scored pruned only (no retraining rung)."""
     axes = {"hidden_size": tuple(range(6, 49, 6)), "intermediate_size": tuple(range(1, 97)), "heads_per_group": (1, 2, 3),
             "num_key_value_heads": (1, 2), "num_hidden_layers": (1, 2, 3, 4)}  # fmt: skip
-    space = make_space(
+    return make_space(
         teacher,
         corpus,
         axes=axes,
-        budget=Budget(parameters=40_000, tolerance=0.4),  # 5,346 feasible
+        budget=Budget(parameters=40_000, tolerance=0.4),
         scoring=ScoringSettings(metric="kld", heldout_samples=2, seq_len=8),
         halving=HalvingSettings(retrained=0),
+        **changes,
     )
+
+
+def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tmp_path, capfd):
+    space = thousands_space(teacher, corpus)
     feasible = require_feasible(space, teacher.model.config)
     assert len(feasible) >= 5000
     run = tmp_path / "run"
@@ -214,6 +220,23 @@ def test_rung_zero_streams_a_grid_of_thousands_with_progress(teacher, corpus, tm
     assert f"rung 0: {len(feasible)} candidates scored pruned" in err
     best = json.loads((run / "best_arch.json").read_text())
     assert best["score"] == pytest.approx(min(t.user_attrs["value"] for t in rung_values(study, 0).values()))
+
+
+def test_under_a_cap_tpe_proposes_rung_zero_one_candidate_at_a_time_with_the_axes_as_params(teacher, corpus, tmp_path, capfd):
+    space = thousands_space(teacher, corpus, sampler="tpe", trials=24)
+    axes = space.axes
+    feasible = {search.arch_key(c.arch) for c in require_feasible(space, teacher.model.config)}
+    runs = []
+    for name in ("one", "two"):
+        study = run_search(space, tmp_path / name, teacher=teacher)
+        scored = rung_values(study, 0)
+        assert len(scored) == 24 and set(scored) <= feasible  # distinct, feasible, exactly the cap
+        assert all(set(t.params) == set(axes) for t in scored.values())  # optuna-dashboard's params
+        best = json.loads((tmp_path / name / "best_arch.json").read_text())
+        assert best["score"] == pytest.approx(min(t.value for t in scored.values()))
+        runs.append([t.user_attrs["key"] for t in sorted(scored.values(), key=lambda t: t.number)])
+    assert runs[0] == runs[1]  # the same scores propose the same candidates, in the same order
+    assert "24 candidates scored pruned" in capfd.readouterr().err
 
 
 class KnownValues(Metric):
@@ -256,6 +279,32 @@ def test_survivors_are_the_best_whatever_the_trial_order_and_the_workers(teacher
         at = set(done[(done.rung == rung.index) & (done.order == 0)].key)
         assert at == set(sorted(alive, key=values.get)[: rung.candidates])  # exactly the best of the previous rung
         alive = at
+
+
+def test_a_worker_that_looked_just_before_another_queued_the_next_rung_runs_it_and_cuts_nothing_early(teacher, corpus, tmp_path, monkeypatch):
+    space = make_space(teacher, corpus)
+    feasible = require_feasible(space, teacher.model.config)
+    values = {arch_key(c.arch): float(i) for i, c in enumerate(feasible)}
+    monkeypatch.setattr(search, "_metric", lambda name, *args: KnownValues(values))
+    monkeypatch.setattr(search, "retrain", lambda *a, **k: RetrainResult([], [], None, tokens_seen=1, snapshot=TrainState(1, {}, {})))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    for i in itertools.count():  # one worker until rung 0 is closed, rung 1 queued and one of its trials run
+        study = run_search(space, tmp_path / "a", storage=url, n_trials=1, resume=i > 0, teacher=teacher)
+        if any(t.user_attrs.get("rung") == 1 and t.state.name == "COMPLETE" for t in study.trials):
+            break
+    real, looks = search.work_trials, []
+
+    def stale_first_look(study, *states):
+        """The first look for waiting work sees the study as it was before rung 1 was queued."""
+        looks.append(states)
+        return [] if len(looks) == 1 else real(study, *states)
+
+    monkeypatch.setattr(search, "work_trials", stale_first_look)
+    run_search(space, tmp_path / "b", storage=url, n_trials=1, resume=True, teacher=teacher)
+    study = optuna.load_study(study_name="minitron", storage=url)
+    done = finished(study)
+    assert len(done[(done.rung == 1) & (done.state == "COMPLETE")]) == 2  # the second worker ran a rung-1 trial
+    assert "cut_1" not in study.user_attrs and not (done.rung == 2).any()  # rung 1 was not closed on one result
 
 
 def test_a_resume_with_another_space_is_refused_naming_what_changed(teacher, corpus, tmp_path):
