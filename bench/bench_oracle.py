@@ -30,6 +30,7 @@ whatever is present and lists what is missing. Run from the repository root:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -57,6 +58,7 @@ from minitron_nas.search.runner import run_search
 PARTS = ("pruned", "oracle", "search", "seeds", "baselines")
 FRACTIONS = (0.05, 0.10, 0.20)  # the search's S / T
 PARTS_DIR = REPORTS / "oracle-parts"
+KEEP_PARTS = True  # False when the kept parts were made with other settings (see parts_match)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,8 +160,39 @@ def budget_dir(work: Path, fraction: float) -> Path:
     return work / f"budget-{round(fraction * 100)}"
 
 
+def parts_key(args) -> dict:
+    """What the kept parts depend on (the budget is in their folder's name)."""
+    keys = ("tokens", "lr", "rank_samples", "test_blocks", "data_dir", "mo_top_k")
+    return {k: getattr(args, k) for k in keys} | {"space_sha256": hashlib.sha256(SPACE.read_bytes()).hexdigest()[:16]}
+
+
+def parts_match(args) -> bool:
+    """True when the parts kept beside the report were made with these settings (or none are kept).
+    Otherwise they are neither restored nor added to, so one report never mixes settings."""
+    stamp = PARTS_DIR / "settings.json"
+    if not stamp.is_file():
+        PARTS_DIR.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(parts_key(args), indent=2))
+        return True
+    if json.loads(stamp.read_text()) == parts_key(args):
+        return True
+    print(f"note: {PARTS_DIR} holds parts made with other settings: they are not restored into --work, and this run's are not kept there", file=sys.stderr)
+    return False
+
+
+def restore_parts(work: Path) -> None:
+    """Finished parts come back into a fresh --work, so a new machine resumes where the last one stopped."""
+    for kept in PARTS_DIR.glob("budget-*/**/*.json"):
+        target = work / kept.relative_to(PARTS_DIR)
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, target)
+
+
 def keep_part(path: Path, work: Path) -> None:
     """A finished part is kept beside the report (small JSON), so the figures survive the work folder."""
+    if not KEEP_PARTS:
+        return
     target = PARTS_DIR / path.relative_to(work)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
@@ -370,7 +403,11 @@ def write(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if not args.report_only:
+        global KEEP_PARTS
         args.work.mkdir(parents=True, exist_ok=True)
+        KEEP_PARTS = parts_match(args)
+        if KEEP_PARTS:
+            restore_parts(args.work)
         bench = Oracle(args, args.work)
         for fraction in args.budgets:
             run_budget(bench, fraction, args.parts)
