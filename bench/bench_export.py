@@ -7,7 +7,8 @@ dequantises and undoes llama.cpp's q/k permutation independently of this project
 compared with the exported folder on WikiText-2 test text: the largest logit difference
 and the mean next-token NLL of each. Beside it, the same exported model with each weight
 rounded in place exactly as the file stores it (f16, or q8_0 and back): when the two
-largest differences agree, the file adds nothing to the rounding. Prints a markdown table and writes it, with the
+largest differences agree, the file adds nothing to the rounding. Then llama.cpp itself runs
+each file (llama-cpp-python, or the prebuilt ik-llama-cpp-python), on the same blocks. Prints a markdown table and writes it, with the
 command, machine and date, to reports/benchmarks/export.md (or --out). Run from the
 repository root:
 
@@ -18,6 +19,7 @@ repository root:
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from minitron_nas.data import token_blocks
 from minitron_nas.model.architecture import Architecture
-from minitron_nas.model.gguf import GGUF_TYPES, compare, encode_tensor, transformers_logits, write_gguf
+from minitron_nas.model.gguf import GGUF_TYPES, compare, encode_tensor, llama_cpp_logits, transformers_logits, write_gguf
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import load_teacher
 from minitron_nas.prune.pruning import prune
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     rankings = compute_rankings(teacher.model, calibration, batch_size=4, progress=False)
     cut = prune(teacher.model, rankings, Architecture.from_dict(CUT, Architecture.from_config(teacher.model.config))).eval()
     shutil.rmtree(args.work, ignore_errors=True)
-    rows, exact = [], True
+    rows, exact, llama_note = [], True, "not installed: columns empty"
     for label, model in (("teacher, unpruned", teacher.model), (f"pruned: {CUT}", cut)):
         folder = save_model(model, args.work / ("teacher" if model is teacher.model else "pruned"), teacher.tokenizer, {"name": label})
         exported = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
             seen = compare(transformers_logits(exported), transformers_logits(reloaded), blocks)
             alone = compare(transformers_logits(exported), transformers_logits(rounded(exported, gguf_type)), blocks)
-            print(f"{label} {gguf_type}: {seen}; rounding alone: {alone}", flush=True)
+            found = llama_cpp_logits(path, args.seq_len)
+            cpp = None if isinstance(found, str) else compare(transformers_logits(exported), found[0], blocks)
+            backend = llama_note = found if isinstance(found, str) else found[1]
+            print(f"{label} {gguf_type}: {seen}; rounding alone: {alone}; {backend}: {cpp}", flush=True)
             exact = exact and (seen.max_abs_logit_diff, seen.nll_candidate) == (alone.max_abs_logit_diff, alone.nll_candidate)
             rows.append(
                 [
@@ -106,13 +111,30 @@ def main(argv: list[str] | None = None) -> int:
                     f"{seen.nll_candidate:.4f}",
                     f"{seen.nll_diff:+.5f}",
                     f"{alone.nll_diff:+.5f}",
+                    "-" if cpp is None else f"{cpp.nll_candidate:.4f}",
+                    "-" if cpp is None else f"{100 * math.expm1(cpp.nll_diff):+.3f}%",
+                    "-" if cpp is None else f"{cpp.max_abs_logit_diff:.4f}",
                 ]
             )
             del reloaded
     details = [f"- Text: {args.blocks} blocks x {args.seq_len} tokens of `{args.data}` ({blocks.shape[0] * (blocks.shape[1] - 1):,} next-token predictions)"]
     body = [
         *markdown_table(
-            ["Model", "GGUF", "Size", "Write", "Max abs logit diff", "same, rounding alone", "NLL export", "NLL GGUF", "NLL diff", "same, rounding alone"],
+            [
+                "Model",
+                "GGUF",
+                "Size",
+                "Write",
+                "Max abs logit diff",
+                "same, rounding alone",
+                "NLL export",
+                "NLL GGUF",
+                "NLL diff",
+                "same, rounding alone",
+                "NLL llama.cpp",
+                "ppl llama.cpp vs export",
+                "max abs logit diff, llama.cpp",
+            ],
             rows,
         ),
         "",
@@ -120,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "transformers' GGUF reader, which dequantises it and undoes the q/k permutation written for llama.cpp. "
         f"The pruned cut is ranked on 16 x 128 tokens of `{CALIBRATION}` and not retrained: its NLL is that of a "
         "freshly pruned model. `rounding alone`: the exported model with every weight rounded in place as the file "
-        "stores it (norms in float32, matrices in f16 or q8_0), no file involved. llama.cpp itself is not run here (llama-cpp-python is not installed); "
-        "`minitron-nas export --gguf TYPE --check` runs it where it is.",
+        "stores it (norms in float32, matrices in f16 or q8_0), no file involved. `NLL llama.cpp`: the GGUF file run by "
+        f"llama.cpp itself ({llama_note}), the same blocks, the logits of every position; its perplexity beside the "
+        "exported folder's in transformers. `minitron-nas export --gguf TYPE --check` prints the same comparison.",
         "",
         "In every row the GGUF file gives exactly the logits of the model rounded in place: names, permutation and "
         "metadata add no error beyond the storage type's rounding."

@@ -338,7 +338,7 @@ def export(
     out: Path = typer.Option(None, help="run folder holding distill/model"),
     gguf: str = typer.Option(None, help="also write RUN/export-TYPE.gguf for llama.cpp (Llama models): f16, bf16 or q8_0"),
     check: bool = typer.Option(
-        False, "--check", help="with --gguf: compare the GGUF's next-token NLL in llama.cpp with transformers' (needs llama-cpp-python)"
+        False, "--check", help="with --gguf: compare the GGUF's next-token NLL in llama.cpp with transformers' (needs llama-cpp-python or ik-llama-cpp-python)"
     ),
     device: str = _space_option(DeviceSettings, "device"),
     dtype: str = _space_option(DeviceSettings, "dtype"),

@@ -12,11 +12,12 @@ with q8_0, a matrix whose rows are not a multiple of 32 is written in f16.
 
 `compare` measures two causal LMs on the same token blocks: the largest logit difference
 and the mean next-token NLL of each. `check_gguf` runs it for the GGUF in llama.cpp
-(llama-cpp-python) against transformers, or says in one line why it cannot.
+(llama-cpp-python, or the prebuilt ik-llama-cpp-python) against transformers, or says in one line why it cannot.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import uuid
@@ -272,12 +273,22 @@ def transformers_logits(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return logits
 
 
-def llama_cpp_logits(gguf_file: Path, n_ctx: int) -> Callable[[torch.Tensor], torch.Tensor] | str:
-    """Logits from llama.cpp, or the one-line reason they cannot be had here."""
+Logits = Callable[[torch.Tensor], torch.Tensor]
+_LogCallback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_SILENT = _LogCallback(lambda level, text, data: None)  # a module global: the C side keeps calling it
+NO_LLAMA_CPP = (
+    "GGUF check skipped: llama.cpp is not installed (`pip install ik-llama-cpp-python`, a prebuilt wheel of the "
+    "ik_llama.cpp fork, or `pip install llama-cpp-python`, which builds llama.cpp from source in about an hour on 2 cores)"
+)
+
+
+def llama_cpp_logits(gguf_file: Path, n_ctx: int) -> tuple[Logits, str] | str:
+    """Logits from llama.cpp and the binding that gave them, or the one-line reason they cannot
+    be had here: llama-cpp-python when installed, else ik-llama-cpp-python."""
     try:
         import llama_cpp
     except ImportError:
-        return "GGUF check skipped: llama-cpp-python is not installed (`pip install llama-cpp-python` builds llama.cpp from source, about an hour on 2 cores)"
+        return _ik_llama_logits(gguf_file, n_ctx)
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=n_ctx, logits_all=True, verbose=False)
 
     def logits(block: torch.Tensor) -> torch.Tensor:
@@ -285,16 +296,50 @@ def llama_cpp_logits(gguf_file: Path, n_ctx: int) -> Callable[[torch.Tensor], to
         llm.eval(block.tolist())
         return torch.from_numpy(np.array(llm.scores[: len(block)], dtype=np.float32))
 
-    return logits
+    return logits, f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+
+
+def _ik_llama_logits(gguf_file: Path, n_ctx: int) -> tuple[Logits, str] | str:
+    """The same through ik-llama-cpp-python's ctypes API: its high-level class returns no logits,
+    so one batch per block asks llama_decode for the logits of every position."""
+    try:
+        import ik_llama_cpp
+        from ik_llama_cpp import _ctypes_api as api
+        from ik_llama_cpp._internals import IkContext, IkModel
+    except ImportError:
+        return NO_LLAMA_CPP
+    api._lib.llama_log_set.argtypes, api._lib.llama_log_set.restype = [_LogCallback, ctypes.c_void_p], None
+    api._lib.llama_log_set(_SILENT, None)  # llama.cpp logs every load to stderr otherwise
+    model = IkModel(str(gguf_file))
+    context = IkContext(model, n_ctx=n_ctx, flash_attn=False)
+
+    def logits(block: torch.Tensor) -> torch.Tensor:
+        api.llama_kv_cache_clear(context.ctx)
+        n = len(block)
+        batch = api.llama_batch_init(n, 0, 1)
+        try:
+            batch.n_tokens = n
+            for i, token in enumerate(block.tolist()):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, 1
+                batch.seq_id[i][0] = 0
+            if context.decode(batch) != 0:
+                raise MinitronError(f"llama.cpp could not evaluate '{gguf_file}' (llama_decode failed): check the file with `gguf-dump`")
+            rows = [np.ctypeslib.as_array(context.get_logits(i), shape=(model.n_vocab,)).copy() for i in range(n)]
+        finally:
+            api.llama_batch_free(batch)
+        return torch.from_numpy(np.stack(rows))  # [T, vocab]
+
+    return logits, f"llama.cpp (ik-llama-cpp-python {ik_llama_cpp.__version__})"
 
 
 def check_gguf(gguf_file: Path, model, blocks: torch.Tensor) -> str:
     """One line: llama.cpp's next-token NLL on `blocks` beside transformers', or why it was skipped."""
-    candidate = llama_cpp_logits(gguf_file, blocks.shape[1])
-    if isinstance(candidate, str):
-        return candidate
+    found = llama_cpp_logits(gguf_file, blocks.shape[1])
+    if isinstance(found, str):
+        return found
+    candidate, backend = found
     seen = compare(transformers_logits(model), candidate, blocks)
     return (
-        f"GGUF check on {seen.tokens:,} tokens: mean NLL {seen.nll_candidate:.4f} in llama.cpp, {seen.nll_reference:.4f} in "
+        f"GGUF check on {seen.tokens:,} tokens: mean NLL {seen.nll_candidate:.4f} in {backend}, {seen.nll_reference:.4f} in "
         f"transformers (difference {seen.nll_diff:+.4f}); largest logit difference {seen.max_abs_logit_diff:.4f}"
     )

@@ -671,12 +671,13 @@ def test_export_with_gguf_writes_it_beside_the_folder(root, distill_space, disti
     out = root / "gguf-export"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(distilled_run, out)
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the check says why it is skipped, in one line
+    for binding in ("llama_cpp", "ik_llama_cpp"):
+        monkeypatch.setitem(sys.modules, binding, None)  # the check says why it is skipped, in one line
     result = invoke("export", distill_space, "--out", out, "--gguf", "q8_0", "--check")
     assert result.exit_code == 0, result.output
     path = out / "export-q8_0.gguf"
     assert path.is_file() and (out / "export" / "model.safetensors").is_file() and not leftovers(out)
-    assert "GGUF (q8_0) -> " in result.output and "GGUF check skipped: llama-cpp-python is not installed" in result.output
+    assert "GGUF (q8_0) -> " in result.output and "GGUF check skipped: llama.cpp is not installed" in result.output
     name = json.loads((out / "export" / "best_arch.json").read_text())["name"]
     assert gguf.GGUFReader(str(path)).fields["general.name"].contents() == name
 

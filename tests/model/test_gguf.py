@@ -3,6 +3,8 @@ independent oracle (it undoes llama.cpp's q/k permutation itself) giving back th
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import gguf
 import pytest
 import torch
 from helpers import byte_tokenizer, tiny_model
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture
@@ -29,8 +32,8 @@ CUTS = {
 BLOCKS = torch.randint(0, 257, (3, 24), generator=torch.Generator().manual_seed(0))
 
 
-def pruned(family: str, cut: str):
-    model = tiny_model(family, vocab_size=257)
+def pruned(family: str, cut: str, vocab_size: int = 257):
+    model = tiny_model(family, vocab_size=vocab_size)
     teacher = Architecture.from_config(model.config)
     g = torch.Generator().manual_seed(1)
     rankings = Rankings(
@@ -40,6 +43,15 @@ def pruned(family: str, cut: str):
         block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
     )
     return prune(model, rankings, Architecture.from_dict(CUTS[cut], teacher)).eval()
+
+
+def tokenizer_with_a_merge() -> PreTrainedTokenizerFast:
+    """The byte tokenizer plus one merge (two spaces -> id 257): llama.cpp refuses a BPE
+    vocabulary without merges, and a GGUF array cannot be empty."""
+    spec = json.loads(byte_tokenizer().backend_tokenizer.to_str())
+    spec["model"]["vocab"]["\u0120\u0120"] = 257
+    spec["model"]["merges"] = [["\u0120", "\u0120"]]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<eos>")
 
 
 def fields(path: Path) -> dict:
@@ -141,16 +153,22 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path, make, fragment):
 def test_the_check_says_in_one_line_why_it_is_skipped(tmp_path, monkeypatch):
     model = pruned("llama", "none")
     path = write_gguf(save_model(model, tmp_path / "export", byte_tokenizer()))
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    for binding in ("llama_cpp", "ik_llama_cpp"):
+        monkeypatch.setitem(sys.modules, binding, None)  # as if neither binding were installed
     note = check_gguf(path, model, BLOCKS)
-    assert note.startswith("GGUF check skipped: llama-cpp-python is not installed") and "\n" not in note
+    assert note.startswith("GGUF check skipped: llama.cpp is not installed") and "\n" not in note
 
 
-def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    model = pruned("llama", "width")
-    path = write_gguf(save_model(model, tmp_path / "export", byte_tokenizer()))
+@pytest.mark.parametrize("cut", ["width", "depth"])
+def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path, cut):
+    """llama.cpp, an independent implementation, computes the same next-token NLL as transformers
+    from the tool's f16 GGUF: within the f16 rounding of the weights."""
+    if all(importlib.util.find_spec(binding) is None for binding in ("llama_cpp", "ik_llama_cpp")):
+        pytest.skip("neither llama-cpp-python nor ik-llama-cpp-python is installed")
+    model = pruned("llama", cut, vocab_size=258)
+    path = write_gguf(save_model(model, tmp_path / "export", tokenizer_with_a_merge()))
     note = check_gguf(path, model, BLOCKS)
+    assert "in llama.cpp (" in note, note
     difference = float(note.split("(difference ")[1].split(")")[0])
     assert abs(difference) < 1e-2, note
 
