@@ -5,7 +5,7 @@ package's own writer and names: the `llama.*` metadata (context, embedding and
 feed-forward lengths, block count, head counts, key/value length = head_dim, rope base
 and dimension count, RMS eps, vocabulary size), a `gpt2` (byte-level BPE) tokenizer with
 its tokens, token types, merges, special ids and chat template (the pre-tokenizer is named
-`gpt2` or `smollm` when tokenizer.json's matches, else llama.cpp's `default`), and the tensors under
+`gpt-2` or `smollm` when tokenizer.json's matches, else llama.cpp's `default`), and the tensors under
 `gguf.TENSOR_NAMES`, q_proj and k_proj permuted as llama.cpp expects. Tied embeddings
 write no `output.weight`. 1-D tensors (norms, biases) stay float32, as in the converter;
 with q8_0, a matrix whose rows are not a multiple of 32 is written in f16.
@@ -62,7 +62,7 @@ _MODEL_TENSORS = {
 # tokenizer.json pre-tokenizer -> llama.cpp's name for the same splitting (tokenizer.ggml.pre)
 _BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
 _PRE_TOKENIZERS = (
-    ("gpt2", [_BYTE_LEVEL]),
+    ("gpt-2", [_BYTE_LEVEL]),  # llama.cpp names GPT-2's pre-tokenizer so (and its tokenizer model gpt2)
     ("smollm", [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]),
 )
 

@@ -45,10 +45,12 @@ def pruned(family: str, cut: str, vocab_size: int = 257):
     return prune(model, rankings, Architecture.from_dict(CUTS[cut], teacher)).eval()
 
 
-def tokenizer_with_a_merge() -> PreTrainedTokenizerFast:
+def tokenizer_with_a_merge(gpt2_regex: bool = False) -> PreTrainedTokenizerFast:
     """The byte tokenizer plus one merge (two spaces -> id 257): llama.cpp refuses a BPE
-    vocabulary without merges, and a GGUF array cannot be empty."""
+    vocabulary without merges, and a GGUF array cannot be empty. `gpt2_regex`: split words
+    as GPT-2 does first (the pre-tokenizer llama.cpp calls gpt-2)."""
     spec = json.loads(byte_tokenizer().backend_tokenizer.to_str())
+    spec["pre_tokenizer"]["use_regex"] = gpt2_regex
     spec["model"]["vocab"]["\u0120\u0120"] = 257
     spec["model"]["merges"] = [["\u0120", "\u0120"]]
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<eos>")
@@ -159,14 +161,15 @@ def test_the_check_says_in_one_line_why_it_is_skipped(tmp_path, monkeypatch):
     assert note.startswith("GGUF check skipped: llama.cpp is not installed") and "\n" not in note
 
 
-@pytest.mark.parametrize("cut", ["width", "depth"])
-def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path, cut):
-    """llama.cpp, an independent implementation, computes the same next-token NLL as transformers
-    from the tool's f16 GGUF: within the f16 rounding of the weights."""
+@pytest.mark.parametrize("cut, pre", [("width", "default"), ("depth", "gpt-2")])
+def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path, cut, pre):
+    """llama.cpp, an independent implementation, loads the tool's f16 GGUF (under each
+    pre-tokenizer name written) and computes the same next-token NLL as transformers."""
     if all(importlib.util.find_spec(binding) is None for binding in ("llama_cpp", "ik_llama_cpp")):
         pytest.skip("neither llama-cpp-python nor ik-llama-cpp-python is installed")
     model = pruned("llama", cut, vocab_size=258)
-    path = write_gguf(save_model(model, tmp_path / "export", tokenizer_with_a_merge()))
+    path = write_gguf(save_model(model, tmp_path / "export", tokenizer_with_a_merge(gpt2_regex=pre == "gpt-2")))
+    assert fields(path)["tokenizer.ggml.pre"] == pre
     note = check_gguf(path, model, BLOCKS)
     assert "in llama.cpp (" in note, note
     difference = float(note.split("(difference ")[1].split(")")[0])
@@ -186,6 +189,6 @@ def test_the_teachers_gguf_says_what_llama_cpps_own_converter_said(tmp_path):
     assert "tokenizer.ggml.tokens" in same and "llama.rope.freq_base" in same
     differing = {key: (ours.get(key), upstream[key]) for key in same if ours.get(key) != upstream[key]}
     # upstream's SmolLM2 pre-tokenizer splits digits one by one; the teacher's tokenizer.json as
-    # transformers rebuilt it from the GGUF is plain byte-level BPE, which llama.cpp calls gpt2
-    assert differing == {"tokenizer.ggml.pre": ("gpt2", "smollm")}
+    # transformers rebuilt it from the GGUF is plain byte-level BPE, which llama.cpp calls gpt-2
+    assert differing == {"tokenizer.ggml.pre": ("gpt-2", "smollm")}
     assert ours["general.name"] == "smollm2-135m" and sorted(ours["tensors"]) == sorted(upstream["tensors"])
