@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from minitron_nas.cli.app import app
 from minitron_nas.config.settings import RetrainSettings
 from minitron_nas.config.space import Budget, ScoringSettings
+from minitron_nas.model import saving
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import EMBEDDED, embedded_gguf
 from minitron_nas.prune import ranking
@@ -352,7 +353,7 @@ def test_disk_full_during_a_checkpoint(root, teacher, corpus, rankings_dir, monk
     if what == "rankings":
         out = root / "rankings-to-replace"
         shutil.copytree(rankings_dir, out)
-        monkeypatch.setattr(ranking, "save_file", lambda tensors, path, *a, **k: _disk_full(path))
+        monkeypatch.setattr(saving, "save_file", lambda tensors, path, *a, **k: _disk_full(path))
         command = ["rank", "--model", teacher, "--data", corpus, "--out", out, "--overwrite", *TINY_RANK]
     else:
         out = root / "model-to-replace"
