@@ -277,7 +277,7 @@ def split_time(study: optuna.Study, worker: Worker) -> dict[str, float]:
 def callback_seconds(folder: Path, space: SearchSpace) -> tuple[float, float]:
     """(first, warm) seconds of what search.py does after every trial, rerun here on the finished study."""
     from minitron_nas.report.dashboard import build_dashboard
-    from minitron_nas.search.runner import write_outputs
+    from minitron_nas.search.outputs import write_outputs
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{(folder / 'study.db').resolve()}")
     times = []
