@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import REPORTS, Run, markdown_table
+from common import REPORTS, Run, markdown_table, require_at_least, require_file
 
 from minitron_nas.config.settings import RetrainSettings
 from minitron_nas.data import token_blocks
@@ -58,11 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=9, help="timed steps of each variant (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/distill.md)")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "seq_len", "top_k", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not Path(args.data).is_file():
-        parser.error(f"--data '{args.data}' is not a file (paths are relative to the current directory)")
+    require_at_least(parser, args, ("batch_size", "seq_len", "top_k", "repeats"))
+    require_file(parser, args.data)
     return args
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import gguf
 import torch
-from common import REPORTS, Run, markdown_table
+from common import REPORTS, Run, markdown_table, require_at_least, require_file
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.data import token_blocks
@@ -53,12 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-export"), help="exports and GGUF files (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/export.md)")
     args = parser.parse_args(argv)
-    for name in ("blocks", "seq_len"):
-        if getattr(args, name) < 2:
-            parser.error(f"--{name.replace('_', '-')} must be at least 2")
-    for path in (args.data, CALIBRATION):
-        if not Path(path).is_file():
-            parser.error(f"'{path}' is not a file (paths are relative to the current directory)")
+    require_at_least(parser, args, ("blocks", "seq_len"), low=2)
+    require_file(parser, args.data)
+    require_file(parser, CALIBRATION, "the calibration text")
     return args
 
 

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, REPORTS, Run, markdown_table
+from common import REPO, REPORTS, Run, markdown_table, require_at_least
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.config.settings import RetrainSettings
@@ -89,21 +89,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--parts must list some of {', '.join(PARTS)}")
     if not 1 <= args.candidates <= 4:
         parser.error("--candidates must be 1 to 4")
-    for name in (
-        "samples",
-        "seq_len",
-        "batch_size",
-        "distill_batch",
-        "top_k",
-        "repeats",
-        "pipeline_seq_len",
-        "retrain_tokens",
-        "distill_tokens",
-        "latency_context",
-        "latency_new_tokens",
-    ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least(
+        parser,
+        args,
+        (
+            "samples",
+            "seq_len",
+            "batch_size",
+            "distill_batch",
+            "top_k",
+            "repeats",
+            "pipeline_seq_len",
+            "retrain_tokens",
+            "distill_tokens",
+            "latency_context",
+            "latency_new_tokens",
+        ),
+    )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(
             f"error: --device {args.device} but torch {torch.__version__} sees no CUDA GPU: run on a GPU machine "

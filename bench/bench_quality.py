@@ -44,7 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import REPO, REPORTS, Run, markdown_table
+from common import REPO, REPORTS, Run, markdown_table, require_at_least
 
 from minitron_nas.config.settings import RankSettings, RetrainSettings
 from minitron_nas.data import token_blocks
@@ -91,9 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPORTS / "quality.md", help="markdown report (a .json is written beside it)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the results in --work")
     args = p.parse_args(argv)
-    for name in ("rank_samples", "search_tokens", "distill_tokens", "mo_top_k", "limit", "test_blocks"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least(p, args, ("rank_samples", "search_tokens", "distill_tokens", "mo_top_k", "limit", "test_blocks"))
     if args.distill_tokens < 4 * args.search_tokens:
         p.error(f"--distill-tokens {args.distill_tokens} is below 4 x --search-tokens {args.search_tokens}: raise it")
     if not all(0 < b < 1 for b in args.budgets):

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPORTS, Run, markdown_table
+from common import REPORTS, Run, markdown_table, require_at_least, require_file
 from transformers import LlamaConfig
 
 from minitron_nas.data import token_blocks
@@ -63,11 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count-archs", type=int, default=100_000, help="random architectures counted per config (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/rank_prune.md)")
     args = parser.parse_args(argv)
-    for name in ("samples", "seq_len", "repeats", "count_archs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not Path(args.data).is_file():
-        parser.error(f"--data '{args.data}' is not a file (paths are relative to the current directory)")
+    require_at_least(parser, args, ("samples", "seq_len", "repeats", "count_archs"))
+    require_file(parser, args.data)
     return args
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import optuna
 import yaml
-from common import REPORTS, Run, markdown_table, usable_cores
+from common import REPORTS, Run, markdown_table, require_at_least, require_file, usable_cores
 
 from minitron_nas.config.space import Budget, SearchSpace
 from minitron_nas.data import token_blocks
@@ -74,13 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="delete the run folders a previous run left in --work")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report (default: reports/benchmarks/search.md)")
     args = parser.parse_args(argv)
-    for name in ("candidates", "retrain_tokens", "seq_len", "heldout_samples", "rank_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least(parser, args, ("candidates", "retrain_tokens", "seq_len", "heldout_samples", "rank_samples"))
     if args.candidates < 2:
         parser.error("--candidates must be at least 2: two workers share the grid")
-    if not Path(args.data).is_file():
-        parser.error(f"--data '{args.data}' is not a file (paths are relative to the current directory)")
+    require_file(parser, args.data)
     return args
 
 
@@ -277,7 +274,7 @@ def split_time(study: optuna.Study, worker: Worker) -> dict[str, float]:
 def callback_seconds(folder: Path, space: SearchSpace) -> tuple[float, float]:
     """(first, warm) seconds of what search.py does after every trial, rerun here on the finished study."""
     from minitron_nas.report.dashboard import build_dashboard
-    from minitron_nas.search.runner import write_outputs
+    from minitron_nas.search.outputs import write_outputs
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{(folder / 'study.db').resolve()}")
     times = []

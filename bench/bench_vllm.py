@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import REPORTS, Run, markdown_table
+from common import REPORTS, Run, markdown_table, require_at_least
 
 from minitron_nas.data import token_blocks
 
@@ -58,9 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"'{args.data}' is not a file (paths are relative to the current directory)")
     if not 1 <= args.prompt_len < args.seq_len:
         parser.error("--prompt-len must be at least 1 and shorter than --seq-len")
-    for name in ("blocks", "new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least(parser, args, ("blocks", "new_tokens"))
     return args
 
 

@@ -116,6 +116,19 @@ class Run:
         print(f"\nwrote {out}")
 
 
+def require_at_least(parser, args, names: tuple[str, ...], low: int = 1) -> None:
+    """Refuse (parser.error) the first of the options `names` that is below `low`."""
+    for name in names:
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+
+
+def require_file(parser, path, option: str = "--data") -> None:
+    """Refuse (parser.error) an option naming no file."""
+    if not Path(path).is_file():
+        parser.error(f"{option} '{path}' is not a file (paths are relative to the current directory)")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         f"| {' | '.join(header)} |",

@@ -8,31 +8,43 @@ The Python API mirrors the CLI stages:
     arch = Architecture.from_dict({"intermediate_size": 768}, Architecture.from_config(teacher.model.config))
     student = prune(teacher.model, rankings, arch)
 
-One function per command: `rank`, `run_search`, `distill_winner`, `export_stage` and `run`
-(all of them in order). Names are imported on first use (PEP 562), so `import minitron_nas` and `minitron-nas --help`
-do not pay for torch and transformers.
+Each command of `minitron-nas` is one function here, with the command's options as its
+arguments: rank -> `rank_model`, count -> `count_parameters`, prune -> `prune_model`,
+loss -> `model_loss`, evaluate -> `evaluate_model`, enumerate -> `feasible_candidates`,
+search -> `run_search`, distill -> `distill_winner`, export -> `export_stage`,
+dashboard -> `report_stage`, and run -> `run` (all stages in order). Names are imported on
+first use (PEP 562), so `import minitron_nas` and `minitron-nas --help` do not pay for torch
+and transformers.
 """
 
 from importlib import import_module
 
 _WHERE = {
-    "Aggregation": "prune.ranking",
+    "Aggregation": "config.settings",
     "Architecture": "model.architecture",
     "MinitronError": "errors",
     "ParamCount": "model.architecture",
     "ParamCounter": "model.architecture",
+    "RankSettings": "config.settings",
     "Rankings": "prune.ranking",
     "Teacher": "model.teachers",
     "compute_rankings": "prune.ranking",
+    "count_parameters": "recipes.prune",
     "distill_winner": "recipes.distill",
+    "evaluate_model": "recipes.evaluate",
     "export_stage": "recipes.export",
+    "feasible_candidates": "recipes.search",
     "layer_drop_losses": "prune.ranking",
     "lm_loss": "evaluate.heldout",
     "load_config": "model.teachers",
-    "load_space": "config.space",
+    "load_space": "search.candidates",
     "load_teacher": "model.teachers",
+    "model_loss": "recipes.prune",
     "prune": "prune.pruning",
+    "prune_model": "recipes.prune",
     "rank": "prune.ranking",
+    "rank_model": "recipes.prune",
+    "report_stage": "recipes.report",
     "retrain": "distill.trainer",
     "run": "recipes.run",
     "run_search": "search.runner",
@@ -47,18 +59,26 @@ __all__ = [
     "MinitronError",
     "ParamCount",
     "ParamCounter",
+    "RankSettings",
     "Rankings",
     "Teacher",
     "compute_rankings",
+    "count_parameters",
     "distill_winner",
+    "evaluate_model",
     "export_stage",
+    "feasible_candidates",
     "layer_drop_losses",
     "lm_loss",
     "load_config",
     "load_space",
     "load_teacher",
+    "model_loss",
     "prune",
+    "prune_model",
     "rank",
+    "rank_model",
+    "report_stage",
     "retrain",
     "run",
     "run_search",

@@ -33,6 +33,12 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def corpus(shared_data) -> str:
+    """The small text (tiny Shakespeare) the end-to-end tests rank, retrain and distill on."""
+    return str(shared_data / "tinyshakespeare" / "input.txt")
+
+
 # --------------------------------------------------------------------------- a throwaway PostgreSQL server
 # Self-contained (own imports): `postgres_url` is a fresh, empty database `minitron` on a
 # server started on loopback for the session; tests that use it are marked `postgres`.

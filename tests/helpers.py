@@ -1,5 +1,5 @@
 """Helpers the tests share: tiny random-init models of every supported family (from configs,
-no downloads), random token blocks, a byte-level tokenizer and the one-line-error check.
+no downloads), random token blocks and rankings, a byte-level tokenizer and the one-line-error check.
 
 A module, not fixtures: parametrize lists and the subprocess workers need them at import
 time. Fixtures (shared data, a PostgreSQL server) are in conftest.py.
@@ -21,6 +21,9 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from minitron_nas.model.architecture import Architecture
+from minitron_nas.prune.ranking import Rankings
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -56,6 +59,17 @@ def tiny_model(name: str, seed: int = 0, **overrides):
             if "norm" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def random_rankings(teacher: Architecture, seed: int = 0) -> Rankings:
+    """Random importances of the right shapes for `teacher`: a pruning that follows no real ranking."""
+    g = torch.Generator().manual_seed(seed)
+    return Rankings(
+        heads=torch.rand(teacher.num_hidden_layers, teacher.num_attention_heads, generator=g),
+        neurons=torch.rand(teacher.num_hidden_layers, teacher.intermediate_size, generator=g),
+        channels=torch.rand(teacher.hidden_size, generator=g),
+        block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
+    )
 
 
 def random_blocks(n: int = 8, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> torch.Tensor:

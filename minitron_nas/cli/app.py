@@ -65,6 +65,13 @@ MODEL_HELP = f"Hugging Face id or folder, a .gguf file, or '{DEFAULT_TEACHER}' (
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
 SPACE_HELP = "search space YAML"
 RUN_HELP = "run folder (default: runs/<space name>)"
+# the search's own options, shared by `search` and `run`
+STORAGE_OPTION = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)")
+N_TRIALS_OPTION = typer.Option(
+    None,
+    help="most search trials to run now (rung-0 work units count one each); a search it stops is unfinished (nothing exported yet), "
+    "and the same command goes on with it",
+)
 
 
 @app.command()
@@ -86,9 +93,7 @@ def rank(
     dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """Score every head, neuron, channel and layer of the teacher on calibration text."""
-    from minitron_nas.files import check_writable
-    from minitron_nas.model.teachers import load_teacher
-    from minitron_nas.prune.ranking import rank as rank_stage
+    from minitron_nas.recipes.prune import rank_model
 
     settings = _as_options(
         "ranking",
@@ -102,9 +107,7 @@ def rank(
         heldout_samples=heldout_samples,
         split=split,
     )
-    check_writable(out, overwrite)
-    teacher = load_teacher(model, device, dtype)
-    rankings = rank_stage(teacher, settings, out, overwrite)
+    teacher, rankings = rank_model(model, out, settings, overwrite, device, dtype)
     bi = rankings.block_importance
     console.print(
         f"ranked {teacher.name} on {rankings.meta['samples']} x {rankings.meta['seq_len']} tokens "
@@ -157,11 +160,9 @@ def loss(
     dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """Mean next-token loss (nats) of a model on text."""
-    from minitron_nas.model.teachers import load_teacher
-    from minitron_nas.recipes.prune import heldout_loss
+    from minitron_nas.recipes.prune import model_loss
 
-    teacher = load_teacher(model, device, dtype)
-    value = heldout_loss(teacher.model, teacher.tokenizer, data, samples, seq_len, split)
+    teacher, value = model_loss(model, data, samples, seq_len, split, device, dtype)
     print(json.dumps({"model": teacher.name, "data": data, "split": split, "loss": round(value, 4)}))
 
 
@@ -193,32 +194,11 @@ def evaluate(
     dtype: str = _from(DeviceSettings, "dtype"),
 ):
     """lm-evaluation-harness scores (its own prompts, metrics and standard errors) as JSON."""
-    from minitron_nas.evaluate.harness import check_lm_eval, lm_eval_scores
-    from minitron_nas.evaluate.objective import lm_eval_objective
-    from minitron_nas.model.teachers import load_teacher
+    from minitron_nas.recipes.evaluate import evaluate_model
 
-    spec = ScoringSettings(
-        metric="lm_eval",
-        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
-        data_dir=None if data_dir is None else str(data_dir),
-        include_path=tuple(str(p) for p in include_path or ()),
-        limit=_per_task_option(limit, "limit"),
-        num_fewshot=_per_task_option(num_fewshot, "num-fewshot"),
-        objective=objective,
-        batch_size=batch_size,
-    )
-    check_lm_eval(spec, where="--")  # bad names, folders or files fail before the model loads
-    teacher = load_teacher(model, device, dtype)
-    scores = lm_eval_scores(teacher.model, teacher.tokenizer, spec, verbose=verbose or None)
-    summary = None
-    try:
-        value, stderr, higher = lm_eval_objective(scores, spec)
-        summary = {"name": objective or "mean acc_norm (else acc)", "value": value, "stderr": stderr, "higher_is_better": higher}
-    except MinitronError:
-        if objective:
-            raise
-        # no accuracy among the tasks (e.g. wikitext alone) and none asked for: scores only
-    print(json.dumps({"model": teacher.name, "limit": spec.limit, "num_fewshot": spec.num_fewshot, "scores": scores, "objective": summary}, indent=1))
+    limits, shots = _per_task_option(limit, "limit"), _per_task_option(num_fewshot, "num-fewshot")
+    result = evaluate_model(model, tasks, data_dir, include_path, limits, batch_size, shots, objective, verbose or None, device, dtype)
+    print(json.dumps(result, indent=1))
 
 
 @app.command("enumerate")
@@ -228,14 +208,10 @@ def enumerate_space(
     show: int = typer.Option(10, help="how many of the closest candidates to print"),
 ):
     """Every architecture of a search space within its budget (exact counts; no weights needed)."""
-    from minitron_nas.model.teachers import load_config
-    from minitron_nas.search.candidates import enumerate_candidates, load_space, require_feasible
+    from minitron_nas.recipes.search import feasible_candidates
 
-    spec = load_space(space)
-    config = load_config(spec.teacher)
-    feasible = require_feasible(spec, config)
-    _, valid = enumerate_candidates(spec, config)
-    table = Table(title=f"{len(feasible)} of {len(valid)} valid architectures meet the budget ({spec.budget.parameters:,} {spec.budget.count})")
+    spec, feasible, valid = feasible_candidates(space)
+    table = Table(title=f"{len(feasible)} of {valid} valid architectures meet the budget ({spec.budget.parameters:,} {spec.budget.count})")
     for column in ("hidden", "ffn", "heads", "kv groups", "layers", "total", "non-embedding", "memory GiB"):
         table.add_column(column, justify="right")
     for c in feasible[:show]:
@@ -254,11 +230,9 @@ def enumerate_space(
 def search(
     space: Path = typer.Argument(..., help=SPACE_HELP),
     out: Path = typer.Option(None, help=RUN_HELP),
-    storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
-    n_trials: int = typer.Option(
-        None, help="most trials to run now (rung-0 work units count one each); a search it stops is unfinished, and the same command goes on with it"
-    ),
     resume: bool = typer.Option(False, help="continue the study already in the run folder or storage"),
+    storage: str = STORAGE_OPTION,
+    n_trials: int = N_TRIALS_OPTION,
     device: str = _space_option(DeviceSettings, "device", "; one worker per GPU: --device cuda:N"),
     dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
@@ -286,8 +260,8 @@ def search(
 def run(
     space: Path = typer.Argument(..., help=SPACE_HELP),
     out: Path = typer.Option(None, help=RUN_HELP),
-    storage: str = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)"),
-    n_trials: int = typer.Option(None, help="most search trials to run now; a search it stops exports nothing yet, and the same command goes on with it"),
+    storage: str = STORAGE_OPTION,
+    n_trials: int = N_TRIALS_OPTION,
     device: str = _space_option(DeviceSettings, "device"),
     dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
@@ -377,12 +351,9 @@ def dashboard(
     storage: str = typer.Option(None, help="Optuna storage URL of the study (default: sqlite:///RUN_DIR/study.db)"),
 ):
     """Rebuild RUN_DIR/dashboard.html (interactive, offline) and RUN_DIR/report.md from the study."""
-    from minitron_nas.report.dashboard import build_dashboard
-    from minitron_nas.report.summary import open_run_study, write_report
+    from minitron_nas.recipes.report import report_stage
 
-    study = open_run_study(run_dir, storage)
-    page = build_dashboard(run_dir, storage, study=study)
-    report = write_report(run_dir, storage, study=study)
+    study, page, report = report_stage(run_dir, storage)
     console.print(f"{len(study.trials)} trials -> {page} and {report}")
 
 

@@ -12,17 +12,16 @@ vocabulary size), and loading it for anything else is refused. A cached step cos
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.files import atomic_dir, check_writable
+from minitron_nas.files import check_writable
 from minitron_nas.model.devices import to_model_device
+from minitron_nas.model.saving import load_tensors, save_tensors
 from minitron_nas.model.teachers import fingerprint
 from minitron_nas.provenance import refuse_if_changed
 
@@ -145,28 +144,20 @@ class TeacherLogitCache:
 
     def save(self, folder: Path, overwrite: bool = False) -> None:
         """Write atomically: a temporary sibling folder, renamed when complete."""
-        with atomic_dir(Path(folder), overwrite) as tmp:
-            save_file({"logprobs": self.logprobs.contiguous(), "indices": self.indices.contiguous()}, str(tmp / CACHE_TENSORS))
-            (tmp / CACHE_META).write_text(json.dumps(self.meta, indent=2))
+        save_tensors(folder, {"logprobs": self.logprobs, "indices": self.indices}, self.meta, CACHE_TENSORS, CACHE_META, overwrite)
 
     @classmethod
     def load(cls, folder: Path, expected_meta: dict | None = None) -> TeacherLogitCache:
         """Load and check against `expected_meta`: any of teacher_fingerprint, blocks_sha256
         (or `blocks`, a tensor that is hashed), top_k, temperature, vocab_size, n_blocks,
         seq_len. A mismatch raises MinitronError."""
-        folder = Path(folder)
-        meta_file, tensor_file = folder / CACHE_META, folder / CACHE_TENSORS
-        if not meta_file.is_file() or not tensor_file.is_file():
-            raise MinitronError(f"no teacher logit cache in '{folder}' (a file is missing): delete the folder to rebuild it from the teacher, then rerun")
+        rebuild = "delete the folder to rebuild it from the teacher, then rerun"
+        corrupt = f"the teacher logit cache in '{folder}' is corrupt ({{why}}): {rebuild}"
+        meta, tensors = load_tensors(folder, CACHE_TENSORS, CACHE_META, f"no teacher logit cache in '{folder}' (a file is missing): {rebuild}", corrupt)
         try:
-            meta = json.loads(meta_file.read_text())
-            tensors = load_file(str(tensor_file))
             cache = cls(tensors["logprobs"], tensors["indices"], meta)
-        except Exception as err:  # corrupt JSON or safetensors, missing tensor, tensors that disagree
-            why = str(err) if isinstance(err, MinitronError) else type(err).__name__
-            raise MinitronError(
-                f"the teacher logit cache in '{folder}' is corrupt ({why}): delete the folder to rebuild it from the teacher, then rerun"
-            ) from None
+        except Exception as err:  # a missing tensor, tensors that disagree
+            raise MinitronError(corrupt.replace("{why}", str(err) if isinstance(err, MinitronError) else type(err).__name__)) from None
         cache.check(expected_meta or {}, where=f"in '{folder}'")
         return cache
 

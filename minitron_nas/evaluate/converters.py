@@ -166,50 +166,36 @@ def _wikitext(raw_path: Path, layout_path: Path) -> Iterator[Record]:
 
 # --------------------------------------------------------------------------- the tasks
 
-_ARC_E = (("arc/ARC-Easy-Test.jsonl",), _arc)
-_ARC_C = (("arc/ARC-Challenge-Test.jsonl",), _arc)
+
+def _task(name: str, yaml: str, convert: Callable, splits: dict[str, tuple[str, ...]], eval_split: str, train: tuple[str, ...] = (), **kw) -> TaskSpec:
+    """A TaskSpec whose splits (and training split, when given) are all read by `convert`."""
+    return TaskSpec(name, yaml, {split: (files, convert) for split, files in splits.items()}, eval_split, train=(train, convert) if train else None, **kw)
+
+
+def _arc_task(level: str) -> TaskSpec:
+    files = {split: (f"arc/ARC-{level}-{part}.jsonl",) for split, part in (("test", "Test"), ("validation", "Dev"), ("train", "Train"))}
+    train = files.pop("train")
+    return _task(f"arc_{level.lower()}", f"arc/arc_{level.lower()}.yaml", _arc, files, "test", train)
+
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec(
-            "arc_easy",
-            "arc/arc_easy.yaml",
-            {"test": _ARC_E, "validation": (("arc/ARC-Easy-Dev.jsonl",), _arc)},
-            "test",
-            train=(("arc/ARC-Easy-Train.jsonl",), _arc),
-        ),
-        TaskSpec(
-            "arc_challenge",
-            "arc/arc_challenge.yaml",
-            {"test": _ARC_C, "validation": (("arc/ARC-Challenge-Dev.jsonl",), _arc)},
-            "test",
-            train=(("arc/ARC-Challenge-Train.jsonl",), _arc),
-        ),
-        TaskSpec(
+        _arc_task("Easy"),
+        _arc_task("Challenge"),
+        _task(
             "piqa",
             "piqa/piqa.yaml",
-            {"validation": (("piqa/valid.jsonl", "piqa/valid-labels.lst"), _piqa)},
+            _piqa,
+            {"validation": ("piqa/valid.jsonl", "piqa/valid-labels.lst")},
             "validation",
-            train=(("piqa/train.jsonl", "piqa/train-labels.lst"), _piqa),
+            ("piqa/train.jsonl", "piqa/train-labels.lst"),
         ),
-        TaskSpec(
-            "winogrande",
-            "winogrande/default.yaml",
-            {"validation": (("winogrande/dev.jsonl",), _winogrande)},
-            "validation",
-            train=(("winogrande/train_xl.jsonl",), _winogrande),
-        ),
+        _task("winogrande", "winogrande/default.yaml", _winogrande, {"validation": ("winogrande/dev.jsonl",)}, "validation", ("winogrande/train_xl.jsonl",)),
         # lm-eval's LAMBADA has no training split: its few-shot examples come from the test split
-        TaskSpec("lambada_openai", "lambada/lambada_openai.yaml", {"test": (("lambada/lambada_test.jsonl",), _lambada)}, "test", fewshot_split="test"),
-        TaskSpec(
-            "boolq",
-            "super_glue/boolq/default.yaml",
-            {"validation": (("boolq/superglue_val.jsonl",), _boolq)},
-            "validation",
-            train=(("boolq/superglue_train.jsonl",), _boolq),
-        ),
-        TaskSpec("wikitext", "wikitext/wikitext.yaml", {"test": (("wikitext2_raw/wiki.test.raw", "wikitext2/test.txt"), _wikitext)}, "test"),
+        _task("lambada_openai", "lambada/lambada_openai.yaml", _lambada, {"test": ("lambada/lambada_test.jsonl",)}, "test", fewshot_split="test"),
+        _task("boolq", "super_glue/boolq/default.yaml", _boolq, {"validation": ("boolq/superglue_val.jsonl",)}, "validation", ("boolq/superglue_train.jsonl",)),
+        _task("wikitext", "wikitext/wikitext.yaml", _wikitext, {"test": ("wikitext2_raw/wiki.test.raw", "wikitext2/test.txt")}, "test"),
     )
 }
 SUPPORTED = tuple(TASKS)

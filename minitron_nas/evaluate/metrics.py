@@ -89,13 +89,6 @@ class Metric(ABC):
     @abstractmethod
     def measure(self, model) -> Measurement: ...
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if self.maximize else a < b
-
-    def sort_key(self, value: float) -> float:
-        """Ascending sort key: best first."""
-        return -value if self.maximize else value
-
 
 class _PerBlock(Metric):
     """A metric averaged per held-out block of [N, S] token ids, N >= 2 for an error."""

@@ -17,26 +17,26 @@ from minitron_nas.errors import MinitronError
 # Pruning axes a tensor dimension can follow. None means "never pruned" (vocab, head_dim).
 HIDDEN, QUERY, KV, FFN = "hidden", "query", "kv", "ffn"
 
+# The linear layers: axis of the output and of the input dimension of the weight ([out, in]);
+# a bias follows the output.
+_LINEARS: dict[str, tuple[str, str]] = {
+    "q_proj": (QUERY, HIDDEN),
+    "k_proj": (KV, HIDDEN),
+    "v_proj": (KV, HIDDEN),
+    "o_proj": (HIDDEN, QUERY),
+    "gate_proj": (FFN, HIDDEN),
+    "up_proj": (FFN, HIDDEN),
+    "down_proj": (HIDDEN, FFN),
+}
+
 # Parameter name suffix -> axis per dimension. Shared by all supported families.
 _COMMON_AXES: dict[str, tuple[str | None, ...]] = {
     "embed_tokens.weight": (None, HIDDEN),
     "lm_head.weight": (None, HIDDEN),
-    "q_proj.weight": (QUERY, HIDDEN),
-    "q_proj.bias": (QUERY,),
-    "k_proj.weight": (KV, HIDDEN),
-    "k_proj.bias": (KV,),
-    "v_proj.weight": (KV, HIDDEN),
-    "v_proj.bias": (KV,),
-    "o_proj.weight": (HIDDEN, QUERY),
-    "o_proj.bias": (HIDDEN,),
     "q_norm.weight": (None,),
     "k_norm.weight": (None,),
-    "gate_proj.weight": (FFN, HIDDEN),
-    "gate_proj.bias": (FFN,),
-    "up_proj.weight": (FFN, HIDDEN),
-    "up_proj.bias": (FFN,),
-    "down_proj.weight": (HIDDEN, FFN),
-    "down_proj.bias": (HIDDEN,),
+    **{f"{name}.weight": axes for name, axes in _LINEARS.items()},
+    **{f"{name}.bias": axes[:1] for name, axes in _LINEARS.items()},
 }
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.files import file_mode, write_failure
+from minitron_nas.files import file_mode, write_atomic
 
 GGUF_TYPES = {
     # --gguf name -> (type of the matrices, file type recorded in general.file_type)
@@ -186,8 +184,8 @@ def write_gguf(folder: Path, out: Path | None = None, gguf_type: str = "f16", na
     if not weights_file.is_file():
         raise MinitronError(f"'{folder}' has no model.safetensors: give a folder written by the export")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or json.loads((folder / "config.json").read_text()).get("_name_or_path") or folder.name)
@@ -222,14 +220,8 @@ def write_gguf(folder: Path, out: Path | None = None, gguf_type: str = "f16", na
         writer.write_tensors_to_file()
         writer.close()
         tmp.chmod(file_mode())
-        os.replace(tmp, out)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        failure = write_failure(out, err) if isinstance(err, Exception) else None
-        if failure is None:
-            raise
-        raise MinitronError(failure) from None
-    return out
+
+    return write_atomic(out, write)
 
 
 # --------------------------------------------------------------------------- checking a GGUF

@@ -9,7 +9,8 @@ reads only there. `_name_or_path` is the model's name, never a local path.
 
 `export_winner` adds what users ship: the best architecture with its provenance as JSON
 and a model card (README.md) with architecture, parameter counts, training tokens and
-evaluation results beside the teacher's.
+evaluation results beside the teacher's. `save_tensors` and `load_tensors` keep named tensors
+with a JSON of what they were made from (the rankings, the teacher logit cache).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from safetensors.torch import load_file, save_file
 
+from minitron_nas.errors import MinitronError
 from minitron_nas.files import atomic_dir
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # a tokenizer.json tokenizer in transformers 4.x and 5.x
@@ -69,6 +72,28 @@ def _portable_tokenizer(folder: Path) -> None:
     if template.is_file() and "chat_template" not in config:
         config["chat_template"] = template.read_text()
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_tensors(folder: Path, tensors: dict, meta: dict, tensor_file: str, meta_file: str, overwrite: bool = False) -> None:
+    """`tensors` as safetensors and `meta` as JSON in `folder`, written atomically: a temporary sibling folder, renamed when complete."""
+    with atomic_dir(Path(folder), overwrite) as tmp:
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp / tensor_file))
+        (tmp / meta_file).write_text(json.dumps(meta, indent=2))
+
+
+def load_tensors(folder: Path, tensor_file: str, meta_file: str, missing: str, corrupt: str) -> tuple[dict, dict]:
+    """The (meta, tensors) that `save_tensors` wrote in `folder`.
+
+    Raises MinitronError: `missing` when a file is missing, `corrupt` (its `{why}` replaced by the
+    error's type) when the JSON or the safetensors do not read.
+    """
+    meta_path, tensor_path = Path(folder) / meta_file, Path(folder) / tensor_file
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise MinitronError(missing)
+    try:
+        return json.loads(meta_path.read_text()), load_file(str(tensor_path))
+    except Exception as err:  # corrupt JSON or safetensors header
+        raise MinitronError(corrupt.replace("{why}", type(err).__name__)) from None
 
 
 def save_model(

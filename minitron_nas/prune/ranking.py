@@ -15,23 +15,22 @@ held-out loss of the model with that layer skipped.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from minitron_nas.config.settings import Aggregation, RankSettings
 from minitron_nas.data import token_blocks
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.heldout import lm_loss
-from minitron_nas.files import atomic_dir, check_writable
+from minitron_nas.files import check_writable
 from minitron_nas.model.architecture import head_dim_of
 from minitron_nas.model.devices import model_device, model_dtype, to_model_device
 from minitron_nas.model.families import family_for, final_norm, layers_of
+from minitron_nas.model.saving import load_tensors, save_tensors
 from minitron_nas.model.teachers import Teacher, check_context
 from minitron_nas.provenance import refuse_if_changed
 
@@ -99,10 +98,8 @@ class Rankings:
     meta: dict = field(default_factory=dict)
 
     def save(self, out: Path, overwrite: bool = False) -> None:
-        tensors = {k: getattr(self, k).contiguous() for k in _TENSORS if getattr(self, k) is not None}
-        with atomic_dir(Path(out), overwrite) as tmp:
-            save_file(tensors, str(tmp / TENSOR_FILE))
-            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2))
+        tensors = {k: getattr(self, k) for k in _TENSORS if getattr(self, k) is not None}
+        save_tensors(out, tensors, self.meta, TENSOR_FILE, META_FILE, overwrite)
 
     @staticmethod
     def weights_file(folder: Path) -> Path:
@@ -111,15 +108,13 @@ class Rankings:
 
     @classmethod
     def load(cls, folder: Path, teacher_fingerprint: str | None = None) -> Rankings:
-        folder = Path(folder)
-        meta_file, tensor_file = folder / META_FILE, folder / TENSOR_FILE
-        if not meta_file.is_file() or not tensor_file.is_file():
-            raise MinitronError(f"no rankings in '{folder}': run `minitron-nas rank` first or fix --rankings")
-        try:
-            meta = json.loads(meta_file.read_text())
-            tensors = load_file(str(tensor_file))
-        except Exception as err:  # corrupt JSON or safetensors header
-            raise MinitronError(f"rankings in '{folder}' are corrupt ({type(err).__name__}): rerun `minitron-nas rank`") from None
+        meta, tensors = load_tensors(
+            folder,
+            TENSOR_FILE,
+            META_FILE,
+            missing=f"no rankings in '{folder}': run `minitron-nas rank` first or fix --rankings",
+            corrupt=f"rankings in '{folder}' are corrupt ({{why}}): rerun `minitron-nas rank`",
+        )
         missing = [k for k in _TENSORS[:4] if k not in tensors]
         if missing:
             raise MinitronError(f"rankings in '{folder}' lack '{missing[0]}': rerun `minitron-nas rank`")
@@ -313,6 +308,6 @@ def rank(teacher: Teacher, settings: RankSettings, out: Path | None = None, over
 
 def load_or_rank(teacher: Teacher, settings: RankSettings, folder: Path) -> Rankings:
     """The rankings saved in `folder` (refused if made for another teacher), else rank and save them there."""
-    if (Path(folder) / "rankings.json").is_file():
+    if (Path(folder) / META_FILE).is_file():
         return Rankings.load(folder, teacher.fingerprint)
     return rank(teacher, settings, folder)

@@ -1,1 +1,1 @@
-"""Recipes: whole stages over a run folder (run, distill, export), each resumable."""
+"""Recipes: one function per `minitron-nas` command, with its options (the Python API), and the stages over a run folder, each resumable."""

@@ -23,7 +23,7 @@ from minitron_nas.model.teachers import Teacher
 from minitron_nas.prune.pruning import prune, select
 from minitron_nas.prune.ranking import Rankings
 from minitron_nas.recipes.search import best_arch
-from minitron_nas.search.runner import read_state
+from minitron_nas.search.rung_states import read_state
 
 __all__ = ["distill_winner", "heldout_metrics", "winner"]
 

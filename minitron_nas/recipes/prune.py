@@ -1,13 +1,14 @@
-"""The prune recipe: a teacher sliced to an architecture along its rankings, saved with provenance.
+"""The rank and prune recipes: a teacher's rankings, and the teacher sliced to an architecture along them, saved with provenance.
 
-Also the two weightless questions the CLI answers beside it: exact parameter counts of an
-architecture, and a model's mean next-token loss on text.
+Also the two questions the CLI answers beside them: exact parameter counts of an architecture
+(weightless), and a model's mean next-token loss on text.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from minitron_nas.config.settings import RankSettings
 from minitron_nas.data import token_blocks
 from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.files import check_writable
@@ -15,9 +16,18 @@ from minitron_nas.model.architecture import Architecture, ParamCount, ParamCount
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import Teacher, check_context, load_config, load_teacher
 from minitron_nas.prune.pruning import prune
-from minitron_nas.prune.ranking import Rankings
+from minitron_nas.prune.ranking import Rankings, rank
 
-__all__ = ["check_architecture", "count_parameters", "heldout_loss", "prune_model", "prune_to"]
+__all__ = ["check_architecture", "count_parameters", "model_loss", "prune_model", "prune_to", "rank_model"]
+
+
+def rank_model(
+    model: str, out: Path, settings: RankSettings = RankSettings(), overwrite: bool = False, device: str = "auto", dtype: str = "auto"
+) -> tuple[Teacher, Rankings]:
+    """`minitron-nas rank`: `out` checked before the weights load, then the teacher's rankings saved there."""
+    check_writable(out, overwrite)
+    teacher = load_teacher(model, device, dtype)
+    return teacher, rank(teacher, settings, out, overwrite)
 
 
 def check_architecture(model: str, arch: str | None) -> tuple[object, Architecture]:
@@ -89,7 +99,10 @@ def prune_to(
     return student
 
 
-def heldout_loss(model, tokenizer, data: str, samples: int = 32, seq_len: int = 256, split: str = "heldout") -> float:
-    """Mean next-token loss (nats) of `model` on `samples` blocks of `data`."""
-    check_context(model.config, seq_len, "--seq-len")
-    return lm_loss(model, token_blocks(data, tokenizer, seq_len, samples, split), progress=True)
+def model_loss(
+    model: str, data: str = "shakespeare", samples: int = 32, seq_len: int = 256, split: str = "heldout", device: str = "auto", dtype: str = "auto"
+) -> tuple[Teacher, float]:
+    """`minitron-nas loss`: the mean next-token loss (nats) of `model` on `samples` blocks of `data`."""
+    teacher = load_teacher(model, device, dtype)
+    check_context(teacher.model.config, seq_len, "--seq-len")
+    return teacher, lm_loss(teacher.model, token_blocks(data, teacher.tokenizer, seq_len, samples, split), progress=True)

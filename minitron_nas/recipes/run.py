@@ -19,9 +19,9 @@ from minitron_nas.provenance import data_signature, file_sha256, first_differenc
 from minitron_nas.prune.ranking import load_or_rank
 from minitron_nas.recipes.distill import distill_winner
 from minitron_nas.recipes.export import export_stage
+from minitron_nas.recipes.report import report_stage
 from minitron_nas.recipes.search import best_arch
 from minitron_nas.report.dashboard import build_dashboard
-from minitron_nas.report.summary import write_report
 from minitron_nas.search.runner import run_search
 from minitron_nas.search.study import check_study_file
 
@@ -87,8 +87,7 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
                 run_search(space, out, storage, n_trials, resume=resume, teacher=teacher, on_trial=lambda study, _: build_dashboard(out, study=study))
             except MinitronError:  # e.g. every candidate failed: the views still show what happened
                 if RunFolder(out).study_db.is_file() or storage is not None:
-                    build_dashboard(out, storage)
-                    write_report(out, storage)
+                    report_stage(out, storage)
                 raise
             if not RunFolder(out).best_arch.is_file():
                 raise MinitronError(f"the search has not finished its last rung yet: rerun the same command to continue ({out / 'trials.csv'})")
@@ -104,8 +103,7 @@ def _run_single(space, out: Path, storage, n_trials, teacher) -> Path:
             _mark_done(out, "export", {"folder": str(RunFolder(out).export)})
         stage = "report"
         if "report" not in done:
-            build_dashboard(out, storage)
-            write_report(out, storage)
+            report_stage(out, storage)
             _mark_done(out, "report", {"dashboard": str(RunFolder(out).dashboard)})
     except KeyboardInterrupt as err:
         kept = list(finished_stages(out))

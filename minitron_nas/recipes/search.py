@@ -13,10 +13,10 @@ from minitron_nas.config.space import DeviceSettings, SearchSpace
 from minitron_nas.errors import add_resume_hint
 from minitron_nas.files import RunFolder, read_stage_file
 from minitron_nas.model.teachers import Teacher, load_config, load_teacher
-from minitron_nas.search.candidates import require_feasible
+from minitron_nas.search.candidates import Candidate, enumerate_candidates, load_space, require_feasible
 from minitron_nas.search.runner import run_search
 
-__all__ = ["best_arch", "run_folder", "search", "with_device"]
+__all__ = ["best_arch", "feasible_candidates", "run_folder", "search", "with_device"]
 
 
 def best_arch(out: Path) -> dict:
@@ -33,6 +33,15 @@ def run_folder(space_file: Path, out: Path | None) -> Path:
 def with_device(space: SearchSpace, device: str | None, dtype: str | None) -> SearchSpace:
     """The space with `device` / `dtype`, where given, replacing its `device:` section."""
     return replace(space, device=DeviceSettings(device or space.device.device, dtype or space.device.dtype))
+
+
+def feasible_candidates(space_file: Path) -> tuple[SearchSpace, list[Candidate], int]:
+    """`minitron-nas enumerate`: (the space, its candidates within the budget closest to it first, how many
+    architectures its axes allow); a budget no candidate meets is refused. Exact counts, no weights."""
+    space = load_space(space_file)
+    config = load_config(space.teacher)
+    feasible = require_feasible(space, config)
+    return space, feasible, len(enumerate_candidates(space, config)[1])
 
 
 def search(

@@ -53,7 +53,7 @@ from minitron_nas.search.halving import Schedule, plan_schedule, promote, tie_ke
 from minitron_nas.search.lines import say, shown
 from minitron_nas.search.outputs import write_outputs
 from minitron_nas.search.rung0 import PrunedScoring
-from minitron_nas.search.rung_states import forget_states, load_state, read_state, save_state, state_file
+from minitron_nas.search.rung_states import forget_states, load_state, save_state
 from minitron_nas.search.samplers import sampler_named
 from minitron_nas.search.study import (
     heartbeat_seconds,
@@ -74,7 +74,6 @@ from minitron_nas.search.trials import (
     carried,
     distributions,
     earlier_live,
-    made_from,
     open_study,
     queue_candidate,
     queue_proposals,
@@ -83,18 +82,7 @@ from minitron_nas.search.trials import (
     work_trials,
 )
 
-__all__ = [
-    "candidate_pool",
-    "forget_states",
-    "made_from",
-    "open_study",
-    "read_state",
-    "run_search",
-    "schedule_for",
-    "state_file",
-    "training_pool",
-    "write_outputs",
-]
+__all__ = ["candidate_pool", "run_search", "schedule_for", "training_pool"]
 
 POOL_FACTOR = 4  # training rows drawn from a pool this many times larger than one run needs, so seeds draw different rows
 ORDER_SEED = 7919  # data order j > 0 of the pilot trains with seed + j * ORDER_SEED

@@ -184,3 +184,33 @@ def test_options_that_mirror_a_settings_field_share_its_default():
         for param in shared:
             empty = param.default in ((), []) and defaults[param.name] == ()
             assert param.default is None or param.default == defaults[param.name] or empty, (command, param.name, param.default)
+
+
+def test_each_command_is_one_api_function_with_the_same_options():
+    """The CLI is the Python API: a command's options are the arguments of the one function it calls
+    (`rank`'s calibration options fill that function's RankSettings)."""
+    import dataclasses
+    import inspect
+
+    import typer.main
+
+    import minitron_nas
+
+    api = {
+        "rank": "rank_model",
+        "count": "count_parameters",
+        "prune": "prune_model",
+        "loss": "model_loss",
+        "evaluate": "evaluate_model",
+        "dashboard": "report_stage",
+    }
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    for command, name in api.items():
+        assert name in minitron_nas.__all__, name
+        arguments = set(inspect.signature(getattr(minitron_nas, name)).parameters)
+        options = {p.name for p in commands[command].params}
+        if command == "rank":
+            options -= {f.name for f in dataclasses.fields(RankSettings)} | {"batch_agg", "seq_agg"}
+        assert options <= arguments, (command, sorted(options - arguments))
+    for name in minitron_nas.__all__:  # every exported name resolves
+        assert getattr(minitron_nas, name) is not None, name

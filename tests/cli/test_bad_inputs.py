@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from minitron_nas.cli.app import app
 from minitron_nas.config.settings import RetrainSettings
 from minitron_nas.config.space import Budget, ScoringSettings
+from minitron_nas.model import saving
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import EMBEDDED, embedded_gguf
 from minitron_nas.prune import ranking
@@ -48,16 +49,26 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def fresh_copy(source: Path, out: Path) -> Path:
+    """`out` as a copy of `source`, whatever an earlier run of the test left there."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(source, out)
+    return out
+
+
+def kept_whole(folder: Path, what: str):
+    """A fixture's body: yield `folder`, then check it byte for byte and that no temporary file is left beside it."""
+    before = snapshot(folder)
+    yield folder
+    assert snapshot(folder) == before, f"{what} was modified"
+    assert not leftovers(folder.parent)
+
+
 def leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if ".partial" in p.name or ".old-" in p.name]
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def corpus(shared_data) -> str:
-    return str(shared_data / "tinyshakespeare" / "input.txt")
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +125,7 @@ def previous_run(root, good_space) -> Path:
 @pytest.fixture
 def intact_run(previous_run):
     """The previous run, checked byte for byte after the test."""
-    before = snapshot(previous_run)
-    yield previous_run
-    assert snapshot(previous_run) == before, "the earlier search run was modified"
-    assert not leftovers(previous_run.parent)
+    yield from kept_whole(previous_run, "the earlier search run")
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +138,7 @@ def rankings_dir(root, teacher, corpus) -> Path:
 
 @pytest.fixture
 def intact_rankings(rankings_dir):
-    before = snapshot(rankings_dir)
-    yield rankings_dir
-    assert snapshot(rankings_dir) == before, "the earlier rankings were modified"
-    assert not leftovers(rankings_dir.parent)
+    yield from kept_whole(rankings_dir, "the earlier rankings")
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -352,7 +357,7 @@ def test_disk_full_during_a_checkpoint(root, teacher, corpus, rankings_dir, monk
     if what == "rankings":
         out = root / "rankings-to-replace"
         shutil.copytree(rankings_dir, out)
-        monkeypatch.setattr(ranking, "save_file", lambda tensors, path, *a, **k: _disk_full(path))
+        monkeypatch.setattr(saving, "save_file", lambda tensors, path, *a, **k: _disk_full(path))
         command = ["rank", "--model", teacher, "--data", corpus, "--out", out, "--overwrite", *TINY_RANK]
     else:
         out = root / "model-to-replace"
@@ -604,10 +609,7 @@ def distilled_run(root, previous_run, distill_space) -> Path:
 
 @pytest.fixture
 def intact_distilled(distilled_run):
-    before = snapshot(distilled_run)
-    yield distilled_run
-    assert snapshot(distilled_run) == before, "the distilled run was modified"
-    assert not leftovers(distilled_run.parent)
+    yield from kept_whole(distilled_run, "the distilled run")
 
 
 def test_distillation_resumed_with_other_data(root, teacher, corpus, intact_distilled):
@@ -619,9 +621,7 @@ def test_distillation_resumed_with_other_data(root, teacher, corpus, intact_dist
 
 
 def test_distillation_resumed_for_another_student(root, distill_space, distilled_run):
-    out = root / "other-student"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(distilled_run, out)
+    out = fresh_copy(distilled_run, root / "other-student")
     best = json.loads((out / "best_arch.json").read_text())
     best["architecture"]["intermediate_size"] = 96 if best["architecture"]["intermediate_size"] != 96 else 48
     (out / "best_arch.json").write_text(json.dumps(best))
@@ -631,27 +631,20 @@ def test_distillation_resumed_for_another_student(root, distill_space, distilled
     assert snapshot(out) == before
 
 
-def test_corrupt_distillation_checkpoint(root, distill_space, distilled_run):
-    out = root / "corrupt-checkpoint"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(distilled_run, out)
-    state = out / "distill" / "checkpoint" / "optimizer.bin"
-    state.write_bytes(state.read_bytes()[:100])
+@pytest.mark.parametrize(
+    "command, damaged, kept_bytes, fragments",
+    [
+        ("distill", "distill/checkpoint/optimizer.bin", 100, ("checkpoint in", "is unreadable", "delete it to start the distillation over")),
+        ("export", "distill/model/model.safetensors", 1000, ("are unreadable", "rerun `minitron-nas distill`")),
+    ],
+)
+def test_a_cut_file_of_a_distilled_run_is_refused_untouched(root, distill_space, distilled_run, command, damaged, kept_bytes, fragments):
+    """A cut checkpoint (distill) or distilled model (export): one line naming it, the run folder unchanged."""
+    out = fresh_copy(distilled_run, root / f"cut-for-{command}")
+    (out / damaged).write_bytes((out / damaged).read_bytes()[:kept_bytes])
     before = snapshot(out)
-    result = invoke("distill", distill_space, "--out", out)
-    assert_one_line_error(result, "checkpoint in", "is unreadable", "delete it to start the distillation over", alone=False)
-    assert snapshot(out) == before
-
-
-def test_export_of_an_unreadable_distilled_model(root, distill_space, distilled_run):
-    out = root / "unreadable-distilled"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(distilled_run, out)
-    weights = out / "distill" / "model" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    before = snapshot(out)
-    result = invoke("export", distill_space, "--out", out)
-    assert_one_line_error(result, "are unreadable", "rerun `minitron-nas distill`", alone=False)
+    result = invoke(command, distill_space, "--out", out)
+    assert_one_line_error(result, *fragments, alone=False)
     assert snapshot(out) == before and not (out / "export").exists()
 
 
@@ -668,9 +661,7 @@ def test_export_gguf_options_are_checked_before_any_work(distill_space, intact_d
 
 
 def test_export_with_gguf_writes_it_beside_the_folder(root, distill_space, distilled_run, monkeypatch):
-    out = root / "gguf-export"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(distilled_run, out)
+    out = fresh_copy(distilled_run, root / "gguf-export")
     for binding in ("llama_cpp", "ik_llama_cpp"):
         monkeypatch.setitem(sys.modules, binding, None)  # the check says why it is skipped, in one line
     result = invoke("export", distill_space, "--out", out, "--gguf", "q8_0", "--check")

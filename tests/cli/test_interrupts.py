@@ -68,11 +68,6 @@ def signal_after(monkeypatch, owner, name: str, sig: int, when=lambda *a, **k: T
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data) -> str:
-    return str(shared_data / "tinyshakespeare" / "input.txt")
-
-
-@pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("interrupts")
 

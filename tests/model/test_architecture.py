@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from helpers import TINY_CONFIGS, tiny_model
+from helpers import TINY_CONFIGS, random_rankings, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minitron_nas.errors import MinitronError
@@ -18,19 +18,8 @@ from minitron_nas.model.architecture import (
     validate,
 )
 from minitron_nas.prune.pruning import prune
-from minitron_nas.prune.ranking import Rankings
 
 N_RANDOM = 50
-
-
-def random_rankings(teacher: Architecture, seed: int) -> Rankings:
-    g = torch.Generator().manual_seed(seed)
-    return Rankings(
-        heads=torch.rand(teacher.num_hidden_layers, teacher.num_attention_heads, generator=g),
-        neurons=torch.rand(teacher.num_hidden_layers, teacher.intermediate_size, generator=g),
-        channels=torch.rand(teacher.hidden_size, generator=g),
-        block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
-    )
 
 
 def random_arch(teacher: Architecture, rng: random.Random, explicit_layers: bool) -> Architecture:

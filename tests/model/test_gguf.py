@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from helpers import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, random_rankings, tiny_model
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -20,7 +20,6 @@ from minitron_nas.model.architecture import Architecture
 from minitron_nas.model.gguf import check_gguf, compare, gguf_path, transformers_logits, write_gguf
 from minitron_nas.model.saving import save_model
 from minitron_nas.prune.pruning import prune
-from minitron_nas.prune.ranking import Rankings
 
 # Tiny Llama: hidden 48, FFN 96, 6 heads of 8 in 2 KV groups, 4 layers.
 CUTS = {
@@ -35,14 +34,7 @@ BLOCKS = torch.randint(0, 257, (3, 24), generator=torch.Generator().manual_seed(
 def pruned(family: str, cut: str, vocab_size: int = 257):
     model = tiny_model(family, vocab_size=vocab_size)
     teacher = Architecture.from_config(model.config)
-    g = torch.Generator().manual_seed(1)
-    rankings = Rankings(
-        heads=torch.rand(teacher.num_hidden_layers, teacher.num_attention_heads, generator=g),
-        neurons=torch.rand(teacher.num_hidden_layers, teacher.intermediate_size, generator=g),
-        channels=torch.rand(teacher.hidden_size, generator=g),
-        block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
-    )
-    return prune(model, rankings, Architecture.from_dict(CUTS[cut], teacher)).eval()
+    return prune(model, random_rankings(teacher, seed=1), Architecture.from_dict(CUTS[cut], teacher)).eval()
 
 
 def tokenizer_with_a_merge(gpt2_regex: bool = False) -> PreTrainedTokenizerFast:

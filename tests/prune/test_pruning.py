@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_NAMES, random_blocks, tiny_model
+from helpers import FAMILY_NAMES, random_blocks, random_rankings, tiny_model
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture
@@ -17,16 +17,6 @@ from minitron_nas.model.families import layers_of
 from minitron_nas.model.saving import save_model
 from minitron_nas.prune.pruning import prune, select
 from minitron_nas.prune.ranking import Rankings
-
-
-def random_rankings(teacher: Architecture, seed: int = 0) -> Rankings:
-    g = torch.Generator().manual_seed(seed)
-    return Rankings(
-        heads=torch.rand(teacher.num_hidden_layers, teacher.num_attention_heads, generator=g),
-        neurons=torch.rand(teacher.num_hidden_layers, teacher.intermediate_size, generator=g),
-        channels=torch.rand(teacher.hidden_size, generator=g),
-        block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
-    )
 
 
 @torch.no_grad()

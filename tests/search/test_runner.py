@@ -40,11 +40,6 @@ AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_g
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data) -> str:
-    return str(shared_data / "tinyshakespeare" / "input.txt")
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Teacher:
     model = tiny_model("llama", vocab_size=257)
     folder = tmp_path_factory.mktemp("teacher") / "tiny-llama"
