@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         f"The pruned cut is ranked on 16 x 128 tokens of `{CALIBRATION}` and not retrained: its NLL is that of a "
         "freshly pruned model. `rounding alone`: the exported model with every weight rounded in place as the file "
         "stores it (norms in float32, matrices in f16 or q8_0), no file involved. `NLL llama.cpp`: the GGUF file run by "
-        f"llama.cpp itself ({llama_note}), the same blocks, the logits of every position; its perplexity beside the "
-        "exported folder's in transformers. `minitron-nas export --gguf TYPE --check` prints the same comparison.",
+        f"{llama_note}, on the same blocks, the logits of every position; its perplexity beside the exported folder's "
+        "in transformers. With q8_0, llama.cpp also rounds the activations to 8 bits in each matrix product, so it "
+        "differs from the rounded weights alone. `minitron-nas export --gguf TYPE --check` prints the same comparison.",
         "",
         "In every row the GGUF file gives exactly the logits of the model rounded in place: names, permutation and "
         "metadata add no error beyond the storage type's rounding."
