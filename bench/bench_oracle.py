@@ -297,6 +297,15 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
         return lines + ["The oracle has not run yet.", ""], missing
     best = min(seed0, key=lambda k: seed0[k]["kld"])
     var_seed = seed_variance(oracle)
+    top = sorted(seed0, key=lambda k: seed0[k]["kld"])[:4]
+    runs = sum(s in oracle[k] for k in top for s in (1, 2))
+    if runs < 2 * len(top):
+        missing.append(f"{fraction:.0%}: oracle seeds 1 and 2 for the best {len(top)} ({2 * len(top) - runs} of {2 * len(top)} runs)")
+    spread = (
+        f"pooled seed SD {math.sqrt(var_seed):.4f} from the candidates run on seeds 1 and 2"
+        if any(len(v) > 1 for v in oracle.values())
+        else "no candidate has run on seeds 1 and 2 yet, so that term is 0 for now"
+    )
 
     def regret(key: str) -> Measurement | None:
         if key not in seed0:
@@ -317,7 +326,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
     lines += [
         f"Oracle (each candidate distilled on T = {seed0[best]['tokens']:,} tokens): test KL per candidate, best first. "
         f"Within noise: the paired difference to the best is within its standard error over the test blocks plus "
-        f"the seed spread (pooled seed SD {math.sqrt(var_seed):.4f} from the candidates run on seeds 1 and 2).",
+        f"the seed spread ({spread}).",
         "",
         *markdown_table(["candidate", "params", "pruned KL (valid)", "final KL, seed 0", "seeds 1, 2", "minus the best (paired)", "within noise"], rows),
         "",
