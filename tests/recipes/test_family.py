@@ -1,5 +1,6 @@
 """`export --front` on a tiny teacher through the real pipeline: one loadable folder with its card
-per member of the Pareto front, an index, links in the views; a rerun skips finished members."""
+per member of the Pareto front, an index, links in the views; a rerun skips finished members and
+resumes a stopped distillation. Its bad options are in tests/cli/test_bad_inputs.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import optuna  # noqa: F401  imported here so Optuna's log handler binds to the real stderr, not a runner's
 import pandas as pd
 import pytest
-from helpers import assert_one_line_error, byte_tokenizer, tiny_model, write_space
+from helpers import byte_tokenizer, tiny_model, write_space
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -112,27 +113,3 @@ def test_a_member_stopped_mid_distillation_resumes_from_its_checkpoint(space, se
     index = pd.read_csv(RunFolder(out).family_index_csv)
     first = RunFolder(out) if index.winner[0] else RunFolder(out).family_member(index.key[0])
     assert json.loads(first.distill_summary.read_text())["tokens"] == 8 * 4 * 32
-
-
-@pytest.mark.parametrize(
-    "options, fragments",
-    [
-        (("--front-by", "params"), ("--front-by chooses the size of --front's Pareto front", "add --front")),
-        (("--front", "--gguf", "q8_0"), ("--front writes model folders only", "drop --gguf")),
-        (("--front", "--front-by", "speed"), ("--front-by 'speed' is not a size a front is drawn over", "give --front-by params or --front-by latency")),
-        (("--front", "--front-by", "latency"), ("the search measured no decode latency", "set `latency: {measure: true}`")),
-    ],
-)
-def test_bad_family_options_end_in_one_line_before_any_work(space, searched, options, fragments):
-    before = files(searched)
-    result = invoke("export", space, "--out", searched, *options)
-    assert_one_line_error(result, *fragments)
-    assert files(searched) == before and not RunFolder(searched).family.exists()
-
-
-def test_family_export_before_a_finished_search_ends_in_one_line(space, tmp_path):
-    empty = tmp_path / "empty-run"
-    empty.mkdir()
-    result = invoke("export", space, "--out", empty, "--front")
-    assert_one_line_error(result, "no finished search in", "run `minitron-nas search` to its last rung first")
-    assert not any(empty.iterdir())
