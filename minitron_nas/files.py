@@ -37,6 +37,7 @@ __all__ = [
     "check_writable",
     "decode_utf8",
     "file_mode",
+    "key_slug",
     "make_dir",
     "read_stage_file",
     "run_lock",
@@ -76,12 +77,25 @@ class RunFolder:
     # export
     export = property(lambda self: self.root / "export")
     teacher_scores = property(lambda self: self.root / "teacher_scores.json")
+    # export --front: one run-like folder per Pareto front member (its distill/ and export/), and their index
+    family = property(lambda self: self.root / "family")
+    family_index_csv = property(lambda self: self.root / "family" / "index.csv")
+    family_index_md = property(lambda self: self.root / "family" / "index.md")
     # report
     dashboard = property(lambda self: self.root / "dashboard.html")
     report = property(lambda self: self.root / "report.md")
     # held while a stage writes (run_lock)
     lock = property(lambda self: self.root / ".minitron.lock")
     lock_holder = property(lambda self: self.root / ".minitron.lock.json")  # pid, host, since, stage
+
+    def family_member(self, key: str) -> RunFolder:
+        """The folder of one front member: its own distill/ and export/, laid out as in a run folder."""
+        return RunFolder(self.family / key_slug(key))
+
+
+def key_slug(key: str) -> str:
+    """An architecture key (hidden/ffn/heads:kv/layers) as a file name that every filesystem accepts."""
+    return key.replace("/", "_").replace(":", "-")
 
 
 @contextmanager

@@ -314,22 +314,33 @@ def export(
     check: bool = typer.Option(
         False, "--check", help="with --gguf: compare the GGUF's next-token NLL in llama.cpp with transformers' (needs llama-cpp-python or ik-llama-cpp-python)"
     ),
+    front: bool = typer.Option(False, "--front", help="export each member of the last rung's Pareto front: RUN/family/<key>/export (a full distillation each)"),
+    front_by: str = typer.Option(None, help="with --front: the size the front is drawn over, params (default) or latency (needs latency.measure)"),
     device: str = _space_option(DeviceSettings, "device"),
     dtype: str = _space_option(DeviceSettings, "dtype"),
 ):
-    """Write RUN_DIR/export: the distilled winner, best_arch.json with provenance, a model card; optionally a GGUF beside it."""
+    """Write RUN_DIR/export: the distilled winner with provenance and a model card, optionally a GGUF beside it; --front: the whole Pareto front."""
     from minitron_nas.model.gguf import check_gguf_type, check_llama
     from minitron_nas.model.teachers import load_teacher
     from minitron_nas.recipes.export import export_gguf, export_stage
+    from minitron_nas.recipes.family import export_front, front_members
     from minitron_nas.recipes.search import run_folder, with_device
     from minitron_nas.search.candidates import load_space
 
+    if front_by is not None and not front:
+        raise MinitronError("--front-by chooses the size of --front's Pareto front: add --front, or drop --front-by")
+    if front and gguf is not None:
+        raise MinitronError("--front writes model folders only: drop --gguf (`export --gguf TYPE` without --front writes the winner's GGUF)")
     if gguf is not None:
         check_gguf_type(gguf)
     elif check:
         raise MinitronError("--check compares a GGUF file with transformers: add --gguf f16 (or bf16, q8_0)")
-    spec = with_device(load_space(space), device, dtype)
-    folder = run_folder(space, out)
+    spec, folder = with_device(load_space(space), device, dtype), run_folder(space, out)
+    if front:
+        front_members(folder, front_by or "params")  # a bad --front-by, an unfinished search or no latency: refused before the teacher loads
+        with run_lock(folder, "export"):
+            index = export_front(spec, folder, load_teacher(spec.teacher, spec.device.device, spec.device.dtype), front_by or "params")
+        return console.print(f"family exported, one folder per member -> {index}")
     if not RunFolder(folder).distilled_model.is_dir():
         raise MinitronError(f"no distilled model in '{folder}': run `minitron-nas distill` first")
     with run_lock(folder, "export"):

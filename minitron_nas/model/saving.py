@@ -162,6 +162,7 @@ def model_card(name: str, provenance: dict, scores: dict[str, dict[str, dict[str
     rankings = provenance.get("rankings") or {}
     search = provenance.get("search") or {}
     teacher_params = provenance.get("teacher_parameters", {})
+    role = search.get("role", "winner")  # `export --front`: also "member of the Pareto front by parameters"
     lines += [
         f"| parameters | {params['total']:,} | {teacher_params.get('total', 0):,} |",
         f"| non-embedding parameters | {params['non_embedding']:,} | {teacher_params.get('non_embedding', 0):,} |",
@@ -173,9 +174,9 @@ def model_card(name: str, provenance: dict, scores: dict[str, dict[str, dict[str
         f"(aggregation {json.dumps(rankings.get('aggregation'))});",
         f"2. **search**: every architecture within the budget ({json.dumps(provenance.get('budget', {}))}) pruned from the teacher "
         f"and retrained briefly by distillation, {search.get('search_tokens') or 0:,} training tokens over every candidate and rung; "
-        f"the winner (trial {search.get('trial')}) scored {search.get('metric')} = {_number(search.get('score'))}"
+        f"the {role} (trial {search.get('trial')}) scored {search.get('metric')} = {_number(search.get('score'))}"
         f"{f' +/- {_number(stderr)}' if (stderr := search.get('score_stderr')) is not None else ''};",
-        f"3. **distill**: the winner distilled from the teacher on {provenance.get('distill_tokens', 0):,} tokens.",
+        f"3. **distill**: the {role} distilled from the teacher on {provenance.get('distill_tokens', 0):,} tokens.",
         "",
         "## Evaluation",
         "",

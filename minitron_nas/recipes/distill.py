@@ -1,5 +1,6 @@
-"""The distill recipe: the search's winner, sliced and continued from its last search state,
-fully distilled from the live teacher into RUN/distill (checkpointed; a rerun resumes)."""
+"""The distill recipe: the search's winner (or any front member, for `export --front`), sliced
+and continued from its last search state, fully distilled from the live teacher into
+RUN/distill (checkpointed; a rerun resumes)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from minitron_nas.prune.pruning import prune, select
 from minitron_nas.prune.ranking import Rankings
 from minitron_nas.recipes.search import best_arch
 from minitron_nas.search.rung_states import read_state
+from minitron_nas.search.trials import arch_key
 
-__all__ = ["distill_winner", "heldout_metrics", "winner"]
+__all__ = ["distill_candidate", "distill_winner", "heldout_metrics"]
 
 
 @torch.no_grad()
@@ -37,22 +39,23 @@ def heldout_metrics(model, teacher_model, blocks: torch.Tensor, batch_size: int 
     return {"heldout_loss": loss.value, "heldout_loss_stderr": loss.stderr, "kld": kld.value, "kld_stderr": kld.stderr}
 
 
-def winner(out: Path, teacher: Teacher) -> tuple[Architecture, Rankings, dict]:
-    best = best_arch(out)
-    rankings = Rankings.load(RunFolder(out).rankings, teacher.fingerprint)
-    arch = Architecture.from_dict(best["architecture"], Architecture.from_config(teacher.model.config))
-    return arch, rankings, best
-
-
 def distill_winner(space, out: Path, teacher: Teacher) -> dict:
     """Full KD of the search's winner into out/distill (checkpointed; a rerun resumes).
 
     Under `accelerate launch` with N processes, `distill.tokens` stays the total: each
     optimizer step takes N x batch_size blocks, so there are N times fewer steps.
     """
-    folder = RunFolder(out).distill
+    best = best_arch(out)
+    return distill_candidate(space, out, teacher, best["architecture"], best.get("state"), RunFolder(out))
+
+
+def distill_candidate(space, out: Path, teacher: Teacher, architecture: dict, state: str | None, into: RunFolder) -> dict:
+    """Full KD of one searched architecture, continued from its rung `state` (None: from the
+    slice), into `into.distill` (checkpointed; a rerun resumes): the winner's into the run
+    folder itself, a front member's into its own folder (`export --front`)."""
+    folder = into.distill
     try:
-        return _distill_winner(space, out, teacher, folder)
+        return _distill(space, out, teacher, architecture, state, into)
     except KeyboardInterrupt as err:
         step, steps = Checkpoint.saved_step(folder), space.distill.total_steps
         if step is None:
@@ -65,12 +68,13 @@ def distill_winner(space, out: Path, teacher: Teacher) -> dict:
         raise
 
 
-def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
-
-    arch, rankings, best = winner(out, teacher)
-    chosen = select(rankings, arch, Architecture.from_config(teacher.model.config))
+def _distill(space, out: Path, teacher: Teacher, architecture: dict, state: str | None, into: RunFolder) -> dict:
+    teacher_arch = Architecture.from_config(teacher.model.config)
+    arch = Architecture.from_dict(architecture, teacher_arch)
+    rankings = Rankings.load(RunFolder(out).rankings, teacher.fingerprint)
+    chosen = select(rankings, arch, teacher_arch)
     student = prune(teacher.model, rankings, arch)
-    continued = _continue_from_search(student, arch, best)
+    continued = _continue_from_search(student, arch, state)
     spec = space.distill
     settings = replace(spec, seed=space.seed)
     processes = process_count()
@@ -79,7 +83,7 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
     train = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, settings.total_steps * spec.batch_size * spec.grad_accum * processes, "train")
     heldout = token_blocks(spec.data, teacher.tokenizer, spec.seq_len, spec.heldout_samples, "heldout")
     before = heldout_metrics(student, teacher.model, heldout)
-    result = distill(student, teacher.model, train, settings, folder, heldout, chosen.layers, chosen.channels)
+    result = distill(student, teacher.model, train, settings, into.distill, heldout, chosen.layers, chosen.channels)
     after = heldout_metrics(student, teacher.model, heldout)
     summary = {
         "architecture": arch.to_dict(),
@@ -93,23 +97,25 @@ def _distill_winner(space, out: Path, teacher: Teacher, folder: Path) -> dict:
         "continued_from_search_steps": continued,
     }
     if is_main_process():  # under `accelerate launch` every process holds the same student
-        save_model(student, RunFolder(out).distilled_model, teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
-        write_json_atomic(RunFolder(out).distill_summary, summary)
+        save_model(student, into.distilled_model, teacher.tokenizer, {"architecture": arch.to_dict()}, overwrite=True)
+        write_json_atomic(into.distill_summary, summary)
     wait_for_everyone()
     return summary
 
 
-def _continue_from_search(student, arch: Architecture, best: dict) -> int:
-    """Start from the winner's last stable state in the search (the steps it already trained,
+def _continue_from_search(student, arch: Architecture, state: str | None) -> int:
+    """Start from the candidate's last stable state in the search (the steps it already trained,
     before its rung's decay), so no search token is wasted; returns those steps (0: from the slice).
 
     Only the weights carry over: AdamW starts afresh with the distillation's own warm-up,
     since its batch, sequence length, teacher signal and losses may differ from the rungs'.
     """
-    saved = read_state(Path(best["state"])) if best.get("state") else None
+    saved = read_state(Path(state)) if state else None
     sizes = lambda a: {k: v for k, v in a.items() if k != "layers"}
     if saved is None or sizes(saved["architecture"]) != sizes(arch.to_dict()):
-        return 0  # none kept, or made for another architecture than best_arch.json names now
+        return 0  # none kept, or made for another architecture than the one asked for now
     student.load_state_dict(saved["model"])
-    print(f"distill: continuing the winner's search run from its step {saved['step']} (the state before its last rung's decay)", file=sys.stderr, flush=True)
+    print(
+        f"distill: continuing {arch_key(arch)}'s search run from its step {saved['step']} (the state before its last rung's decay)", file=sys.stderr, flush=True
+    )
     return int(saved["step"])

@@ -16,24 +16,30 @@ from minitron_nas.model.saving import export_winner
 from minitron_nas.model.teachers import Teacher, load_model
 from minitron_nas.provenance import file_sha256
 from minitron_nas.prune.ranking import Rankings
-from minitron_nas.recipes.distill import winner
+from minitron_nas.recipes.search import best_arch
 
-__all__ = ["export_gguf", "export_stage"]
+__all__ = ["export_candidate", "export_gguf", "export_stage"]
 
 
 def export_stage(space, out: Path, teacher: Teacher) -> Path:
     """out/export: the distilled winner, best_arch.json with provenance, and a model card."""
+    best = best_arch(out)
+    search = {k: best.get(k) for k in ("metric", "score", "score_stderr", "tied_with", "rung_metric", "trial", "rungs", "search_tokens")}
+    return export_candidate(space, out, teacher, best["architecture"], search, RunFolder(out), RunFolder(out).export)
 
-    arch, rankings, best = winner(out, teacher)
-    summary = read_stage_file(
-        RunFolder(out).distill_summary, "rerun `minitron-nas distill` (it resumes from its last checkpoint)", keys=("teacher", "after", "tokens")
-    )
+
+def export_candidate(space, out: Path, teacher: Teacher, architecture: dict, search: dict, source: RunFolder, dest: Path) -> Path:
+    """`dest`: the model distilled in `source.distill`, scored beside the teacher, with provenance
+    (`search`: what the search said of it) and a model card; the winner's and each front member's."""
+    summary = read_stage_file(source.distill_summary, "rerun `minitron-nas distill` (it resumes from its last checkpoint)", keys=("teacher", "after", "tokens"))
     fix = "delete it and rerun `minitron-nas distill` (it resumes from its last checkpoint)"
     model = load_model(
-        RunFolder(out).distilled_model, fix=fix, dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
+        source.distilled_model, fix=fix, dtype=model_dtype(teacher.model), device_map=model_device(teacher.model)
     ).eval()  # scored where, and in the dtype in which, the teacher runs
     counter = ParamCounter(teacher.model.config)
     teacher_arch = Architecture.from_config(teacher.model.config)
+    arch = Architecture.from_dict(architecture, teacher_arch)
+    rankings = Rankings.load(RunFolder(out).rankings, teacher.fingerprint)
     scores = {"teacher": {}, "student": {}}
     if space.scoring.metric == "lm_eval":
         spec = space.scoring
@@ -58,11 +64,11 @@ def export_stage(space, out: Path, teacher: Teacher) -> Path:
             "sha256": file_sha256(Rankings.weights_file(RunFolder(out).rankings))[:16],
         },
         "budget": asdict(space.budget),
-        "search": {k: best.get(k) for k in ("metric", "score", "score_stderr", "tied_with", "rung_metric", "trial", "rungs", "search_tokens")},
+        "search": search,
         "distill_tokens": summary["tokens"],
         "space": space.source,
     }
-    return export_winner(model, teacher.tokenizer, RunFolder(out).export, provenance, scores)
+    return export_winner(model, teacher.tokenizer, dest, provenance, scores)
 
 
 def export_gguf(space, out: Path, teacher: Teacher, gguf_type: str, check: bool = False) -> tuple[Path, str | None]:

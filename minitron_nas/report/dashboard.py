@@ -14,7 +14,8 @@ a div with a stable id:
 - `head-importance`, `neuron-channel-importance`, `layer-importance`: the rankings in
   RUN_DIR/rankings (heads per layer; neuron and channel score distributions; Block
   Importance and, when ranked with --layer-loss, the loss with each layer dropped);
-- `distill-curves`: the final distillation of the winner, from RUN_DIR/distill/curve.json.
+- `distill-curves`: the final distillation of the winner, from RUN_DIR/distill/curve.json;
+- `family` (after `export --front`): a link to each exported member of the Pareto front.
 
 The figures read the study and the run folder through run_data.py's readers; a missing
 piece (no finished trial, no rankings, no distillation yet) leaves its figure in place,
@@ -34,6 +35,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from minitron_nas.files import RunFolder, write_text_atomic
+from minitron_nas.report.family import family_html
 from minitron_nas.report.labels import ARCH_COLUMNS, METRIC_LABELS, as_float, best_line, hover_text, score_label
 from minitron_nas.report.run_data import finished, load_distill_curve, load_rankings, open_run_study
 from minitron_nas.search.halving import rung_tau
@@ -357,6 +359,7 @@ code {{ background: #f4f4f4; padding: 0 .3em; }}
 <p class="muted">Generated {when} from {source}. Tables: <a href="report.md">report.md</a>.
 Studies open in optuna-dashboard too: <code>optuna-dashboard {storage}</code>.</p>
 {sections}
+{family}
 </body></html>
 """
 
@@ -388,5 +391,6 @@ def build_dashboard(run_dir: str | Path, storage: str | None = None, *, study: o
         source=html.escape(str(run_dir.resolve())),
         storage=html.escape(storage_url(storage, run_dir)),
         sections="\n".join(sections),
+        family=family_html(run_dir),
     )
     return write_text_atomic(RunFolder(run_dir).dashboard, page)

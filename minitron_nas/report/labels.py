@@ -10,7 +10,7 @@ import pandas as pd
 from minitron_nas.report.run_data import best_row, maximizes
 from minitron_nas.search.halving import TIE_RULE
 
-__all__ = ["ARCH_COLUMNS", "METRIC_LABELS", "as_float", "as_int", "best_line", "fmt", "hover_text", "score_label"]
+__all__ = ["ARCH_COLUMNS", "METRIC_LABELS", "as_float", "as_int", "best_line", "fmt", "hover_text", "plus_minus", "score_label"]
 
 METRIC_LABELS = {
     "heldout_loss": "held-out loss (nats)",
@@ -56,6 +56,12 @@ def as_int(v):
 
 def as_float(v):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def plus_minus(value, stderr) -> str:
+    """A value with its standard error, "-" when there is none."""
+    value, stderr = as_float(value), as_float(stderr)
+    return "-" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
 def best_line(study: optuna.Study, done: pd.DataFrame) -> str:

@@ -3,7 +3,7 @@
 `write_report(run_dir)` writes RUN_DIR/report.md: budget, feasible count, trial counts, the
 search's cost, the rungs (kept, Kendall tau with its n, cuts inside the noise), the
 candidates with their standard errors and ties with the best, errors, and the winner before and after full distillation
-beside the teacher (RUN_DIR/distill/summary.json).
+beside the teacher (RUN_DIR/distill/summary.json); after `export --front`, a link to each member's folder.
 
 Files written by the final distillation, read here when present (each is optional):
 
@@ -42,7 +42,8 @@ import pandas as pd
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import RunFolder, write_text_atomic
-from minitron_nas.report.labels import ARCH_COLUMNS, as_float, as_int, best_line, fmt, score_label
+from minitron_nas.report.family import family_markdown
+from minitron_nas.report.labels import ARCH_COLUMNS, as_int, best_line, fmt, plus_minus, score_label
 from minitron_nas.report.run_data import best_row, finished, load_distill_summary, maximizes, open_run_study, read_json
 from minitron_nas.search.study import rung_summary, search_cost, trials_table
 
@@ -89,18 +90,13 @@ def _md(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".4f", intfmt=",")
 
 
-def _pm(value, stderr) -> str:
-    value, stderr = as_float(value), as_float(stderr)
-    return "-" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
-
-
 def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
     columns = {"trial": "trial", **ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "tokens": "tokens"}
     out = frame[list(columns)].rename(columns=columns)
     for col in ("hidden", "ffn", "heads", "kv groups", "layers", "params", "tokens"):
         out[col] = out[col].astype("int64")
-    out["value"] = [_pm(v, e) for v, e in zip(frame.value, frame.stderr)]
-    out["score"] = [_pm(v, e) for v, e in zip(frame.score, frame.score_stderr)]
+    out["value"] = [plus_minus(v, e) for v, e in zip(frame.value, frame.stderr)]
+    out["score"] = [plus_minus(v, e) for v, e in zip(frame.score, frame.score_stderr)]
     out["tied with best"] = frame.tied_with_best.map({True: "yes", False: ""}).to_numpy()
     out["Pareto"] = frame.pareto.map({True: "yes", False: ""}).to_numpy()
     out["seconds"] = frame.seconds.map(lambda v: "-" if v is None or pd.isna(v) else f"{v:.0f}").to_numpy()
@@ -149,7 +145,7 @@ def _with_errors(values: dict) -> dict:
         if key.endswith("_stderr") and key[: -len("_stderr")] in values:
             continue
         error = values.get(f"{key}_stderr")
-        out[key] = value if error is None else _pm(value, error)
+        out[key] = value if error is None else plus_minus(value, error)
     return out
 
 
@@ -171,7 +167,7 @@ def _distill_section(study: optuna.Study, done: pd.DataFrame, run_dir: Path) -> 
     if best is not None:
         lines += [
             f"In the search the winner (trial {best.trial}, {int(best.params_total):,} parameters) scored "
-            f"{_pm(best.score, best.score_stderr)} ({study.user_attrs.get('metric', 'score')}) after retraining on "
+            f"{plus_minus(best.score, best.score_stderr)} ({study.user_attrs.get('metric', 'score')}) after retraining on "
             f"{int(best.tokens):,} tokens at the last rung.",
             "",
         ]
@@ -239,5 +235,5 @@ def write_report(run_dir: str | Path, storage: str | None = None, *, study: optu
     errors = table[table.error.notna()] if not table.empty else table
     if not errors.empty:
         lines += ["", "## Failed trials", "", _md(errors[["trial", "state", "rung", "key", "error"]])]
-    lines += ["", *_distill_section(study, done, run_dir), ""]
+    lines += ["", *_distill_section(study, done, run_dir), "", *family_markdown(run_dir)]
     return write_text_atomic(RunFolder(run_dir).report, "\n".join(lines))

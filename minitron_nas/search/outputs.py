@@ -2,7 +2,9 @@
 
 The tables are rewritten as the search goes (each replaced atomically), so a run can be
 watched or stopped at any time; `best_arch.json` appears only once the last rung is complete,
-and with it the winner's last stable state is all that is kept of the rung states.
+with the last rung's Pareto front (by parameters, and by latency when measured); then the
+last stable states of the winner and the front members are all that is kept of the rung
+states, so `export --front` continues each member's search run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import optuna
 from minitron_nas.config.space import SearchSpace
 from minitron_nas.files import RunFolder, write_json_atomic, write_text_atomic
 from minitron_nas.search.rung_states import forget_states, state_file
-from minitron_nas.search.study import candidates_table, decide, order_stderr, rung_summary, search_complete, search_cost, trials_table
+from minitron_nas.search.study import candidates_table, decide, order_stderr, pareto_front, rung_summary, search_complete, search_cost, trials_table
 
 __all__ = ["write_outputs"]
 
@@ -55,7 +57,18 @@ def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_s
         "state": str(state_file(out, a["rung"], a["key"])) if a["rung"] >= 1 else None,
         "space": space.source,
         "budget": asdict(space.budget),
+        "front": [_member(out, t) for t in pareto_front(study, maximize_score, "params")],
+        "front_by_latency": [_member(out, t) for t in pareto_front(study, maximize_score, "latency")] if space.latency.active else None,
     }
     write_json_atomic(RunFolder(out).best_arch, payload)
     if a["rung"] >= 1:
-        forget_states(out, a["rung"], {a["key"]})
+        fronts = payload["front"] + (payload["front_by_latency"] or [])
+        forget_states(out, a["rung"], {a["key"], *(m["key"] for m in fronts)})
+
+
+def _member(out: Path, trial: optuna.trial.FrozenTrial) -> dict:
+    """What `export --front` needs of a front member without the study: its architecture, sizes,
+    search score and the rung state its distillation continues from."""
+    a = trial.user_attrs
+    keys = ("key", "architecture", "params_total", "params_non_embedding", "decode_tokens_per_s", "score", "score_stderr")
+    return {**{k: a.get(k) for k in keys}, "trial": trial.number, "state": str(state_file(out, a["rung"], a["key"])) if a["rung"] >= 1 else None}

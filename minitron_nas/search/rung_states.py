@@ -13,14 +13,14 @@ import torch
 
 from minitron_nas.distill.trainer import TrainState
 from minitron_nas.errors import MinitronError
-from minitron_nas.files import RunFolder, write_atomic
+from minitron_nas.files import RunFolder, key_slug, write_atomic
 
 __all__ = ["forget_states", "load_state", "read_state", "save_state", "state_file"]
 
 
 def state_file(out: Path, rung: int, key: str) -> Path:
     """A retrained candidate's stable state after `rung` (weights and AdamW state)."""
-    return RunFolder(out).rung_states / f"rung{rung}-{key.replace('/', '_').replace(':', '-')}.pt"
+    return RunFolder(out).rung_states / f"rung{rung}-{key_slug(key)}.pt"
 
 
 def read_state(path: Path) -> dict | None:

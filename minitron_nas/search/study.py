@@ -23,11 +23,13 @@ import optuna
 import pandas as pd
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.metrics import Measurement
+from minitron_nas.evaluate.metrics import Measurement, tied
 from minitron_nas.files import RunFolder
 from minitron_nas.search.halving import break_tie, rung_tau, tie_keys
 
 __all__ = [
+    "FRONT_BY",
+    "NO_LATENCY",
     "STUDY_NAME",
     "candidates_table",
     "check_study_file",
@@ -37,6 +39,7 @@ __all__ = [
     "measurement",
     "open_storage",
     "order_stderr",
+    "pareto_front",
     "quiet_heartbeats",
     "recorded",
     "rung0_keys",
@@ -244,6 +247,36 @@ def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.Froz
     extra = _score_order_stderr(study, ranking[0])
     winner, tied_keys, rule = break_tie(scores, {k: tie_keys(t.user_attrs) for k, t in by_key.items()}, maximize_score, extra)
     return by_key[winner], tied_keys, rule
+
+
+FRONT_BY = ("params", "latency")  # the size a Pareto front is drawn over: total parameters, or decode latency
+NO_LATENCY = "the search measured no decode latency: set `latency: {measure: true}` in the space and search again into a new --out, or use --front-by params"
+
+
+def pareto_front(study: optuna.Study, maximize_score: bool, by: str = "params") -> list[optuna.trial.FrozenTrial]:
+    """The last rung's candidates that no other beats on size and score together, smallest first.
+
+    B dominates A when B is no larger and scores better beyond noise, or when B ties A (within
+    one standard error, as `decide` judges a tie) and is strictly smaller: a larger model must
+    earn its size with a difference the noise cannot explain. Size is `params_total`, or with
+    `by="latency"` the decode time per token measured at rung 0 (refused when not measured).
+    """
+    ranking = final_ranking(study, maximize_score)
+    if by == "latency" and not all(t.user_attrs.get("decode_tokens_per_s") for t in ranking):
+        raise MinitronError(NO_LATENCY)
+    size = {t.number: t.user_attrs["params_total"] if by == "params" else 1.0 / t.user_attrs["decode_tokens_per_s"] for t in ranking}
+    score = {t.number: measurement(t, "score") for t in ranking}
+    extra = 2 * _score_order_stderr(study, ranking[0]) ** 2 if ranking else 0.0
+    sign = -1 if maximize_score else 1
+
+    def dominates(b: optuna.trial.FrozenTrial, a: optuna.trial.FrozenTrial) -> bool:
+        sb, sa = score[b.number], score[a.number]
+        if sb.value == sa.value or tied(sb, sa, extra):
+            return size[b.number] < size[a.number]
+        return size[b.number] <= size[a.number] and sign * (sb.value - sa.value) < 0
+
+    front = [a for a in ranking if not any(dominates(b, a) for b in ranking if b is not a)]
+    return sorted(front, key=lambda t: size[t.number])  # stable: equal sizes keep the ranking's order
 
 
 def _score_order_stderr(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float:

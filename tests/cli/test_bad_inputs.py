@@ -673,6 +673,42 @@ def test_export_with_gguf_writes_it_beside_the_folder(root, distill_space, disti
     assert gguf.GGUFReader(str(path)).fields["general.name"].contents() == name
 
 
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (("--front-by", "params"), ("--front-by chooses the size of --front's Pareto front", "add --front")),
+        (("--front", "--gguf", "q8_0"), ("--front writes model folders only", "drop --gguf")),
+        (("--front", "--front-by", "speed"), ("--front-by 'speed' is not a size a front is drawn over", "give --front-by params or --front-by latency")),
+        (("--front", "--front-by", "latency"), ("the search measured no decode latency", "set `latency: {measure: true}`")),
+    ],
+)
+def test_export_front_options_are_checked_before_any_work(good_space, intact_run, options, fragments):
+    result = invoke("export", good_space, "--out", intact_run, *options)
+    assert_one_line_error(result, *fragments)
+    assert not (intact_run / "family").exists()
+
+
+def test_export_front_before_a_finished_search(good_space, tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    result = invoke("export", good_space, "--out", empty, "--front")
+    assert_one_line_error(result, "no finished search in", "run `minitron-nas search` to its last rung first")
+    assert not any(empty.iterdir())
+
+
+def test_export_front_of_a_search_that_recorded_no_front(root, good_space, previous_run):
+    out = root / "no-front"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(previous_run, out)
+    best = json.loads((out / "best_arch.json").read_text())
+    del best["front"]
+    (out / "best_arch.json").write_text(json.dumps(best))
+    before = snapshot(out)
+    result = invoke("export", good_space, "--out", out, "--front")
+    assert_one_line_error(result, "records no Pareto front", "rerun `minitron-nas search --resume`")
+    assert snapshot(out) == before
+
+
 @pytest.fixture(scope="module")
 def started_run(root, teacher, corpus) -> tuple[Path, Path, Path]:
     """(space, its corpus, run folder) of a `run` stopped at its first stage: run.json written, nothing else finished."""

@@ -320,6 +320,29 @@ def test_report_without_distillation_or_space_file_says_so(tmp_path):
     assert "- feasible architectures: unknown (search space unavailable:" in text
 
 
+def test_report_and_dashboard_link_each_member_of_a_family_export(run):
+    assert "Family export" not in write_report(run).read_text() and 'id="family"' not in build_dashboard(run).read_text()
+    (run / "family").mkdir()
+    index = "key,params_total,score,score_stderr,heldout_loss,heldout_loss_stderr,kld,kld_stderr,folder,winner,on_front\n"
+    index += "32/48/2:2/3,30000,5.1,0.02,5.3,0.01,0.1,0.01,family/32_48_2-2_3/export,False,True\n"
+    index += "48/96/6:2/4,50000,4.9,0.02,5.0,0.01,0.05,0.01,family/48_96_6-2_4/export,True,True\n"
+    (run / "family" / "index.csv").write_text(index)
+    report, page = write_report(run).read_text(), build_dashboard(run).read_text()
+    winner = next(line for line in report.split("## Family export")[1].splitlines() if "(winner)" in line)
+    link = "[family/48_96_6-2_4/export](family/48_96_6-2_4/export)"  # relative to the run folder
+    assert [cell.strip() for cell in winner.split("|")[1:-1]] == [
+        "48/96/6:2/4 (winner)",
+        "50,000",
+        "4.9000 ± 0.0200",
+        "5.0000 ± 0.0100",
+        "0.0500 ± 0.0100",
+        link,
+    ]
+    assert '<a href="family/32_48_2-2_3/export/">32/48/2:2/3</a>: 30,000 parameters' in page and 'href="family/index.md"' in page
+    (run / "family" / "index.csv").write_bytes(b"\xff\x00 not a table")  # a damaged index: the section is left out, the views still build
+    assert "Family export" not in write_report(run).read_text() and 'id="family"' not in build_dashboard(run).read_text()
+
+
 def test_report_of_a_study_without_trials(tmp_path):
     run = make_run(tmp_path, trials=False, rankings=False, distill=False)
     text = write_report(run).read_text()

@@ -33,7 +33,7 @@ from minitron_nas.prune.ranking import Rankings
 from minitron_nas.search import runner as search
 from minitron_nas.search.candidates import require_feasible
 from minitron_nas.search.runner import candidate_pool, run_search, schedule_for
-from minitron_nas.search.study import rung_values, search_complete
+from minitron_nas.search.study import pareto_front, rung_values, search_complete
 from minitron_nas.search.trials import arch_key
 
 AXES = {"hidden_size": (32, 48), "intermediate_size": (48, 64, 96), "heads_per_group": (1, 3), "num_key_value_heads": (2,), "num_hidden_layers": (2, 3, 4)}
@@ -139,8 +139,10 @@ def test_rung_zero_scores_every_feasible_candidate_pruned_and_the_rungs_continue
     # tokens: what the plan reserves at most, and exactly what the trials trained
     trained = sum(t.user_attrs.get("tokens_trained", 0) for t in study.trials if "rung" in t.user_attrs)
     assert best["search_tokens"] == trained <= schedule.total_tokens
-    # only the winner's last stable state is kept, for the final distillation to continue
-    assert [p.name for p in (run / "rung_states").iterdir()] == [Path(best["state"]).name]
+    # only the last stable states of the winner and the Pareto front are kept, for their final distillations to continue
+    kept = {Path(best["state"]).name, *(Path(m["state"]).name for m in best["front"])}
+    assert sorted(p.name for p in (run / "rung_states").iterdir()) == sorted(kept)
+    assert {m["key"] for m in best["front"]} == {t.user_attrs["key"] for t in pareto_front(study, False)}
     table = pd.read_csv(run / "trials.csv")
     assert {"rung", "order", "tokens", "value", "stderr", "tokens_trained", "seconds"} <= set(table.columns)
     assert (table.stderr > 0).all()
