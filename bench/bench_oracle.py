@@ -48,12 +48,14 @@ from minitron_nas.config.settings import RetrainSettings
 from minitron_nas.data import token_blocks
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.distill.trainer import retrain
+from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, mean_and_stderr
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.prune.pruning import prune
 from minitron_nas.search.candidates import enumerate_candidates, load_space
 from minitron_nas.search.halving import rung_tau
-from minitron_nas.search.runner import run_search
+from minitron_nas.search.runner import run_search, schedule_for
+from minitron_nas.search.samplers import sampler_named
 
 PARTS = ("pruned", "oracle", "search", "seeds", "baselines")
 FRACTIONS = (0.05, 0.10, 0.20)  # the search's S / T
@@ -144,6 +146,11 @@ class Oracle(Bench):
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "rankings").exists():
             self.rankings.save(folder / "rankings")
+        n = sampler_named(space.sampler).size(enumerate_candidates(space, self.teacher.model.config)[0], space.trials)
+        try:
+            schedule_for(space, n)
+        except MinitronError as err:  # a budget below the cheapest schedule is a result: the search cannot run there
+            return {"refused": str(err), "budget_tokens": search_tokens}
         run_search(space, folder, resume=(folder / "study.db").is_file(), teacher=self.teacher)
         best = json.loads((folder / "best_arch.json").read_text())
         trials = pd.read_csv(folder / "trials.csv")
@@ -221,8 +228,11 @@ def run_budget(bench: Oracle, fraction: float, parts: list[str]) -> None:
                 path = folder / "search" / f"st{round(fraction_st * 100)}-seed{seed}.json"
                 if not path.is_file():
                     say(f"search at S/T {fraction_st:.0%}, seed {seed}")
-                cached(path, lambda s=seed, f=fraction_st: bench.search_pick(target, f, s, folder / "search" / f"st{round(f * 100)}-seed{s}"))
+                pick = cached(path, lambda s=seed, f=fraction_st: bench.search_pick(target, f, s, folder / "search" / f"st{round(f * 100)}-seed{s}"))
                 keep_part(path, bench.work)
+                if "refused" in pick:  # the same for every seed: the schedule depends on the budget only
+                    say(f"search at S/T {fraction_st:.0%} refused: {pick['refused']}")
+                    break
     if "seeds" in parts:
         seed0 = load_oracle(folder)
         for key in sorted(seed0, key=lambda k: seed0[k][0]["kld"])[:4]:
@@ -342,6 +352,10 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
         runs = [json.loads(p.read_text()) for p in sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json"))] if (folder / "search").is_dir() else []
         if not runs:
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%}")
+            continue
+        if "refused" in runs[0]:
+            reason = runs[0]["refused"].partition(": raise")[0]
+            table.append([f"search, S/T {f:.0%}", "-", f"cannot run: {reason}", "-", "-", f"{runs[0]['budget_tokens']:,} allowed", "-"])
             continue
         regrets = [regret(r["key"]) for r in runs]
         if any(x is None for x in regrets):
