@@ -159,6 +159,9 @@ def test_the_check_in_llama_cpp_agrees_with_transformers(tmp_path, cut, pre):
     pre-tokenizer name written) and computes the same next-token NLL as transformers."""
     if all(importlib.util.find_spec(binding) is None for binding in ("llama_cpp", "ik_llama_cpp")):
         pytest.skip("neither llama-cpp-python nor ik-llama-cpp-python is installed")
+    cpuinfo = Path("/proc/cpuinfo")
+    if importlib.util.find_spec("llama_cpp") is None and cpuinfo.is_file() and " avx2" not in cpuinfo.read_text():
+        pytest.skip("ik-llama-cpp-python's prebuilt wheel needs a CPU with AVX2")
     model = pruned("llama", cut, vocab_size=258)
     path = write_gguf(save_model(model, tmp_path / "export", tokenizer_with_a_merge(gpt2_regex=pre == "gpt-2")))
     assert fields(path)["tokenizer.ggml.pre"] == pre
