@@ -354,7 +354,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%}")
             continue
         if "refused" in runs[0]:
-            reason = runs[0]["refused"].partition(": raise")[0]
+            reason = runs[0]["refused"].partition("; raise")[0]
             table.append([f"search, S/T {f:.0%}", "-", f"cannot run: {reason}", "-", "-", f"{runs[0]['budget_tokens']:,} allowed", "-"])
             continue
         regrets = [regret(r["key"]) for r in runs]
@@ -363,6 +363,9 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             continue
         values = [x.value for x in regrets]
         mean, se = mean_and_stderr(values)
+        spread = "seeds"
+        if len(values) == 1:  # no spread over seeds yet: the one pick's error over the test blocks
+            se, spread = regrets[0].stderr, "blocks"
         hits = sum(near_best(r["key"]) for r in runs)
         low, high = wilson(hits, len(runs))
         bound = mean + 1.645 * (se or 0.0)
@@ -375,7 +378,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             f"rung {rung}: {statistics.fmean([t['tau'] for rr, t in taus if rr == rung and t['tau'] is not None]):.2f}"
             for rung in sorted({rr for rr, t in taus if t["tau"] is not None})
         )
-        table.append([f"search, S/T {f:.0%}", str(len(runs)), f"{mean:+.4f} ± {se or 0:.4f}", f"{bound:+.4f}", f"{hits}/{len(runs)} [{low:.2f}, {high:.2f}]",
+        table.append([f"search, S/T {f:.0%}", str(len(runs)), f"{mean:+.4f} ± {se or 0:.4f} ({spread})", f"{bound:+.4f}", f"{hits}/{len(runs)} [{low:.2f}, {high:.2f}]",
                       f"{statistics.fmean(r['search_tokens'] for r in runs):,.0f}", tau_text or "-"])  # fmt: skip
     by_pruned = min(candidates, key=lambda k: candidates[k]["kld"])
     closest = sorted(candidates.values(), key=lambda c: c["closeness_rank"])[:5]
