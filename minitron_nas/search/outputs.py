@@ -54,7 +54,7 @@ def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_s
         "search_tokens": cost["tokens"],
         "search_seconds": cost["seconds"],
         "budget_tokens": study.user_attrs.get("budget_tokens"),
-        "state": str(state_file(out, a["rung"], a["key"])) if a["rung"] >= 1 else None,
+        "state": _member(out, best)["state"],
         "space": space.source,
         "budget": asdict(space.budget),
         "front": [_member(out, t) for t in pareto_front(study, maximize_score, "params")],
