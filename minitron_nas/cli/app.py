@@ -65,6 +65,7 @@ MODEL_HELP = f"Hugging Face id or folder, a .gguf file, or '{DEFAULT_TEACHER}' (
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
 SPACE_HELP = "search space YAML"
 RUN_HELP = "run folder (default: runs/<space name>)"
+MOE_LABELS = (("num_experts", "experts"), ("moe_intermediate_size", "expert ffn"), ("shared_expert_intermediate_size", "shared ffn"))
 # the search's own options, shared by `search` and `run`
 STORAGE_OPTION = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)")
 N_TRIALS_OPTION = typer.Option(
@@ -124,6 +125,7 @@ def prune(
     out: Path = typer.Option(..., help="folder for the pruned model and tokenizer"),
     layer_criterion: str = typer.Option("block_importance", help="depth choice: block_importance, layer_loss, last"),
     norm_correction: bool = typer.Option(False, help="rescale norm gains for the kept hidden channels (see reports/benchmarks/norm_correction.md)"),
+    expert_criterion: str = typer.Option("reap", help="MoE teachers: which experts stay, by reap (router-weighted saliency) or activation"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     device: str = _from(DeviceSettings, "device"),
     dtype: str = _from(DeviceSettings, "dtype"),
@@ -131,8 +133,9 @@ def prune(
     """Slice the teacher to an architecture; the result loads with plain transformers."""
     from minitron_nas.recipes.prune import prune_model
 
-    teacher, n = prune_model(model, rankings, arch, out, layer_criterion, norm_correction, overwrite, device, dtype)
-    console.print(f"pruned {teacher.name} to {n.total:,} parameters ({n.non_embedding:,} non-embedding) -> {out}")
+    teacher, n = prune_model(model, rankings, arch, out, layer_criterion, norm_correction, overwrite, device, dtype, expert_criterion)
+    active = f", {n.active:,} active" if n.active != n.total else ""
+    console.print(f"pruned {teacher.name} to {n.total:,} parameters ({n.non_embedding:,} non-embedding{active}) -> {out}")
 
 
 @app.command()
@@ -145,7 +148,8 @@ def count(
     from minitron_nas.recipes.prune import count_parameters
 
     target, n = count_parameters(model, arch)
-    print(json.dumps({"architecture": target.to_dict(), "total": n.total, "non_embedding": n.non_embedding}, indent=2))
+    moe = {"active": n.active} if target.num_experts is not None else {}
+    print(json.dumps({"architecture": target.to_dict(), "total": n.total, "non_embedding": n.non_embedding, **moe}, indent=2))
 
 
 @app.command()
@@ -212,14 +216,28 @@ def enumerate_space(
 
     spec, feasible, valid = feasible_candidates(space)
     table = Table(title=f"{len(feasible)} of {valid} valid architectures meet the budget ({spec.budget.parameters:,} {spec.budget.count})")
-    for column in ("hidden", "ffn", "heads", "kv groups", "layers", "total", "non-embedding", "memory GiB"):
+    moe = [(name, label) for name, label in MOE_LABELS if any(getattr(c.arch, name) is not None for c in feasible[:show])]
+    for column in (
+        "hidden",
+        "ffn",
+        "heads",
+        "kv groups",
+        "layers",
+        *(label for _, label in moe),
+        "total",
+        "non-embedding",
+        *(["active"] if moe else []),
+        "memory GiB",
+    ):
         table.add_column(column, justify="right")
     for c in feasible[:show]:
         a = c.arch
         table.add_row(
             *map(str, (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
+            *(str(getattr(a, name)) for name, _ in moe),
             f"{c.total:,}",
             f"{c.non_embedding:,}",
+            *([f"{c.active:,}"] if moe else []),
             f"{c.memory_gb:.2f}",
         )
     _tables().print(table)

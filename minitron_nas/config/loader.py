@@ -17,7 +17,9 @@ from minitron_nas.config.checks import POSITIVE, _hints, _rule, _shown, check_va
 from minitron_nas.config.settings import DistillSettings, RankSettings, RetrainSettings
 from minitron_nas.config.space import (
     AXES,
+    BUDGET_COUNTS,
     METRICS,
+    MOE_AXES,
     RUNG_METRICS,
     SAMPLER_NAMES,
     Budget,
@@ -190,11 +192,11 @@ def read_space(path: str | Path) -> SearchSpace:
     if not isinstance(axes, dict):
         raise MinitronError(f"'axes' is {_shown(axes)}: give a mapping of axis: values, e.g. hidden_size: [384, 576]")
     for key in axes:
-        if key not in AXES:
-            raise MinitronError(f"unknown key 'axes.{key}': allowed are {', '.join(AXES)}")
+        if key not in AXES + MOE_AXES:
+            raise MinitronError(f"unknown key 'axes.{key}': allowed are {', '.join(AXES + MOE_AXES)}")
     budget = _section(Budget, data["budget"], "budget")
-    if budget.count not in ("total", "non_embedding"):
-        raise MinitronError(f"budget.count is '{budget.count}': use total or non_embedding")
+    if budget.count not in BUDGET_COUNTS:
+        raise MinitronError(f"budget.count is '{budget.count}': use {', '.join(BUDGET_COUNTS)}")
     teacher = check_value("teacher", data["teacher"], str)
     if (path.parent / teacher).exists():  # a config or model path relative to the YAML file
         teacher = str(path.parent / teacher)

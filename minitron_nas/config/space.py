@@ -19,6 +19,8 @@ SAMPLER_NAMES = ("auto", "grid", "random", "tpe")  # search.samplers.SAMPLERS, b
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # model.devices.DTYPES, by name
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AXES = ("hidden_size", "intermediate_size", "heads_per_group", "num_key_value_heads", "num_hidden_layers")
+MOE_AXES = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")  # MoE teachers only
+BUDGET_COUNTS = ("total", "non_embedding", "active")
 
 
 def check_device_name(device: str) -> None:
@@ -35,7 +37,7 @@ def check_dtype_name(dtype: str) -> None:
 @dataclass(frozen=True)
 class Budget:
     parameters: int
-    count: str = "total"  # or "non_embedding"
+    count: str = "total"  # or "non_embedding", or "active" (per token: top-k experts, MoE)
     tolerance: float = 0.05  # relative, on both sides of the target
     memory_gb: float | None = None  # weights + KV cache, optional second limit
     context: int = 4096

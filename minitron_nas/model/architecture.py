@@ -2,8 +2,10 @@
 
 An `Architecture` uses the Hugging Face config names. `ParamCounter` reads the teacher's
 parameter shapes once from a model built on the meta device (no memory), turns them into
-a short polynomial in (hidden, query width, kv width, ffn), and then counts any candidate
-with a handful of multiplications, fast enough for exhaustive enumeration.
+a short polynomial in (hidden, query width, kv width, ffn; experts, expert width, shared
+expert width), and then counts any candidate with a handful of multiplications, fast enough
+for exhaustive enumeration. An MoE model also has an *active* count: the parameters one
+token passes through (top-k experts of each layer, not all of them).
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.model.families import FFN, HIDDEN, KV, QUERY, family_for, layer_index
+from minitron_nas.model.families import EXPERT, EXPERT_FFN, EXPERT_FFN_PAIR, FFN, HIDDEN, KV, QUERY, SHARED_FFN, family_for, layer_index
+
+# The sizes every architecture has, and those only a mixture-of-experts family has (None otherwise).
+DENSE_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+MOE_SIZES = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A candidate shape. `layers` (teacher indices, kept in order) overrides the depth choice."""
+    """A candidate shape. `layers` (teacher indices, kept in order) overrides the depth choice.
+
+    MoE sizes are None for a dense model, and for a family without that part: Mixtral and
+    OLMoE size their experts with `intermediate_size` (no `moe_intermediate_size`), only
+    Qwen2-MoE has a shared expert. `num_experts` is the family's expert count whatever its
+    config calls it (Mixtral: num_local_experts).
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -31,15 +43,22 @@ class Architecture:
     num_key_value_heads: int
     num_hidden_layers: int
     layers: tuple[int, ...] | None = None
+    num_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
 
     @classmethod
     def from_config(cls, config) -> Architecture:
+        moe = family_for(config).moe
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
             num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads,
             num_hidden_layers=config.num_hidden_layers,
+            num_experts=getattr(config, moe.experts_key) if moe else None,
+            moe_intermediate_size=getattr(config, "moe_intermediate_size", None) if moe else None,
+            shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", None) if moe else None,
         )
 
     @classmethod
@@ -79,7 +98,8 @@ class Architecture:
         return cls.from_dict(data, base)
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        """HF config names; the MoE sizes only where the family has them (a dense dict stays as it was)."""
+        data = {k: v for k, v in asdict(self).items() if k not in MOE_SIZES or v is not None}
         data["layers"] = list(self.layers) if self.layers is not None else None
         return data
 
@@ -92,12 +112,24 @@ class Architecture:
 class ParamCount:
     total: int
     non_embedding: int
+    active: int | None = None
+    """Parameters one token uses (top-k experts per layer); equals `total` for a dense model."""
+
+    def __post_init__(self):
+        if self.active is None:
+            object.__setattr__(self, "active", self.total)
 
 
 def validate(arch: Architecture, teacher: Architecture) -> None:
     """Reject candidates that cannot be sliced out of the teacher, with the reason."""
-    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"):
+    for name in DENSE_SIZES + MOE_SIZES:
         value, limit = getattr(arch, name), getattr(teacher, name)
+        if limit is None:
+            if value is not None:
+                raise MinitronError(f"{name}={value} but the teacher has no such part: leave {name} out for this model family")
+            continue
+        if value is None:
+            raise MinitronError(f"{name} is missing: this teacher has {name}={limit}")
         if value < 1:
             raise MinitronError(f"{name}={value} must be at least 1")
         if value > limit:
@@ -140,7 +172,20 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
         num_hidden_layers=arch.num_hidden_layers,
         head_dim=head_dim_of(teacher_config),
     )
-    for key in family_for(teacher_config).layer_count_keys:
+    family = family_for(teacher_config)
+    if family.hidden_is_query_width and arch.hidden_size != arch.num_attention_heads * head_dim_of(teacher_config):
+        raise MinitronError(
+            f"{family.name} needs hidden_size = num_attention_heads x head_dim ({arch.num_attention_heads} x {head_dim_of(teacher_config)}), "
+            f"got hidden_size={arch.hidden_size}: prune heads and hidden size together"
+        )
+    if family.moe and arch.num_experts is not None:
+        moe, stored = family.moe, lambda key: teacher_config.attribute_map.get(key, key)  # Qwen3-MoE stores num_experts as num_local_experts
+        data[stored(moe.experts_key)] = arch.num_experts
+        data[stored(moe.top_k_key)] = min(data[stored(moe.top_k_key)], arch.num_experts)  # a token cannot pick more experts than exist
+        for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(arch, key) is not None:
+                data[stored(key)] = getattr(arch, key)
+    for key in family.layer_count_keys:
         if key in data:
             data[key] = min(data[key], arch.num_hidden_layers)
     try:
@@ -164,6 +209,7 @@ class ParamCounter:
         self.family = family_for(teacher_config)
         self.head_dim = head_dim_of(teacher_config)
         self.teacher = Architecture.from_config(teacher_config)
+        self.top_k = getattr(teacher_config, self.family.moe.top_k_key) if self.family.moe else None
         config = copy.deepcopy(teacher_config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -191,22 +237,30 @@ class ParamCounter:
             raise MinitronError("layers of this teacher differ in structure: count them with an explicit layer list")
         self._layer = layer_terms[0]
 
-    def _evaluate(self, terms: dict[tuple[str, ...], int], arch: Architecture) -> int:
+    def _evaluate(self, terms: dict[tuple[str, ...], int], arch: Architecture, active: bool = False) -> int:
+        """Sum of the terms; `active`: an expert's own weights count top-k times, not once per expert."""
+        expert_width = getattr(arch, self.family.moe.width_key) if self.family.moe else None
         sizes = {
             HIDDEN: arch.hidden_size,
             QUERY: arch.num_attention_heads * self.head_dim,
             KV: arch.num_key_value_heads * self.head_dim,
             FFN: arch.intermediate_size,
+            EXPERT: arch.num_experts,
+            EXPERT_FFN: expert_width,
+            EXPERT_FFN_PAIR: 2 * expert_width if expert_width else None,
+            SHARED_FFN: arch.shared_expert_intermediate_size,
         }
         total = 0
         for axes, fixed in terms.items():
             n = fixed
+            per_expert = EXPERT_FFN in axes or EXPERT_FFN_PAIR in axes  # not the router: it scores every expert
             for axis in axes:
-                n *= sizes[axis]
+                n *= min(self.top_k, arch.num_experts) if (axis == EXPERT and active and per_expert) else sizes[axis]
             total += n
         return total
 
     def count(self, arch: Architecture) -> ParamCount:
         embedding = self._evaluate(self._embedding, arch)
         body = self._evaluate(self._global, arch) + arch.num_hidden_layers * self._evaluate(self._layer, arch)
-        return ParamCount(total=embedding + body, non_embedding=body)
+        active = embedding + self._evaluate(self._global, arch) + arch.num_hidden_layers * self._evaluate(self._layer, arch, active=True)
+        return ParamCount(total=embedding + body, non_embedding=body, active=active)

@@ -4,7 +4,9 @@ Every other module asks this one, so family differences stay in one place. A fam
 described by data, not code: which per-layer norms act on the hidden size, whether the
 embedding is scaled by sqrt(hidden), whether RMSNorm stores its weight as (1 + w), and a
 table that says, for every parameter, which pruning axis each of its dimensions follows.
-Adding a Llama-like family is adding one `Family(...)` entry.
+Adding a Llama-like family is adding one `Family(...)` entry; a mixture-of-experts family
+names its expert-count and expert-width config keys (`MoE(...)`), and the same table then
+covers the router, the experts' fused weights and a shared expert.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from minitron_nas.errors import MinitronError
 
 # Pruning axes a tensor dimension can follow. None means "never pruned" (vocab, head_dim).
 HIDDEN, QUERY, KV, FFN = "hidden", "query", "kv", "ffn"
+# Mixture of experts: which experts are kept, each expert's neurons (chosen per expert), the
+# fused [gate; up] rows of the experts (the expert's neurons, twice), the shared expert's neurons.
+EXPERT, EXPERT_FFN, EXPERT_FFN_PAIR, SHARED_FFN = "expert", "expert_ffn", "expert_ffn_pair", "shared_ffn"
 
 # The linear layers: axis of the output and of the input dimension of the weight ([out, in]);
 # a bias follows the output.
@@ -38,6 +43,32 @@ _COMMON_AXES: dict[str, tuple[str | None, ...]] = {
     **{f"{name}.weight": axes for name, axes in _LINEARS.items()},
     **{f"{name}.bias": axes[:1] for name, axes in _LINEARS.items()},
 }
+
+# transformers' sparse MoE blocks (Mixtral, Qwen2/3-MoE, OLMoE): a router `gate` [experts, hidden],
+# experts stored as 3-D tensors, and (Qwen2-MoE) a dense shared expert behind a sigmoid gate.
+_MOE_AXES: dict[str, tuple[str | None, ...]] = {
+    "mlp.gate.weight": (EXPERT, HIDDEN),
+    "experts.gate_up_proj": (EXPERT, EXPERT_FFN_PAIR, HIDDEN),  # [experts, 2 x width, hidden]
+    "experts.down_proj": (EXPERT, HIDDEN, EXPERT_FFN),  # [experts, hidden, width]
+    "shared_expert.gate_proj.weight": (SHARED_FFN, HIDDEN),
+    "shared_expert.up_proj.weight": (SHARED_FFN, HIDDEN),
+    "shared_expert.down_proj.weight": (HIDDEN, SHARED_FFN),
+    "shared_expert_gate.weight": (None, HIDDEN),
+}
+
+
+@dataclass(frozen=True)
+class MoE:
+    """Where a sparse MoE family keeps its expert facts in the config."""
+
+    experts_key: str = "num_experts"
+    """Config key of the number of experts per layer (Mixtral: num_local_experts)."""
+    width_key: str = "moe_intermediate_size"
+    """Config key of each expert's FFN width (Mixtral and OLMoE: intermediate_size)."""
+    top_k_key: str = "num_experts_per_tok"
+    """Config key of the experts each token is routed to (kept at most the number of experts)."""
+    block: str = "mlp"
+    """The per-layer sparse MoE block: `gate` (router), `experts`, optional `shared_expert`."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +93,22 @@ class Family:
     final_norm_weight: str = "model.norm.weight"
     # Config keys that count layers and must not exceed the student's depth (Qwen2's sliding window).
     layer_count_keys: tuple[str, ...] = ()
+    # Sparse mixture-of-experts layers, None for dense families.
+    moe: MoE | None = None
+    # Per-family exceptions to the shared table (OLMoE normalises q and k over all heads at once).
+    extra_axes: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
+    # OLMoE sizes its q norm by hidden_size: the student's hidden size must equal heads x head_dim.
+    hidden_is_query_width: bool = False
 
     def axes(self, param_name: str) -> tuple[str | None, ...]:
         """Pruning axis of each dimension of a parameter of this family's CausalLM."""
         parts = param_name.split(".")
-        suffix = ".".join(parts[-2:])
-        if suffix in _COMMON_AXES:
-            return _COMMON_AXES[suffix]
+        tables = (dict(self.extra_axes), _MOE_AXES if self.moe else {}, _COMMON_AXES)
+        for length in (3, 2):  # the longest known suffix wins: shared_expert.gate_proj.weight before gate_proj.weight
+            suffix = ".".join(parts[-length:])
+            for table in tables:
+                if suffix in table:
+                    return table[suffix]
         if parts[-2] in self.layer_norms or suffix == "norm.weight":
             return (HIDDEN,)
         raise MinitronError(f"parameter '{param_name}' is unknown to the {self.name} family: extend the family table in minitron_nas/model/families.py")
@@ -85,8 +125,12 @@ class Family:
         return layer.get_submodule(self.head_output_module)
 
     def neuron_output(self, layer):
-        """The module whose input holds one layer's MLP neuron activations."""
-        return layer.get_submodule(self.neuron_output_module)
+        """The module whose input holds one layer's MLP neuron activations (None in an MoE layer)."""
+        return None if self.moe else layer.get_submodule(self.neuron_output_module)
+
+    def moe_block(self, layer):
+        """One layer's sparse MoE block (router `gate`, `experts`, optional `shared_expert`)."""
+        return layer.get_submodule(self.moe.block)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -105,6 +149,16 @@ FAMILIES: tuple[Family, ...] = (
         ),
         scaled_embedding=True,
         norm_offset=1.0,
+    ),
+    Family("mixtral", ("mixtral",), moe=MoE(experts_key="num_local_experts", width_key="intermediate_size")),
+    Family("qwen2_moe", ("qwen2_moe",), layer_count_keys=("max_window_layers",), moe=MoE()),
+    Family("qwen3_moe", ("qwen3_moe",), layer_count_keys=("max_window_layers",), moe=MoE()),
+    Family(
+        "olmoe",
+        ("olmoe",),
+        moe=MoE(width_key="intermediate_size"),
+        extra_axes=(("q_norm.weight", (QUERY,)), ("k_norm.weight", (KV,))),
+        hidden_is_query_width=True,
     ),
 )
 

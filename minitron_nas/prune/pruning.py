@@ -5,7 +5,9 @@ standard transformers model with the new config and copies the kept slices. Hidd
 channels are one global choice (the residual stream is shared); FFN neurons, KV groups
 and query heads are chosen per layer. Heads are GQA-aware: whole KV groups are kept or
 dropped, and inside each kept group the best query heads stay, so head j of the student
-still attends with the keys of its own group. head_dim never changes.
+still attends with the keys of its own group. head_dim never changes. In a mixture-of-experts
+layer the best experts are kept (router rows sliced with them), and inside each kept expert
+its own best neurons; a shared expert's neurons as a dense MLP's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from transformers.initialization import no_init_weights
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture, head_dim_of, student_config, validate
-from minitron_nas.model.families import FFN, HIDDEN, KV, QUERY, family_for, in_layer, layer_index
+from minitron_nas.model.families import EXPERT, EXPERT_FFN, EXPERT_FFN_PAIR, FFN, HIDDEN, KV, QUERY, SHARED_FFN, family_for, in_layer, layer_index
+from minitron_nas.prune.experts import EXPERT_CRITERIA
 from minitron_nas.prune.ranking import Rankings
 
 LAYER_CRITERIA = ("block_importance", "layer_loss", "last")
@@ -33,6 +36,9 @@ class Selection:
     query_heads: list[torch.Tensor]
     kv_groups: list[torch.Tensor]
     neurons: list[torch.Tensor]
+    experts: list[torch.Tensor] | None = None
+    expert_neurons: list[torch.Tensor] | None = None  # [kept experts, expert width] per layer, in kept-expert order
+    shared_neurons: list[torch.Tensor] | None = None
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,7 +61,15 @@ def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criter
     return _top(scores, arch.num_hidden_layers).tolist()
 
 
-def select(rankings: Rankings, arch: Architecture, teacher: Architecture, layer_criterion: str = "block_importance") -> Selection:
+def select(
+    rankings: Rankings,
+    arch: Architecture,
+    teacher: Architecture,
+    layer_criterion: str = "block_importance",
+    expert_criterion: str = "reap",
+    expert_width: int | None = None,
+) -> Selection:
+    """`expert_width`: the student's expert FFN width (the family says which size holds it)."""
     layers = select_layers(rankings, arch, teacher.num_hidden_layers, layer_criterion)
     query_heads, kv_groups, neurons = [], [], []
     for layer in layers:
@@ -64,8 +78,20 @@ def select(rankings: Rankings, arch: Architecture, teacher: Architecture, layer_
         kept = [g * teacher.heads_per_group + _top(heads[g], arch.heads_per_group) for g in groups.tolist()]
         kv_groups.append(groups)
         query_heads.append(torch.cat(kept))
-        neurons.append(_top(rankings.neurons[layer], arch.intermediate_size))
-    return Selection(layers, _top(rankings.channels, arch.hidden_size), query_heads, kv_groups, neurons)
+        if rankings.neurons is not None:
+            neurons.append(_top(rankings.neurons[layer], arch.intermediate_size))
+    chosen = Selection(layers, _top(rankings.channels, arch.hidden_size), query_heads, kv_groups, neurons)
+    if arch.num_experts is not None:
+        if expert_criterion not in EXPERT_CRITERIA:
+            raise MinitronError(f"unknown expert criterion '{expert_criterion}': use one of {', '.join(EXPERT_CRITERIA)}")
+        scores = rankings.experts if expert_criterion == "reap" else rankings.expert_activation
+        chosen.experts = [_top(scores[layer], arch.num_experts) for layer in layers]
+        chosen.expert_neurons = [
+            torch.stack([_top(rankings.expert_neurons[layer, e], expert_width) for e in experts.tolist()]) for layer, experts in zip(layers, chosen.experts)
+        ]
+    if arch.shared_expert_intermediate_size is not None:
+        chosen.shared_neurons = [_top(rankings.shared_neurons[layer], arch.shared_expert_intermediate_size) for layer in layers]
+    return chosen
 
 
 def _rows(units: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -74,8 +100,18 @@ def _rows(units: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = "block_importance", norm_correction: bool = False):
+def prune(
+    model,
+    rankings: Rankings,
+    arch: Architecture,
+    layer_criterion: str = "block_importance",
+    norm_correction: bool = False,
+    expert_criterion: str = "reap",
+):
     """A new model of the teacher's class, sliced to `arch` along `rankings`.
+
+    `expert_criterion` (MoE teachers): which experts stay, by REAP saliency or by the
+    Minitron activation score (prune/experts.py).
 
     `norm_correction`: rescale every hidden-size norm's gain by sqrt(mean square of its
     input over the kept channels / over all channels), measured in the calibration pass.
@@ -87,8 +123,9 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     family = family_for(model.config)
     teacher_arch = Architecture.from_config(model.config)
     validate(arch, teacher_arch)
-    _check_shapes(rankings, teacher_arch)
-    chosen = select(rankings, arch, teacher_arch, layer_criterion)
+    _check_shapes(rankings, teacher_arch, family)
+    width = (lambda a: getattr(a, family.moe.width_key)) if family.moe else (lambda a: None)
+    chosen = select(rankings, arch, teacher_arch, layer_criterion, expert_criterion, width(arch))
     config = student_config(model.config, arch, chosen.layers)
     head_dim = head_dim_of(model.config)
     param = next(model.parameters())
@@ -107,12 +144,17 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
             HIDDEN: chosen.channels,
             QUERY: _rows(chosen.query_heads[position], head_dim) if inside else None,
             KV: _rows(chosen.kv_groups[position], head_dim) if inside else None,
-            FFN: chosen.neurons[position] if inside else None,
+            FFN: chosen.neurons[position] if inside and chosen.neurons else None,
         }
+        if inside and chosen.experts is not None:
+            own = chosen.expert_neurons[position]  # [kept experts, width]: each expert keeps its own neurons
+            index.update({EXPERT: chosen.experts[position], EXPERT_FFN: own, EXPERT_FFN_PAIR: torch.cat([own, own + width(teacher_arch)], dim=1)})
+        if inside and chosen.shared_neurons is not None:
+            index[SHARED_FFN] = chosen.shared_neurons[position]
         tensor = teacher_state[source]
         for dim, axis in enumerate(family.axes(name)):
             if axis is not None:
-                tensor = tensor.index_select(dim, index[axis].to(tensor.device))
+                tensor = _slice(tensor, dim, index[axis].to(tensor.device))
         state[name] = tensor
     if norm_correction and arch.hidden_size != teacher_arch.hidden_size:
         _correct_norm_gains(state, rankings, family, chosen, teacher_arch.num_hidden_layers)
@@ -123,6 +165,13 @@ def prune(model, rankings: Rankings, arch: Architecture, layer_criterion: str = 
     student.tie_weights()
     student.eval()
     return student
+
+
+def _slice(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """index_select along `dim`; a 2-D index [experts, k] picks per expert (dim 0 holds the experts)."""
+    if index.dim() == 1:
+        return tensor.index_select(dim, index)
+    return torch.stack([tensor[e].index_select(dim - 1, index[e]) for e in range(index.shape[0])])
 
 
 def _correct_norm_gains(state: dict, rankings: Rankings, family, chosen: Selection, n_teacher_layers: int) -> None:
@@ -160,16 +209,19 @@ def _keep_embedding_scale(state: dict, family, old_hidden: int, new_hidden: int,
         state[family.final_norm_weight] = gain / factor - family.norm_offset
 
 
-def _check_shapes(rankings: Rankings, teacher: Architecture) -> None:
-    expected = {
-        "heads": (teacher.num_hidden_layers, teacher.num_attention_heads),
-        "neurons": (teacher.num_hidden_layers, teacher.intermediate_size),
-        "channels": (teacher.hidden_size,),
-        "block_importance": (teacher.num_hidden_layers,),
-    }
+def _check_shapes(rankings: Rankings, teacher: Architecture, family) -> None:
+    n = teacher.num_hidden_layers
+    expected = {"heads": (n, teacher.num_attention_heads), "channels": (teacher.hidden_size,), "block_importance": (n,)}
+    if family.moe:
+        width = getattr(teacher, family.moe.width_key)
+        expected.update(experts=(n, teacher.num_experts), expert_activation=(n, teacher.num_experts), expert_neurons=(n, teacher.num_experts, width))
+        if teacher.shared_expert_intermediate_size is not None:
+            expected["shared_neurons"] = (n, teacher.shared_expert_intermediate_size)
+    else:
+        expected["neurons"] = (n, teacher.intermediate_size)
     for name, shape in expected.items():
-        if tuple(getattr(rankings, name).shape) != shape:
+        if getattr(rankings, name) is None or tuple(getattr(rankings, name).shape) != shape:
+            found = None if getattr(rankings, name) is None else tuple(getattr(rankings, name).shape)
             raise MinitronError(
-                f"rankings '{name}' have shape {tuple(getattr(rankings, name).shape)}, the teacher needs {shape}: "
-                "these rankings belong to another model; rank this teacher first"
+                f"rankings '{name}' have shape {found}, the teacher needs {shape}: these rankings belong to another model; rank this teacher first"
             )

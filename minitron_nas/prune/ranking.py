@@ -5,7 +5,8 @@ One calibration pass with forward hooks scores:
 - neurons: magnitude of the down projection's input (the MLP's intermediate activation);
 - channels: magnitude of every hidden-size norm output (the inputs of the residual
   branches, plus Gemma's post-branch norms and the final norm), summed over norms;
-- layers: Block Importance, 1 - mean cosine(layer input, layer output).
+- layers: Block Importance, 1 - mean cosine(layer input, layer output);
+- experts, their neurons and a shared expert's neurons in MoE layers (experts.py).
 Each score is reduced first over the sequence, then over the batch, with a configurable
 reduction; the paper's best is (batch=L2, seq=mean). Magnitudes are used because signed
 activations would cancel under a mean. On request, each layer is also scored by the
@@ -33,19 +34,15 @@ from minitron_nas.model.families import family_for, final_norm, layers_of
 from minitron_nas.model.saving import load_tensors, save_tensors
 from minitron_nas.model.teachers import Teacher, check_context
 from minitron_nas.provenance import refuse_if_changed
+from minitron_nas.prune.aggregate import BatchAccumulator, reduce_seq
+from minitron_nas.prune.experts import ExpertScores
 
 TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
-_TENSORS = ("heads", "neurons", "channels", "block_importance", "layer_loss", "norm_inputs")
-
-
-def _reduce_seq(values: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, S, N] -> [B, N]."""
-    values = values.float()
-    if how == "mean":
-        return values.mean(dim=1)
-    if how == "l2":
-        return values.norm(dim=1)
-    return values.var(dim=1, unbiased=False)
+_TENSORS = (
+    "heads", "channels", "block_importance", "neurons", "layer_loss", "norm_inputs",
+    "experts", "expert_activation", "expert_neurons", "shared_neurons",
+)  # fmt: skip
+_REQUIRED = _TENSORS[:3]  # the rest depend on the family (dense MLP or experts) and on the options
 
 
 _COS_EPS = 1e-8  # F.cosine_similarity's default
@@ -56,45 +53,20 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).clamp_min_(_COS_EPS)
 
 
-class _BatchAccumulator:
-    """Streams [B, N] rows into one [N] score: mean, L2 norm or variance over all rows.
-
-    Sums are float64 on the rows' own device: whatever the model's dtype (bf16 included),
-    scores accumulate in full precision, and a GPU pass never waits on a host copy per hook.
-    """
-
-    def __init__(self, how: str):
-        self.how, self.n, self.s1, self.s2 = how, 0, None, None
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().double()  # [B, N]
-        s1, s2 = rows.sum(0), rows.pow(2).sum(0)
-        self.s1 = s1 if self.s1 is None else self.s1 + s1
-        self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.n += rows.shape[0]
-
-    def result(self) -> torch.Tensor:
-        """[N] float32 on the CPU."""
-        if self.how == "mean":
-            value = self.s1 / self.n
-        elif self.how == "l2":
-            value = self.s2.sqrt()
-        else:
-            mean = self.s1 / self.n
-            value = (self.s2 / self.n - mean**2).clamp_min(0)
-        return value.float().cpu()
-
-
 @dataclass
 class Rankings:
     """Importance scores (higher = more important) and where they came from."""
 
     heads: torch.Tensor  # [layers, query heads]
-    neurons: torch.Tensor  # [layers, ffn]
     channels: torch.Tensor  # [hidden]
     block_importance: torch.Tensor  # [layers]
+    neurons: torch.Tensor | None = None  # [layers, ffn] (dense MLP layers)
     layer_loss: torch.Tensor | None = None  # [layers] held-out loss with the layer skipped
     norm_inputs: torch.Tensor | None = None  # [norms, hidden] mean square of each hidden norm's input per channel
+    experts: torch.Tensor | None = None  # [layers, experts] REAP saliency (MoE, experts.py)
+    expert_activation: torch.Tensor | None = None  # [layers, experts] Minitron activation score
+    expert_neurons: torch.Tensor | None = None  # [layers, experts, expert width]
+    shared_neurons: torch.Tensor | None = None  # [layers, shared expert width] (Qwen2-MoE)
     meta: dict = field(default_factory=dict)
 
     def save(self, out: Path, overwrite: bool = False) -> None:
@@ -115,7 +87,7 @@ class Rankings:
             missing=f"no rankings in '{folder}': run `minitron-nas rank` first or fix --rankings",
             corrupt=f"rankings in '{folder}' are corrupt ({{why}}): rerun `minitron-nas rank`",
         )
-        missing = [k for k in _TENSORS[:4] if k not in tensors]
+        missing = [k for k in _REQUIRED if k not in tensors]
         if missing:
             raise MinitronError(f"rankings in '{folder}' lack '{missing[0]}': rerun `minitron-nas rank`")
         dtype = f", in {meta['teacher_dtype']}" if meta.get("teacher_dtype") else ""
@@ -164,10 +136,11 @@ def compute_rankings(
     head_dim = head_dim_of(config)
     layers = layers_of(model)
     device = model_device(model)
-    acc_heads = [_BatchAccumulator(aggregation.batch) for _ in layers]
-    acc_neurons = [_BatchAccumulator(aggregation.batch) for _ in layers]
+    acc_heads = [BatchAccumulator(aggregation.batch) for _ in layers]
+    acc_neurons = [BatchAccumulator(aggregation.batch) for _ in layers]
+    experts = ExpertScores([family.moe_block(layer) for layer in layers], aggregation) if family.moe else None
     norms = _hidden_norms(model, family)
-    acc_channels = [_BatchAccumulator(aggregation.batch) for _ in norms]
+    acc_channels = [BatchAccumulator(aggregation.batch) for _ in norms]
     norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64, device=device)  # sum over tokens of x_c^2
     norm_tokens = [0]
     cos_sum = torch.zeros(len(layers), dtype=torch.float64, device=device)  # [layers], no host sync per hook
@@ -178,19 +151,19 @@ def compute_rankings(
         def hook(module, args):
             x = args[0]
             per_head = x.view(*x.shape[:-1], -1, head_dim).float().norm(dim=-1)
-            acc_heads[index].add(_reduce_seq(per_head, aggregation.seq))
+            acc_heads[index].add(reduce_seq(per_head, aggregation.seq))
 
         return hook
 
     def neuron_hook(index):
         def hook(module, args):
-            acc_neurons[index].add(_reduce_seq(args[0].abs(), aggregation.seq))
+            acc_neurons[index].add(reduce_seq(args[0].abs(), aggregation.seq))
 
         return hook
 
     def channel_hook(index):
         def hook(module, args, output):
-            acc_channels[index].add(_reduce_seq(output.abs(), aggregation.seq))
+            acc_channels[index].add(reduce_seq(output.abs(), aggregation.seq))
             x = args[0]  # [B, S, hidden]: what the norm divides by its root mean square
             norm_squares[index] += x.double().pow(2).sum(dim=(0, 1))  # on the device: no host sync per hook
             if index == 0:
@@ -220,10 +193,13 @@ def compute_rankings(
     handles = []
     for i, layer in enumerate(layers):
         handles.append(family.head_output(layer).register_forward_pre_hook(head_hook(i)))
-        handles.append(family.neuron_output(layer).register_forward_pre_hook(neuron_hook(i)))
+        if not family.moe:
+            handles.append(family.neuron_output(layer).register_forward_pre_hook(neuron_hook(i)))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     for i, norm in enumerate(norms):
         handles.append(norm.register_forward_hook(channel_hook(i)))
+    if experts is not None:
+        handles += experts.register()
     start = time.perf_counter()
     try:
         for batch in tqdm(blocks.split(batch_size), desc="ranking", disable=not progress, unit="batch"):
@@ -235,7 +211,8 @@ def compute_rankings(
 
     rankings = Rankings(
         heads=torch.stack([a.result() for a in acc_heads]),
-        neurons=torch.stack([a.result() for a in acc_neurons]),
+        neurons=None if family.moe else torch.stack([a.result() for a in acc_neurons]),
+        **(experts.result() if experts is not None else {}),
         channels=torch.stack([a.result() for a in acc_channels]).sum(0),
         block_importance=(1 - cos_sum / cos_count[0]).float().cpu(),
         norm_inputs=(norm_squares / norm_tokens[0]).float().cpu(),

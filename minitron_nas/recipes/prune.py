@@ -10,11 +10,13 @@ from pathlib import Path
 
 from minitron_nas.config.settings import RankSettings
 from minitron_nas.data import token_blocks
+from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.heldout import lm_loss
 from minitron_nas.files import check_writable
 from minitron_nas.model.architecture import Architecture, ParamCount, ParamCounter, student_config, validate
 from minitron_nas.model.saving import save_model
 from minitron_nas.model.teachers import Teacher, check_context, load_config, load_teacher
+from minitron_nas.prune.experts import EXPERT_CRITERIA
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings, rank
 
@@ -58,12 +60,15 @@ def prune_model(
     overwrite: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    expert_criterion: str = "reap",
 ) -> tuple[Teacher, ParamCount]:
     """`minitron-nas prune`: everything checked before the weights load, then `prune_to` into `out`."""
     check_writable(out, overwrite)
+    if expert_criterion not in EXPERT_CRITERIA:
+        raise MinitronError(f"unknown expert criterion '{expert_criterion}': use one of {', '.join(EXPERT_CRITERIA)}")
     config, target = check_architecture(model, arch)
     teacher = load_teacher(model, device, dtype)
-    prune_to(teacher, Rankings.load(rankings, teacher.fingerprint), target, out, layer_criterion, overwrite, norm_correction)
+    prune_to(teacher, Rankings.load(rankings, teacher.fingerprint), target, out, layer_criterion, overwrite, norm_correction, expert_criterion)
     return teacher, ParamCounter(config).count(target)
 
 
@@ -75,11 +80,12 @@ def prune_to(
     layer_criterion: str = "block_importance",
     overwrite: bool = False,
     norm_correction: bool = False,
+    expert_criterion: str = "reap",
 ):
     """Prune the teacher to `arch`; with `out`, save model + tokenizer + provenance there."""
     if out is not None:
         check_writable(out, overwrite)
-    student = prune(teacher.model, rankings, arch, layer_criterion, norm_correction)
+    student = prune(teacher.model, rankings, arch, layer_criterion, norm_correction, expert_criterion)
     if out is not None:
         count = ParamCounter(teacher.model.config).count(arch)
         save_model(
@@ -90,8 +96,9 @@ def prune_to(
                 "teacher": teacher.name,
                 "teacher_fingerprint": teacher.fingerprint,
                 "architecture": arch.to_dict(),
-                "parameters": {"total": count.total, "non_embedding": count.non_embedding},
+                "parameters": {"total": count.total, "non_embedding": count.non_embedding, "active": count.active},
                 "layer_criterion": layer_criterion,
+                **({"expert_criterion": expert_criterion} if arch.num_experts is not None else {}),
                 "rankings": {k: rankings.meta.get(k) for k in ("data", "samples", "seq_len", "aggregation")},
             },
             overwrite,

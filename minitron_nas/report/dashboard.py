@@ -240,7 +240,10 @@ def neuron_channel_figure(rankings, problem: str | None) -> go.Figure:
     import torch  # only to draw the rankings: a finished run's page builds without loading torch otherwise
 
     # scores are heavy-tailed: log scales; zeros (dead units) are drawn at the smallest positive score
-    neurons, channels = rankings.neurons.float(), rankings.channels.float()
+    # an MoE teacher's MLP neurons are its experts': every expert's neurons of a layer in one box
+    kind = "FFN" if rankings.neurons is not None else "expert"
+    neurons = (rankings.neurons if rankings.neurons is not None else rankings.expert_neurons.flatten(1)).float()
+    channels = rankings.channels.float()
     positive = torch.cat([neurons.flatten(), channels])
     floor = positive[positive > 0].min().item() if (positive > 0).any() else 1e-12
     neurons, channels = neurons.clamp_min(floor), channels.clamp_min(floor)
@@ -249,7 +252,7 @@ def neuron_channel_figure(rankings, problem: str | None) -> go.Figure:
         rows=1,
         cols=2,
         column_widths=[0.62, 0.38],
-        subplot_titles=(f"FFN neuron scores per layer ({neurons.shape[1]} neurons each)", f"embedding channel scores ({channels.numel()} channels)"),
+        subplot_titles=(f"{kind} neuron scores per layer ({neurons.shape[1]} neurons each)", f"embedding channel scores ({channels.numel()} channels)"),
     )
     fig.add_trace(
         go.Box(  # precomputed quartiles: the page stays small for 8B teachers

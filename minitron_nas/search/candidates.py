@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minitron_nas.config.loader import read_space
-from minitron_nas.config.space import AXES, Budget, SearchSpace
+from minitron_nas.config.space import AXES, MOE_AXES, Budget, SearchSpace
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture, ParamCounter, head_dim_of, student_config, validate
+from minitron_nas.model.families import family_for
 
 
 def load_space(path: str | Path) -> SearchSpace:
@@ -35,9 +36,14 @@ class Candidate:
     total: int
     non_embedding: int
     memory_gb: float
+    active: int | None = None  # parameters per token (MoE); the total for a dense model
+
+    def __post_init__(self):
+        if self.active is None:
+            object.__setattr__(self, "active", self.total)
 
     def budgeted(self, budget: Budget) -> int:
-        return self.total if budget.count == "total" else self.non_embedding
+        return {"total": self.total, "non_embedding": self.non_embedding, "active": self.active}[budget.count]
 
 
 def memory_gb(config, arch: Architecture, params: int, budget: Budget) -> float:
@@ -47,7 +53,7 @@ def memory_gb(config, arch: Architecture, params: int, budget: Budget) -> float:
 
 def _transformers_requires_divisible_heads(config) -> bool:
     """Ask transformers once whether this family refuses hidden % heads != 0."""
-    probe = Architecture(config.num_attention_heads + 1, 1, config.num_attention_heads, 1, 1)
+    probe = replace(Architecture.from_config(config), hidden_size=config.num_attention_heads + 1, intermediate_size=1, num_key_value_heads=1, num_hidden_layers=1)
     try:
         student_config(config, probe)
     except MinitronError:
@@ -58,16 +64,21 @@ def _transformers_requires_divisible_heads(config) -> bool:
 def all_architectures(space: SearchSpace, config) -> list[Architecture]:
     """The product of the axes (axes not given keep the teacher's value), before any budget."""
     teacher = Architecture.from_config(config)
+    for axis in MOE_AXES:
+        if axis in space.axes and getattr(teacher, axis) is None:
+            raise MinitronError(f"axes.{axis} is given but this {config.model_type} teacher has no such part: remove it from the space")
     axes = {
         "hidden_size": (teacher.hidden_size,),
         "intermediate_size": (teacher.intermediate_size,),
         "heads_per_group": (teacher.heads_per_group,),
         "num_key_value_heads": (teacher.num_key_value_heads,),
         "num_hidden_layers": (teacher.num_hidden_layers,),
+        **{axis: (getattr(teacher, axis),) for axis in MOE_AXES},
         **space.axes,
     }
     return [
-        Architecture(hidden, ffn, per_group * groups, groups, layers) for hidden, ffn, per_group, groups, layers in itertools.product(*(axes[a] for a in AXES))
+        Architecture(hidden, ffn, per_group * groups, groups, layers, None, experts, moe, shared)
+        for hidden, ffn, per_group, groups, layers, experts, moe, shared in itertools.product(*(axes[a] for a in AXES + MOE_AXES))
     ]
 
 
@@ -76,16 +87,19 @@ def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], l
     teacher = Architecture.from_config(config)
     counter = ParamCounter(config)
     divisible = _transformers_requires_divisible_heads(config)
+    tied = family_for(config).hidden_is_query_width
     valid: list[Candidate] = []
     for arch in all_architectures(space, config):
         if divisible and arch.hidden_size % arch.num_attention_heads:
+            continue
+        if tied and arch.hidden_size != arch.num_attention_heads * head_dim_of(config):
             continue
         try:
             validate(arch, teacher)
         except MinitronError:
             continue
         n = counter.count(arch)
-        valid.append(Candidate(arch, n.total, n.non_embedding, memory_gb(config, arch, n.total, space.budget)))
+        valid.append(Candidate(arch, n.total, n.non_embedding, memory_gb(config, arch, n.total, space.budget), n.active))
     budget = space.budget
     low, high = budget.parameters * (1 - budget.tolerance), budget.parameters * (1 + budget.tolerance)
     feasible = [c for c in valid if low <= c.budgeted(budget) <= high and (budget.memory_gb is None or c.memory_gb <= budget.memory_gb)]

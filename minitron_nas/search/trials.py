@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import optuna
 
-from minitron_nas.config.space import AXES, SearchSpace
+from minitron_nas.config.space import AXES, MOE_AXES, SearchSpace
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.provenance import refuse_if_changed
@@ -44,29 +44,36 @@ __all__ = [
 ]
 
 # What a candidate's trials at later rungs inherit from its rung-0 trial.
-CARRIED = ("architecture", "key", "params_total", "params_non_embedding", "pruned", "prefill_tokens_per_s", "decode_tokens_per_s")
+CARRIED = ("architecture", "key", "params_total", "params_non_embedding", "params_active", "pruned", "prefill_tokens_per_s", "decode_tokens_per_s")
 WAITING, RUNNING, COMPLETE = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
 RUNG0_CHUNK = 64  # most rung-0 candidates per work unit: few queue writes, yet shared among workers
 PROPOSALS = 8  # most adaptive proposals per work unit: each waits for the scores before it
 
 
 def arch_key(arch: Architecture) -> str:
-    """The architecture as text: hidden/ffn/heads:kv groups/layers."""
-    return f"{arch.hidden_size}/{arch.intermediate_size}/{arch.num_attention_heads}:{arch.num_key_value_heads}/{arch.num_hidden_layers}"
+    """The architecture as text: hidden/ffn/heads:kv groups/layers, then (MoE) /e<experts>/m<expert width>/s<shared width>."""
+    key = f"{arch.hidden_size}/{arch.intermediate_size}/{arch.num_attention_heads}:{arch.num_key_value_heads}/{arch.num_hidden_layers}"
+    for prefix, value in (("e", arch.num_experts), ("m", arch.moe_intermediate_size), ("s", arch.shared_expert_intermediate_size)):
+        if value is not None:
+            key += f"/{prefix}{value}"
+    return key
 
 
 def params_of(space: SearchSpace, arch: Architecture) -> dict[str, int]:
     """The architecture as Optuna params, one per axis of the space (what optuna-dashboard plots)."""
     values = {**arch.to_dict(), "heads_per_group": arch.num_attention_heads // arch.num_key_value_heads}
-    return {axis: values[axis] for axis in AXES if axis in space.axes}
+    return {axis: values[axis] for axis in AXES + MOE_AXES if axis in space.axes}
 
 
 def distributions(space: SearchSpace) -> dict[str, optuna.distributions.CategoricalDistribution]:
-    return {axis: optuna.distributions.CategoricalDistribution(tuple(space.axes[axis])) for axis in AXES if axis in space.axes}
+    return {axis: optuna.distributions.CategoricalDistribution(tuple(space.axes[axis])) for axis in AXES + MOE_AXES if axis in space.axes}
 
 
 def candidate_attrs(c: Candidate) -> dict:
-    return {"architecture": c.arch.to_dict(), "key": arch_key(c.arch), "params_total": c.total, "params_non_embedding": c.non_embedding}
+    attrs = {"architecture": c.arch.to_dict(), "key": arch_key(c.arch), "params_total": c.total, "params_non_embedding": c.non_embedding}
+    if c.active != c.total:  # an MoE candidate: what a token uses
+        attrs["params_active"] = c.active
+    return attrs
 
 
 def carried(attrs: dict) -> dict:

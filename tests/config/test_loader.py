@@ -108,7 +108,7 @@ def test_shipped_smollm2_spaces_have_candidates():
         ("axes: {}\nbudget: {parameters: 10}\n", "lacks 'teacher'"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nsampler: nsga\n", "unknown sampler 'nsga': use one of auto, grid, random, tpe"),
         ("teacher: x\naxes: {}\nbudget: {parameters: 10}\nscoring: {metric: lm_eval}\n", "scoring.tasks is empty"),
-        ("teacher: x\naxes: {}\nbudget: {parameters: 10, count: all}\n", "budget.count is 'all': use total or non_embedding"),
+        ("teacher: x\naxes: {}\nbudget: {parameters: 10, count: all}\n", "budget.count is 'all': use total, non_embedding, active"),
         ("- a list\n", "must be a YAML mapping"),
     ],
 )

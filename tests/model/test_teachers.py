@@ -37,7 +37,7 @@ def test_blocks(teacher, shared_data):
 def _random_rankings(like: Rankings, seed: int) -> Rankings:
     g = torch.Generator().manual_seed(seed)
     rand = lambda t: torch.rand(t.shape, generator=g)
-    return Rankings(rand(like.heads), rand(like.neurons), rand(like.channels), rand(like.block_importance))
+    return Rankings(heads=rand(like.heads), neurons=rand(like.neurons), channels=rand(like.channels), block_importance=rand(like.block_importance))
 
 
 def test_embedded_teacher_is_smollm2_and_cached(teacher):

@@ -262,7 +262,7 @@ def test_load_refuses_missing_tensor(tmp_path):
 
     _rankings().save(tmp_path / "r")
     save_file({"heads": torch.rand(4, 6)}, str(tmp_path / "r" / "rankings.safetensors"))
-    with pytest.raises(MinitronError, match="lack 'neurons'"):
+    with pytest.raises(MinitronError, match="lack 'channels'"):
         Rankings.load(tmp_path / "r")
 
 
