@@ -65,7 +65,16 @@ MODEL_HELP = f"Hugging Face id or folder, a .gguf file, or '{DEFAULT_TEACHER}' (
 DATA_HELP = "a .txt/.jsonl/.parquet file or folder, 'shakespeare' (embedded), or a local datasets name"
 SPACE_HELP = "search space YAML"
 RUN_HELP = "run folder (default: runs/<space name>)"
-MOE_LABELS = (("num_experts", "experts"), ("moe_intermediate_size", "expert ffn"), ("shared_expert_intermediate_size", "shared ffn"))
+FAMILY_LABELS = (  # the family-specific sizes enumerate shows where a candidate has them
+    ("num_experts", "experts"),
+    ("moe_intermediate_size", "expert ffn"),
+    ("shared_expert_intermediate_size", "shared ffn"),
+    ("mamba_num_heads", "mamba heads"),
+    ("mamba_head_dim", "mamba dim"),
+    ("num_mamba_layers", "mamba layers"),
+    ("num_attention_layers", "attn layers"),
+    ("num_mlp_layers", "mlp layers"),
+)
 # the search's own options, shared by `search` and `run`
 STORAGE_OPTION = typer.Option(None, help="Optuna storage URL (default: sqlite in the run folder)")
 N_TRIALS_OPTION = typer.Option(
@@ -216,14 +225,15 @@ def enumerate_space(
 
     spec, feasible, valid = feasible_candidates(space)
     table = Table(title=f"{len(feasible)} of {valid} valid architectures meet the budget ({spec.budget.parameters:,} {spec.budget.count})")
-    moe = [(name, label) for name, label in MOE_LABELS if any(getattr(c.arch, name) is not None for c in feasible[:show])]
+    extra = [(name, label) for name, label in FAMILY_LABELS if any(getattr(c.arch, name) is not None for c in feasible[:show])]
+    moe = any(c.active != c.total for c in feasible[:show])
     for column in (
         "hidden",
         "ffn",
         "heads",
         "kv groups",
         "layers",
-        *(label for _, label in moe),
+        *(label for _, label in extra),
         "total",
         "non-embedding",
         *(["active"] if moe else []),
@@ -234,7 +244,7 @@ def enumerate_space(
         a = c.arch
         table.add_row(
             *map(str, (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
-            *(str(getattr(a, name)) for name, _ in moe),
+            *(str(getattr(a, name)) for name, _ in extra),
             f"{c.total:,}",
             f"{c.non_embedding:,}",
             *([f"{c.active:,}"] if moe else []),

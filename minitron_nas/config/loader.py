@@ -18,8 +18,8 @@ from minitron_nas.config.settings import DistillSettings, RankSettings, RetrainS
 from minitron_nas.config.space import (
     AXES,
     BUDGET_COUNTS,
+    FAMILY_AXES,
     METRICS,
-    MOE_AXES,
     RUNG_METRICS,
     SAMPLER_NAMES,
     Budget,
@@ -192,8 +192,8 @@ def read_space(path: str | Path) -> SearchSpace:
     if not isinstance(axes, dict):
         raise MinitronError(f"'axes' is {_shown(axes)}: give a mapping of axis: values, e.g. hidden_size: [384, 576]")
     for key in axes:
-        if key not in AXES + MOE_AXES:
-            raise MinitronError(f"unknown key 'axes.{key}': allowed are {', '.join(AXES + MOE_AXES)}")
+        if key not in AXES + FAMILY_AXES:
+            raise MinitronError(f"unknown key 'axes.{key}': allowed are {', '.join(AXES + FAMILY_AXES)}")
     budget = _section(Budget, data["budget"], "budget")
     if budget.count not in BUDGET_COUNTS:
         raise MinitronError(f"budget.count is '{budget.count}': use {', '.join(BUDGET_COUNTS)}")

@@ -20,6 +20,8 @@ DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # mode
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 AXES = ("hidden_size", "intermediate_size", "heads_per_group", "num_key_value_heads", "num_hidden_layers")
 MOE_AXES = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")  # MoE teachers only
+HYBRID_AXES = ("mamba_num_heads", "mamba_head_dim", "num_mamba_layers", "num_attention_layers", "num_mlp_layers")  # hybrid teachers only
+FAMILY_AXES = MOE_AXES + HYBRID_AXES
 BUDGET_COUNTS = ("total", "non_embedding", "active")
 
 

@@ -25,6 +25,10 @@ from minitron_nas.model.families import EXPERT, EXPERT_FFN, EXPERT_FFN_PAIR, FFN
 # The sizes every architecture has, and those only a mixture-of-experts family has (None otherwise).
 DENSE_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 MOE_SIZES = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+# ...and those only a hybrid Mamba/attention family has: Mamba heads and their width, and how many
+# layers of each type stay (num_hidden_layers is their sum).
+HYBRID_SIZES = ("mamba_num_heads", "mamba_head_dim", "num_mamba_layers", "num_attention_layers", "num_mlp_layers")
+LAYER_TYPE_COUNTS = HYBRID_SIZES[2:]
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,8 @@ class Architecture:
     MoE sizes are None for a dense model, and for a family without that part: Mixtral and
     OLMoE size their experts with `intermediate_size` (no `moe_intermediate_size`), only
     Qwen2-MoE has a shared expert. `num_experts` is the family's expert count whatever its
-    config calls it (Mixtral: num_local_experts).
+    config calls it (Mixtral: num_local_experts). Hybrid sizes are None outside hybrid families;
+    a hybrid's depth is chosen per layer type (num_mamba_layers and so on).
     """
 
     hidden_size: int
@@ -46,10 +51,17 @@ class Architecture:
     num_experts: int | None = None
     moe_intermediate_size: int | None = None
     shared_expert_intermediate_size: int | None = None
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int | None = None
+    num_mamba_layers: int | None = None
+    num_attention_layers: int | None = None
+    num_mlp_layers: int | None = None
 
     @classmethod
     def from_config(cls, config) -> Architecture:
-        moe = family_for(config).moe
+        family = family_for(config)
+        moe, hybrid = family.moe, family.hybrid
+        types = hybrid.types(config) if hybrid else []
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -59,6 +71,11 @@ class Architecture:
             num_experts=getattr(config, moe.experts_key) if moe else None,
             moe_intermediate_size=getattr(config, "moe_intermediate_size", None) if moe else None,
             shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", None) if moe else None,
+            mamba_num_heads=config.mamba_num_heads if hybrid else None,
+            mamba_head_dim=config.mamba_head_dim if hybrid else None,
+            num_mamba_layers=types.count(hybrid.mamba) if hybrid else None,
+            num_attention_layers=types.count(hybrid.attention) if hybrid else None,
+            num_mlp_layers=types.count(hybrid.mlp) if hybrid else None,
         )
 
     @classmethod
@@ -75,6 +92,8 @@ class Architecture:
                 raise MinitronError(f"architecture key 'layers' must be a list of integer layer indices, got {layers!r}")
             values["layers"] = tuple(layers)
             values.setdefault("num_hidden_layers", len(values["layers"]))
+        if "num_hidden_layers" not in values and any(k in values for k in LAYER_TYPE_COUNTS) and base.num_mamba_layers is not None:
+            values["num_hidden_layers"] = sum(values.get(k, getattr(base, k)) for k in LAYER_TYPE_COUNTS)
         for key, value in values.items():
             if key != "layers" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise MinitronError(f"architecture key '{key}' must be an integer, got {value!r}")
@@ -98,8 +117,8 @@ class Architecture:
         return cls.from_dict(data, base)
 
     def to_dict(self) -> dict:
-        """HF config names; the MoE sizes only where the family has them (a dense dict stays as it was)."""
-        data = {k: v for k, v in asdict(self).items() if k not in MOE_SIZES or v is not None}
+        """HF config names; MoE and hybrid sizes only where the family has them (a dense dict stays as it was)."""
+        data = {k: v for k, v in asdict(self).items() if k not in MOE_SIZES + HYBRID_SIZES or v is not None}
         data["layers"] = list(self.layers) if self.layers is not None else None
         return data
 
@@ -122,7 +141,7 @@ class ParamCount:
 
 def validate(arch: Architecture, teacher: Architecture) -> None:
     """Reject candidates that cannot be sliced out of the teacher, with the reason."""
-    for name in DENSE_SIZES + MOE_SIZES:
+    for name in DENSE_SIZES + MOE_SIZES + HYBRID_SIZES:
         value, limit = getattr(arch, name), getattr(teacher, name)
         if limit is None:
             if value is not None:
@@ -130,10 +149,15 @@ def validate(arch: Architecture, teacher: Architecture) -> None:
             continue
         if value is None:
             raise MinitronError(f"{name} is missing: this teacher has {name}={limit}")
+        if name in LAYER_TYPE_COUNTS and value == 0:
+            continue  # a hybrid may lose every layer of one type
         if value < 1:
             raise MinitronError(f"{name}={value} must be at least 1")
         if value > limit:
             raise MinitronError(f"{name}={value} is larger than the teacher's {limit}: pruning only shrinks")
+    if teacher.num_mamba_layers is not None and sum(getattr(arch, k) for k in LAYER_TYPE_COUNTS) != arch.num_hidden_layers:
+        counts = ", ".join(f"{k}={getattr(arch, k)}" for k in LAYER_TYPE_COUNTS)
+        raise MinitronError(f"num_hidden_layers={arch.num_hidden_layers} is not the sum of the layers per type ({counts}): make them agree")
     if arch.num_attention_heads % arch.num_key_value_heads:
         raise MinitronError(
             f"num_attention_heads={arch.num_attention_heads} is not a multiple of "
@@ -185,6 +209,12 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
         for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
             if getattr(arch, key) is not None:
                 data[stored(key)] = getattr(arch, key)
+    if family.hybrid and arch.mamba_num_heads is not None:
+        if arch.mamba_num_heads % teacher_config.n_groups:
+            raise MinitronError(
+                f"mamba_num_heads={arch.mamba_num_heads} cannot be split over the {teacher_config.n_groups} Mamba groups: choose a multiple of {teacher_config.n_groups}"
+            )
+        data.update(mamba_num_heads=arch.mamba_num_heads, mamba_head_dim=arch.mamba_head_dim)
     for key in family.layer_count_keys:
         if key in data:
             data[key] = min(data[key], arch.num_hidden_layers)
@@ -217,7 +247,15 @@ class ParamCounter:
         self._global: dict[tuple[str, ...], int] = {}
         self._embedding: dict[tuple[str, ...], int] = {}
         layer_terms: dict[int, dict[tuple[str, ...], int]] = {}
+        self.config = teacher_config
+        hybrid = self.family.hybrid
+        types = hybrid.types(teacher_config) if hybrid else ["layer"] * teacher_config.num_hidden_layers
+        if hybrid and set(types) - {hybrid.mamba, hybrid.attention, hybrid.mlp}:
+            other = sorted(set(types) - {hybrid.mamba, hybrid.attention, hybrid.mlp})
+            raise MinitronError(f"{self.family.name} layers of type {', '.join(other)} are not supported yet: only Mamba, attention and MLP layers")
         for name, param in model.named_parameters():
+            if self.family.is_mamba(name):
+                continue  # a Mamba mixer's count is Hybrid.mamba_parameters: its rows mix several sizes
             axes = self.family.axes(name)
             fixed = 1
             for size, axis in zip(param.shape, axes):
@@ -232,10 +270,18 @@ class ParamCounter:
             else:
                 target = self._global
             target[key] = target.get(key, 0) + fixed
-        shapes = {tuple(sorted(t.items())) for t in layer_terms.values()}
-        if len(shapes) != 1:
-            raise MinitronError("layers of this teacher differ in structure: count them with an explicit layer list")
-        self._layer = layer_terms[0]
+        self._layers: dict[str, dict[tuple[str, ...], int]] = {}  # layer type -> its terms
+        for kind in dict.fromkeys(types):
+            shapes = {tuple(sorted(layer_terms.get(i, {}).items())) for i, t in enumerate(types) if t == kind}
+            if len(shapes) != 1:
+                raise MinitronError("layers of this teacher differ in structure: this family's layers must be alike within each layer type")
+            self._layers[kind] = dict(shapes.pop())
+
+    def _layer_counts(self, arch: Architecture) -> dict[str, int]:
+        hybrid = self.family.hybrid
+        if not hybrid:
+            return {"layer": arch.num_hidden_layers}
+        return {hybrid.mamba: arch.num_mamba_layers, hybrid.attention: arch.num_attention_layers, hybrid.mlp: arch.num_mlp_layers}
 
     def _evaluate(self, terms: dict[tuple[str, ...], int], arch: Architecture, active: bool = False) -> int:
         """Sum of the terms; `active`: an expert's own weights count top-k times, not once per expert."""
@@ -260,7 +306,12 @@ class ParamCounter:
         return total
 
     def count(self, arch: Architecture) -> ParamCount:
-        embedding = self._evaluate(self._embedding, arch)
-        body = self._evaluate(self._global, arch) + arch.num_hidden_layers * self._evaluate(self._layer, arch)
-        active = embedding + self._evaluate(self._global, arch) + arch.num_hidden_layers * self._evaluate(self._layer, arch, active=True)
-        return ParamCount(total=embedding + body, non_embedding=body, active=active)
+        embedding, shared = self._evaluate(self._embedding, arch), self._evaluate(self._global, arch)
+        layers = active = 0
+        for kind, n in self._layer_counts(arch).items():
+            layers += n * self._evaluate(self._layers.get(kind, {}), arch)
+            active += n * self._evaluate(self._layers.get(kind, {}), arch, active=True)
+        if self.family.hybrid:
+            mamba = arch.num_mamba_layers * self.family.hybrid.mamba_parameters(self.config, arch.hidden_size, arch.mamba_num_heads, arch.mamba_head_dim)
+            layers, active = layers + mamba, active + mamba
+        return ParamCount(total=embedding + shared + layers, non_embedding=shared + layers, active=embedding + shared + active)

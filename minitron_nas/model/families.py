@@ -6,7 +6,9 @@ embedding is scaled by sqrt(hidden), whether RMSNorm stores its weight as (1 + w
 table that says, for every parameter, which pruning axis each of its dimensions follows.
 Adding a Llama-like family is adding one `Family(...)` entry; a mixture-of-experts family
 names its expert-count and expert-width config keys (`MoE(...)`), and the same table then
-covers the router, the experts' fused weights and a shared expert.
+covers the router, the experts' fused weights and a shared expert. A hybrid Mamba/attention
+family (`Hybrid(...)`) has layers of several types, each one mixer behind one norm; its Mamba
+mixers are sliced as a whole by prune/mamba.py.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _LINEARS: dict[str, tuple[str, str]] = {
 # Parameter name suffix -> axis per dimension. Shared by all supported families.
 _COMMON_AXES: dict[str, tuple[str | None, ...]] = {
     "embed_tokens.weight": (None, HIDDEN),
+    "embeddings.weight": (None, HIDDEN),  # NemotronH's name
     "lm_head.weight": (None, HIDDEN),
     "q_norm.weight": (None,),
     "k_norm.weight": (None,),
@@ -71,6 +74,35 @@ class MoE:
     """The per-layer sparse MoE block: `gate` (router), `experts`, optional `shared_expert`."""
 
 
+# A hybrid model's Mamba-2 mixer parameters (names relative to the mixer): sliced together, group-aware.
+MAMBA_PARAMS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight", "out_proj.weight", "out_proj.bias")
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    """Where a hybrid family keeps its per-layer types and its Mamba-2 facts in the config."""
+
+    types_key: str = "layers_block_type"
+    """Config key of the per-layer type list (sliced with the kept layers)."""
+    mamba: str = "linear_attention"
+    attention: str = "full_attention"
+    mlp: str = "mlp"
+    mixer: str = "mixer"
+    """Each layer's one mixer (behind the layer's one norm)."""
+
+    def types(self, config) -> list[str]:
+        return list(getattr(config, self.types_key))
+
+    def mamba_parameters(self, config, hidden: int, heads: int, head_dim: int) -> int:
+        """Exact parameters of one Mamba-2 mixer (layout in prune/mamba.py)."""
+        inner, bc = heads * head_dim, 2 * config.n_groups * config.ssm_state_size
+        rows = 2 * inner + bc + heads  # in_proj: z | x B C | dt
+        n = hidden * rows + (inner + bc) * config.conv_kernel + 3 * heads + inner + inner * hidden  # + A_log, D, dt_bias, norm, out_proj
+        n += (inner + bc) if config.use_conv_bias else 0
+        n += (rows + hidden) if config.use_bias else 0
+        return n
+
+
 @dataclass(frozen=True)
 class Family:
     """Facts about one model family that pruning, ranking and counting need."""
@@ -99,9 +131,19 @@ class Family:
     extra_axes: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
     # OLMoE sizes its q norm by hidden_size: the student's hidden size must equal heads x head_dim.
     hidden_is_query_width: bool = False
+    # Layers of several types (Mamba, attention, MLP), None for a uniform decoder.
+    hybrid: Hybrid | None = None
+
+    def is_mamba(self, param_name: str) -> bool:
+        """A parameter of a hybrid model's Mamba mixer (sliced by prune/mamba.py, counted by Hybrid)."""
+        if not self.hybrid or f".{self.hybrid.mixer}." not in param_name:
+            return False
+        return param_name.split(f".{self.hybrid.mixer}.", 1)[1] in MAMBA_PARAMS
 
     def axes(self, param_name: str) -> tuple[str | None, ...]:
         """Pruning axis of each dimension of a parameter of this family's CausalLM."""
+        if self.is_mamba(param_name):
+            raise MinitronError(f"'{param_name}' is a Mamba mixer parameter: slice it with prune/mamba.py")
         parts = param_name.split(".")
         tables = (dict(self.extra_axes), _MOE_AXES if self.moe else {}, _COMMON_AXES)
         for length in (3, 2):  # the longest known suffix wins: shared_expert.gate_proj.weight before gate_proj.weight
@@ -109,7 +151,7 @@ class Family:
             for table in tables:
                 if suffix in table:
                     return table[suffix]
-        if parts[-2] in self.layer_norms or suffix == "norm.weight":
+        if parts[-2] in self.layer_norms or param_name == self.final_norm_weight:
             return (HIDDEN,)
         raise MinitronError(f"parameter '{param_name}' is unknown to the {self.name} family: extend the family table in minitron_nas/model/families.py")
 
@@ -160,6 +202,16 @@ FAMILIES: tuple[Family, ...] = (
         extra_axes=(("q_norm.weight", (QUERY,)), ("k_norm.weight", (KV,))),
         hidden_is_query_width=True,
     ),
+    Family(
+        "nemotron_h",
+        ("nemotron_h",),
+        layer_norms=("norm",),
+        head_output_module="mixer.o_proj",
+        neuron_output_module="mixer.down_proj",
+        embedding_weight="model.embeddings.weight",
+        final_norm_weight="model.norm_f.weight",
+        hybrid=Hybrid(),
+    ),
 )
 
 
@@ -202,4 +254,4 @@ def layers_of(model):
 
 def final_norm(model):
     """The norm after the last decoder layer of a CausalLM of any supported family."""
-    return model.model.norm
+    return model.get_submodule(family_for(model.config).final_norm_weight.removesuffix(".weight"))

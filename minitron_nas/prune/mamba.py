@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from minitron_nas.errors import MinitronError
+from minitron_nas.prune.aggregate import BatchAccumulator, reduce_seq
 
 
 def mamba_head_scores(out_proj_input: torch.Tensor, n_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +106,35 @@ def student_mamba_config_updates(config, n_heads: int, head_dim: int) -> dict:
     if n_heads % config.n_groups:
         raise MinitronError(f"{n_heads} Mamba heads cannot be split over {config.n_groups} groups: choose a multiple of {config.n_groups}")
     return {"mamba_num_heads": n_heads, "mamba_head_dim": head_dim}
+
+
+class MambaScores:
+    """Forward pre-hooks on the Mamba mixers' out_proj: head and head_dim scores per layer.
+
+    out_proj's input is the gated, normalised mixer output [B, S, H*P], head-major, what the
+    attention heads' score is taken from too. Layers that are not Mamba score zeros.
+    """
+
+    def __init__(self, mixers: list, n_heads: int, head_dim: int, aggregation):
+        self.mixers, self.n_heads, self.head_dim, self.seq = mixers, n_heads, head_dim, aggregation.seq
+        self.heads = [BatchAccumulator(aggregation.batch) for _ in mixers]
+        self.dims = [BatchAccumulator(aggregation.batch) for _ in mixers]
+
+    def register(self) -> list:
+        return [m.out_proj.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.mixers) if m is not None]
+
+    def _hook(self, index: int):
+        def hook(module, args):
+            heads, dims = mamba_head_scores(args[0], self.n_heads, self.head_dim)  # [B, S, H], [B, S, P]
+            self.heads[index].add(reduce_seq(heads, self.seq))
+            self.dims[index].add(reduce_seq(dims, self.seq))
+
+        return hook
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """mamba_heads [layers, H] and mamba_dims [layers, P]."""
+        zeros = torch.zeros
+        return {
+            "mamba_heads": torch.stack([a.result() if a.n else zeros(self.n_heads) for a in self.heads]),
+            "mamba_dims": torch.stack([a.result() if a.n else zeros(self.head_dim) for a in self.dims]),
+        }

@@ -7,7 +7,8 @@ and query heads are chosen per layer. Heads are GQA-aware: whole KV groups are k
 dropped, and inside each kept group the best query heads stay, so head j of the student
 still attends with the keys of its own group. head_dim never changes. In a mixture-of-experts
 layer the best experts are kept (router rows sliced with them), and inside each kept expert
-its own best neurons; a shared expert's neurons as a dense MLP's.
+its own best neurons; a shared expert's neurons as a dense MLP's. A hybrid Mamba/attention
+model keeps its best layers of each type, and its Mamba mixers are sliced group-aware by mamba.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture, head_dim_of, student_config, validate
 from minitron_nas.model.families import EXPERT, EXPERT_FFN, EXPERT_FFN_PAIR, FFN, HIDDEN, KV, QUERY, SHARED_FFN, family_for, in_layer, layer_index
 from minitron_nas.prune.experts import EXPERT_CRITERIA
+from minitron_nas.prune.mamba import select_mamba, slice_mamba_mixer
 from minitron_nas.prune.ranking import Rankings
 
 LAYER_CRITERIA = ("block_importance", "layer_loss", "last")
@@ -39,6 +41,7 @@ class Selection:
     experts: list[torch.Tensor] | None = None
     expert_neurons: list[torch.Tensor] | None = None  # [kept experts, expert width] per layer, in kept-expert order
     shared_neurons: list[torch.Tensor] | None = None
+    mamba: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None  # (kept heads, kept head_dim channels); None in other layers
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,19 +49,25 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores.float(), k, sorted=False).indices.sort().values
 
 
-def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criterion: str) -> list[int]:
+def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criterion: str, types: list[str] | None = None, hybrid=None) -> list[int]:
+    """Kept teacher layers, ascending. A hybrid (`types`: each teacher layer's type) keeps the
+    best `num_mamba_layers` of its Mamba layers, and so on per type."""
     if arch.layers is not None:
         return list(arch.layers)
     if arch.num_hidden_layers == n_teacher:
         return list(range(n_teacher))
-    if criterion == "last":
-        return list(range(arch.num_hidden_layers))
     if criterion not in LAYER_CRITERIA:
         raise MinitronError(f"unknown layer criterion '{criterion}': use one of {', '.join(LAYER_CRITERIA)}")
-    scores = getattr(rankings, criterion)
+    scores = getattr(rankings, criterion) if criterion != "last" else -torch.arange(n_teacher, dtype=torch.float)  # "last": drop from the end
     if scores is None:
         raise MinitronError("these rankings have no layer_loss scores: rank with --layer-loss or use block_importance")
-    return _top(scores, arch.num_hidden_layers).tolist()
+    if types is None:
+        return _top(scores, arch.num_hidden_layers).tolist()
+    kept = []
+    for kind, n in ((hybrid.mamba, arch.num_mamba_layers), (hybrid.attention, arch.num_attention_layers), (hybrid.mlp, arch.num_mlp_layers)):
+        own = torch.tensor([i for i, t in enumerate(types) if t == kind], dtype=torch.long)
+        kept += own[_top(scores[own], n)].tolist() if n else []
+    return sorted(kept)
 
 
 def select(
@@ -68,9 +77,13 @@ def select(
     layer_criterion: str = "block_importance",
     expert_criterion: str = "reap",
     expert_width: int | None = None,
+    types: list[str] | None = None,
+    hybrid=None,
+    mamba_groups: int = 1,
 ) -> Selection:
-    """`expert_width`: the student's expert FFN width (the family says which size holds it)."""
-    layers = select_layers(rankings, arch, teacher.num_hidden_layers, layer_criterion)
+    """`expert_width`: the student's expert FFN width (the family says which size holds it);
+    `types`, `hybrid` and `mamba_groups`: a hybrid teacher's layer types and Mamba groups."""
+    layers = select_layers(rankings, arch, teacher.num_hidden_layers, layer_criterion, types, hybrid)
     query_heads, kv_groups, neurons = [], [], []
     for layer in layers:
         heads = rankings.heads[layer].view(teacher.num_key_value_heads, teacher.heads_per_group)
@@ -91,6 +104,17 @@ def select(
         ]
     if arch.shared_expert_intermediate_size is not None:
         chosen.shared_neurons = [_top(rankings.shared_neurons[layer], arch.shared_expert_intermediate_size) for layer in layers]
+    if types is not None:
+        kinds = [types[layer] for layer in layers]
+        wanted = {hybrid.mamba: arch.num_mamba_layers, hybrid.attention: arch.num_attention_layers, hybrid.mlp: arch.num_mlp_layers}
+        if any(kinds.count(kind) != n for kind, n in wanted.items()):
+            raise MinitronError(f"the layers {layers} are not the layers per type the architecture names ({wanted}): make them agree")
+        chosen.mamba = [
+            select_mamba(rankings.mamba_heads[layer], rankings.mamba_dims[layer], mamba_groups, arch.mamba_num_heads, arch.mamba_head_dim)
+            if kind == hybrid.mamba
+            else None
+            for layer, kind in zip(layers, kinds)
+        ]
     return chosen
 
 
@@ -125,7 +149,10 @@ def prune(
     validate(arch, teacher_arch)
     _check_shapes(rankings, teacher_arch, family)
     width = (lambda a: getattr(a, family.moe.width_key)) if family.moe else (lambda a: None)
-    chosen = select(rankings, arch, teacher_arch, layer_criterion, expert_criterion, width(arch))
+    hybrid = family.hybrid
+    types = hybrid.types(model.config) if hybrid else None
+    groups = model.config.n_groups if hybrid else 1
+    chosen = select(rankings, arch, teacher_arch, layer_criterion, expert_criterion, width(arch), types, hybrid, groups)
     config = student_config(model.config, arch, chosen.layers)
     head_dim = head_dim_of(model.config)
     param = next(model.parameters())
@@ -135,8 +162,10 @@ def prune(
     student.tie_weights()  # no_init_weights also skips tying
 
     teacher_state = model.state_dict()
-    state = {}
+    state = _sliced_mamba(teacher_state, family, chosen, model.config) if hybrid else {}
     for name in student.state_dict():
+        if family.is_mamba(name):
+            continue
         position = layer_index(name)
         inside = position is not None
         source = in_layer(name, chosen.layers[position]) if inside else name
@@ -165,6 +194,19 @@ def prune(
     student.tie_weights()
     student.eval()
     return student
+
+
+def _sliced_mamba(teacher_state: dict, family, chosen: Selection, config) -> dict:
+    """Every kept Mamba mixer's parameters, named as in the student."""
+    state = {}
+    for position, (layer, kept) in enumerate(zip(chosen.layers, chosen.mamba)):
+        if kept is None:
+            continue
+        prefix = f"model.layers.{layer}.{family.hybrid.mixer}."
+        mixer = {k.removeprefix(prefix): v for k, v in teacher_state.items() if k.startswith(prefix)}
+        for name, tensor in slice_mamba_mixer(mixer, config, *kept, chosen.channels).items():
+            state[f"model.layers.{position}.{family.hybrid.mixer}.{name}"] = tensor
+    return state
 
 
 def _slice(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -219,6 +261,8 @@ def _check_shapes(rankings: Rankings, teacher: Architecture, family) -> None:
             expected["shared_neurons"] = (n, teacher.shared_expert_intermediate_size)
     else:
         expected["neurons"] = (n, teacher.intermediate_size)
+    if family.hybrid:
+        expected.update(mamba_heads=(n, teacher.mamba_num_heads), mamba_dims=(n, teacher.mamba_head_dim))
     for name, shape in expected.items():
         if getattr(rankings, name) is None or tuple(getattr(rankings, name).shape) != shape:
             found = None if getattr(rankings, name) is None else tuple(getattr(rankings, name).shape)

@@ -36,11 +36,12 @@ from minitron_nas.model.teachers import Teacher, check_context
 from minitron_nas.provenance import refuse_if_changed
 from minitron_nas.prune.aggregate import BatchAccumulator, reduce_seq
 from minitron_nas.prune.experts import ExpertScores
+from minitron_nas.prune.mamba import MambaScores
 
 TENSOR_FILE, META_FILE = "rankings.safetensors", "rankings.json"
 _TENSORS = (
     "heads", "channels", "block_importance", "neurons", "layer_loss", "norm_inputs",
-    "experts", "expert_activation", "expert_neurons", "shared_neurons",
+    "experts", "expert_activation", "expert_neurons", "shared_neurons", "mamba_heads", "mamba_dims",
 )  # fmt: skip
 _REQUIRED = _TENSORS[:3]  # the rest depend on the family (dense MLP or experts) and on the options
 
@@ -67,6 +68,8 @@ class Rankings:
     expert_activation: torch.Tensor | None = None  # [layers, experts] Minitron activation score
     expert_neurons: torch.Tensor | None = None  # [layers, experts, expert width]
     shared_neurons: torch.Tensor | None = None  # [layers, shared expert width] (Qwen2-MoE)
+    mamba_heads: torch.Tensor | None = None  # [layers, Mamba heads] (hybrids; zeros in other layers)
+    mamba_dims: torch.Tensor | None = None  # [layers, Mamba head_dim]
     meta: dict = field(default_factory=dict)
 
     def save(self, out: Path, overwrite: bool = False) -> None:
@@ -139,6 +142,12 @@ def compute_rankings(
     acc_heads = [BatchAccumulator(aggregation.batch) for _ in layers]
     acc_neurons = [BatchAccumulator(aggregation.batch) for _ in layers]
     experts = ExpertScores([family.moe_block(layer) for layer in layers], aggregation) if family.moe else None
+    hybrid = family.hybrid
+    types = hybrid.types(config) if hybrid else [None] * len(layers)  # a hybrid's heads, neurons and Mamba heads live in their own layers
+    mamba = None
+    if hybrid:
+        mixers = [layer.get_submodule(hybrid.mixer) if t == hybrid.mamba else None for layer, t in zip(layers, types)]
+        mamba = MambaScores(mixers, config.mamba_num_heads, config.mamba_head_dim, aggregation)
     norms = _hidden_norms(model, family)
     acc_channels = [BatchAccumulator(aggregation.batch) for _ in norms]
     norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64, device=device)  # sum over tokens of x_c^2
@@ -192,14 +201,16 @@ def compute_rankings(
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(family.head_output(layer).register_forward_pre_hook(head_hook(i)))
-        if not family.moe:
+        if types[i] in (None, hybrid and hybrid.attention):
+            handles.append(family.head_output(layer).register_forward_pre_hook(head_hook(i)))
+        if not family.moe and types[i] in (None, hybrid and hybrid.mlp):
             handles.append(family.neuron_output(layer).register_forward_pre_hook(neuron_hook(i)))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     for i, norm in enumerate(norms):
         handles.append(norm.register_forward_hook(channel_hook(i)))
-    if experts is not None:
-        handles += experts.register()
+    for scores in (experts, mamba):
+        if scores is not None:
+            handles += scores.register()
     start = time.perf_counter()
     try:
         for batch in tqdm(blocks.split(batch_size), desc="ranking", disable=not progress, unit="batch"):
@@ -210,9 +221,10 @@ def compute_rankings(
     elapsed = time.perf_counter() - start
 
     rankings = Rankings(
-        heads=torch.stack([a.result() for a in acc_heads]),
-        neurons=None if family.moe else torch.stack([a.result() for a in acc_neurons]),
+        heads=_stacked(acc_heads, config.num_attention_heads),
+        neurons=None if family.moe else _stacked(acc_neurons, config.intermediate_size),
         **(experts.result() if experts is not None else {}),
+        **(mamba.result() if mamba is not None else {}),
         channels=torch.stack([a.result() for a in acc_channels]).sum(0),
         block_importance=(1 - cos_sum / cos_count[0]).float().cpu(),
         norm_inputs=(norm_squares / norm_tokens[0]).float().cpu(),
@@ -229,6 +241,11 @@ def compute_rankings(
         rankings.layer_loss = layer_drop_losses(model, heldout, batch_size, progress)
         rankings.meta["heldout_samples"] = int(heldout.shape[0])
     return rankings
+
+
+def _stacked(accumulators: list[BatchAccumulator], size: int) -> torch.Tensor:
+    """[layers, size]: zeros for a layer without this part (a hybrid's Mamba layer has no heads)."""
+    return torch.stack([a.result() if a.n else torch.zeros(size) for a in accumulators])
 
 
 @torch.no_grad()

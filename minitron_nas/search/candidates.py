@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minitron_nas.config.loader import read_space
-from minitron_nas.config.space import AXES, MOE_AXES, Budget, SearchSpace
+from minitron_nas.config.space import AXES, FAMILY_AXES, Budget, SearchSpace
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture, ParamCounter, head_dim_of, student_config, validate
 from minitron_nas.model.families import family_for
@@ -47,13 +47,21 @@ class Candidate:
 
 
 def memory_gb(config, arch: Architecture, params: int, budget: Budget) -> float:
-    kv_cache = 2 * arch.num_hidden_layers * arch.num_key_value_heads * head_dim_of(config) * budget.context * budget.batch
-    return (params + kv_cache) * budget.bytes_per_value / 2**30
+    """Weights plus the inference cache: keys and values of every attention layer, and (hybrids)
+    each Mamba layer's fixed-size convolution and SSM states, whatever the context."""
+    attention_layers = arch.num_hidden_layers if arch.num_attention_layers is None else arch.num_attention_layers
+    cache = 2 * attention_layers * arch.num_key_value_heads * head_dim_of(config) * budget.context * budget.batch
+    if arch.num_mamba_layers:
+        inner, bc = arch.mamba_num_heads * arch.mamba_head_dim, 2 * config.n_groups * config.ssm_state_size
+        cache += arch.num_mamba_layers * budget.batch * (inner * config.ssm_state_size + (inner + bc) * config.conv_kernel)
+    return (params + cache) * budget.bytes_per_value / 2**30
 
 
 def _transformers_requires_divisible_heads(config) -> bool:
     """Ask transformers once whether this family refuses hidden % heads != 0."""
-    probe = replace(Architecture.from_config(config), hidden_size=config.num_attention_heads + 1, intermediate_size=1, num_key_value_heads=1, num_hidden_layers=1)
+    probe = replace(
+        Architecture.from_config(config), hidden_size=config.num_attention_heads + 1, intermediate_size=1, num_key_value_heads=1, num_hidden_layers=1
+    )
     try:
         student_config(config, probe)
     except MinitronError:
@@ -64,22 +72,29 @@ def _transformers_requires_divisible_heads(config) -> bool:
 def all_architectures(space: SearchSpace, config) -> list[Architecture]:
     """The product of the axes (axes not given keep the teacher's value), before any budget."""
     teacher = Architecture.from_config(config)
-    for axis in MOE_AXES:
+    for axis in FAMILY_AXES:
         if axis in space.axes and getattr(teacher, axis) is None:
             raise MinitronError(f"axes.{axis} is given but this {config.model_type} teacher has no such part: remove it from the space")
+    hybrid = teacher.num_mamba_layers is not None
+    if hybrid and "num_hidden_layers" in space.axes:
+        raise MinitronError("axes.num_hidden_layers is given for a hybrid teacher: give num_mamba_layers, num_attention_layers and num_mlp_layers instead")
     axes = {
         "hidden_size": (teacher.hidden_size,),
         "intermediate_size": (teacher.intermediate_size,),
         "heads_per_group": (teacher.heads_per_group,),
         "num_key_value_heads": (teacher.num_key_value_heads,),
         "num_hidden_layers": (teacher.num_hidden_layers,),
-        **{axis: (getattr(teacher, axis),) for axis in MOE_AXES},
+        **{axis: (getattr(teacher, axis),) for axis in FAMILY_AXES},
         **space.axes,
     }
-    return [
-        Architecture(hidden, ffn, per_group * groups, groups, layers, None, experts, moe, shared)
-        for hidden, ffn, per_group, groups, layers, experts, moe, shared in itertools.product(*(axes[a] for a in AXES + MOE_AXES))
-    ]
+    archs = []
+    for values in itertools.product(*(axes[a] for a in AXES + FAMILY_AXES)):
+        hidden, ffn, per_group, groups, layers, *extra = values
+        arch = Architecture(hidden, ffn, per_group * groups, groups, layers, None, *extra)
+        if hybrid:  # a hybrid's depth is the sum of its layers per type
+            arch = replace(arch, num_hidden_layers=arch.num_mamba_layers + arch.num_attention_layers + arch.num_mlp_layers)
+        archs.append(arch)
+    return archs
 
 
 def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], list[Candidate]]:
@@ -94,6 +109,8 @@ def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], l
             continue
         if tied and arch.hidden_size != arch.num_attention_heads * head_dim_of(config):
             continue
+        if arch.mamba_num_heads is not None and arch.mamba_num_heads % config.n_groups:
+            continue  # every Mamba group keeps as many heads
         try:
             validate(arch, teacher)
         except MinitronError:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import optuna
 
-from minitron_nas.config.space import AXES, MOE_AXES, SearchSpace
+from minitron_nas.config.space import AXES, FAMILY_AXES, SearchSpace
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.provenance import refuse_if_changed
@@ -51,22 +51,25 @@ PROPOSALS = 8  # most adaptive proposals per work unit: each waits for the score
 
 
 def arch_key(arch: Architecture) -> str:
-    """The architecture as text: hidden/ffn/heads:kv groups/layers, then (MoE) /e<experts>/m<expert width>/s<shared width>."""
+    """The architecture as text: hidden/ffn/heads:kv groups/layers, then (MoE) /e<experts>/m<expert width>/s<shared width>,
+    (hybrid) /<Mamba heads>x<Mamba head_dim>/<Mamba>M<attention>A<MLP>F layers."""
     key = f"{arch.hidden_size}/{arch.intermediate_size}/{arch.num_attention_heads}:{arch.num_key_value_heads}/{arch.num_hidden_layers}"
     for prefix, value in (("e", arch.num_experts), ("m", arch.moe_intermediate_size), ("s", arch.shared_expert_intermediate_size)):
         if value is not None:
             key += f"/{prefix}{value}"
+    if arch.mamba_num_heads is not None:
+        key += f"/{arch.mamba_num_heads}x{arch.mamba_head_dim}/{arch.num_mamba_layers}M{arch.num_attention_layers}A{arch.num_mlp_layers}F"
     return key
 
 
 def params_of(space: SearchSpace, arch: Architecture) -> dict[str, int]:
     """The architecture as Optuna params, one per axis of the space (what optuna-dashboard plots)."""
     values = {**arch.to_dict(), "heads_per_group": arch.num_attention_heads // arch.num_key_value_heads}
-    return {axis: values[axis] for axis in AXES + MOE_AXES if axis in space.axes}
+    return {axis: values[axis] for axis in AXES + FAMILY_AXES if axis in space.axes}
 
 
 def distributions(space: SearchSpace) -> dict[str, optuna.distributions.CategoricalDistribution]:
-    return {axis: optuna.distributions.CategoricalDistribution(tuple(space.axes[axis])) for axis in AXES + MOE_AXES if axis in space.axes}
+    return {axis: optuna.distributions.CategoricalDistribution(tuple(space.axes[axis])) for axis in AXES + FAMILY_AXES if axis in space.axes}
 
 
 def candidate_attrs(c: Candidate) -> dict:
