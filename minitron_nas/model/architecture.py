@@ -205,6 +205,7 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
     if family.moe and arch.num_experts is not None:
         moe, stored = family.moe, lambda key: teacher_config.attribute_map.get(key, key)  # Qwen3-MoE stores num_experts as num_local_experts
         data[stored(moe.experts_key)] = arch.num_experts
+        data["output_router_logits"] = False  # no load-balancing loss: the KD loss alone trains the routers (README, Model families)
         data[stored(moe.top_k_key)] = min(data[stored(moe.top_k_key)], arch.num_experts)  # a token cannot pick more experts than exist
         for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
             if getattr(arch, key) is not None:
