@@ -20,6 +20,9 @@ Every timing is bracketed by `torch.cuda.synchronize()`; peak GPU memory is repo
 measure. A config teacher reads text with --tokenizer's tokenizer (ids must fit its
 vocabulary). Writes reports/benchmarks/gpu.md (or --out). Run from the repository root:
 
+A mixture-of-experts or hybrid config works too (`--config` of any supported family): (iii)
+then also halves the experts and their width, and the pipeline's candidates keep them.
+
     .venv/bin/python bench/bench_gpu.py [--config search_spaces/configs/llama-3.1-8b.json | --teacher smollm2-135m]
         [--device cuda] [--parts measures,pipeline] [--samples 32] [--seq-len 1024] [--batch-size 8]
         [--distill-batch 4] [--repeats 5] [--candidates 3] [--retrain-tokens 16384] [--distill-tokens 65536]
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -132,15 +136,15 @@ def build_teacher(args: argparse.Namespace, device: torch.device) -> tuple[Teach
 
 
 def half_size(teacher: Architecture) -> Architecture:
-    """3/4 of the hidden size (a multiple of the head count), half the FFN, every head and layer."""
+    """3/4 of the hidden size (a multiple of the head count), half the FFN, every head and layer;
+    an MoE teacher also keeps half its experts, each at half its width."""
     heads = teacher.num_attention_heads
-    return Architecture(
-        hidden_size=teacher.hidden_size * 3 // 4 // heads * heads,
-        intermediate_size=teacher.intermediate_size // 2,
-        num_attention_heads=heads,
-        num_key_value_heads=teacher.num_key_value_heads,
-        num_hidden_layers=teacher.num_hidden_layers,
-    )
+    smaller = replace(teacher, hidden_size=teacher.hidden_size * 3 // 4 // heads * heads, intermediate_size=teacher.intermediate_size // 2)
+    if teacher.num_experts is not None:
+        smaller = replace(smaller, num_experts=max(1, teacher.num_experts // 2))
+        if teacher.moe_intermediate_size is not None:
+            smaller = replace(smaller, moe_intermediate_size=teacher.moe_intermediate_size // 2)
+    return smaller
 
 
 def sync(device: torch.device) -> None:
@@ -322,7 +326,7 @@ def pipeline_space(args: argparse.Namespace, config, device: torch.device):
     hidden = half_size(teacher).hidden_size
     ffn = sorted({teacher.intermediate_size * (4 + i) // 8 for i in range(args.candidates)})
     counter = ParamCounter(config)
-    counts = [counter.count(Architecture(hidden, f, teacher.num_attention_heads, teacher.num_key_value_heads, teacher.num_hidden_layers)).total for f in ffn]
+    counts = [counter.count(replace(teacher, hidden_size=hidden, intermediate_size=f)).total for f in ffn]
     target = (min(counts) + max(counts)) // 2
     seq = args.pipeline_seq_len
     batch = args.distill_batch

@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import file_mode, write_atomic
+from minitron_nas.model.families import FAMILIES
 
 GGUF_TYPES = {
     # --gguf name -> (type of the matrices, file type recorded in general.file_type)
@@ -83,7 +84,11 @@ def permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def check_llama(config, where: str) -> None:
-    """Refuse, in one line, what this writer cannot put in a GGUF: another family, scaled rope."""
+    """Refuse, in one line, what this writer cannot put in a GGUF: a mixture of experts, another family, scaled rope."""
+    if any(config.model_type in family.model_types and family.moe for family in FAMILIES):
+        raise MinitronError(
+            f"{where} is a mixture-of-experts model ({config.model_type}): --gguf does not write mixture-of-experts models; export without --gguf"
+        )
     if config.model_type != "llama":
         raise MinitronError(f"{where} is a {config.model_type} model: --gguf writes Llama models only; export without --gguf")
     rope = config.rope_parameters or {}

@@ -76,13 +76,15 @@ def select(
     teacher: Architecture,
     layer_criterion: str = "block_importance",
     expert_criterion: str = "reap",
-    expert_width: int | None = None,
-    types: list[str] | None = None,
-    hybrid=None,
-    mamba_groups: int = 1,
+    config=None,
 ) -> Selection:
-    """`expert_width`: the student's expert FFN width (the family says which size holds it);
-    `types`, `hybrid` and `mamba_groups`: a hybrid teacher's layer types and Mamba groups."""
+    """`config`: the teacher's config, needed by MoE and hybrid families (the expert width's
+    key, the layer types, the Mamba groups); a dense family's selection needs none."""
+    family = family_for(config) if config is not None else None
+    if family is None and (arch.num_experts is not None or arch.num_mamba_layers is not None):
+        raise MinitronError("selecting an MoE or hybrid architecture needs the teacher's config: pass config=")
+    hybrid = family.hybrid if family else None
+    types = hybrid.types(config) if hybrid else None
     layers = select_layers(rankings, arch, teacher.num_hidden_layers, layer_criterion, types, hybrid)
     query_heads, kv_groups, neurons = [], [], []
     for layer in layers:
@@ -99,8 +101,9 @@ def select(
             raise MinitronError(f"unknown expert criterion '{expert_criterion}': use one of {', '.join(EXPERT_CRITERIA)}")
         scores = rankings.experts if expert_criterion == "reap" else rankings.expert_activation
         chosen.experts = [_top(scores[layer], arch.num_experts) for layer in layers]
+        width = getattr(arch, family.moe.width_key)
         chosen.expert_neurons = [
-            torch.stack([_top(rankings.expert_neurons[layer, e], expert_width) for e in experts.tolist()]) for layer, experts in zip(layers, chosen.experts)
+            torch.stack([_top(rankings.expert_neurons[layer, e], width) for e in experts.tolist()]) for layer, experts in zip(layers, chosen.experts)
         ]
     if arch.shared_expert_intermediate_size is not None:
         chosen.shared_neurons = [_top(rankings.shared_neurons[layer], arch.shared_expert_intermediate_size) for layer in layers]
@@ -110,7 +113,7 @@ def select(
         if any(kinds.count(kind) != n for kind, n in wanted.items()):
             raise MinitronError(f"the layers {layers} are not the layers per type the architecture names ({wanted}): make them agree")
         chosen.mamba = [
-            select_mamba(rankings.mamba_heads[layer], rankings.mamba_dims[layer], mamba_groups, arch.mamba_num_heads, arch.mamba_head_dim)
+            select_mamba(rankings.mamba_heads[layer], rankings.mamba_dims[layer], config.n_groups, arch.mamba_num_heads, arch.mamba_head_dim)
             if kind == hybrid.mamba
             else None
             for layer, kind in zip(layers, kinds)
@@ -148,11 +151,7 @@ def prune(
     teacher_arch = Architecture.from_config(model.config)
     validate(arch, teacher_arch)
     _check_shapes(rankings, teacher_arch, family)
-    width = (lambda a: getattr(a, family.moe.width_key)) if family.moe else (lambda a: None)
-    hybrid = family.hybrid
-    types = hybrid.types(model.config) if hybrid else None
-    groups = model.config.n_groups if hybrid else 1
-    chosen = select(rankings, arch, teacher_arch, layer_criterion, expert_criterion, width(arch), types, hybrid, groups)
+    chosen = select(rankings, arch, teacher_arch, layer_criterion, expert_criterion, model.config)
     config = student_config(model.config, arch, chosen.layers)
     head_dim = head_dim_of(model.config)
     param = next(model.parameters())
@@ -162,7 +161,7 @@ def prune(
     student.tie_weights()  # no_init_weights also skips tying
 
     teacher_state = model.state_dict()
-    state = _sliced_mamba(teacher_state, family, chosen, model.config) if hybrid else {}
+    state = _sliced_mamba(teacher_state, family, chosen, model.config) if family.hybrid else {}
     for name in student.state_dict():
         if family.is_mamba(name):
             continue
@@ -177,7 +176,8 @@ def prune(
         }
         if inside and chosen.experts is not None:
             own = chosen.expert_neurons[position]  # [kept experts, width]: each expert keeps its own neurons
-            index.update({EXPERT: chosen.experts[position], EXPERT_FFN: own, EXPERT_FFN_PAIR: torch.cat([own, own + width(teacher_arch)], dim=1)})
+            teacher_width = getattr(teacher_arch, family.moe.width_key)  # the fused [gate; up] rows: up starts there
+            index.update({EXPERT: chosen.experts[position], EXPERT_FFN: own, EXPERT_FFN_PAIR: torch.cat([own, own + teacher_width], dim=1)})
         if inside and chosen.shared_neurons is not None:
             index[SHARED_FFN] = chosen.shared_neurons[position]
         tensor = teacher_state[source]

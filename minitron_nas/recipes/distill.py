@@ -72,7 +72,7 @@ def _distill(space, out: Path, teacher: Teacher, architecture: dict, state: str 
     teacher_arch = Architecture.from_config(teacher.model.config)
     arch = Architecture.from_dict(architecture, teacher_arch)
     rankings = Rankings.load(RunFolder(out).rankings, teacher.fingerprint)
-    chosen = select(rankings, arch, teacher_arch)
+    chosen = select(rankings, arch, teacher_arch, config=teacher.model.config)
     student = prune(teacher.model, rankings, arch)
     continued = _continue_from_search(student, arch, state)
     spec = space.distill
