@@ -58,7 +58,7 @@ def export_candidate(space, out: Path, teacher: Teacher, architecture: dict, sea
         "teacher_architecture": teacher_arch.to_dict(),
         "teacher_parameters": {"total": t.total, "non_embedding": t.non_embedding},
         "architecture": arch.to_dict(),
-        "parameters": {"total": n.total, "non_embedding": n.non_embedding},
+        "parameters": {"total": n.total, "non_embedding": n.non_embedding, **({"active": n.active} if n.active != n.total else {})},
         "rankings": {
             **{k: rankings.meta.get(k) for k in ("data", "samples", "seq_len", "aggregation")},
             "sha256": file_sha256(Rankings.weights_file(RunFolder(out).rankings))[:16],

@@ -75,6 +75,9 @@ def all_architectures(space: SearchSpace, config) -> list[Architecture]:
     for axis in FAMILY_AXES:
         if axis in space.axes and getattr(teacher, axis) is None:
             raise MinitronError(f"axes.{axis} is given but this {config.model_type} teacher has no such part: remove it from the space")
+    moe = family_for(config).moe
+    if moe and moe.width_key != "intermediate_size" and "intermediate_size" in space.axes:
+        raise MinitronError(f"axes.intermediate_size is given but every {config.model_type} layer is sparse (no dense MLP): give moe_intermediate_size instead")
     hybrid = teacher.num_mamba_layers is not None
     if hybrid and "num_hidden_layers" in space.axes:
         raise MinitronError("axes.num_hidden_layers is given for a hybrid teacher: give num_mamba_layers, num_attention_layers and num_mlp_layers instead")
