@@ -362,10 +362,13 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             missing.append(f"{fraction:.0%}: oracle of a search pick at S/T {f:.0%}")
             continue
         values = [x.value for x in regrets]
-        mean, se = mean_and_stderr(values)
-        spread = "seeds"
-        if len(values) == 1:  # no spread over seeds yet: the one pick's error over the test blocks
-            se, spread = regrets[0].stderr, "blocks"
+        mean, se_seeds = mean_and_stderr(values)
+        # The seeds share the test blocks: the mean regret also carries their sampling error, the paired
+        # error of the seeds' mean pick over the blocks (not 0 when every seed picks alike).
+        picked = [seed0[r["key"]]["per_block"] for r in runs]
+        blocks = paired([statistics.fmean(v) for v in zip(*picked)], seed0[best]["per_block"])
+        se = math.sqrt((se_seeds or 0.0) ** 2 + (blocks.stderr or 0.0) ** 2)
+        spread = "seeds and blocks" if len(values) > 1 else "blocks"
         hits = sum(near_best(r["key"]) for r in runs)
         low, high = wilson(hits, len(runs))
         bound = mean + 1.645 * (se or 0.0)
@@ -401,8 +404,9 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
                       f"{r.value + 1.645 * r.stderr:+.4f}", "-", "0", "-"])  # fmt: skip
     if table:
         lines += [
-            "Selection regret: the pick's final KL minus the oracle's best, paired over the test blocks (search: mean ± SE over "
-            "its seeds, each its own data order; one-sided 95% upper bound). Hits: picks within noise of the best, with a 95% "
+            "Selection regret: the pick's final KL minus the oracle's best, paired over the test blocks (search: mean over "
+            "its seeds, each its own data order, ± the SE over seeds and the paired SE over the test blocks they share, "
+            "combined; one-sided 95% upper bound). Hits: picks within noise of the best, with a 95% "
             "Wilson interval. Tau: mean over seeds between each rung's values and the final ranking, over the candidates it had.",
             "",
             *markdown_table(
