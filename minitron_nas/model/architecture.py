@@ -155,6 +155,10 @@ def validate(arch: Architecture, teacher: Architecture) -> None:
             raise MinitronError(f"{name}={value} must be at least 1")
         if value > limit:
             raise MinitronError(f"{name}={value} is larger than the teacher's {limit}: pruning only shrinks")
+    if teacher.num_attention_layers and not arch.num_attention_layers:
+        raise MinitronError(
+            "num_attention_layers=0 leaves no attention layer: transformers' NemotronH needs one to run with a cache (generate, lm-eval, latency); keep at least 1"
+        )
     if teacher.num_mamba_layers is not None and sum(getattr(arch, k) for k in LAYER_TYPE_COUNTS) != arch.num_hidden_layers:
         counts = ", ".join(f"{k}={getattr(arch, k)}" for k in LAYER_TYPE_COUNTS)
         raise MinitronError(f"num_hidden_layers={arch.num_hidden_layers} is not the sum of the layers per type ({counts}): make them agree")

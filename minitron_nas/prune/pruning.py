@@ -67,7 +67,19 @@ def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criter
     for kind, n in ((hybrid.mamba, arch.num_mamba_layers), (hybrid.attention, arch.num_attention_layers), (hybrid.mlp, arch.num_mlp_layers)):
         own = torch.tensor([i for i, t in enumerate(types) if t == kind], dtype=torch.long)
         kept += own[_top(scores[own], n)].tolist() if n else []
-    return sorted(kept)
+    kept.sort()
+    if kept and types[kept[0]] == hybrid.mlp:
+        # transformers' NemotronH reads the cache length off the first layer: it must be a Mamba or an
+        # attention layer. Keep the teacher's first layer instead of the weakest kept layer of its type.
+        own = [i for i in kept if types[i] == types[0]]
+        if types[0] == hybrid.mlp or not own:
+            raise MinitronError(
+                f"the student's first layer would be teacher layer {kept[0]}, an MLP layer, which transformers cannot run with a cache: "
+                f"keep at least one {types[0]} layer"
+            )
+        kept.remove(min(own, key=lambda i: scores[i].item()))
+        kept = sorted([0, *kept])
+    return kept
 
 
 def select(
@@ -188,7 +200,8 @@ def prune(
     if norm_correction and arch.hidden_size != teacher_arch.hidden_size:
         _correct_norm_gains(state, rankings, family, chosen, teacher_arch.num_hidden_layers)
     _keep_embedding_scale(state, family, teacher_arch.hidden_size, arch.hidden_size, config)
-    if getattr(config, "tie_word_embeddings", False) and family.lm_head_weight in state:
+    output = model.get_output_embeddings()  # tied in the model, not only in the config (NemotronH never ties)
+    if output is not None and output.weight is model.get_input_embeddings().weight and family.lm_head_weight in state:
         state[family.lm_head_weight] = state[family.embedding_weight]
     student.load_state_dict(state, assign=True)  # the slices are fresh tensors: no second copy
     student.tie_weights()
@@ -225,7 +238,7 @@ def _correct_norm_gains(state: dict, rankings: Rankings, family, chosen: Selecti
         parts = name.split(".")
         if name == family.final_norm_weight:
             row = n_teacher_layers * per_layer
-        elif len(parts) >= 2 and parts[-2] in family.layer_norms and layer_index(name) is not None:
+        elif len(parts) >= 2 and parts[-2] in family.layer_norms and layer_index(name) is not None and not family.is_mamba(name):
             position = layer_index(name)
             row = chosen.layers[position] * per_layer + family.layer_norms.index(parts[-2])
         else:
