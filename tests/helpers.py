@@ -17,9 +17,13 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from minitron_nas.model.architecture import Architecture
@@ -47,8 +51,27 @@ TINY_CONFIGS = {
     "gemma3": lambda **kw: Gemma3TextConfig(
         **{**_COMMON, "sliding_window": 16, "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"], **kw}
     ),
+    # Mixture of experts: 4 experts, each token routed to 2. Mixtral and OLMoE size their
+    # experts by intermediate_size (96); the Qwen MoEs by moe_intermediate_size (32), and
+    # Qwen2-MoE adds a shared expert (40) behind a sigmoid gate. Mixtral always renormalises
+    # the top-2 router weights, Qwen3-MoE here too (as Qwen3-30B-A3B), Qwen2-MoE and OLMoE
+    # do not. OLMoE's q norm spans hidden_size: hidden = heads x head_dim (48 = 6 x 8).
+    "mixtral": lambda **kw: MixtralConfig(**{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16, **kw}),
+    "qwen2_moe": lambda **kw: Qwen2MoeConfig(
+        **{
+            **_COMMON,
+            **dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=40, norm_topk_prob=False),
+            **dict(use_sliding_window=True, sliding_window=16, max_window_layers=2, tie_word_embeddings=True),
+            **kw,
+        }
+    ),
+    "qwen3_moe": lambda **kw: Qwen3MoeConfig(
+        **{**_COMMON, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True, **kw}
+    ),
+    "olmoe": lambda **kw: OlmoeConfig(**{**_COMMON, "eos_token_id": None, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False, **kw}),
 }
 FAMILY_NAMES = sorted(TINY_CONFIGS)
+MOE_FAMILY_NAMES = [name for name in FAMILY_NAMES if name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")]
 
 
 def tiny_model(name: str, seed: int = 0, **overrides):
@@ -61,15 +84,38 @@ def tiny_model(name: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def is_moe(name: str) -> bool:
+    return name in MOE_FAMILY_NAMES
+
+
+def expert_width(arch: Architecture) -> int | None:
+    """Each expert's FFN width: moe_intermediate_size (Qwen MoEs), else intermediate_size (Mixtral, OLMoE); None if dense."""
+    if arch.num_experts is None:
+        return None
+    return arch.moe_intermediate_size if arch.moe_intermediate_size is not None else arch.intermediate_size
+
+
 def random_rankings(teacher: Architecture, seed: int = 0) -> Rankings:
-    """Random importances of the right shapes for `teacher`: a pruning that follows no real ranking."""
+    """Random importances of the right shapes for `teacher`: a pruning that follows no real ranking.
+
+    An MoE teacher (num_experts set) gets what `compute_rankings` gives one: expert scores
+    (REAP and activation), each expert's neuron scores and the shared expert's, no dense neurons."""
     g = torch.Generator().manual_seed(seed)
-    return Rankings(
-        heads=torch.rand(teacher.num_hidden_layers, teacher.num_attention_heads, generator=g),
-        neurons=torch.rand(teacher.num_hidden_layers, teacher.intermediate_size, generator=g),
+    layers = teacher.num_hidden_layers
+    rankings = Rankings(
+        heads=torch.rand(layers, teacher.num_attention_heads, generator=g),
+        neurons=torch.rand(layers, teacher.intermediate_size, generator=g),
         channels=torch.rand(teacher.hidden_size, generator=g),
-        block_importance=torch.rand(teacher.num_hidden_layers, generator=g),
+        block_importance=torch.rand(layers, generator=g),
     )
+    if teacher.num_experts is not None:
+        rankings.neurons = None
+        rankings.experts = torch.rand(layers, teacher.num_experts, generator=g)
+        rankings.expert_activation = torch.rand(layers, teacher.num_experts, generator=g)
+        rankings.expert_neurons = torch.rand(layers, teacher.num_experts, expert_width(teacher), generator=g)
+        if teacher.shared_expert_intermediate_size is not None:
+            rankings.shared_neurons = torch.rand(layers, teacher.shared_expert_intermediate_size, generator=g)
+    return rankings
 
 
 def random_blocks(n: int = 8, seq_len: int = 32, vocab: int = 128, seed: int = 0) -> torch.Tensor:

@@ -156,16 +156,23 @@ def model_card(name: str, provenance: dict, scores: dict[str, dict[str, dict[str
         "|---|---|---|",
     ]
     teacher_arch = provenance.get("teacher_architecture", {})
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"):
+    dense = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    family_sizes = [key for key, value in arch.items() if key not in dense and key != "layers" and value is not None]  # MoE and hybrid sizes
+    for key in (*dense, *family_sizes):
         lines.append(f"| {key} | {arch.get(key)} | {teacher_arch.get(key, '')} |")
     params = provenance["parameters"]
     rankings = provenance.get("rankings") or {}
     search = provenance.get("search") or {}
     teacher_params = provenance.get("teacher_parameters", {})
     role = search.get("role", "winner")  # `export --front`: also "member of the Pareto front by parameters"
+    active = []  # an MoE model: what one token uses (its top-k experts of each layer)
+    if params.get("active") is not None:
+        teacher_active = teacher_params.get("active")
+        active = [f"| active parameters (per token) | {params['active']:,} | {'' if teacher_active is None else f'{teacher_active:,}'} |"]
     lines += [
         f"| parameters | {params['total']:,} | {teacher_params.get('total', 0):,} |",
         f"| non-embedding parameters | {params['non_embedding']:,} | {teacher_params.get('non_embedding', 0):,} |",
+        *active,
         "",
         "## Recipe",
         "",

@@ -154,7 +154,25 @@ def load_config(spec: str):
     except StrictDataclassError as err:  # transformers checks a config's values as it builds it
         raise MinitronError(f"the config of '{spec}' is invalid ({_reason(err.__cause__ or err)}): fix its config.json") from None
     family_for(config)
+    _check_all_sparse(config, spec)
     return config
+
+
+def _check_all_sparse(config, spec: str) -> None:
+    """Refuse an MoE teacher with dense MLP layers among its sparse ones (Qwen2/3-MoE's
+    `mlp_only_layers`, `decoder_sparse_step`): experts are scored, pruned and counted in every
+    layer, and a dense layer would fail the ranking pass with a traceback."""
+    if family_for(config).moe is None:
+        return
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    only = set(getattr(config, "mlp_only_layers", None) or [])
+    dense = [i for i in range(config.num_hidden_layers) if i in only or (i + 1) % step]
+    if dense:
+        shown = ", ".join(map(str, dense[:8])) + (", ..." if len(dense) > 8 else "")
+        raise MinitronError(
+            f"'{spec}' has dense MLP layers among its mixture-of-experts layers ({shown}; mlp_only_layers, decoder_sparse_step): "
+            "every layer must be sparse to prune experts; give a teacher whose layers are all mixture-of-experts"
+        )
 
 
 def check_context(config, seq_len: int, option: str) -> None:

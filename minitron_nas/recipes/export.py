@@ -56,7 +56,7 @@ def export_candidate(space, out: Path, teacher: Teacher, architecture: dict, sea
         "teacher": teacher.name,
         "teacher_fingerprint": teacher.fingerprint,
         "teacher_architecture": teacher_arch.to_dict(),
-        "teacher_parameters": {"total": t.total, "non_embedding": t.non_embedding},
+        "teacher_parameters": {"total": t.total, "non_embedding": t.non_embedding, **({"active": t.active} if t.active != t.total else {})},
         "architecture": arch.to_dict(),
         "parameters": {"total": n.total, "non_embedding": n.non_embedding, **({"active": n.active} if n.active != n.total else {})},
         "rankings": {

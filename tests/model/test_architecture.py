@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_CONFIGS, random_rankings, tiny_model
+from helpers import MOE_FAMILY_NAMES, TINY_CONFIGS, expert_width, random_rankings, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minitron_nas.errors import MinitronError
@@ -17,22 +18,31 @@ from minitron_nas.model.architecture import (
     student_config,
     validate,
 )
+from minitron_nas.model.families import family_for, layers_of
+from minitron_nas.model.teachers import load_config
 from minitron_nas.prune.pruning import prune
 
 N_RANDOM = 50
 
 
-def random_arch(teacher: Architecture, rng: random.Random, explicit_layers: bool) -> Architecture:
+def random_arch(teacher: Architecture, rng: random.Random, explicit_layers: bool, hidden_is_query_width: bool = False) -> Architecture:
+    """Any architecture the teacher can be sliced to; an MoE teacher's expert count, expert width
+    and shared expert width are drawn too. `hidden_is_query_width` (OLMoE): hidden = heads x head_dim."""
     kv = rng.randint(1, teacher.num_key_value_heads)
     heads = kv * rng.randint(1, teacher.heads_per_group)
-    hidden = heads * rng.randint(1, teacher.hidden_size // heads)  # llama/gemma need hidden % heads == 0
+    hidden = heads * (8 if hidden_is_query_width else rng.randint(1, teacher.hidden_size // heads))  # llama/gemma need hidden % heads == 0
     ffn = rng.randint(1, teacher.intermediate_size)
+    moe = {
+        name: rng.randint(1, getattr(teacher, name))
+        for name in ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+        if getattr(teacher, name) is not None
+    }
     if explicit_layers:
         layers = rng.sample(range(teacher.num_hidden_layers), rng.randint(1, teacher.num_hidden_layers))
         if rng.random() < 0.5:
             layers.sort()
-        return Architecture(hidden, ffn, heads, kv, len(layers), tuple(layers))
-    return Architecture(hidden, ffn, heads, kv, rng.randint(1, teacher.num_hidden_layers))
+        return Architecture(hidden, ffn, heads, kv, len(layers), tuple(layers), **moe)
+    return Architecture(hidden, ffn, heads, kv, rng.randint(1, teacher.num_hidden_layers), **moe)
 
 
 def embedding_params(model) -> int:
@@ -60,7 +70,7 @@ def test_count_matches_pruned_models_for_random_architectures(family_name):
     rng = random.Random(f"arch-{family_name}")
     seen = set()
     for i in range(N_RANDOM):
-        arch = random_arch(teacher, rng, explicit_layers=i % 3 == 0)
+        arch = random_arch(teacher, rng, explicit_layers=i % 3 == 0, hidden_is_query_width=family_for(teacher_model.config).hidden_is_query_width)
         seen.add(arch)
         student = prune(teacher_model, random_rankings(teacher, i), arch)
         count = counter.count(arch)
@@ -80,7 +90,7 @@ def test_count_matches_from_config_on_meta_device(family_name):
     counter = ParamCounter(config)
     rng = random.Random(f"meta-{family_name}")
     for i in range(N_RANDOM):
-        arch = random_arch(teacher, rng, explicit_layers=i % 2 == 0)
+        arch = random_arch(teacher, rng, explicit_layers=i % 2 == 0, hidden_is_query_width=family_for(config).hidden_is_query_width)
         cfg = student_config(config, arch, list(arch.layers) if arch.layers else None)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
@@ -143,6 +153,79 @@ def test_counting_ten_thousand_architectures():
         assert (count.total, count.non_embedding) == _llama_closed_form(arch, 128256, 128)
         counts.add(count.total)
     assert len(counts) > 9000
+
+
+# --- mixture of experts: total and active counts -------------------------------------------
+
+
+def moe_architectures(config) -> list[Architecture]:
+    """The teacher, fewer experts, narrower experts (and shared expert), fewer experts than the
+    top-k, and every axis cut at once (OLMoE: hidden = heads x head_dim)."""
+    teacher = Architecture.from_config(config)
+    family = family_for(config)
+    width = family.moe.width_key
+    shared = {"shared_expert_intermediate_size": 8} if teacher.shared_expert_intermediate_size is not None else {}
+    cut = {"hidden_size": 16 if family.hidden_is_query_width else 24, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 3}
+    return [
+        teacher,
+        Architecture.from_dict({"num_experts": 3}, teacher),
+        Architecture.from_dict({"num_experts": 2, width: 20, **shared}, teacher),
+        Architecture.from_dict({"num_experts": 1, width: 7}, teacher),
+        Architecture.from_dict({"num_experts": 3, width: 12, **shared, **cut}, teacher),
+        Architecture.from_dict({"layers": [3, 1], "num_experts": 2}, teacher),
+    ]
+
+
+@pytest.mark.parametrize("name", MOE_FAMILY_NAMES)
+def test_moe_counts_equal_instantiated_models_and_active_counts_top_k_experts(name):
+    config = TINY_CONFIGS[name]()
+    counter = ParamCounter(config)
+    for arch in moe_architectures(config):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(student_config(config, arch, list(arch.layers) if arch.layers else None))
+        count = counter.count(arch)
+        assert count.total == numel(model), arch
+        assert count.non_embedding == numel(model) - embedding_params(model), arch
+        # by hand: a token passes through min(top-k, experts) experts of each layer, not all of them
+        experts = layers_of(model)[0].mlp.experts
+        width = expert_width(arch)
+        per_expert = 3 * width * arch.hidden_size  # gate, up and down rows of one expert
+        assert per_expert == experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
+        top_k = min(2, arch.num_experts)
+        assert model.config.num_experts_per_tok == top_k
+        assert count.active == count.total - (arch.num_experts - top_k) * per_expert * arch.num_hidden_layers, arch
+    dense_like = ParamCounter(TINY_CONFIGS["llama"]()).count(Architecture.from_config(TINY_CONFIGS["llama"]()))
+    assert dense_like.active == dense_like.total  # a dense model's active count is its total
+
+
+PUBLIC_CONFIGS = Path(__file__).resolve().parents[2] / "search_spaces" / "configs"
+
+
+def test_qwen3_30b_a3b_total_and_active_counts_by_hand():
+    """Qwen3-30B-A3B: 48 layers of 32 query heads and 4 KV heads of 128 on hidden 2048 (q/k norms
+    of 128 per head), a router over 128 experts of width 768, 8 routed per token; untied 151,936 vocabulary."""
+    counter = ParamCounter(load_config(str(PUBLIC_CONFIGS / "qwen3-30b-a3b.json")))
+    count = counter.count(counter.teacher)
+    hidden, layers, expert = 2048, 48, 3 * 768 * 2048
+    attention = hidden * (32 + 2 * 4) * 128 + 32 * 128 * hidden + 2 * 128
+    per_layer = attention + 2 * hidden + 128 * hidden + 128 * expert  # + two norms, the router, the experts
+    embeddings = 2 * 151936 * hidden
+    total = embeddings + layers * per_layer + hidden
+    assert count.total == total == 30_532_122_624
+    assert count.non_embedding == total - embeddings
+    assert count.active == total - layers * (128 - 8) * expert == 3_353_032_704  # "A3B": 3.35B active, embeddings included
+
+
+def test_mixtral_8x7b_total_and_active_counts_by_hand():
+    """Mixtral-8x7B: 32 layers of 32 query heads and 8 KV heads of 128 on hidden 4096, a router over
+    8 experts of width 14,336, 2 routed per token; untied 32,000 vocabulary."""
+    counter = ParamCounter(load_config(str(PUBLIC_CONFIGS / "mixtral-8x7b.json")))
+    count = counter.count(counter.teacher)
+    hidden, layers, expert = 4096, 32, 3 * 14336 * 4096
+    per_layer = hidden * (32 + 2 * 8) * 128 + 32 * 128 * hidden + 2 * hidden + 8 * hidden + 8 * expert
+    total = 2 * 32000 * hidden + layers * per_layer + hidden
+    assert count.total == total == 46_702_792_704
+    assert count.active == total - layers * (8 - 2) * expert == 12_879_925_248
 
 
 # --- Architecture.from_dict / load -------------------------------------------------------
@@ -255,11 +338,14 @@ def test_student_config_rejects_llama_hidden_not_divisible_by_heads():
 
 def test_student_config_sizes_and_layer_lists(family_name):
     config = TINY_CONFIGS[family_name]()
-    arch = Architecture(24, 40, 4, 2, 3)
+    teacher = Architecture.from_config(config)
+    hidden = 32 if family_for(config).hidden_is_query_width else 24  # OLMoE: hidden = 4 heads x 8
+    moe = {k: v for k, v in {"num_experts": 3, "moe_intermediate_size": 20, "shared_expert_intermediate_size": 24}.items() if getattr(teacher, k) is not None}
+    arch = Architecture(hidden, 40, 4, 2, 3, **moe)
     cfg = student_config(config, arch, [3, 0, 2])
     assert type(cfg) is type(config)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (
-        24,
+        hidden,
         40,
         4,
         2,
@@ -269,4 +355,7 @@ def test_student_config_sizes_and_layer_lists(family_name):
     assert cfg.vocab_size == config.vocab_size
     if getattr(config, "layer_types", None) is not None:
         assert cfg.layer_types == [config.layer_types[i] for i in (3, 0, 2)]
+    if moe:  # the expert count under the family's own key, top-k kept
+        assert Architecture.from_config(cfg) == arch
+        assert getattr(cfg, family_for(config).moe.experts_key) == 3 and cfg.num_experts_per_tok == 2
     assert config.num_hidden_layers == 4 and config.hidden_size == 48  # teacher untouched

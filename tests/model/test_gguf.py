@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from helpers import byte_tokenizer, random_rankings, tiny_model
+from helpers import MOE_FAMILY_NAMES, byte_tokenizer, random_rankings, tiny_model
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -141,6 +141,16 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(tmp_path, make, fragment):
     with pytest.raises(MinitronError, match=fragment) as err:
         write_gguf(folder)
     assert "\n" not in str(err.value) and "export without --gguf" in str(err.value)
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILY_NAMES)
+def test_mixture_of_experts_models_are_not_written(tmp_path, family):
+    """GGUF export of MoE models is not supported: each MoE family is skipped here with the refusal checked."""
+    folder = save_model(pruned(family, "depth"), tmp_path / "export", byte_tokenizer())
+    with pytest.raises(MinitronError, match=f"is a mixture-of-experts model \\({family}\\): --gguf does not write mixture-of-experts models") as err:
+        write_gguf(folder)
+    assert "\n" not in str(err.value) and str(err.value).endswith("export without --gguf")
     assert not list(tmp_path.glob("*.gguf"))
 
 

@@ -117,6 +117,28 @@ def test_the_card_names_the_teacher_the_recipe_and_the_scores():
     assert "2.5000" in card and "3.1250" in card
 
 
+def test_the_card_of_a_mixture_of_experts_model_lists_its_experts_and_active_parameters():
+    provenance = {
+        "teacher": "tiny-qwen2-moe",
+        "architecture": {"hidden_size": 48, "num_hidden_layers": 3, "num_experts": 3, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24},
+        "teacher_architecture": {
+            "hidden_size": 48,
+            "num_hidden_layers": 4,
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 40,
+        },
+        "parameters": {"total": 70000, "non_embedding": 60000, "active": 50000},
+        "teacher_parameters": {"total": 129200, "non_embedding": 123056, "active": 92336},
+    }
+    card = model_card("tiny-moe-minitron", provenance, {})
+    for row in ("| num_experts | 3 | 4 |", "| moe_intermediate_size | 16 | 32 |", "| shared_expert_intermediate_size | 24 | 40 |"):
+        assert row in card
+    assert "| active parameters (per token) | 50,000 | 92,336 |" in card
+    dense = model_card("tiny", {**provenance, "architecture": {"hidden_size": 48}, "parameters": {"total": 1, "non_embedding": 1}}, {})
+    assert "num_experts | None" not in dense and "active parameters" not in dense
+
+
 # --------------------------------------------------------------------------- transformers 4.x itself
 TRANSFORMERS_4 = ("transformers==4.57.3", "tokenizers==0.22.1", "huggingface_hub==0.36.0")
 LOAD_WITH_4 = (

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_NAMES, random_blocks, random_rankings, tiny_model
+from helpers import FAMILY_NAMES, TINY_CONFIGS, expert_width, random_blocks, random_rankings, tiny_model
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture
-from minitron_nas.model.families import layers_of
+from minitron_nas.model.families import family_for, layers_of
 from minitron_nas.model.saving import save_model
 from minitron_nas.prune.pruning import prune, select
 from minitron_nas.prune.ranking import Rankings
@@ -27,6 +27,19 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 # Teacher 48/96/6 heads/2 groups/4 layers -> every axis cut; layer 1 has the lowest block
 # importance, so the kept layers [0, 2, 3] differ from "the first three".
 SMALL = Architecture(hidden_size=24, intermediate_size=40, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3)
+# An MoE teacher (4 experts of width 96 or 32, top-2) also loses an expert, part of every
+# expert's width and of the shared expert's.
+SMALL_MOE = {"num_experts": 3, "moe_intermediate_size": 20, "shared_expert_intermediate_size": 24}
+
+
+def small_arch(model) -> Architecture:
+    """SMALL for this teacher: its MoE sizes cut too; OLMoE's hidden size is its query width (2 heads x 8)."""
+    teacher = Architecture.from_config(model.config)
+    sizes = {k: v for k, v in SMALL.to_dict().items() if v is not None}
+    sizes.update({k: v for k, v in SMALL_MOE.items() if getattr(teacher, k) is not None})
+    if family_for(model.config).hidden_is_query_width:
+        sizes["hidden_size"] = 2 * 8
+    return Architecture.from_dict(sizes, teacher)
 
 
 def small_rankings(teacher: Architecture) -> Rankings:
@@ -52,26 +65,40 @@ def test_pruning_to_own_architecture_reproduces_logits(family_name):
 def test_pruning_to_smaller_architecture(family_name):
     model = tiny_model(family_name)
     teacher = Architecture.from_config(model.config)
-    student = prune(model, small_rankings(teacher), SMALL)
+    arch = small_arch(model)
+    hidden = arch.hidden_size
+    student = prune(model, small_rankings(teacher), arch)
     cfg = student.config
     assert type(student) is type(model)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (
-        24,
+        hidden,
         40,
         2,
         1,
         3,
     )
+    assert Architecture.from_config(cfg) == arch
     assert len(layers_of(student)) == 3
     assert cfg.head_dim == model.config.head_dim
     layer_types = getattr(model.config, "layer_types", None)
     if layer_types is not None:
         assert cfg.layer_types == [layer_types[i] for i in (0, 2, 3)]
     attn = layers_of(student)[0].self_attn
-    assert attn.q_proj.weight.shape == (2 * 8, 24)
-    assert attn.k_proj.weight.shape == (1 * 8, 24)
-    assert attn.o_proj.weight.shape == (24, 2 * 8)
-    assert layers_of(student)[0].mlp.down_proj.weight.shape == (24, 40)
+    assert attn.q_proj.weight.shape == (2 * 8, hidden)
+    assert attn.k_proj.weight.shape == (1 * 8, hidden)
+    assert attn.o_proj.weight.shape == (hidden, 2 * 8)
+    mlp = layers_of(student)[0].mlp
+    if arch.num_experts is None:
+        assert mlp.down_proj.weight.shape == (hidden, 40)
+    else:  # 3 experts of the expert width (Mixtral, OLMoE: intermediate_size), top-2 kept
+        width = expert_width(arch)
+        assert mlp.gate.weight.shape == (3, hidden)
+        assert mlp.experts.gate_up_proj.shape == (3, 2 * width, hidden)
+        assert mlp.experts.down_proj.shape == (3, hidden, width)
+        assert cfg.num_experts_per_tok == 2
+        if arch.shared_expert_intermediate_size is not None:
+            assert mlp.shared_expert.down_proj.weight.shape == (hidden, 24)
+            assert mlp.shared_expert_gate.weight.shape == (1, hidden)
     assert student.config.tie_word_embeddings == model.config.tie_word_embeddings
     if model.config.tie_word_embeddings:
         assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
@@ -122,7 +149,7 @@ def saved_students(tmp_path_factory):
     for name in FAMILY_NAMES:
         model = tiny_model(name)
         teacher = Architecture.from_config(model.config)
-        student = prune(model, small_rankings(teacher), SMALL)
+        student = prune(model, small_rankings(teacher), small_arch(model))
         save_model(student, root / name, metadata={"family": name})
         expected[name] = (logits(student, ids), type(student).__name__)
     result = subprocess.run(
@@ -150,6 +177,16 @@ def test_saved_student_reloads_identically_in_fresh_process(saved_students, fami
 # --- GQA-aware selection -------------------------------------------------------------------
 
 GQA = dict(hidden_size=48, num_attention_heads=12, num_key_value_heads=4)  # 3 heads per group
+GQA_HIDDEN = 24  # the students' hidden size
+
+
+def gqa(family_name: str) -> tuple[dict, int]:
+    """(teacher overrides, student hidden size): OLMoE's hidden size is its query width (heads x 8)."""
+    if family_name == "olmoe":
+        return {**GQA, "hidden_size": 12 * 8}, 4 * 8
+    return GQA, GQA_HIDDEN
+
+
 # per layer: the two favoured groups and, inside each, the two favoured (local) heads
 FAVOURED = [
     {1: (0, 2), 3: (1, 2)},
@@ -208,13 +245,15 @@ def _rows(units, head_dim=8):
 
 
 def test_gqa_student_weights_are_teacher_slices(family_name):
-    model = tiny_model(family_name, **GQA)
+    overrides, hidden = gqa(family_name)
+    model = tiny_model(family_name, **overrides)
     teacher = Architecture.from_config(model.config)
     rankings = gqa_rankings(teacher)
-    rankings.channels = torch.arange(48.0).flip(0)  # keep channels 0..23 (highest scores)
-    rankings.channels[[30, 40]] = 100.0  # ... but 30 and 40 instead of 22 and 23
-    channels = sorted([*range(22), 30, 40])
-    arch = Architecture(24, 96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    width = teacher.hidden_size  # 48 (OLMoE: 96)
+    rankings.channels = torch.arange(float(width)).flip(0)  # keep channels 0..hidden-1 (highest scores)
+    rankings.channels[[width - 18, width - 8]] = 100.0  # ... but these two (30 and 40 of 48) instead of the last two
+    channels = sorted([*range(hidden - 2), width - 18, width - 8])
+    arch = Architecture.from_dict({"hidden_size": hidden, "num_attention_heads": 4, "num_key_value_heads": 2}, teacher)
     student = prune(model, rankings, arch)
     for layer in range(4):
         groups, heads = expected_heads(layer)
@@ -230,19 +269,29 @@ def test_gqa_student_weights_are_teacher_slices(family_name):
             assert torch.equal(s.v_proj.bias, t.v_proj.bias[kv_rows])
         if t.o_proj.bias is not None:
             assert torch.equal(s.o_proj.bias, t.o_proj.bias[channels])
-        if hasattr(t, "q_norm"):
+        if hasattr(t, "q_norm") and t.q_norm.weight.numel() == 8:  # one norm per head, shared by all heads
             assert torch.equal(s.q_norm.weight, t.q_norm.weight)
             assert torch.equal(s.k_norm.weight, t.k_norm.weight)
+        elif hasattr(t, "q_norm"):  # OLMoE: one norm over all heads at once, sliced with them
+            assert torch.equal(s.q_norm.weight, t.q_norm.weight[q_rows])
+            assert torch.equal(s.k_norm.weight, t.k_norm.weight[kv_rows])
         norm = layers_of(model)[layer].input_layernorm.weight
         assert torch.equal(layers_of(student)[layer].input_layernorm.weight, norm[channels])
+        t_mlp, s_mlp = layers_of(model)[layer].mlp, layers_of(student)[layer].mlp
+        if arch.num_experts is not None:  # every expert and neuron kept: only the hidden channels are cut
+            assert torch.equal(s_mlp.gate.weight, t_mlp.gate.weight[:, channels])
+            assert torch.equal(s_mlp.experts.gate_up_proj, t_mlp.experts.gate_up_proj[:, :, channels])
+            assert torch.equal(s_mlp.experts.down_proj, t_mlp.experts.down_proj[:, channels])
 
 
 def test_gqa_student_equals_teacher_with_dropped_heads_silenced(family_name):
     """Kept query heads still attend with their own group's keys: zeroing the dropped heads'
     o_proj columns in the teacher gives exactly the student's function."""
+    if family_for(TINY_CONFIGS[family_name]()).hidden_is_query_width:
+        pytest.skip("OLMoE normalises q over all heads at once and its hidden size is the query width: dropping heads is not silencing them")
     model = tiny_model(family_name, **GQA)
     teacher = Architecture.from_config(model.config)
-    arch = Architecture(48, 96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
+    arch = Architecture.from_dict({"num_attention_heads": 4, "num_key_value_heads": 2}, teacher)
     student = prune(model, gqa_rankings(teacher), arch)
     silenced = copy.deepcopy(model)
     with torch.no_grad():
@@ -292,6 +341,8 @@ def test_ffn_neurons_follow_rankings(family_name):
     model = tiny_model(family_name)
     teacher = Architecture.from_config(model.config)
     rankings = random_rankings(teacher)
+    if teacher.num_experts is not None:
+        return _expert_neurons_follow_rankings(model, teacher, rankings)
     keep = [3, 10, 11, 50, 95]
     rankings.neurons[2, keep] = 5.0
     student = prune(model, rankings, Architecture.from_dict({"intermediate_size": 5}, teacher))
@@ -299,6 +350,30 @@ def test_ffn_neurons_follow_rankings(family_name):
     assert torch.equal(s.up_proj.weight, t.up_proj.weight[keep])
     assert torch.equal(s.gate_proj.weight, t.gate_proj.weight[keep])
     assert torch.equal(s.down_proj.weight, t.down_proj.weight[:, keep])
+
+
+def _expert_neurons_follow_rankings(model, teacher: Architecture, rankings: Rankings) -> None:
+    """Each expert keeps its own best neurons, in its gate and up rows alike; the shared expert its own."""
+    width = expert_width(teacher)
+    keeps = [[0, 5, 17, 30, width - 1], [1, 2, 3, 12, 29], [4, 9, 20, 21, width - 2], [6, 7, 8, 25, 31]]  # widths 32 or 96
+    for e, keep in enumerate(keeps):
+        rankings.expert_neurons[2, e, keep] = 5.0
+    sizes = {family_for(model.config).moe.width_key: 5}
+    shared_keep = [0, 7, 20, 21, 39]
+    if teacher.shared_expert_intermediate_size is not None:
+        rankings.shared_neurons[2, shared_keep] = 5.0
+        sizes["shared_expert_intermediate_size"] = 5
+    student = prune(model, rankings, Architecture.from_dict(sizes, teacher))
+    t, s = layers_of(model)[2].mlp, layers_of(student)[2].mlp
+    assert torch.equal(s.gate.weight, t.gate.weight)  # every expert kept
+    for e, keep in enumerate(keeps):
+        assert torch.equal(s.experts.gate_up_proj[e], t.experts.gate_up_proj[e][keep + [width + k for k in keep]])
+        assert torch.equal(s.experts.down_proj[e], t.experts.down_proj[e][:, keep])
+    if teacher.shared_expert_intermediate_size is not None:
+        assert torch.equal(s.shared_expert.gate_proj.weight, t.shared_expert.gate_proj.weight[shared_keep])
+        assert torch.equal(s.shared_expert.up_proj.weight, t.shared_expert.up_proj.weight[shared_keep])
+        assert torch.equal(s.shared_expert.down_proj.weight, t.shared_expert.down_proj.weight[:, shared_keep])
+        assert torch.equal(s.shared_expert_gate.weight, t.shared_expert_gate.weight)
 
 
 # --- gemma3 embedding scale ----------------------------------------------------------------

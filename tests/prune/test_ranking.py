@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_blocks, tiny_model
+from helpers import expert_width, random_blocks, tiny_model
 
 from minitron_nas.config.settings import REDUCTIONS, Aggregation
 from minitron_nas.errors import MinitronError
@@ -28,14 +28,28 @@ def rank(model, blocks=None, **kwargs) -> Rankings:
 def test_score_shapes(family_name):
     model = tiny_model(family_name)
     r = rank(model)
+    teacher = Architecture.from_config(model.config)
     assert r.heads.shape == (4, 6)
-    assert r.neurons.shape == (4, 96)
     assert r.channels.shape == (48,)
     assert r.block_importance.shape == (4,)
     assert r.layer_loss is None
-    for scores in (r.heads, r.neurons, r.channels, r.block_importance):
+    if teacher.num_experts is None:
+        assert r.neurons.shape == (4, 96)
+        ffn = [r.neurons]
+    else:  # an MoE teacher's FFN neurons are its experts' (and its shared expert's)
+        assert r.neurons is None
+        assert r.experts.shape == r.expert_activation.shape == (4, 4)
+        assert r.expert_neurons.shape == (4, 4, expert_width(teacher))
+        ffn = [r.experts, r.expert_activation, r.expert_neurons]
+        if teacher.shared_expert_intermediate_size is not None:
+            assert r.shared_neurons.shape == (4, 40)
+            ffn.append(r.shared_neurons)
+        else:
+            assert r.shared_neurons is None
+    for scores in (r.heads, *ffn, r.channels, r.block_importance):
         assert torch.isfinite(scores).all()
-    assert (r.heads > 0).all() and (r.neurons > 0).all() and (r.channels > 0).all()
+    assert (r.heads > 0).all() and (r.channels > 0).all()
+    assert all((scores > 0).all() for scores in ffn)  # 144 tokens: every expert is chosen by some
     assert r.meta["samples"] == 6 and r.meta["seq_len"] == 24
     assert r.meta["model_type"] == model.config.model_type
     assert r.meta["aggregation"] == {"batch": "l2", "seq": "mean"}
@@ -71,6 +85,8 @@ def test_silent_kv_group_silences_its_query_heads(family_name):
 def test_silent_neuron_scores_zero(family_name):
     model = tiny_model(family_name)
     mlp = layers_of(model)[0].mlp
+    if Architecture.from_config(model.config).num_experts is not None:
+        return _silent_expert_neuron_scores_zero(model)
     with torch.no_grad():
         mlp.up_proj.weight[17] = 0
         if mlp.up_proj.bias is not None:
@@ -79,6 +95,25 @@ def test_silent_neuron_scores_zero(family_name):
     assert neurons[0, 17] == 0
     assert neurons[0].argmin() == 17
     assert (neurons[0, torch.arange(96) != 17] > 0).all()
+
+
+def _silent_expert_neuron_scores_zero(model):
+    """Expert 2's neuron 17 (its up row zeroed) scores 0 and lowest in that expert only; a shared expert's likewise."""
+    mlp = layers_of(model)[0].mlp
+    width = mlp.experts.down_proj.shape[-1]
+    with torch.no_grad():
+        mlp.experts.gate_up_proj[2, width + 17] = 0  # [gate rows; up rows]
+        if hasattr(mlp, "shared_expert"):
+            mlp.shared_expert.up_proj.weight[17] = 0
+    r = rank(model)
+    neurons = r.expert_neurons[0]  # [experts, width]
+    assert neurons[2, 17] == 0
+    assert neurons[2].argmin() == 17
+    assert (neurons[2, torch.arange(width) != 17] > 0).all()
+    assert (neurons[[0, 1, 3]] > 0).all()
+    if hasattr(mlp, "shared_expert"):
+        assert r.shared_neurons[0, 17] == 0 and r.shared_neurons[0].argmin() == 17
+        assert (r.shared_neurons[0, torch.arange(40) != 17] > 0).all()
 
 
 def test_block_importance_is_one_minus_mean_cosine(family_name):
