@@ -39,7 +39,9 @@ class Architecture:
     OLMoE size their experts with `intermediate_size` (no `moe_intermediate_size`), only
     Qwen2-MoE has a shared expert. `num_experts` is the family's expert count whatever its
     config calls it (Mixtral: num_local_experts). Hybrid sizes are None outside hybrid families;
-    a hybrid's depth is chosen per layer type (num_mamba_layers and so on).
+    a hybrid's depth is chosen per layer type (num_mamba_layers and so on; num_mlp_layers only
+    where MLP is a layer type of its own, NemotronH), and the Mamba sizes carry these names
+    whatever the family's config calls them (Bamba: mamba_n_heads, mamba_d_head).
     """
 
     hidden_size: int
@@ -62,6 +64,7 @@ class Architecture:
         family = family_for(config)
         moe, hybrid = family.moe, family.hybrid
         types = hybrid.types(config) if hybrid else []
+        mamba = hybrid.sizes(config) if hybrid else None
         return cls(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -71,11 +74,11 @@ class Architecture:
             num_experts=getattr(config, moe.experts_key) if moe else None,
             moe_intermediate_size=getattr(config, "moe_intermediate_size", None) if moe else None,
             shared_expert_intermediate_size=getattr(config, "shared_expert_intermediate_size", None) if moe else None,
-            mamba_num_heads=config.mamba_num_heads if hybrid else None,
-            mamba_head_dim=config.mamba_head_dim if hybrid else None,
+            mamba_num_heads=mamba.heads if hybrid else None,
+            mamba_head_dim=mamba.head_dim if hybrid else None,
             num_mamba_layers=types.count(hybrid.mamba) if hybrid else None,
             num_attention_layers=types.count(hybrid.attention) if hybrid else None,
-            num_mlp_layers=types.count(hybrid.mlp) if hybrid else None,
+            num_mlp_layers=types.count(hybrid.mlp) if hybrid and hybrid.mlp else None,
         )
 
     @classmethod
@@ -93,7 +96,8 @@ class Architecture:
             values["layers"] = tuple(layers)
             values.setdefault("num_hidden_layers", len(values["layers"]))
         if "num_hidden_layers" not in values and any(k in values for k in LAYER_TYPE_COUNTS) and base.num_mamba_layers is not None:
-            values["num_hidden_layers"] = sum(values.get(k, getattr(base, k)) for k in LAYER_TYPE_COUNTS)
+            # the sum over the teacher's layer types (Bamba has no MLP layers: a num_mlp_layers given is refused by validate)
+            values["num_hidden_layers"] = sum(values.get(k, getattr(base, k)) for k in LAYER_TYPE_COUNTS if getattr(base, k) is not None)
         for key, value in values.items():
             if key != "layers" and (not isinstance(value, int) or isinstance(value, bool)):
                 raise MinitronError(f"architecture key '{key}' must be an integer, got {value!r}")
@@ -157,10 +161,12 @@ def validate(arch: Architecture, teacher: Architecture) -> None:
             raise MinitronError(f"{name}={value} is larger than the teacher's {limit}: pruning only shrinks")
     if teacher.num_attention_layers and not arch.num_attention_layers:
         raise MinitronError(
-            "num_attention_layers=0 leaves no attention layer: transformers' NemotronH needs one to run with a cache (generate, lm-eval, latency); keep at least 1"
+            "num_attention_layers=0 leaves no attention layer: transformers' hybrids (NemotronH, Bamba) need one to run with a cache "
+            "(generate, lm-eval, latency); keep at least 1"
         )
-    if teacher.num_mamba_layers is not None and sum(getattr(arch, k) for k in LAYER_TYPE_COUNTS) != arch.num_hidden_layers:
-        counts = ", ".join(f"{k}={getattr(arch, k)}" for k in LAYER_TYPE_COUNTS)
+    per_type = {k: getattr(arch, k) for k in LAYER_TYPE_COUNTS if getattr(teacher, k) is not None}
+    if teacher.num_mamba_layers is not None and sum(per_type.values()) != arch.num_hidden_layers:
+        counts = ", ".join(f"{k}={v}" for k, v in per_type.items())
         raise MinitronError(f"num_hidden_layers={arch.num_hidden_layers} is not the sum of the layers per type ({counts}): make them agree")
     if arch.num_attention_heads % arch.num_key_value_heads:
         raise MinitronError(
@@ -214,12 +220,12 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
         for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
             if getattr(arch, key) is not None:
                 data[stored(key)] = getattr(arch, key)
-    if family.hybrid and arch.mamba_num_heads is not None:
-        if arch.mamba_num_heads % teacher_config.n_groups:
-            raise MinitronError(
-                f"mamba_num_heads={arch.mamba_num_heads} cannot be split over the {teacher_config.n_groups} Mamba groups: choose a multiple of {teacher_config.n_groups}"
-            )
-        data.update(mamba_num_heads=arch.mamba_num_heads, mamba_head_dim=arch.mamba_head_dim)
+    hybrid = family.hybrid
+    if hybrid and arch.mamba_num_heads is not None:
+        data.update(hybrid.student_updates(teacher_config, arch.mamba_num_heads, arch.mamba_head_dim, arch.hidden_size))
+    if hybrid and hybrid.attention_indices_key:  # Bamba: the attention layers' indices, in the student's positions
+        types = hybrid.types(teacher_config)
+        data[hybrid.attention_indices_key] = [position for position, layer in enumerate(kept) if types[layer] == hybrid.attention]
     for key in family.layer_count_keys:
         if key in data:
             data[key] = min(data[key], arch.num_hidden_layers)
@@ -284,9 +290,7 @@ class ParamCounter:
 
     def _layer_counts(self, arch: Architecture) -> dict[str, int]:
         hybrid = self.family.hybrid
-        if not hybrid:
-            return {"layer": arch.num_hidden_layers}
-        return {hybrid.mamba: arch.num_mamba_layers, hybrid.attention: arch.num_attention_layers, hybrid.mlp: arch.num_mlp_layers}
+        return hybrid.layer_counts(arch) if hybrid else {"layer": arch.num_hidden_layers}
 
     def _evaluate(self, terms: dict[tuple[str, ...], int], arch: Architecture, active: bool = False) -> int:
         """Sum of the terms; `active`: an expert's own weights count top-k times, not once per expert."""

@@ -7,14 +7,16 @@ table that says, for every parameter, which pruning axis each of its dimensions 
 Adding a Llama-like family is adding one `Family(...)` entry; a mixture-of-experts family
 names its expert-count and expert-width config keys (`MoE(...)`), and the same table then
 covers the router, the experts' fused weights and a shared expert. A hybrid Mamba/attention
-family (`Hybrid(...)`) has layers of several types, each one mixer behind one norm; its Mamba
-mixers are sliced as a whole by prune/mamba.py.
+family (`Hybrid(...)`) has layers of several types and names its Mamba config keys: NemotronH's
+layers are one mixer each (Mamba, attention or MLP), Bamba's a Mamba or attention mixer and an
+MLP each. Mamba mixers are sliced as a whole by prune/mamba.py.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from minitron_nas.errors import MinitronError
 
@@ -78,28 +80,99 @@ class MoE:
 MAMBA_PARAMS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight", "out_proj.weight", "out_proj.bias")
 
 
+class MambaSizes(NamedTuple):
+    """A teacher's Mamba-2 mixer sizes, whatever its family's config calls them."""
+
+    heads: int
+    head_dim: int
+    groups: int
+    state: int
+    conv_kernel: int
+    conv_bias: bool
+    proj_bias: bool
+
+
 @dataclass(frozen=True)
 class Hybrid:
-    """Where a hybrid family keeps its per-layer types and its Mamba-2 facts in the config."""
+    """Where a hybrid family keeps its per-layer types and its Mamba-2 facts in the config.
+
+    `Architecture` names the Mamba sizes mamba_num_heads and mamba_head_dim in every family;
+    the keys below map them, and the sizes kept from the teacher, to each config's own names.
+    """
 
     types_key: str = "layers_block_type"
-    """Config key of the per-layer type list (sliced with the kept layers)."""
+    """Config key (or property) of the per-layer type list."""
     mamba: str = "linear_attention"
     attention: str = "full_attention"
-    mlp: str = "mlp"
+    mlp: str | None = "mlp"
+    """The MLP layers' type; None where every layer has its own MLP after its mixer (Bamba)."""
     mixer: str = "mixer"
-    """Each layer's one mixer (behind the layer's one norm)."""
+    """Each Mamba layer's mixer module (NemotronH names every layer's one mixer so; Bamba: mamba)."""
+    heads_key: str = "mamba_num_heads"
+    head_dim_key: str = "mamba_head_dim"
+    groups_key: str = "n_groups"
+    state_key: str = "ssm_state_size"
+    conv_kernel_key: str = "conv_kernel"
+    conv_bias_key: str = "use_conv_bias"
+    proj_bias_key: str = "use_bias"
+    """in_proj's and out_proj's bias."""
+    expand_key: str | None = None
+    """An integer key the config requires to equal heads x head_dim / hidden_size (Bamba's mamba_expand):
+    the Mamba width follows the hidden size. None: the width is free (NemotronH)."""
+    attention_indices_key: str | None = None
+    """Where the types are stored as the attention layers' indices (Bamba's attn_layer_indices, the
+    types a property): a student's config gets them remapped to its own positions."""
 
     def types(self, config) -> list[str]:
         return list(getattr(config, self.types_key))
 
+    def sizes(self, config) -> MambaSizes:
+        keys = (self.heads_key, self.head_dim_key, self.groups_key, self.state_key, self.conv_kernel_key, self.conv_bias_key, self.proj_bias_key)
+        return MambaSizes(*(getattr(config, key) for key in keys))
+
+    def layer_counts(self, arch) -> dict[str, int]:
+        """An architecture's layers per type (MLP only where it is a layer type of its own)."""
+        counts = {self.mamba: arch.num_mamba_layers, self.attention: arch.num_attention_layers}
+        return counts | ({self.mlp: arch.num_mlp_layers} if self.mlp else {})
+
+    def has_mlp(self, kind: str) -> bool:
+        """Whether a layer of this type has MLP neurons: NemotronH's MLP layers, every Bamba layer."""
+        return self.mlp is None or kind == self.mlp
+
+    def refusal(self, config, heads: int, head_dim: int, hidden: int) -> str | None:
+        """Why a student of this teacher cannot have these Mamba sizes (one line), None if it can.
+
+        Every group keeps as many heads. Bamba's mixer is mamba_expand x hidden_size wide and its
+        config requires heads x head_dim to match; expand is an integer kept from the teacher, so
+        the Mamba width follows the hidden size.
+        """
+        groups = getattr(config, self.groups_key)
+        if heads % groups:
+            return f"mamba_num_heads={heads} cannot be split over the {groups} Mamba groups: choose a multiple of {groups}"
+        expand = getattr(config, self.expand_key) if self.expand_key else None
+        if expand is not None and heads * head_dim != expand * hidden:
+            return (
+                f"{config.model_type} ties the Mamba width to the hidden size: mamba_num_heads x mamba_head_dim ({heads} x {head_dim} = {heads * head_dim}) "
+                f"must equal {self.expand_key} x hidden_size ({expand} x {hidden} = {expand * hidden})"
+            )
+        return None
+
+    def student_updates(self, config, heads: int, head_dim: int, hidden: int) -> dict:
+        """Config keys of a student with `heads` Mamba heads of head_dim channels and `hidden` hidden
+        channels, in the family's own names (NemotronH's `expand` is not read; Bamba's stays)."""
+        refusal = self.refusal(config, heads, head_dim, hidden)
+        if refusal:
+            raise MinitronError(refusal)
+        return {self.heads_key: heads, self.head_dim_key: head_dim}
+
     def mamba_parameters(self, config, hidden: int, heads: int, head_dim: int) -> int:
         """Exact parameters of one Mamba-2 mixer (layout in prune/mamba.py)."""
-        inner, bc = heads * head_dim, 2 * config.n_groups * config.ssm_state_size
+        sizes = self.sizes(config)
+        inner, bc = heads * head_dim, 2 * sizes.groups * sizes.state
         rows = 2 * inner + bc + heads  # in_proj: z | x B C | dt
-        n = hidden * rows + (inner + bc) * config.conv_kernel + 3 * heads + inner + inner * hidden  # + A_log, D, dt_bias, norm, out_proj
-        n += (inner + bc) if config.use_conv_bias else 0
-        n += (rows + hidden) if config.use_bias else 0
+        n = hidden * rows + (inner + bc) * sizes.conv_kernel + 3 * heads + inner + inner * hidden  # + A_log, D, dt_bias, norm, out_proj
+        n += (inner + bc) if sizes.conv_bias else 0
+        n += (rows + hidden) if sizes.proj_bias else 0
         return n
 
 
@@ -211,6 +284,26 @@ FAMILIES: tuple[Family, ...] = (
         embedding_weight="model.embeddings.weight",
         final_norm_weight="model.norm_f.weight",
         hybrid=Hybrid(),
+    ),
+    Family(
+        "bamba",
+        ("bamba",),
+        layer_norms=("input_layernorm", "pre_ff_layernorm"),
+        neuron_output_module="feed_forward.down_proj",
+        final_norm_weight="model.final_layernorm.weight",
+        hybrid=Hybrid(
+            mlp=None,
+            mixer="mamba",
+            heads_key="mamba_n_heads",
+            head_dim_key="mamba_d_head",
+            groups_key="mamba_n_groups",
+            state_key="mamba_d_state",
+            conv_kernel_key="mamba_d_conv",
+            conv_bias_key="mamba_conv_bias",
+            proj_bias_key="mamba_proj_bias",
+            expand_key="mamba_expand",
+            attention_indices_key="attn_layer_indices",
+        ),
     ),
 )
 

@@ -1,4 +1,7 @@
-"""Group-aware slicing of NemotronH's Mamba-2 mixers (Minitron-SSM, Taghibakhshi et al. 2025).
+"""Group-aware slicing of hybrid models' Mamba-2 mixers (Minitron-SSM, Taghibakhshi et al. 2025).
+
+NemotronH and Bamba share the layout below; their configs name the sizes differently
+(families.Hybrid maps them).
 
 A mixer with H heads of P channels, G groups and state size N (I = H*P, conv_dim = I + 2GN):
   in_proj.weight   [I + conv_dim + H, hidden]  rows: z (gate) I | x I | B GN | C GN | dt H
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from minitron_nas.errors import MinitronError
+from minitron_nas.model.families import family_for
 from minitron_nas.prune.aggregate import BatchAccumulator, reduce_seq
 
 
@@ -61,8 +65,9 @@ def slice_mamba_mixer(
     from every group, as `select_mamba` returns them. `hidden_index` ([hidden'] kept hidden
     channels) cuts in_proj's input and out_proj's output.
     """
-    n_heads, head_dim, n_groups = config.mamba_num_heads, config.mamba_head_dim, config.n_groups
-    inner, bc = n_heads * head_dim, 2 * n_groups * config.ssm_state_size
+    sizes = family_for(config).hybrid.sizes(config)
+    n_heads, head_dim, n_groups = sizes.heads, sizes.head_dim, sizes.groups
+    inner, bc = n_heads * head_dim, 2 * n_groups * sizes.state
     kept_heads, kept_dims = kept_heads.long().cpu(), kept_dims.long().cpu()
     kept = len(kept_heads)
     groups = kept_heads // (n_heads // n_groups)  # [h] teacher group of each kept head
@@ -95,17 +100,6 @@ def slice_mamba_mixer(
             tensor = tensor.index_select(dim, index.to(tensor.device))
         sliced[name] = tensor
     return sliced
-
-
-def student_mamba_config_updates(config, n_heads: int, head_dim: int) -> dict:
-    """Config keys of a student with n_heads Mamba heads of head_dim channels.
-
-    The mixer derives its width as mamba_num_heads * mamba_head_dim; `expand` is not read by
-    transformers' NemotronH, so it stays as it is.
-    """
-    if n_heads % config.n_groups:
-        raise MinitronError(f"{n_heads} Mamba heads cannot be split over {config.n_groups} groups: choose a multiple of {config.n_groups}")
-    return {"mamba_num_heads": n_heads, "mamba_head_dim": head_dim}
 
 
 class MambaScores:

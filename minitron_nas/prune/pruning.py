@@ -64,7 +64,7 @@ def select_layers(rankings: Rankings, arch: Architecture, n_teacher: int, criter
     if types is None:
         return _top(scores, arch.num_hidden_layers).tolist()
     kept = []
-    for kind, n in ((hybrid.mamba, arch.num_mamba_layers), (hybrid.attention, arch.num_attention_layers), (hybrid.mlp, arch.num_mlp_layers)):
+    for kind, n in hybrid.layer_counts(arch).items():
         own = torch.tensor([i for i, t in enumerate(types) if t == kind], dtype=torch.long)
         kept += own[_top(scores[own], n)].tolist() if n else []
     kept.sort()
@@ -121,11 +121,12 @@ def select(
         chosen.shared_neurons = [_top(rankings.shared_neurons[layer], arch.shared_expert_intermediate_size) for layer in layers]
     if types is not None:
         kinds = [types[layer] for layer in layers]
-        wanted = {hybrid.mamba: arch.num_mamba_layers, hybrid.attention: arch.num_attention_layers, hybrid.mlp: arch.num_mlp_layers}
+        wanted = hybrid.layer_counts(arch)
         if any(kinds.count(kind) != n for kind, n in wanted.items()):
             raise MinitronError(f"the layers {layers} are not the layers per type the architecture names ({wanted}): make them agree")
+        groups = hybrid.sizes(config).groups
         chosen.mamba = [
-            select_mamba(rankings.mamba_heads[layer], rankings.mamba_dims[layer], config.n_groups, arch.mamba_num_heads, arch.mamba_head_dim)
+            select_mamba(rankings.mamba_heads[layer], rankings.mamba_dims[layer], groups, arch.mamba_num_heads, arch.mamba_head_dim)
             if kind == hybrid.mamba
             else None
             for layer, kind in zip(layers, kinds)

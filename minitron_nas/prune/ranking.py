@@ -147,7 +147,8 @@ def compute_rankings(
     mamba = None
     if hybrid:
         mixers = [layer.get_submodule(hybrid.mixer) if t == hybrid.mamba else None for layer, t in zip(layers, types)]
-        mamba = MambaScores(mixers, config.mamba_num_heads, config.mamba_head_dim, aggregation)
+        sizes = hybrid.sizes(config)
+        mamba = MambaScores(mixers, sizes.heads, sizes.head_dim, aggregation)
     norms = _hidden_norms(model, family)
     acc_channels = [BatchAccumulator(aggregation.batch) for _ in norms]
     norm_squares = torch.zeros(len(norms), config.hidden_size, dtype=torch.float64, device=device)  # sum over tokens of x_c^2
@@ -203,7 +204,7 @@ def compute_rankings(
     for i, layer in enumerate(layers):
         if types[i] in (None, hybrid and hybrid.attention):
             handles.append(family.head_output(layer).register_forward_pre_hook(head_hook(i)))
-        if not family.moe and types[i] in (None, hybrid and hybrid.mlp):
+        if not family.moe and (not hybrid or hybrid.has_mlp(types[i])):
             handles.append(family.neuron_output(layer).register_forward_pre_hook(neuron_hook(i)))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     for i, norm in enumerate(norms):

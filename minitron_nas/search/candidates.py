@@ -14,7 +14,7 @@ from pathlib import Path
 from minitron_nas.config.loader import read_space
 from minitron_nas.config.space import AXES, FAMILY_AXES, Budget, SearchSpace
 from minitron_nas.errors import MinitronError
-from minitron_nas.model.architecture import Architecture, ParamCounter, head_dim_of, student_config, validate
+from minitron_nas.model.architecture import LAYER_TYPE_COUNTS, Architecture, ParamCounter, head_dim_of, student_config, validate
 from minitron_nas.model.families import family_for
 
 
@@ -52,16 +52,27 @@ def memory_gb(config, arch: Architecture, params: int, budget: Budget) -> float:
     attention_layers = arch.num_hidden_layers if arch.num_attention_layers is None else arch.num_attention_layers
     cache = 2 * attention_layers * arch.num_key_value_heads * head_dim_of(config) * budget.context * budget.batch
     if arch.num_mamba_layers:
-        inner, bc = arch.mamba_num_heads * arch.mamba_head_dim, 2 * config.n_groups * config.ssm_state_size
-        cache += arch.num_mamba_layers * budget.batch * (inner * config.ssm_state_size + (inner + bc) * config.conv_kernel)
+        sizes = family_for(config).hybrid.sizes(config)
+        inner, bc = arch.mamba_num_heads * arch.mamba_head_dim, 2 * sizes.groups * sizes.state
+        cache += arch.num_mamba_layers * budget.batch * (inner * sizes.state + (inner + bc) * sizes.conv_kernel)
     return (params + cache) * budget.bytes_per_value / 2**30
 
 
 def _transformers_requires_divisible_heads(config) -> bool:
-    """Ask transformers once whether this family refuses hidden % heads != 0."""
-    probe = replace(
-        Architecture.from_config(config), hidden_size=config.num_attention_heads + 1, intermediate_size=1, num_key_value_heads=1, num_hidden_layers=1
-    )
+    """Ask transformers once whether this family refuses hidden % heads != 0.
+
+    Where the Mamba width follows the hidden size (Bamba), the probe's hidden size is one that
+    some Mamba sizes allow, and the probe takes those, so only the heads are in question; if
+    every such hidden size is a multiple of the heads, the question never arises."""
+    heads = config.num_attention_heads
+    probe = replace(Architecture.from_config(config), hidden_size=heads + 1, intermediate_size=1, num_key_value_heads=1, num_hidden_layers=1)
+    hybrid = family_for(config).hybrid
+    if hybrid and hybrid.expand_key:
+        groups, expand = hybrid.sizes(config).groups, getattr(config, hybrid.expand_key)
+        hidden = next((h for h in range(heads + 1, heads + 1 + heads * groups) if h % heads and expand * h % groups == 0), None)
+        if hidden is None:
+            return False
+        probe = replace(probe, hidden_size=hidden, mamba_num_heads=groups, mamba_head_dim=expand * hidden // groups)
     try:
         student_config(config, probe)
     except MinitronError:
@@ -80,7 +91,8 @@ def all_architectures(space: SearchSpace, config) -> list[Architecture]:
         raise MinitronError(f"axes.intermediate_size is given but every {config.model_type} layer is sparse (no dense MLP): give moe_intermediate_size instead")
     hybrid = teacher.num_mamba_layers is not None
     if hybrid and "num_hidden_layers" in space.axes:
-        raise MinitronError("axes.num_hidden_layers is given for a hybrid teacher: give num_mamba_layers, num_attention_layers and num_mlp_layers instead")
+        per_type = ", ".join(k for k in LAYER_TYPE_COUNTS if getattr(teacher, k) is not None)
+        raise MinitronError(f"axes.num_hidden_layers is given for a hybrid teacher: give {per_type} instead")
     axes = {
         "hidden_size": (teacher.hidden_size,),
         "intermediate_size": (teacher.intermediate_size,),
@@ -95,7 +107,7 @@ def all_architectures(space: SearchSpace, config) -> list[Architecture]:
         hidden, ffn, per_group, groups, layers, *extra = values
         arch = Architecture(hidden, ffn, per_group * groups, groups, layers, None, *extra)
         if hybrid:  # a hybrid's depth is the sum of its layers per type
-            arch = replace(arch, num_hidden_layers=arch.num_mamba_layers + arch.num_attention_layers + arch.num_mlp_layers)
+            arch = replace(arch, num_hidden_layers=sum(getattr(arch, k) or 0 for k in LAYER_TYPE_COUNTS))
         archs.append(arch)
     return archs
 
@@ -105,15 +117,16 @@ def enumerate_candidates(space: SearchSpace, config) -> tuple[list[Candidate], l
     teacher = Architecture.from_config(config)
     counter = ParamCounter(config)
     divisible = _transformers_requires_divisible_heads(config)
-    tied = family_for(config).hidden_is_query_width
+    family = family_for(config)
+    tied, hybrid = family.hidden_is_query_width, family.hybrid
     valid: list[Candidate] = []
     for arch in all_architectures(space, config):
         if divisible and arch.hidden_size % arch.num_attention_heads:
             continue
         if tied and arch.hidden_size != arch.num_attention_heads * head_dim_of(config):
             continue
-        if arch.mamba_num_heads is not None and arch.mamba_num_heads % config.n_groups:
-            continue  # every Mamba group keeps as many heads
+        if hybrid and hybrid.refusal(config, arch.mamba_num_heads, arch.mamba_head_dim, arch.hidden_size):
+            continue  # every Mamba group keeps as many heads; Bamba's Mamba width follows its hidden size
         try:
             validate(arch, teacher)
         except MinitronError:

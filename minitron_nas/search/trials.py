@@ -52,13 +52,14 @@ PROPOSALS = 8  # most adaptive proposals per work unit: each waits for the score
 
 def arch_key(arch: Architecture) -> str:
     """The architecture as text: hidden/ffn/heads:kv groups/layers, then (MoE) /e<experts>/m<expert width>/s<shared width>,
-    (hybrid) /<Mamba heads>x<Mamba head_dim>/<Mamba>M<attention>A<MLP>F layers."""
+    (hybrid) /<Mamba heads>x<Mamba head_dim>/<Mamba>M<attention>A<MLP>F layers (no F part for Bamba)."""
     key = f"{arch.hidden_size}/{arch.intermediate_size}/{arch.num_attention_heads}:{arch.num_key_value_heads}/{arch.num_hidden_layers}"
     for prefix, value in (("e", arch.num_experts), ("m", arch.moe_intermediate_size), ("s", arch.shared_expert_intermediate_size)):
         if value is not None:
             key += f"/{prefix}{value}"
     if arch.mamba_num_heads is not None:
-        key += f"/{arch.mamba_num_heads}x{arch.mamba_head_dim}/{arch.num_mamba_layers}M{arch.num_attention_layers}A{arch.num_mlp_layers}F"
+        key += f"/{arch.mamba_num_heads}x{arch.mamba_head_dim}/{arch.num_mamba_layers}M{arch.num_attention_layers}A"
+        key += f"{arch.num_mlp_layers}F" if arch.num_mlp_layers is not None else ""  # Bamba: no MLP layers of their own
     return key
 
 

@@ -10,7 +10,8 @@ from transformers import NemotronHConfig, NemotronHForCausalLM
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
 from minitron_nas.errors import MinitronError
-from minitron_nas.prune.mamba import mamba_head_scores, select_mamba, slice_mamba_mixer, student_mamba_config_updates
+from minitron_nas.model.families import family_for
+from minitron_nas.prune.mamba import mamba_head_scores, select_mamba, slice_mamba_mixer
 
 MAMBA_LAYERS = (0, 3)  # the 'M's of PATTERN
 PATTERN = "M*-ME"
@@ -62,7 +63,7 @@ def mixer_state(model, layer: int) -> dict[str, torch.Tensor]:
 
 def updated(config: NemotronHConfig, n_heads: int, head_dim: int, **extra) -> NemotronHConfig:
     config = copy.deepcopy(config)
-    for key, value in {**student_mamba_config_updates(config, n_heads, head_dim), **extra}.items():
+    for key, value in {**family_for(config).hybrid.student_updates(config, n_heads, head_dim, config.hidden_size), **extra}.items():
         setattr(config, key, value)
     return config
 
@@ -176,7 +177,7 @@ def test_slicing_refuses_heads_that_would_change_group(heads):
     with pytest.raises(MinitronError, match="select_mamba"):
         slice_mamba_mixer(mixer_state(model, 0), model.config, torch.tensor(heads), torch.arange(6))
     with pytest.raises(MinitronError, match="multiple of 2"):
-        student_mamba_config_updates(model.config, 3, 6)
+        family_for(model.config).hybrid.student_updates(model.config, 3, 6, model.config.hidden_size)
 
 
 def test_head_scores_are_l2_norms_over_channels_and_over_heads():

@@ -1,6 +1,6 @@
-"""The whole run (rank -> search -> distill -> export -> report) on a tiny hybrid Mamba/attention
-teacher and a tiny mixture-of-experts teacher, their own axes searched: KD and the search work
-unchanged on these students, and the export loads with plain transformers."""
+"""The whole run (rank -> search -> distill -> export -> report) on tiny hybrid Mamba/attention
+teachers (NemotronH, Bamba) and a tiny mixture-of-experts teacher, their own axes searched: KD
+and the search work unchanged on these students, and the export loads with plain transformers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import byte_tokenizer, write_space
-from transformers import AutoModelForCausalLM, MixtralConfig, NemotronHConfig
+from transformers import AutoModelForCausalLM, BambaConfig, MixtralConfig, NemotronHConfig
 
 from minitron_nas.model.architecture import Architecture, ParamCounter
 from minitron_nas.model.saving import save_model
@@ -31,6 +31,20 @@ TEACHERS = {
         {"mamba_num_heads": [4, 8], "num_mamba_layers": [2, 3]},
         {"parameters": 58_000, "tolerance": 0.1},
         ("mamba_num_heads", "mamba_head_dim", "num_mamba_layers", "num_attention_layers", "num_mlp_layers"),
+    ),
+    # 3 layers, the middle one attention, each with its MLP; 8 Mamba heads of 12 in 2 groups (96 =
+    # mamba_expand 2 x hidden 48), so the Mamba width follows the hidden size. Candidates: hidden
+    # 32, 40 or 48 with head_dim 8, 10 or 12 to match, in 1 or 2 Mamba layers, 41k to 92k parameters;
+    # the budget admits three below the teacher.
+    "bamba": (
+        lambda: BambaConfig(
+            **SMALL,
+            **dict(num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=12, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=16),
+            **dict(eos_token_id=256, bos_token_id=256, pad_token_id=256),
+        ),
+        {"hidden_size": [32, 40, 48], "mamba_head_dim": [8, 10, 12], "num_mamba_layers": [1, 2]},
+        {"parameters": 55_000, "tolerance": 0.25},
+        ("mamba_num_heads", "mamba_head_dim", "num_mamba_layers", "num_attention_layers"),
     ),
     # 2 layers of 4 experts (width 32), top-2. Candidates: 2 or 4 experts in 1 or 2 layers, 40k to 74k
     # parameters; the budget admits the three below the teacher.
