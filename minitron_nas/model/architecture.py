@@ -195,8 +195,10 @@ def student_config(teacher_config, arch: Architecture, kept_layers: list[int] | 
         data.pop(key, None)
     n_teacher = teacher_config.num_hidden_layers
     kept = kept_layers if kept_layers is not None else list(range(arch.num_hidden_layers))
+    hybrid = family_for(teacher_config).hybrid
+    fixed = {"architectures", *(hybrid.fixed_lists if hybrid else ())}  # lists that do not follow the layers
     for key, value in list(data.items()):
-        if isinstance(value, list) and len(value) == n_teacher and key != "architectures":
+        if isinstance(value, list) and len(value) == n_teacher and key not in fixed:
             data[key] = [value[i] for i in kept]
     data.update(
         hidden_size=arch.hidden_size,

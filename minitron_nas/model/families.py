@@ -75,6 +75,13 @@ class MoE:
     block: str = "mlp"
     """The per-layer sparse MoE block: `gate` (router), `experts`, optional `shared_expert`."""
 
+    def dense_layers(self, config) -> list[int]:
+        """Layers with a dense MLP instead of experts (Qwen2/3-MoE's `mlp_only_layers` and
+        `decoder_sparse_step`; absent keys: none). Experts are pruned in every layer, so these are refused."""
+        step = getattr(config, "decoder_sparse_step", None) or 1
+        only = set(getattr(config, "mlp_only_layers", None) or [])
+        return [i for i in range(config.num_hidden_layers) if i in only or (i + 1) % step]
+
 
 # A hybrid model's Mamba-2 mixer parameters (names relative to the mixer): sliced together, group-aware.
 MAMBA_PARAMS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight", "out_proj.weight", "out_proj.bias")
@@ -102,6 +109,8 @@ class Hybrid:
 
     types_key: str = "layers_block_type"
     """Config key (or property) of the per-layer type list."""
+    fixed_lists: tuple[str, ...] = ("time_step_limit",)
+    """Config lists that are not per layer, even when as long as the layer list (a 2-layer teacher's (min, max))."""
     mamba: str = "linear_attention"
     attention: str = "full_attention"
     mlp: str | None = "mlp"

@@ -159,14 +159,10 @@ def load_config(spec: str):
 
 
 def _check_all_sparse(config, spec: str) -> None:
-    """Refuse an MoE teacher with dense MLP layers among its sparse ones (Qwen2/3-MoE's
-    `mlp_only_layers`, `decoder_sparse_step`): experts are scored, pruned and counted in every
-    layer, and a dense layer would fail the ranking pass with a traceback."""
-    if family_for(config).moe is None:
-        return
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    only = set(getattr(config, "mlp_only_layers", None) or [])
-    dense = [i for i in range(config.num_hidden_layers) if i in only or (i + 1) % step]
+    """Refuse an MoE teacher with dense MLP layers among its sparse ones: experts are scored,
+    pruned and counted in every layer, and a dense layer would fail the ranking pass with a traceback."""
+    moe = family_for(config).moe
+    dense = moe.dense_layers(config) if moe else []
     if dense:
         shown = ", ".join(map(str, dense[:8])) + (", ..." if len(dense) > 8 else "")
         raise MinitronError(
