@@ -5,27 +5,33 @@ NemotronH tests (test_hybrid.py, test_mamba.py) cover what the two share."""
 
 from __future__ import annotations
 
-import itertools
 import random
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 import yaml
-from helpers import random_blocks
+from helpers import (
+    assert_layers_are_the_teachers,
+    assert_memory_is_the_weights_and_the_cache,
+    best_subset,
+    gate_off,
+    layers_of_types,
+    logits,
+    n_params,
+    one_line,
+    random_blocks,
+    random_model,
+    reload_in_fresh_process,
+)
 from transformers import AutoModelForCausalLM, BambaConfig
 from transformers.models.bamba.modeling_bamba import BambaMixer
 
-from minitron_nas.config.space import Budget
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture, ParamCounter, student_config
-from minitron_nas.model.saving import save_model
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings, compute_rankings
 from minitron_nas.recipes.search import feasible_candidates
-from minitron_nas.search.candidates import memory_gb
 
 MAMBA, ATTENTION = "linear_attention", "full_attention"
 TYPES = [MAMBA, ATTENTION, MAMBA, MAMBA]
@@ -55,23 +61,11 @@ VARIANTS = {
     "attention-and-mlp-biases": {"attention_bias": True, "mlp_bias": True},
     "tied": {"tie_word_embeddings": True},
 }
-IDS = random_blocks(2, 20, seed=1)  # 20 tokens: two chunks of 16, one padded
 
 
 def tiny_bamba(seed: int = 0, **overrides):
     """Random init with the norms moved away from exactly 1, so slicing errors show."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(BambaConfig(**{**TINY, **overrides}), dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model.eval()
-
-
-@torch.no_grad()
-def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
+    return random_model(BambaConfig(**{**TINY, **overrides}), seed, dtype=torch.float32)
 
 
 def bamba_rankings(seed: int = 0, types: list[str] = TYPES) -> Rankings:
@@ -90,21 +84,6 @@ def bamba_rankings(seed: int = 0, types: list[str] = TYPES) -> Rankings:
         mamba_heads=rows(MAMBA, TINY["mamba_n_heads"]),
         mamba_dims=rows(MAMBA, TINY["mamba_d_head"]),
     )
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # a tied matrix once
-
-
-def one_line(err: pytest.ExceptionInfo) -> str:
-    message = str(err.value)
-    assert "\n" not in message, message
-    return message
-
-
-def layers_of_types(counts: dict[str, int], types: list[str] = TYPES) -> list[int]:
-    """The first counts[t] teacher layers of each type t."""
-    return sorted(i for kind, n in counts.items() for i in [j for j, t in enumerate(types) if t == kind][:n])
 
 
 # --- identity and exact counts ----------------------------------------------------------------
@@ -159,7 +138,7 @@ def test_counts_are_exact_for_pruned_and_instantiated_students(variant):
         count = counter.count(arch)
         assert count.active == count.total  # no experts
         assert count.non_embedding == count.total - (1 if tied else 2) * model.config.vocab_size * arch.hidden_size, arch
-        kept = layers_of_types({MAMBA: arch.num_mamba_layers, ATTENTION: arch.num_attention_layers})
+        kept = layers_of_types({MAMBA: arch.num_mamba_layers, ATTENTION: arch.num_attention_layers}, TYPES)
         config = student_config(model.config, arch, kept)
         assert config.attn_layer_indices == [p for p, layer in enumerate(kept) if TYPES[layer] == ATTENTION]
         assert n_params(AutoModelForCausalLM.from_config(config)) == count.total, arch
@@ -199,7 +178,7 @@ def test_enumeration_keeps_only_the_mamba_sizes_the_hidden_size_allows(tmp_path)
     assert valid == len(feasible) == 2 * len(allowed)
     counter = ParamCounter(model.config)
     for c in feasible:
-        built = AutoModelForCausalLM.from_config(student_config(model.config, c.arch, layers_of_types({MAMBA: c.arch.num_mamba_layers, ATTENTION: 1})))
+        built = AutoModelForCausalLM.from_config(student_config(model.config, c.arch, layers_of_types({MAMBA: c.arch.num_mamba_layers, ATTENTION: 1}, TYPES)))
         assert n_params(built) == c.total == counter.count(c.arch).total
 
 
@@ -207,12 +186,6 @@ def test_enumeration_keeps_only_the_mamba_sizes_the_hidden_size_allows(tmp_path)
 
 DEPTH_ATTENTION = [1, 4, 6]  # 8 layers: Mamba 0, 2, 3, 5, 7
 DEPTH_TYPES = [ATTENTION if i in DEPTH_ATTENTION else MAMBA for i in range(8)]
-
-
-def best_subset(scores: torch.Tensor, kind: str, n: int) -> set[int]:
-    """Brute force: the n layers of this type whose block importances sum highest."""
-    own = [i for i, t in enumerate(DEPTH_TYPES) if t == kind]
-    return set(max(itertools.combinations(own, n), key=lambda s: sum(scores[i].item() for i in s)))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -225,13 +198,10 @@ def test_depth_keeps_the_best_layers_of_each_type_and_remaps_the_attention_indic
     arch = Architecture.from_dict({"num_mamba_layers": counts[MAMBA], "num_attention_layers": counts[ATTENTION]}, teacher)
     assert arch.num_hidden_layers == sum(counts.values()) and arch.num_mlp_layers is None
     student = prune(model, rankings, arch)
-    expected = sorted(set().union(*(best_subset(rankings.block_importance, kind, n) for kind, n in counts.items())))
+    expected = sorted(set().union(*(best_subset(rankings.block_importance, DEPTH_TYPES, kind, n) for kind, n in counts.items())))
     assert student.config.attn_layer_indices == [p for p, layer in enumerate(expected) if layer in DEPTH_ATTENTION]
     assert student.config.layers_block_type == [DEPTH_TYPES[i] for i in expected]
-    for position, layer in enumerate(expected):  # the weights of each student layer are its teacher layer's
-        own, theirs = student.model.layers[position].state_dict(), model.model.layers[layer].state_dict()
-        assert own.keys() == theirs.keys()
-        assert all(torch.equal(own[k], theirs[k]) for k in own)
+    assert_layers_are_the_teachers(student, model, expected)
 
 
 def test_per_type_axes_refuse_mlp_layers_and_no_attention_layer_in_one_line():
@@ -246,19 +216,6 @@ def test_per_type_axes_refuse_mlp_layers_and_no_attention_layer_in_one_line():
 
 
 # --- Mamba heads, group-aware ---------------------------------------------------------------------
-
-
-@torch.no_grad()
-def gate_off(mixer, heads: torch.Tensor, dims: torch.Tensor) -> None:
-    """The teacher mixer made to compute what the pruned one does (prune/mamba.py): dropped
-    channels' gates z zeroed, each group's norm gain times sqrt(r), eps times r."""
-    keep = torch.zeros(mixer.num_heads, mixer.head_dim, dtype=torch.bool)
-    keep[heads[:, None], dims] = True
-    dropped = ~keep.reshape(-1)
-    mixer.in_proj.weight[: dropped.numel()][dropped] = 0  # z rows come first
-    ratio = keep.sum().item() / keep.numel()
-    mixer.norm.weight.mul_(ratio**0.5)
-    mixer.norm.variance_epsilon *= ratio
 
 
 @pytest.mark.parametrize(
@@ -315,44 +272,15 @@ def test_rankings_score_heads_and_mamba_heads_in_their_layers_and_neurons_in_eve
 # --- cache memory of a candidate -----------------------------------------------------------------
 
 
-def cache_values(model, batch: int, context: int) -> int:
-    """Every value of the cache a real forward fills: attention keys and values, Mamba conv and SSM states."""
-    with torch.no_grad():
-        cache = model(input_ids=random_blocks(batch, context), use_cache=True).cache
-
-    def tensors(value):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple, dict)):
-            for item in value.values() if isinstance(value, dict) else value:
-                yield from tensors(item)
-
-    return sum(t.numel() for layer in cache.layers for t in tensors(list(vars(layer).values())) if t.dim() > 0)  # not the step counters
-
-
 @pytest.mark.parametrize("sizes", [{}, {"hidden_size": 12, "mamba_num_heads": 4, "mamba_head_dim": 6, "num_mamba_layers": 2}], ids=["teacher", "mamba-cut"])
 def test_memory_is_the_weights_and_the_cache_a_forward_fills(sizes):
     model = tiny_bamba()
     arch = Architecture.from_dict(sizes, Architecture.from_config(model.config))
     student = prune(model, bamba_rankings(), arch)
-    budget = Budget(parameters=1, context=20, batch=3, bytes_per_value=4)
-    expected = (n_params(student) + cache_values(student, batch=3, context=20)) * 4 / 2**30
-    assert memory_gb(model.config, arch, n_params(student), budget) == pytest.approx(expected, rel=1e-12)
+    assert_memory_is_the_weights_and_the_cache(model.config, arch, student)
 
 
 # --- a saved student reloads with plain transformers ---------------------------------------------
-
-_RELOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-torch.set_num_threads(int(sys.argv[1]))  # same kernels' partitioning as the parent: bitwise equal
-ids = torch.load(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[3]).eval()
-with torch.no_grad():
-    out = model(input_ids=ids, use_cache=False).logits
-    generated = model.generate(ids[:, :8], max_new_tokens=3, do_sample=False)  # through the cache
-torch.save({"logits": out, "class": type(model).__name__, "attention": model.config.attn_layer_indices, "generated": generated}, sys.argv[4])
-"""
 
 
 def test_saved_student_reloads_in_a_fresh_process_with_the_same_logits(tmp_path):
@@ -367,18 +295,6 @@ def test_saved_student_reloads_in_a_fresh_process_with_the_same_logits(tmp_path)
     rankings.block_importance = torch.tensor([0.1, 0.5, 0.9, 0.8])  # layer 0 goes: the attention layer comes first
     student = prune(model, rankings, arch)
     assert student.config.attn_layer_indices == [0]
-    save_model(student, tmp_path / "student", metadata={"family": "bamba"})
-    torch.save(IDS, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", _RELOAD, str(torch.get_num_threads()), str(tmp_path / "ids.pt"), str(tmp_path / "student"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = torch.load(tmp_path / "out.pt")
-    assert reloaded["class"] == "BambaForCausalLM" and reloaded["attention"] == [0]
-    assert torch.equal(reloaded["logits"], logits(student))
-    with torch.no_grad():
-        assert torch.equal(reloaded["generated"], student.generate(IDS[:, :8], max_new_tokens=3, do_sample=False))
+    reloaded = reload_in_fresh_process(student, "bamba", tmp_path, "attn_layer_indices")  # same logits and greedy tokens
+    assert reloaded["class"] == "BambaForCausalLM" and reloaded["config"]["attn_layer_indices"] == [0]
     assert Architecture.from_config(student.config) == arch

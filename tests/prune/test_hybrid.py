@@ -5,24 +5,31 @@ type, a saved student that plain transformers reloads. The mixer slicing itself:
 from __future__ import annotations
 
 import copy
-import itertools
 import random
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import random_blocks
+from helpers import (
+    HYBRID_IDS,
+    assert_layers_are_the_teachers,
+    assert_memory_is_the_weights_and_the_cache,
+    best_subset,
+    gate_off,
+    layers_of_types,
+    logits,
+    n_params,
+    one_line,
+    random_blocks,
+    random_model,
+    reload_in_fresh_process,
+)
 from transformers import AutoModelForCausalLM, NemotronHConfig
 
-from minitron_nas.config.space import Budget
 from minitron_nas.errors import MinitronError
 from minitron_nas.model.architecture import Architecture, ParamCounter, student_config
-from minitron_nas.model.saving import save_model
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings, compute_rankings
-from minitron_nas.search.candidates import memory_gb
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
 # "M-M*-M": layers 0, 2, 5 are Mamba, 3 attention, 1 and 4 MLP.
@@ -51,7 +58,6 @@ VARIANTS = {
     "mamba-biases": {"use_bias": True, "use_conv_bias": False},
     "mlp-bias": {"mlp_bias": True},
 }
-IDS = random_blocks(2, 20, seed=1)  # 20 tokens: NemotronH's torch scan pads them to its chunk
 
 
 def tiny_config(**overrides) -> NemotronHConfig:
@@ -60,18 +66,7 @@ def tiny_config(**overrides) -> NemotronHConfig:
 
 def tiny_hybrid(seed: int = 0, **overrides):
     """As helpers.tiny_model: random init, norms moved away from exactly 1 so slicing errors show."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(**overrides), dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model.eval()
-
-
-@torch.no_grad()
-def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
+    return random_model(tiny_config(**overrides), seed, dtype=torch.float32)
 
 
 def hybrid_rankings(seed: int = 0, types: list[str] = TYPES) -> Rankings:
@@ -91,16 +86,6 @@ def hybrid_rankings(seed: int = 0, types: list[str] = TYPES) -> Rankings:
         mamba_heads=rows(MAMBA, TINY["mamba_num_heads"]),
         mamba_dims=rows(MAMBA, TINY["mamba_head_dim"]),
     )
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # a tied matrix once
-
-
-def one_line(err: pytest.ExceptionInfo) -> str:
-    message = str(err.value)
-    assert "\n" not in message, message
-    return message
 
 
 # --- identity and exact counts ----------------------------------------------------------------
@@ -138,11 +123,6 @@ def random_architecture(rng: random.Random) -> Architecture:
     )
 
 
-def layers_of_types(counts: dict[str, int], types: list[str] = TYPES) -> list[int]:
-    """The first counts[t] teacher layers of each type t: what student_config slices the layer types by."""
-    return sorted(i for kind, n in counts.items() for i in [j for j, t in enumerate(types) if t == kind][:n])
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_counts_are_exact_for_pruned_and_instantiated_students(variant):
     """ParamCounter against the numel of real models, 40 random architectures per variant: each built
@@ -159,10 +139,10 @@ def test_counts_are_exact_for_pruned_and_instantiated_students(variant):
         assert count.active == count.total  # no experts
         assert count.non_embedding == count.total - 2 * model.config.vocab_size * arch.hidden_size, arch  # untied
         counts = {MAMBA: arch.num_mamba_layers, ATTENTION: arch.num_attention_layers, MLP: arch.num_mlp_layers}
-        built = AutoModelForCausalLM.from_config(student_config(model.config, arch, layers_of_types(counts)))
+        built = AutoModelForCausalLM.from_config(student_config(model.config, arch, layers_of_types(counts, TYPES)))
         assert n_params(built) == count.total, arch
         if arch.num_mamba_layers and arch.num_attention_layers:
-            student = prune(model, hybrid_rankings(seed=trial), replace(arch, layers=tuple(layers_of_types(counts))))
+            student = prune(model, hybrid_rankings(seed=trial), replace(arch, layers=tuple(layers_of_types(counts, TYPES))))
             assert n_params(student) == count.total, arch
             pruned += 1
         seen.add((arch.num_mamba_layers == 0, arch.num_attention_layers == 0, arch.num_mlp_layers == 0))
@@ -186,12 +166,6 @@ DEPTH_PATTERN = "M-*M-M*-M-*M"  # 12 layers: Mamba 0, 3, 5, 8, 11; MLP 1, 4, 7, 
 DEPTH_TYPES = [{"M": MAMBA, "-": MLP, "*": ATTENTION}[c] for c in DEPTH_PATTERN]
 
 
-def best_subset(scores: torch.Tensor, kind: str, n: int) -> set[int]:
-    """Brute force: the n layers of this type whose block importances sum highest."""
-    own = [i for i, t in enumerate(DEPTH_TYPES) if t == kind]
-    return set(max(itertools.combinations(own, n), key=lambda s: sum(scores[i].item() for i in s)))
-
-
 @pytest.mark.parametrize("seed", range(8))
 def test_depth_keeps_the_best_layers_of_each_type(seed):
     """Layer 0 scores highest, as a first layer does: every student keeps a Mamba layer first."""
@@ -204,13 +178,10 @@ def test_depth_keeps_the_best_layers_of_each_type(seed):
     arch = Architecture.from_dict({"num_mamba_layers": counts[MAMBA], "num_attention_layers": counts[ATTENTION], "num_mlp_layers": counts[MLP]}, teacher)
     assert arch.num_hidden_layers == sum(counts.values())
     student = prune(model, rankings, arch)
-    expected = sorted(set().union(*(best_subset(rankings.block_importance, kind, n) for kind, n in counts.items() if n)))
+    expected = sorted(set().union(*(best_subset(rankings.block_importance, DEPTH_TYPES, kind, n) for kind, n in counts.items() if n)))
     assert expected != layers_of_types(counts, DEPTH_TYPES)  # not merely the first layers of each type
     assert student.config.layers_block_type == [DEPTH_TYPES[i] for i in expected]
-    for position, layer in enumerate(expected):  # the weights of each student layer are its teacher layer's
-        own, theirs = student.model.layers[position].state_dict(), model.model.layers[layer].state_dict()
-        assert own.keys() == theirs.keys()
-        assert all(torch.equal(own[k], theirs[k]) for k in own)
+    assert_layers_are_the_teachers(student, model, expected)
 
 
 def test_a_layer_list_that_disagrees_with_the_counts_per_type_is_refused():
@@ -231,8 +202,8 @@ def test_a_student_whose_least_important_layer_is_the_first_still_runs_with_a_ca
     rankings.block_importance = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.7, 0.6])  # layer 0, a Mamba layer, matters least
     student = prune(model, rankings, Architecture.from_dict({"num_mamba_layers": 2}, Architecture.from_config(model.config)))
     with torch.no_grad():
-        assert torch.equal(student(input_ids=IDS).logits, logits(student))  # use_cache from the config: True
-        assert student.generate(IDS[:, :8], max_new_tokens=3, do_sample=False).shape == (2, 11)
+        assert torch.equal(student(input_ids=HYBRID_IDS).logits, logits(student))  # use_cache from the config: True
+        assert student.generate(HYBRID_IDS[:, :8], max_new_tokens=3, do_sample=False).shape == (2, 11)
 
 
 def test_a_student_without_attention_layers_is_refused_in_one_line():
@@ -244,19 +215,6 @@ def test_a_student_without_attention_layers_is_refused_in_one_line():
 
 
 # --- Mamba heads, group-aware ---------------------------------------------------------------------
-
-
-@torch.no_grad()
-def gate_off(mixer, heads: torch.Tensor, dims: torch.Tensor) -> None:
-    """The teacher mixer made to compute what the pruned one does (the equivalence prune/mamba.py
-    states): dropped channels' gates z zeroed, each group's norm gain times sqrt(r), eps times r."""
-    keep = torch.zeros(mixer.num_heads, mixer.head_dim, dtype=torch.bool)
-    keep[heads[:, None], dims] = True
-    dropped = ~keep.reshape(-1)
-    mixer.in_proj.weight[: dropped.numel()][dropped] = 0  # z rows come first
-    ratio = keep.sum().item() / keep.numel()
-    mixer.norm.weight.mul_(ratio**0.5)
-    mixer.norm.variance_epsilon *= ratio
 
 
 def group_best(scores: torch.Tensor, n_groups: int, per_group: int) -> list[int]:
@@ -333,21 +291,6 @@ def test_norm_correction_rescales_the_hidden_norms_and_not_the_mamba_mixers_norm
 # --- cache memory of a candidate -----------------------------------------------------------------
 
 
-def cache_values(model, batch: int, context: int) -> int:
-    """Every value of the cache a real forward fills: attention keys and values, Mamba conv and SSM states."""
-    with torch.no_grad():
-        cache = model(input_ids=random_blocks(batch, context), use_cache=True).cache
-
-    def tensors(value):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple, dict)):
-            for item in value.values() if isinstance(value, dict) else value:
-                yield from tensors(item)
-
-    return sum(t.numel() for layer in cache.layers for t in tensors(list(vars(layer).values())) if t.dim() > 0)  # not the step counters
-
-
 @pytest.mark.parametrize(
     "sizes",
     [
@@ -361,24 +304,10 @@ def test_memory_is_the_weights_and_the_cache_a_forward_fills(sizes):
     model = tiny_hybrid()
     arch = Architecture.from_dict(sizes, Architecture.from_config(model.config))
     student = prune(model, hybrid_rankings(), arch)
-    budget = Budget(parameters=1, context=20, batch=3, bytes_per_value=4)
-    expected = (n_params(student) + cache_values(student, batch=3, context=20)) * 4 / 2**30
-    assert memory_gb(model.config, arch, n_params(student), budget) == pytest.approx(expected, rel=1e-12)
+    assert_memory_is_the_weights_and_the_cache(model.config, arch, student)
 
 
 # --- a saved student reloads with plain transformers ---------------------------------------------
-
-_RELOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-torch.set_num_threads(int(sys.argv[1]))  # same kernels' partitioning as the parent: bitwise equal
-ids = torch.load(sys.argv[2])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[3]).eval()
-with torch.no_grad():
-    out = model(input_ids=ids, use_cache=False).logits
-    generated = model.generate(ids[:, :8], max_new_tokens=3, do_sample=False)  # through the cache
-torch.save({"logits": out, "class": type(model).__name__, "types": model.config.layers_block_type, "generated": generated}, sys.argv[4])
-"""
 
 
 def test_saved_student_reloads_in_a_fresh_process_with_the_same_logits(tmp_path):
@@ -392,21 +321,9 @@ def test_saved_student_reloads_in_a_fresh_process_with_the_same_logits(tmp_path)
     rankings = hybrid_rankings(seed=2)
     rankings.block_importance[0] = 2.0  # a Mamba layer first: transformers runs the student with a cache
     student = prune(model, rankings, arch)
-    save_model(student, tmp_path / "student", metadata={"family": "nemotron_h"})
-    torch.save(IDS, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", _RELOAD, str(torch.get_num_threads()), str(tmp_path / "ids.pt"), str(tmp_path / "student"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reloaded = torch.load(tmp_path / "out.pt")
+    reloaded = reload_in_fresh_process(student, "nemotron_h", tmp_path, "layers_block_type")  # same logits and greedy tokens
     assert reloaded["class"] == "NemotronHForCausalLM"
-    assert reloaded["types"] == student.config.layers_block_type
-    assert torch.equal(reloaded["logits"], logits(student))
-    with torch.no_grad():
-        assert torch.equal(reloaded["generated"], student.generate(IDS[:, :8], max_new_tokens=3, do_sample=False))
+    assert reloaded["config"]["layers_block_type"] == student.config.layers_block_type
     assert Architecture.from_config(student.config) == arch
 
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import gate_off
 from transformers import NemotronHConfig, NemotronHForCausalLM
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 
@@ -80,27 +81,6 @@ def prune_mambas(model, kept: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> N
     return student
 
 
-@torch.no_grad()
-def gate_off(mixer: NemotronHMamba2Mixer, heads: torch.Tensor, dims: torch.Tensor) -> None:
-    """Make the teacher mixer compute what the pruned one does, without slicing anything.
-
-    A zero gate z gives silu(0) = 0: the norm's input, its output and out_proj's input are
-    exactly zero on every dropped channel. Scan, conv and gate act per channel, so kept
-    channels are untouched. Each group's RMS then sums the kept squares S over n_t teacher
-    channels where the student divides by its n_s: with r = n_s / n_t the same in every
-    group, eps*r and a gain times sqrt(r) turn w*y/sqrt(S/n_t + eps*r) into w*y/sqrt(S/n_s + eps).
-    """
-    keep = torch.zeros(mixer.num_heads, mixer.head_dim, dtype=torch.bool)
-    keep[heads[:, None], dims] = True
-    dropped = ~keep.reshape(-1)  # [I] z rows come first in in_proj
-    mixer.in_proj.weight[: dropped.numel()][dropped] = 0
-    if mixer.in_proj.bias is not None:
-        mixer.in_proj.bias[: dropped.numel()][dropped] = 0
-    ratio = keep.sum().item() / keep.numel()
-    mixer.norm.weight.mul_(ratio**0.5)
-    mixer.norm.variance_epsilon *= ratio
-
-
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_identity_slicing_reproduces_mixer_and_logits(use_bias):
     model = tiny_model(tiny_config(use_bias=use_bias))
@@ -124,7 +104,7 @@ def test_identity_slicing_reproduces_mixer_and_logits(use_bias):
     ids=["heads-and-dims-2-groups", "heads-1-group", "dims-only", "dims-1-head-a-group"],
 )
 def test_pruned_student_matches_gated_off_teacher(n_groups, keep_heads, keep_head_dim):
-    """Exact (to float rounding) for any G: the oracle rescales each group's norm, see gate_off."""
+    """Exact (to float rounding) for any G: the oracle rescales each group's norm, see helpers.gate_off."""
     model = tiny_model(tiny_config(n_groups))
     generator = torch.Generator().manual_seed(n_groups + keep_heads)
     kept = {
