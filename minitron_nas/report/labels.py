@@ -10,7 +10,7 @@ import pandas as pd
 from minitron_nas.report.run_data import best_row, maximizes
 from minitron_nas.search.halving import TIE_RULE
 
-__all__ = ["ARCH_COLUMNS", "METRIC_LABELS", "as_float", "as_int", "best_line", "fmt", "hover_text", "plus_minus", "score_label"]
+__all__ = ["ARCH_COLUMNS", "FAMILY_LABELS", "METRIC_LABELS", "as_float", "as_int", "best_line", "fmt", "hover_text", "plus_minus", "score_label"]
 
 METRIC_LABELS = {
     "heldout_loss": "held-out loss (nats)",
@@ -23,6 +23,16 @@ ARCH_COLUMNS = {  # trials_table column -> short label
     "num_attention_heads": "heads",
     "num_key_value_heads": "kv groups",
     "num_hidden_layers": "layers",
+}
+FAMILY_LABELS = {  # the MoE and hybrid sizes, shown where a trial has them
+    "num_experts": "experts",
+    "moe_intermediate_size": "expert ffn",
+    "shared_expert_intermediate_size": "shared ffn",
+    "mamba_num_heads": "mamba heads",
+    "mamba_head_dim": "mamba dim",
+    "num_mamba_layers": "mamba layers",
+    "num_attention_layers": "attn layers",
+    "num_mlp_layers": "mlp layers",
 }
 
 
@@ -39,7 +49,8 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def hover_text(row) -> str:
-    arch = " · ".join(f"{label} {fmt(as_int(row[col]))}" for col, label in ARCH_COLUMNS.items())
+    shown = {**ARCH_COLUMNS, **{c: label for c, label in FAMILY_LABELS.items() if as_int(row.get(c)) is not None}}
+    arch = " · ".join(f"{label} {fmt(as_int(row[col]))}" for col, label in shown.items())
     return (
         f"<b>trial {row.trial}</b>{' (Pareto)' if row.get('pareto') else ''}<br>{arch}<br>"
         f"params {fmt(as_int(row.params_total))} (non-embedding {fmt(as_int(row.params_non_embedding))})<br>"
@@ -51,7 +62,10 @@ def hover_text(row) -> str:
 
 
 def as_int(v):
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+    try:
+        return None if v is None or math.isnan(float(v)) else int(v)
+    except TypeError:  # pandas' NA (a nullable Int64 column's gap)
+        return None
 
 
 def as_float(v):

@@ -54,7 +54,11 @@ __all__ = [
 
 STUDY_NAME = "minitron"
 ARCH_COLUMNS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
-MOE_COLUMNS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "params_active")  # kept only where some trial has them
+FAMILY_COLUMNS = (  # MoE and hybrid sizes, and active parameters: kept only where some trial has them
+    "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "mamba_num_heads", "mamba_head_dim", "num_mamba_layers", "num_attention_layers", "num_mlp_layers",
+    "params_active",
+)  # fmt: skip
 
 
 def _env_seconds(name: str, default: int) -> int:
@@ -311,11 +315,11 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     frame = frame[frame.user_attrs_rung.notna() & (frame.get("user_attrs_duplicate_of", pd.Series(index=frame.index)).isna())]
     attrs = frame.rename(columns=lambda c: c.removeprefix("user_attrs_"))
     arch = pd.DataFrame(list(attrs.get("architecture", pd.Series([{}] * len(attrs))).map(lambda a: a if isinstance(a, dict) else {})), index=attrs.index)
-    for column in ARCH_COLUMNS + MOE_COLUMNS[:-1]:
+    for column in ARCH_COLUMNS + FAMILY_COLUMNS[:-1]:
         attrs[column] = arch.get(column)
     timings = attrs.get("timings", pd.Series([None] * len(attrs), index=attrs.index))
     attrs["seconds"] = timings.map(lambda t: round(sum(t.values()), 2) if isinstance(t, dict) and t else None)
-    moe = [c for c in MOE_COLUMNS if attrs.get(c) is not None and attrs[c].notna().any()]
+    moe = [c for c in FAMILY_COLUMNS if attrs.get(c) is not None and attrs[c].notna().any()]
     table = pd.DataFrame({"trial": attrs.number, "state": attrs.state, **{c: attrs.get(c) for c in TRIAL_COLUMNS + tuple(moe)}}).reset_index(drop=True)
     counts = [*ARCH_COLUMNS, *moe, "params_total", "params_non_embedding", "tokens", "tokens_trained", "order"]
     table[counts] = table[counts].astype("Int64")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from helpers import byte_tokenizer, write_space
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, BambaConfig, MixtralConfig, Nemot
 from minitron_nas.model.architecture import Architecture, ParamCounter
 from minitron_nas.model.saving import save_model
 from minitron_nas.recipes.run import STAGES, finished_stages, run
+from minitron_nas.report.labels import FAMILY_LABELS
 from minitron_nas.search.candidates import enumerate_candidates, load_space
 
 SMALL = dict(vocab_size=257, hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
@@ -85,6 +87,9 @@ def test_run_on_a_family_teacher_searches_its_axes_and_exports_a_loadable_model(
     assert {axis: arch[axis] for axis in axes} in [{axis: getattr(c.arch, axis) for axis in axes} for c in feasible]
     summary = json.loads((tmp_path / "run" / "distill" / "summary.json").read_text())
     assert summary["after"]["kld"] < summary["before"]["kld"]  # distillation trained the student
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert all(trials[axis].notna().all() for axis in axes)  # the family's axes are columns of the trials table
+    assert all(f"{FAMILY_LABELS[axis]} " in (tmp_path / "run" / "dashboard.html").read_text() for axis in axes if axis in FAMILY_LABELS)
 
     model = AutoModelForCausalLM.from_pretrained(str(exported)).eval()  # plain transformers, no project code
     assert type(model).__name__ == type(AutoModelForCausalLM.from_config(config)).__name__
