@@ -81,7 +81,9 @@ def postgres_server():
             pytest.fail(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()} {tail}")
 
     run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    # max_connections: every worker process holds a pool of connections, and a killed one's linger until
+    # the server notices; the default 100 was exhausted once in CI ("sorry, too many clients already").
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400"
     run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start")
     try:
         yield bin_dir, port
