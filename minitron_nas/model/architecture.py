@@ -320,8 +320,10 @@ class ParamCounter:
         embedding, shared = self._evaluate(self._embedding, arch), self._evaluate(self._global, arch)
         layers = active = 0
         for kind, n in self._layer_counts(arch).items():
-            layers += n * self._evaluate(self._layers.get(kind, {}), arch)
-            active += n * self._evaluate(self._layers.get(kind, {}), arch, active=True)
+            terms = self._layers.get(kind, {})
+            per_layer = self._evaluate(terms, arch)
+            layers += n * per_layer
+            active += n * (self._evaluate(terms, arch, active=True) if self.family.moe else per_layer)  # dense: every weight is active
         if self.family.hybrid:
             mamba = arch.num_mamba_layers * self.family.hybrid.mamba_parameters(self.config, arch.hidden_size, arch.mamba_num_heads, arch.mamba_head_dim)
             layers, active = layers + mamba, active + mamba
