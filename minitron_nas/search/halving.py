@@ -14,9 +14,9 @@ the winner's final distillation starts from its last stable state.
 
 Cuts respect the noise: a rung value's standard error is the paired error over the
 held-out blocks plus a data-order term measured once per search (`order_pilot` more data
-orders of one candidate at rung 1). Candidates within one standard error of the cut line
-go on too, up to `within_noise` x the planned number (their tokens are reserved in the
-plan, so the budget holds). At the last rung, candidates within noise of the best are a
+orders of one candidate at rung 1, one when the budget allows no more). Candidates within
+one standard error of the cut line go on too, up to `within_noise` x the planned number
+(their tokens are reserved in the plan, so the budget holds). At the last rung, candidates within noise of the best are a
 tie, broken by `TIE_RULE` and reported as a tie.
 """
 
@@ -147,7 +147,8 @@ def plan_schedule(
 
     Without a budget, as many halvings as keep `final_candidates` at the last rung. With one,
     the most candidates retrained, then the longest last rung, then the fewest halvings whose
-    total (every reserved place used) fits. `retrained=0` retrains nothing: the search is
+    total (every reserved place used) fits; when none fits, the same with a pilot of one more
+    order (if `pilot_orders` > 1) before refusing. `retrained=0` retrains nothing: the search is
     rung 0 alone, pruned scoring over the whole set. The total never exceeds the budget.
     """
     if n < 1 or full_steps < 1 or tokens_per_step < 1:
@@ -165,18 +166,21 @@ def plan_schedule(
     if wanted == 0:
         return _build(n, 0, eta, -1, full_steps, tokens_per_step, min_steps, within_noise, pilot_orders, budget_tokens)
 
-    def build(k: int, steps: int, levels: int) -> Schedule:
-        return _build(n, k, eta, levels, steps, tokens_per_step, min_steps, within_noise, pilot_orders, budget_tokens)
+    def build(k: int, steps: int, levels: int, pilot: int = pilot_orders) -> Schedule:
+        return _build(n, k, eta, levels, steps, tokens_per_step, min_steps, within_noise, pilot, budget_tokens)
 
     if budget_tokens is None:
         return build(wanted, full_steps, _max_levels(wanted, eta, full_steps, min_steps, final_candidates))
-    for k in range(wanted, min(wanted, max(1, final_candidates)) - 1, -1):
-        for steps in range(full_steps, min_steps - 1, -1):
-            for levels in range(_max_levels(k, eta, steps, min_steps, final_candidates) + 1):
-                schedule = build(k, steps, levels)
-                if schedule.total_tokens <= budget_tokens:
-                    return schedule
-    cheapest = build(min(wanted, max(1, final_candidates)), min_steps, 0)
+    # A pilot of one more order (one degree of freedom) before a refusal: a noisier data-order
+    # term is still a data-order term, and the search can run.
+    for pilot in dict.fromkeys((pilot_orders, min(pilot_orders, 1))):
+        for k in range(wanted, min(wanted, max(1, final_candidates)) - 1, -1):
+            for steps in range(full_steps, min_steps - 1, -1):
+                for levels in range(_max_levels(k, eta, steps, min_steps, final_candidates) + 1):
+                    schedule = build(k, steps, levels, pilot)
+                    if schedule.total_tokens <= budget_tokens:
+                        return schedule
+    cheapest = build(min(wanted, max(1, final_candidates)), min_steps, 0, min(pilot_orders, 1))
     raise MinitronError(
         f"a search budget of {budget_tokens:,} tokens cannot retrain {cheapest.rungs[1].candidates} candidates for {min_steps} steps: the "
         f"cheapest schedule ({cheapest.describe()}) needs {cheapest.total_tokens:,}; raise halving.budget_tokens or "

@@ -51,7 +51,7 @@ def test_a_schedule_never_spends_more_than_its_budget(n, steps, eta, budget_step
         assert "cannot retrain" in str(err)
         # refused only when even the smallest retraining (final_candidates x MIN_STEPS, pilot and reserve included) is too much
         k = min(n, 2)
-        assert budget < (k + min(math.ceil(k * within), n - k) + pilot) * MIN_STEPS * per_step
+        assert budget < (k + min(math.ceil(k * within), n - k) + min(pilot, 1)) * MIN_STEPS * per_step
         return
     assert _cost_by_hand(schedule) == schedule.total_tokens <= budget
     rungs = schedule.rungs
@@ -68,6 +68,17 @@ def test_the_most_candidates_retrained_then_the_longest_last_rung_fit():
     assert roomy.rungs[1].candidates == 18 and roomy.rungs[-1].steps == 32  # final_candidates x eta^2, full length
     tight = plan_schedule(100, 32, 1, eta=3, budget_tokens=150, within_noise=0.0, pilot_orders=0)
     assert tight.total_tokens <= 150 and tight.rungs[1].candidates == 18 and tight.rungs[-1].steps < 32
+
+
+def test_a_tight_budget_shrinks_the_pilot_to_one_more_order_before_refusing():
+    # 2 candidates + 1 within-noise place, 4 steps of 512 each: 6,144 tokens; each pilot order 2,048 more
+    assert plan_schedule(8, 160, 512, budget_tokens=10_240, pilot_orders=2).pilot_orders == 2
+    shrunk = plan_schedule(8, 160, 512, budget_tokens=8_192, pilot_orders=2)
+    assert shrunk.pilot_orders == 1 and shrunk.total_tokens == 8_192 == _cost_by_hand(shrunk)
+    assert "data-order pilot 1 x 2,048" in shrunk.describe()
+    with pytest.raises(MinitronError, match="pilot 1 x 2,048 = at most 8,192"):
+        plan_schedule(8, 160, 512, budget_tokens=8_191, pilot_orders=2)
+    assert plan_schedule(8, 160, 512, budget_tokens=6_144, pilot_orders=0).pilot_orders == 0  # off stays off
 
 
 def test_too_few_steps_are_refused_in_one_line_naming_the_fix():
