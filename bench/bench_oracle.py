@@ -54,10 +54,11 @@ from minitron_nas.model.architecture import Architecture
 from minitron_nas.prune.pruning import prune
 from minitron_nas.search.candidates import enumerate_candidates, load_space
 from minitron_nas.search.halving import rung_tau
+from minitron_nas.search.rung_states import read_state
 from minitron_nas.search.runner import run_search, schedule_for
 from minitron_nas.search.samplers import sampler_named
 
-PARTS = ("pruned", "oracle", "search", "seeds", "baselines")
+PARTS = ("pruned", "oracle", "search", "seeds", "baselines", "cost")
 FRACTIONS = (0.05, 0.10, 0.20)  # the search's S / T
 PARTS_DIR = REPORTS / "oracle-parts"
 KEEP_PARTS = True  # False when the kept parts were made with other settings (see parts_match)
@@ -71,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=81920, help="T: each oracle distillation's tokens (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--mo-top-k", type=int, default=5)
+    p.add_argument("--cost-seeds", type=int, default=1, help="search seeds whose winner is distilled on T - S for the token-cost regret")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--rank-samples", type=int, default=64)
     p.add_argument("--test-blocks", type=int, default=32, help="WikiText-2 test blocks of 512 tokens")
@@ -90,11 +92,15 @@ def key_of(a: dict) -> str:
 class Oracle(Bench):
     """The shared teacher, rankings and test blocks (bench_quality.Bench), with per-block results."""
 
-    def distill_per_block(self, arch: Architecture, seed: int) -> dict:
+    def distill_per_block(self, arch: Architecture, seed: int, tokens: int | None = None, start: Path | None = None) -> dict:
+        """`arch` pruned and distilled on `tokens` (default T) from the same pool of T tokens;
+        with `start`, from the weights of a search's rung state (as `distill` continues a winner)."""
         blocks, cache = self.train_cache(self.args.tokens)
-        steps = self.args.tokens // TOKENS_PER_STEP
+        steps = (tokens or self.args.tokens) // TOKENS_PER_STEP
         settings = RetrainSettings(steps=steps, batch_size=4, lr=self.args.lr, top_k=64, eval_every=0, seed=seed)
         student = prune(self.teacher.model, self.rankings, arch)
+        if start is not None:
+            student.load_state_dict(read_state(start)["model"])
         result = retrain(student, blocks, cache, settings)
         kld = self.kld.measure(student)
         return {
@@ -153,10 +159,15 @@ class Oracle(Bench):
             return {"refused": str(err), "budget_tokens": search_tokens}
         run_search(space, folder, resume=(folder / "study.db").is_file(), teacher=self.teacher)
         best = json.loads((folder / "best_arch.json").read_text())
+        for state in (folder / "rung_states").glob("*.pt"):  # 1.4 GB each: only the winners the token cost continues are kept
+            if seed >= self.args.cost_seeds or state != Path(best["state"]):
+                state.unlink()
         trials = pd.read_csv(folder / "trials.csv")
         done = trials[(trials.state == "COMPLETE") & (trials.order == 0)]
         rungs = {int(r): dict(zip(g.key, g.value)) for r, g in done.groupby("rung")}
-        return {k: best[k] for k in ("key", "architecture", "score", "score_stderr", "tied_with", "tie_broken_by", "search_tokens", "order_stderr")} | {
+        return {
+            k: best[k] for k in ("key", "architecture", "score", "score_stderr", "tied_with", "tie_broken_by", "search_tokens", "order_stderr", "state")
+        } | {
             "search_seconds": best["search_seconds"],
             "budget_tokens": search_tokens,
             "rung_values": rungs,
@@ -241,6 +252,29 @@ def run_budget(bench: Oracle, fraction: float, parts: list[str]) -> None:
                 if not path.is_file():
                     say(f"oracle: {key}, seed {seed}")
                 cached(path, lambda arch=archs[key], s=seed: bench.distill_per_block(arch, s))
+                keep_part(path, bench.work)
+    if "cost" in parts:  # the token-cost regret: the search's winner gets T - S, continued from its rung state
+        for fraction_st in FRACTIONS:
+            for seed in range(args.cost_seeds):
+                pick_path = folder / "search" / f"st{round(fraction_st * 100)}-seed{seed}.json"
+                pick = json.loads(pick_path.read_text()) if pick_path.is_file() else {"refused": "not run"}
+                path = folder / "cost" / f"st{round(fraction_st * 100)}-seed{seed}.json"
+                if "refused" in pick or path.is_file():
+                    continue
+                search = pick_path.with_suffix("")
+                state = Path(json.loads((search / "best_arch.json").read_text())["state"])
+                if not state.is_file():
+                    say(f"token cost at S/T {fraction_st:.0%}, seed {seed}: the winner's rung state is gone; delete {pick_path} to search again")
+                    continue
+                tokens = args.tokens - pick["search_tokens"]
+                say(f"token cost at S/T {fraction_st:.0%}, seed {seed}: {pick['key']} on T - S = {tokens:,} tokens from its rung state")
+                arch = Architecture.from_dict(pick["architecture"], bench.base)
+                cached(
+                    path,
+                    lambda arch=arch, t=tokens, st=state, s=seed, spent=pick["search_tokens"]: (
+                        bench.distill_per_block(arch, s, t, st) | {"search_tokens": spent}
+                    ),
+                )
                 keep_part(path, bench.work)
     if "baselines" in parts:
         for name, arch in (("depth", depth_only(bench.counter, bench.base, target)), ("uniform", uniform_width(bench.counter, bench.base, target))):
@@ -414,6 +448,30 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             ),
             "",
         ]
+    cost_rows = []
+    for f in FRACTIONS:
+        for path in sorted((folder / "cost").glob(f"st{round(f * 100)}-seed*.json")) if (folder / "cost").is_dir() else []:
+            r = json.loads(path.read_text())
+            key = key_of(r["architecture"])
+            total = paired(r["per_block"], seed0[best]["per_block"])
+            own = seed0.get(key)
+            lost = paired(r["per_block"], own["per_block"]) if own else None
+            cost_rows.append([f"search, S/T {f:.0%}, seed {r['seed']} ({key})", f"{r['search_tokens']:,} + {r['tokens']:,}", f"{r['kld']:.4f} ± {r['kld_stderr']:.4f}",
+                              f"{total.value:+.4f} ± {total.stderr:.4f}", f"{lost.value:+.4f} ± {lost.stderr:.4f}" if lost else "-"])  # fmt: skip
+    if cost_rows and by_pruned in seed0:
+        r = regret(by_pruned)
+        cost_rows.append([f"pruned scoring, whole set ({by_pruned})", f"0 + {seed0[best]['tokens']:,}", f"{seed0[by_pruned]['kld']:.4f} ± {seed0[by_pruned]['kld_stderr']:.4f}",
+                          f"{r.value:+.4f} ± {r.stderr:.4f}", "0 (it is its pick on T)"])  # fmt: skip
+        lines += [
+            "Token-cost regret: the strategy's final model at equal total training tokens T (the search spends S on its rungs; "
+            "its winner is distilled on T - S, continuing from its rung state as `distill` does) minus the oracle's best on T, "
+            "paired over the test blocks; and minus the same candidate distilled on T from its slice (what the search's tokens cost it).",
+            "",
+            *markdown_table(["strategy", "tokens (search + final)", "final KL", "minus the oracle's best", "minus its pick on T"], cost_rows),
+            "",
+        ]
+    else:
+        missing.append(f"{fraction:.0%}: the token-cost regret (the search winner distilled on T - S from its rung state)")
     return lines, missing
 
 
@@ -424,7 +482,6 @@ def write(args) -> None:
         lines, gaps = report_budget(PARTS_DIR, fraction)
         body += lines
         missing += gaps
-    missing.append("every budget: the token-cost regret (the search winner distilled on T - S from its rung state, against the oracle on T)")
     body += ["## Not measured yet", "", *[f"- {m}" for m in missing], ""]
     details = [f"T = {args.tokens:,} tokens per oracle distillation; search S/T of {', '.join(f'{f:.0%}' for f in FRACTIONS)}, {args.search_seeds} seeds each"]
     run.write_report(args.out, "Oracle benchmark: every feasible candidate distilled, and how well each strategy picks", details, body)
