@@ -243,7 +243,9 @@ def enumerate_space(
     for c in feasible[:show]:
         a = c.arch
         table.add_row(
-            *map(str, (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
+            str(a.hidden_size),
+            "-" if a.moe_intermediate_size is not None else str(a.intermediate_size),  # unused where experts have their own width
+            *map(str, (a.num_attention_heads, a.num_key_value_heads, a.num_hidden_layers)),
             *(str(getattr(a, name)) for name, _ in extra),
             f"{c.total:,}",
             f"{c.non_embedding:,}",

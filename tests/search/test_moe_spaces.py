@@ -25,11 +25,12 @@ def invoke(*args):
 
 
 def table_rows(output: str) -> tuple[list[str], list[list[int]]]:
-    """(column names, rows of whole numbers) of the table `enumerate` prints."""
+    """(column names, rows of numbers, "-" where a size does not apply) of the table `enumerate` prints."""
     lines = [line for line in output.splitlines() if line.count("┃") > 2 or line.count("│") > 2]
     split = lambda line, bar: [cell.strip() for cell in line.strip().strip(bar).split(bar)]
     header = split(lines[0], "┃")
-    rows = [[int(float(cell.replace(",", ""))) if "." not in cell else float(cell) for cell in split(line, "│")] for line in lines[1:]]
+    number = lambda cell: cell if cell == "-" else int(cell.replace(",", "")) if "." not in cell else float(cell)
+    rows = [[number(cell) for cell in split(line, "│")] for line in lines[1:]]
     return header, rows
 
 
@@ -70,6 +71,7 @@ def test_shipped_moe_spaces_enumerate_with_experts_and_active_columns(space, cou
     for row in rows:
         cells = dict(zip(header, row))
         width = cells.get("expert ffn", cells["ffn"])  # Mixtral's experts are intermediate_size wide
+        assert (cells["ffn"] == "-") == ("expert ffn" in cells)  # Qwen3-MoE's intermediate_size sizes nothing
         total, active = counts(cells["hidden"], cells["layers"], cells["experts"], width)
         assert (cells["total"], cells["active"]) == (total, active), cells
         assert abs(cells[budgeted] - budget["parameters"]) <= budget["tolerance"] * budget["parameters"]
