@@ -43,7 +43,7 @@ import pandas as pd
 from minitron_nas.errors import MinitronError
 from minitron_nas.files import RunFolder, write_text_atomic
 from minitron_nas.report.family import family_markdown
-from minitron_nas.report.labels import ARCH_COLUMNS, as_int, best_line, fmt, plus_minus, score_label
+from minitron_nas.report.labels import ARCH_COLUMNS, FAMILY_LABELS, as_int, best_line, fmt, plus_minus, score_label
 from minitron_nas.report.run_data import best_row, finished, load_distill_summary, maximizes, open_run_study, read_json
 from minitron_nas.search.study import rung_summary, search_cost, trials_table
 
@@ -91,10 +91,14 @@ def _md(frame: pd.DataFrame) -> str:
 
 
 def _candidates(frame: pd.DataFrame) -> pd.DataFrame:
-    columns = {"trial": "trial", **ARCH_COLUMNS, "params_total": "params", "last_rung": "last rung", "tokens": "tokens"}
+    family = {c: label for c, label in FAMILY_LABELS.items() if c in frame and frame[c].notna().any()}  # MoE and hybrid sizes
+    active = {"params_active": "active params"} if "params_active" in frame and frame.params_active.notna().any() else {}
+    columns = {"trial": "trial", **ARCH_COLUMNS, **family, "params_total": "params", **active, "last_rung": "last rung", "tokens": "tokens"}
     out = frame[list(columns)].rename(columns=columns)
     for col in ("hidden", "ffn", "heads", "kv groups", "layers", "params", "tokens"):
         out[col] = out[col].astype("int64")
+    for col in [*family.values(), *active.values()]:  # "-" where a trial lacks the size (a gap, not a 0)
+        out[col] = out[col].map(lambda v: fmt(as_int(v))).to_numpy()
     out["value"] = [plus_minus(v, e) for v, e in zip(frame.value, frame.stderr)]
     out["score"] = [plus_minus(v, e) for v, e in zip(frame.score, frame.score_stderr)]
     out["tied with best"] = frame.tied_with_best.map({True: "yes", False: ""}).to_numpy()

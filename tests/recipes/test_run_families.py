@@ -90,6 +90,8 @@ def test_run_on_a_family_teacher_searches_its_axes_and_exports_a_loadable_model(
     trials = pd.read_csv(tmp_path / "run" / "trials.csv")
     assert all(trials[axis].notna().all() for axis in axes)  # the family's axes are columns of the trials table
     assert all(f"{FAMILY_LABELS[axis]} " in (tmp_path / "run" / "dashboard.html").read_text() for axis in axes if axis in FAMILY_LABELS)
+    header = next(line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if line.startswith("|") and "last rung" in line)
+    assert all(f" {FAMILY_LABELS[axis]} |" in header for axis in axes if axis in FAMILY_LABELS)  # and of report.md's candidates
 
     model = AutoModelForCausalLM.from_pretrained(str(exported)).eval()  # plain transformers, no project code
     assert type(model).__name__ == type(AutoModelForCausalLM.from_config(config)).__name__
