@@ -17,14 +17,15 @@ oracle: the final ranking a strategy tries to predict. Then each strategy picks:
 A pick's selection regret is its oracle KL minus the oracle's best, paired over the test
 blocks; over the search seeds it is reported as mean +- SE with a one-sided 95% bound, and
 P(pick within noise of the best) with a Wilson interval. Kendall tau (bootstrap CI) relates
-the final ranking to the pruned score and to each rung of the search.
+the final ranking to the pruned score and to each rung of the search. The token-cost regret
+compares at equal total tokens T: the search's winner distilled on T - S from its rung state.
 
 Resumable and runnable in parts: every result is written once to --work as it is done and
 the finished parts are copied to reports/benchmarks/oracle-parts/; the report is rebuilt from
 whatever is present and lists what is missing. Run from the repository root:
 
-    .venv/bin/python bench/bench_oracle.py [--budgets 0.8 0.6] [--parts pruned oracle search seeds baselines]
-        [--search-seeds 10] [--tokens 81920] [--work runs/bench-oracle]
+    .venv/bin/python bench/bench_oracle.py [--budgets 0.8 0.6] [--parts pruned oracle search seeds baselines cost]
+        [--search-seeds 10] [--cost-seeds 1] [--tokens 81920] [--work runs/bench-oracle]
 """
 
 from __future__ import annotations
