@@ -15,6 +15,7 @@ smaller than either error alone. lm-eval metrics carry lm-eval's own standard er
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from abc import ABC, abstractmethod
@@ -36,6 +37,7 @@ __all__ = [
     "Measurement",
     "Metric",
     "mean_and_stderr",
+    "one_se_t",
     "paired_stderr",
     "tied",
 ]
@@ -71,13 +73,28 @@ def paired_stderr(a: Measurement, b: Measurement) -> float | None:
     return math.hypot(a.stderr, b.stderr)
 
 
-def tied(a: Measurement, b: Measurement, extra_variance: float = 0.0) -> bool:
+def tied(a: Measurement, b: Measurement, extra_variance: float = 0.0, extra_dof: int | None = None) -> bool:
     """Within one standard error of the difference: neither is better on this evidence.
 
-    `extra_variance` adds noise the blocks do not show (the data order of a retraining).
+    `extra_variance` adds noise the blocks do not show (the data order of a retraining),
+    estimated from `extra_dof` degrees of freedom. A variance from a few draws can be small by
+    luck, so the error is then widened to Student's t quantile of one standard error's coverage
+    (68% two-sided) at those degrees of freedom, the fewer of the two terms' (conservative:
+    x1.84 for 1, x1.32 for 2, x1.20 for 3).
     """
     se = paired_stderr(a, b)
-    return se is not None and abs(a.value - b.value) <= math.sqrt(se**2 + extra_variance)
+    if se is None:
+        return False
+    width = math.sqrt(se**2 + extra_variance)
+    return abs(a.value - b.value) <= width * (one_se_t(extra_dof) if extra_dof else 1.0)
+
+
+@functools.cache
+def one_se_t(dof: int) -> float:
+    """Student's t quantile with the coverage of one standard error under the normal (84.1% one-sided)."""
+    from scipy.stats import norm, t  # scipy is slow to import: only when a few-draw error is judged
+
+    return float(t.ppf(norm.cdf(1.0), dof))
 
 
 class Metric(ABC):

@@ -14,10 +14,11 @@ the winner's final distillation starts from its last stable state.
 
 Cuts respect the noise: a rung value's standard error is the paired error over the
 held-out blocks plus a data-order term measured once per search (`order_pilot` more data
-orders of one candidate at rung 1, one when the budget allows no more). Candidates within
-one standard error of the cut line go on too, up to `within_noise` x the planned number
-(their tokens are reserved in the plan, so the budget holds). At the last rung, candidates within noise of the best are a
-tie, broken by `TIE_RULE` and reported as a tie.
+orders of one candidate at rung 1, one when the budget allows no more; so few draws widen
+the error to Student's t, see metrics.tied). Candidates within one standard error of the
+cut line go on too, up to `within_noise` x the planned number (their tokens are reserved in
+the plan, so the budget holds). At the last rung, candidates within noise of the best are
+a tie, broken by `TIE_RULE` and reported as a tie.
 """
 
 from __future__ import annotations
@@ -189,13 +190,19 @@ def plan_schedule(
 
 
 def promote(
-    values: dict[str, Measurement], keep: int, extra: int, order_stderr: float = 0.0, order: dict[str, tuple] | None = None
+    values: dict[str, Measurement],
+    keep: int,
+    extra: int,
+    order_stderr: float = 0.0,
+    order: dict[str, tuple] | None = None,
+    order_dof: int | None = None,
 ) -> tuple[list[str], list[str]]:
     """(the `keep` best keys, up to `extra` more within noise of the last of them), lower is better.
 
     Within noise: the difference to the cut line's candidate is within one standard error,
-    paired over blocks, with each value's data-order error `order_stderr` added. Equal values
-    are ordered by `order[key]` (the tie rule's keys), never by the key's text.
+    paired over blocks, with each value's data-order error `order_stderr` (measured on
+    `order_dof` degrees of freedom: see metrics.tied) added. Equal values are ordered by
+    `order[key]` (the tie rule's keys), never by the key's text.
     """
     order = order or {}
     ranked = sorted(values, key=lambda k: (values[k].value, order.get(k, ())))
@@ -203,16 +210,18 @@ def promote(
     if not kept:
         return [], []
     line = values[kept[-1]]
-    near = [k for k in ranked[keep:] if tied(line, values[k], 2 * order_stderr**2)]
+    near = [k for k in ranked[keep:] if tied(line, values[k], 2 * order_stderr**2, order_dof)]
     return kept, near[:extra]
 
 
-def break_tie(values: dict[str, Measurement], order: dict[str, tuple], maximize: bool, order_stderr: float = 0.0) -> tuple[str, list[str], str | None]:
+def break_tie(
+    values: dict[str, Measurement], order: dict[str, tuple], maximize: bool, order_stderr: float = 0.0, order_dof: int | None = None
+) -> tuple[str, list[str], str | None]:
     """(winner, the others tied with the best, what decided): the best value wins unless others
     are within noise of it; then `order[key]` (see TIE_RULE) picks among the tied."""
     sign = -1 if maximize else 1
     best = min(values, key=lambda k: (sign * values[k].value, order.get(k, ())))
-    tied_keys = [k for k in values if k != best and tied(values[best], values[k], 2 * order_stderr**2)]
+    tied_keys = [k for k in values if k != best and tied(values[best], values[k], 2 * order_stderr**2, order_dof)]
     if not tied_keys:
         return best, [], None
     group = [best, *tied_keys]

@@ -17,7 +17,7 @@ import optuna
 from minitron_nas.config.space import SearchSpace
 from minitron_nas.files import RunFolder, write_json_atomic, write_text_atomic
 from minitron_nas.search.rung_states import forget_states, state_file
-from minitron_nas.search.study import candidates_table, decide, order_stderr, pareto_front, rung_summary, search_complete, search_cost, trials_table
+from minitron_nas.search.study import candidates_table, decide, order_noise, pareto_front, rung_summary, search_complete, search_cost, trials_table
 
 __all__ = ["write_outputs"]
 
@@ -35,7 +35,7 @@ def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_s
     if decision is None:
         return
     best, tied, rule = decision
-    a = best.user_attrs
+    a, (order_sd, order_dof) = best.user_attrs, order_noise(study)
     payload = {
         "architecture": a["architecture"],
         "key": a["key"],
@@ -50,7 +50,8 @@ def write_outputs(study: optuna.Study, out: Path, space: SearchSpace, maximize_s
         "trial": best.number,
         "rungs": rung_summary(study, maximize_score),
         "schedule": study.user_attrs.get("schedule"),
-        "order_stderr": order_stderr(study),
+        "order_stderr": order_sd,
+        "order_dof": order_dof,
         "search_tokens": cost["tokens"],
         "search_seconds": cost["seconds"],
         "budget_tokens": study.user_attrs.get("budget_tokens"),

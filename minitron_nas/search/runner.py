@@ -59,7 +59,7 @@ from minitron_nas.search.study import (
     heartbeat_seconds,
     measurement,
     open_storage,
-    order_stderr,
+    order_noise,
     quiet_heartbeats,
     recorded,
     rung0_keys,
@@ -244,15 +244,15 @@ class _Search:
         keep = min(following.candidates, len(done))
         if keep == 0:
             return False  # every candidate of the rung failed
-        noise = order_stderr(self.study) if current >= 1 else 0.0
+        noise, dof = order_noise(self.study) if current >= 1 else (0.0, None)
         measured = {k: measurement(t) for k, t in done.items()}
-        kept, near = promote(measured, keep, following.extra, noise, {k: tie_keys(t.user_attrs) for k, t in done.items()})
-        cut = {"kept": kept, "within_noise": near, "order_stderr": noise}
+        kept, near = promote(measured, keep, following.extra, noise, {k: tie_keys(t.user_attrs) for k, t in done.items()}, dof)
+        cut = {"kept": kept, "within_noise": near, "order_stderr": noise, "order_dof": dof}
         self.study.set_user_attr(f"cut_{current}", cut)
         say(
             f"rung {current} closed: {len(done)} finished; the best {len(kept)} by {self.rung_metric.name} go on"
             + (f", and {len(near)} within one standard error of the cut" if near else "")
-            + (f" (data-order SD {noise:.4f} included)" if noise else "")
+            + (f" (data-order SD {noise:.4f} on {dof} degree(s) of freedom included)" if noise else "")
         )
         for key in kept + near:
             queue_candidate(self.study, current + 1, self.schedule, carried(done[key].user_attrs), done[key].params)

@@ -38,7 +38,7 @@ __all__ = [
     "heartbeat_seconds",
     "measurement",
     "open_storage",
-    "order_stderr",
+    "order_noise",
     "pareto_front",
     "quiet_heartbeats",
     "recorded",
@@ -220,17 +220,18 @@ def search_complete(study: optuna.Study) -> bool:
     return any(t.user_attrs.get("score") is not None for t in rung_values(study, last).values())
 
 
-def order_stderr(study: optuna.Study) -> float:
-    """The data-order standard deviation of a retrained value: the spread of rung 1's pilot
-    candidate over its data orders (its own order included); 0 until the pilot has run, or
-    when it is off. Measured at the cheapest retraining rung and assumed for the later ones."""
+def order_noise(study: optuna.Study) -> tuple[float, int | None]:
+    """(SD, degrees of freedom) of a retrained value's data-order error: the spread of rung 1's
+    pilot candidate over its data orders (its own order included); (0, None) until the pilot
+    has run, or when it is off. Measured at the cheapest retraining rung and assumed for the
+    later ones; its few degrees of freedom widen every judgement of noise (metrics.tied)."""
     pilot = study.user_attrs.get("pilot")
     values = [
         t.user_attrs["value"]
         for t in _candidate_trials(study, (optuna.trial.TrialState.COMPLETE,))
         if t.user_attrs["rung"] == 1 and t.user_attrs["key"] == pilot
     ]
-    return statistics.stdev(values) if len(values) >= 2 else 0.0
+    return (statistics.stdev(values), len(values) - 1) if len(values) >= 2 else (0.0, None)
 
 
 def final_ranking(study: optuna.Study, maximize_score: bool) -> list[optuna.trial.FrozenTrial]:
@@ -249,8 +250,8 @@ def decide(study: optuna.Study, maximize_score: bool) -> tuple[optuna.trial.Froz
         return None
     by_key = {t.user_attrs["key"]: t for t in ranking}
     scores = {k: measurement(t, "score") for k, t in by_key.items()}
-    extra = _score_order_stderr(study, ranking[0])
-    winner, tied_keys, rule = break_tie(scores, {k: tie_keys(t.user_attrs) for k, t in by_key.items()}, maximize_score, extra)
+    sd, dof = _score_order_noise(study, ranking[0])
+    winner, tied_keys, rule = break_tie(scores, {k: tie_keys(t.user_attrs) for k, t in by_key.items()}, maximize_score, sd, dof)
     return by_key[winner], tied_keys, rule
 
 
@@ -271,12 +272,12 @@ def pareto_front(study: optuna.Study, maximize_score: bool, by: str = "params") 
         raise MinitronError(NO_LATENCY)
     size = {t.number: t.user_attrs["params_total"] if by == "params" else 1.0 / t.user_attrs["decode_tokens_per_s"] for t in ranking}
     score = {t.number: measurement(t, "score") for t in ranking}
-    extra = 2 * _score_order_stderr(study, ranking[0]) ** 2 if ranking else 0.0
+    sd, dof = _score_order_noise(study, ranking[0]) if ranking else (0.0, None)
     sign = -1 if maximize_score else 1
 
     def dominates(b: optuna.trial.FrozenTrial, a: optuna.trial.FrozenTrial) -> bool:
         sb, sa = score[b.number], score[a.number]
-        if sb.value == sa.value or tied(sb, sa, extra):
+        if sb.value == sa.value or tied(sb, sa, 2 * sd**2, dof):
             return size[b.number] < size[a.number]
         return size[b.number] <= size[a.number] and sign * (sb.value - sa.value) < 0
 
@@ -284,11 +285,11 @@ def pareto_front(study: optuna.Study, maximize_score: bool, by: str = "params") 
     return sorted(front, key=lambda t: size[t.number])  # stable: equal sizes keep the ranking's order
 
 
-def _score_order_stderr(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> float:
+def _score_order_noise(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[float, int | None]:
     """The data-order error applies to a retrained score that is the rung metric itself (none for pruned scores)."""
     if trial.user_attrs["rung"] == 0 or study.user_attrs.get("metric") != study.user_attrs.get("rung_metric"):
-        return 0.0
-    return order_stderr(study)
+        return 0.0, None
+    return order_noise(study)
 
 
 def search_cost(study: optuna.Study) -> dict:

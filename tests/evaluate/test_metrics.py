@@ -16,6 +16,7 @@ from minitron_nas.evaluate.metrics import (
     HeldoutKLD,
     HeldoutLoss,
     Measurement,
+    one_se_t,
     paired_stderr,
     tied,
 )
@@ -70,3 +71,16 @@ def test_paired_errors_are_smaller_than_unpaired_for_shared_blocks():
     assert not tied(a, b)  # 0.1 apart, paired SE ~0.01
     unpaired = Measurement(a.value, a.stderr, 0.0), Measurement(b.value, b.stderr, 0.0)
     assert tied(*unpaired)  # the same gap is inside the noise without pairing
+
+
+def test_a_data_order_error_from_few_draws_widens_the_band_by_students_t():
+    # unpaired errors 0.03 each and a data-order SD 0.02 per value: the difference's error is
+    # sqrt(2 x 0.03^2 + 2 x 0.02^2) = 0.0510; t quantiles of 84.13% by hand (tables): 1.8373 (1 dof), 1.3213 (2)
+    a, b = Measurement(1.0, 0.03, 0.0), Measurement(1.08, 0.03, 0.0)
+    width = math.sqrt(2 * 0.03**2 + 2 * 0.02**2)
+    assert one_se_t(1) == pytest.approx(1.8373, abs=1e-3) and one_se_t(2) == pytest.approx(1.3213, abs=1e-3)
+    assert one_se_t(10_000) == pytest.approx(1.0, abs=1e-3)  # many draws: one standard error
+    assert not tied(a, b, 2 * 0.02**2)  # 0.08 > 0.051 with the SD taken as known
+    assert tied(a, b, 2 * 0.02**2, extra_dof=1)  # 0.08 <= 0.0937: one more order cannot tell them apart
+    assert not tied(a, b, 2 * 0.02**2, extra_dof=2)  # 0.08 > 0.0674
+    assert 0.08 <= width * one_se_t(1) and 0.08 > width * one_se_t(2)

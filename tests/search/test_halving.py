@@ -114,6 +114,8 @@ def test_candidates_within_noise_of_the_cut_go_on_up_to_the_cap():
     assert promote(values, 2, extra=1) == (["a", "line"], ["b"])  # the cap
     # a data-order error of 0.1 per value widens the band to sqrt(0.141^2 + 2 x 0.1^2) = 0.2
     assert promote(values, 2, extra=5, order_stderr=0.1) == (["a", "line"], ["b", "c", "d"])
+    # an SD from one more order (1 degree of freedom) widens the band 1.84x: 0.141 x 1.84 = 0.26 takes d (0.2) in
+    assert promote(values, 2, extra=5, order_stderr=1e-9, order_dof=1) == (["a", "line"], ["b", "c", "d"])
 
 
 def test_paired_errors_decide_nearness_when_both_have_per_block_values():
@@ -137,6 +139,9 @@ def test_a_tie_at_the_end_is_broken_by_the_rule_and_reported():
     assert break_tie(scores, order, maximize=False) == ("small", ["big"], TIE_RULE)
     clear = {"a": m(0.3, 0.01), "b": m(0.5, 0.01)}
     assert break_tie(clear, {}, maximize=False) == ("a", [], None)
+    # a pilot spread that is small by luck (1 degree of freedom) declares no winner: 0.03 <= 1.84 x 0.0283
+    assert break_tie({"a": m(0.30, 0.02), "b": m(0.33, 0.02)}, {"b": (0.1,)}, False, order_stderr=1e-9) == ("a", [], None)
+    assert break_tie({"a": m(0.30, 0.02), "b": m(0.33, 0.02)}, {"a": (0.5,), "b": (0.1,)}, False, 1e-9, order_dof=1) == ("b", ["a"], TIE_RULE)
     assert break_tie(clear, {}, maximize=True) == ("b", [], None)
 
 
