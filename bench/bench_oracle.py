@@ -50,7 +50,7 @@ from minitron_nas.data import token_blocks
 from minitron_nas.distill.teacher_cache import TeacherLogitCache
 from minitron_nas.distill.trainer import retrain
 from minitron_nas.errors import MinitronError
-from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, mean_and_stderr
+from minitron_nas.evaluate.metrics import HeldoutKLD, Measurement, mean_and_stderr, one_se_t
 from minitron_nas.model.architecture import Architecture
 from minitron_nas.prune.pruning import prune
 from minitron_nas.search.candidates import enumerate_candidates, load_space
@@ -314,11 +314,11 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def seed_variance(oracle: dict) -> float:
-    """Pooled variance of a candidate's final KL across seeds (the candidates with several seeds)."""
+def seed_variance(oracle: dict) -> tuple[float, int]:
+    """(pooled variance, its degrees of freedom) of a candidate's final KL across seeds (the candidates with several seeds)."""
     groups = [[r["kld"] for r in seeds.values()] for seeds in oracle.values() if len(seeds) > 1]
     dof = sum(len(g) - 1 for g in groups)
-    return sum(statistics.variance(g) * (len(g) - 1) for g in groups) / dof if dof else 0.0
+    return (sum(statistics.variance(g) * (len(g) - 1) for g in groups) / dof if dof else 0.0), dof
 
 
 def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
@@ -341,13 +341,14 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
     if not seed0:
         return lines + ["The oracle has not run yet.", ""], missing
     best = min(seed0, key=lambda k: seed0[k]["kld"])
-    var_seed = seed_variance(oracle)
+    var_seed, seed_dof = seed_variance(oracle)
     top = sorted(seed0, key=lambda k: seed0[k]["kld"])[:4]
     runs = sum(s in oracle[k] for k in top for s in (1, 2))
     if runs < 2 * len(top):
         missing.append(f"{fraction:.0%}: oracle seeds 1 and 2 for the best {len(top)} ({2 * len(top) - runs} of {2 * len(top)} runs)")
     spread = (
-        f"pooled seed SD {math.sqrt(var_seed):.4f} from the candidates run on seeds 1 and 2"
+        f"pooled seed SD {math.sqrt(var_seed):.4f} on {seed_dof} degree{'s' if seed_dof != 1 else ''} of freedom from the candidates run on seeds 1 and 2, "
+        f"the band widened to Student's t at those degrees of freedom (x{one_se_t(seed_dof):.2f}) as the search's own cuts are"
         if any(len(v) > 1 for v in oracle.values())
         else "no candidate has run on seeds 1 and 2 yet, so that term is 0 for now"
     )
@@ -359,7 +360,8 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
 
     def near_best(key: str) -> bool:
         r = regret(key)
-        return r is not None and r.value <= math.sqrt((r.stderr or 0.0) ** 2 + 2 * var_seed)
+        widen = one_se_t(seed_dof) if seed_dof else 1.0
+        return r is not None and r.value <= math.sqrt((r.stderr or 0.0) ** 2 + 2 * var_seed) * widen
 
     rows = []
     for key in sorted(seed0, key=lambda k: seed0[k]["kld"]):
