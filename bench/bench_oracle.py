@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6], help="fractions of the teacher's parameters")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="which parts to run (default: all, in order)")
     p.add_argument("--search-seeds", type=int, default=10, help="search runs per S/T, each its own data order")
+    p.add_argument("--st", type=float, nargs="+", default=list(FRACTIONS), choices=FRACTIONS, help="which S/T the search and cost parts run")
     p.add_argument("--tokens", type=int, default=81920, help="T: each oracle distillation's tokens (default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--mo-top-k", type=int, default=5)
@@ -235,7 +236,7 @@ def run_budget(bench: Oracle, fraction: float, parts: list[str]) -> None:
             cached(path, lambda arch=arch: bench.distill_per_block(arch, 0))
             keep_part(path, bench.work)
     if "search" in parts:
-        for fraction_st in FRACTIONS:
+        for fraction_st in args.st:
             for seed in range(args.search_seeds):
                 path = folder / "search" / f"st{round(fraction_st * 100)}-seed{seed}.json"
                 if not path.is_file():
@@ -255,7 +256,7 @@ def run_budget(bench: Oracle, fraction: float, parts: list[str]) -> None:
                 cached(path, lambda arch=archs[key], s=seed: bench.distill_per_block(arch, s))
                 keep_part(path, bench.work)
     if "cost" in parts:  # the token-cost regret: the search's winner gets T - S, continued from its rung state
-        for fraction_st in FRACTIONS:
+        for fraction_st in args.st:
             for seed in range(args.cost_seeds):
                 pick_path = folder / "search" / f"st{round(fraction_st * 100)}-seed{seed}.json"
                 pick = json.loads(pick_path.read_text()) if pick_path.is_file() else {"refused": "not run"}
