@@ -342,7 +342,10 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
     if absent:
         missing.append(f"{fraction:.0%}: oracle seed 0 for {len(absent)} of {len(candidates)} candidates")
     if not seed0:
-        return lines + ["The oracle has not run yet.", ""], missing
+        return lines + ["The oracle has not run yet.", ""], [
+            *missing,
+            f"{fraction:.0%}: the seeds, the searches, the baselines and the token cost (after the oracle)",
+        ]
     best = min(seed0, key=lambda k: seed0[k]["kld"])
     var_seed, seed_dof = seed_variance(oracle)
     top = sorted(seed0, key=lambda k: seed0[k]["kld"])[:4]
