@@ -322,6 +322,50 @@ def seed_variance(oracle: dict) -> tuple[float, int]:
     return (sum(statistics.variance(g) * (len(g) - 1) for g in groups) / dof if dof else 0.0), dof
 
 
+TIE_RULES = {  # name: the sort key among a search's tied candidates (lowest wins)
+    "lower pruned score (the shipped rule)": lambda c, last: (c["kld"],),
+    "fewer layers (a proxy for faster decoding), then pruned score": lambda c, last: (c["architecture"]["num_hidden_layers"], c["kld"]),
+    "fewer parameters": lambda c, last: (c["parameters"],),
+    "lower last-rung value (the tie ignored)": lambda c, last: (last[c["key"]],),
+}
+
+
+def tie_rules(folder: Path, candidates: dict, seed0: dict, best: str, regret, near_best) -> list[str]:
+    """What each tie rule would have picked from each search's tied candidates (its winner and
+    `tied_with`): the shipped rule's choice set against the alternatives, on the same runs.
+    A counterfactual over the recorded ties, not a rerun: the rungs are the ones the search ran."""
+    rows = []
+    for f in FRACTIONS:
+        runs = [json.loads(p.read_text()) for p in sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json"))] if (folder / "search").is_dir() else []
+        runs = [r for r in runs if "refused" not in r]
+        if not runs or any(k not in seed0 for r in runs for k in [r["key"], *r["tied_with"]]):
+            continue
+        for name, rule in TIE_RULES.items():
+            picks = []
+            for r in runs:
+                last = r["rung_values"][max(r["rung_values"], key=int)]
+                picks.append(min([r["key"], *r["tied_with"]], key=lambda k, last=last: rule(candidates[k], last)))
+            values = [regret(k).value for k in picks]
+            mean, se_seeds = mean_and_stderr(values)
+            blocks = paired([statistics.fmean(v) for v in zip(*[seed0[k]["per_block"] for k in picks])], seed0[best]["per_block"])
+            se = math.hypot(se_seeds or 0.0, blocks.stderr or 0.0)
+            hits = sum(near_best(k) for k in picks)
+            low, high = wilson(hits, len(picks))
+            rows.append([f"S/T {f:.0%}", name, f"{mean:+.4f} ± {se:.4f}", f"{hits}/{len(picks)} [{low:.2f}, {high:.2f}]",
+                         ", ".join(f"{k} x{picks.count(k)}" for k in dict.fromkeys(picks))])  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "Tie rules, counterfactual: each search run's last-rung tie (its winner and the candidates within noise of it) "
+        "resolved by each rule instead of the shipped one, on the same runs; regret and hits as above. The fewer-layers "
+        "rule was written after both budgets' oracle orders were seen, and two budgets are two top pairs: a rule that "
+        "does better here is a lead for a budget or teacher it was not written on, not evidence.",
+        "",
+        *markdown_table(["search", "tie rule", "selection regret", "picks the best (within noise)", "picks"], rows),
+        "",
+    ]
+
+
 def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
     folder, lines, missing = budget_dir(work, fraction), [], []
     if not (folder / "pruned.json").is_file():
@@ -460,6 +504,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
         )
         table.append([f"search, S/T {f:.0%}", str(len(runs)), f"{mean:+.4f} ± {se or 0:.4f} ({spread})", f"{bound:+.4f}", f"{hits}/{len(runs)} [{low:.2f}, {high:.2f}]",
                       f"{statistics.fmean(r['search_tokens'] for r in runs):,.0f}", tau_text or "-"])  # fmt: skip
+    lines_ties = tie_rules(folder, candidates, seed0, best, regret, near_best)
     by_pruned = min(candidates, key=lambda k: candidates[k]["kld"])
     closest = sorted(candidates.values(), key=lambda c: c["closeness_rank"])[:5]
     by_mo = min(closest, key=lambda c: c["kld"])["key"]
@@ -497,6 +542,7 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             ),
             "",
         ]
+    lines += lines_ties
     cost_rows = []
     for f in FRACTIONS:
         for path in sorted((folder / "cost").glob(f"st{round(f * 100)}-seed*.json")) if (folder / "cost").is_dir() else []:
