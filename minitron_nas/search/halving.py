@@ -47,12 +47,19 @@ __all__ = [
 TAU_MIN_N = 5  # Kendall tau over fewer pairs than this says nothing; it is not reported
 DECAY_SHARE = 0.2  # the closing decay of a warmup-stable-decay run: a fifth of its steps
 MIN_STEPS = 4  # fewest optimizer steps of a retraining rung: warm-up, stable and decay each need some
-TIE_RULE = "lower pruned score (rung 0), then faster decoding when measured, then fewer parameters"
+TIE_RULE = "fewer layers (faster decoding), then lower pruned score (rung 0), then faster decoding when measured, then fewer parameters"
 
 
 def tie_keys(attrs: dict) -> tuple:
-    """TIE_RULE as an ascending sort key over a candidate's recorded attributes (a trial's user attributes)."""
-    return (attrs.get("pruned", math.inf), -(attrs.get("decode_tokens_per_s") or 0.0), attrs.get("params_total", 0))
+    """TIE_RULE as an ascending sort key over a candidate's recorded attributes (a trial's user attributes).
+
+    Among candidates whose quality is tied, the one with fewer layers decodes faster (layers
+    run one after another), which a user values whatever the quality. It is also what the
+    oracle benchmark found: at both budgets of SmolLM2-135M the shallower, wider of the tied
+    top pair was the better after full distillation, and the lower pruned score picked the
+    other (reports/benchmarks/oracle.md)."""
+    layers = (attrs.get("architecture") or {}).get("num_hidden_layers", math.inf)
+    return (layers, attrs.get("pruned", math.inf), -(attrs.get("decode_tokens_per_s") or 0.0), attrs.get("params_total", 0))
 
 
 @dataclass(frozen=True)

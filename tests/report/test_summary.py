@@ -31,6 +31,7 @@ from minitron_nas.report.dashboard import FIGURE_IDS, build_dashboard
 from minitron_nas.report.run_data import finished, open_run_study, pareto_front
 from minitron_nas.report.summary import write_report
 from minitron_nas.search.candidates import enumerate_candidates, load_space
+from minitron_nas.search.halving import TIE_RULE
 from minitron_nas.search.study import STUDY_NAME
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -40,7 +41,7 @@ DISTINCT = [
     ((32, 48, 2, 2, 3), 30_000, 6.0, 5.0),
     ((32, 96, 2, 2, 3), 35_000, 5.8, 4.6),
     ((48, 48, 2, 2, 3), 36_000, 5.9, 4.8),
-    ((48, 96, 6, 2, 3), 42_000, 5.5, 4.3),  # rung 1
+    ((48, 48, 6, 2, 4), 42_000, 5.5, 4.3),  # rung 1
     ((32, 48, 6, 2, 4), 45_000, 5.6, 4.4),  # rung 1
     ((48, 96, 6, 2, 4), 50_000, 5.2, 4.1),  # rung 1
 ]
@@ -285,7 +286,7 @@ def test_report_lists_budget_rungs_candidates_with_errors_ties_failures_and_dist
     assert "lower is better" in text
     tokens = 256 * len(DISTINCT) + 512 * len(LAST) + 256  # every trial's tokens_trained, the failed one's too
     assert f"- search cost: {tokens:,} training tokens" in text
-    assert "tied within one standard error with 1 other(s): 48/96/6:2/3, the tie broken by lower pruned score" in text
+    assert f"tied within one standard error with 1 other(s): 48/48/6:2/4, the tie broken by {TIE_RULE}" in text  # same depth: the lower pruned score
 
     rungs = text.split("## Rungs")[1].split("## Candidates")[0]
     rows = [line for line in rungs.splitlines() if line.startswith("|") and "---" not in line][1:]

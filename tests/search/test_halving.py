@@ -10,7 +10,7 @@ import pytest
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.metrics import Measurement
-from minitron_nas.search.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, plan_schedule, promote, rung_tau
+from minitron_nas.search.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, plan_schedule, promote, rung_tau, tie_keys
 
 
 def m(value: float, stderr: float = 0.01, per_item=None) -> Measurement:
@@ -131,12 +131,41 @@ def test_equal_values_are_ordered_by_the_tie_rule_not_by_the_key():
     assert kept == ["z"]
 
 
+def _attrs(layers: int, pruned: float, params: int, decode: float | None = None) -> dict:
+    return {"architecture": {"num_hidden_layers": layers}, "pruned": pruned, "params_total": params, "decode_tokens_per_s": decode}
+
+
 def test_a_tie_at_the_end_is_broken_by_the_rule_and_reported():
     scores = {"small": m(0.50, 0.02), "big": m(0.49, 0.02), "far": m(0.80, 0.02)}
-    order = {"small": (1.2, 0, 10), "big": (1.0, 0, 20), "far": (0.5, 0, 5)}
-    assert break_tie(scores, order, maximize=False) == ("big", ["small"], TIE_RULE)
-    order["small"] = (0.9, 0, 10)  # a better pruned score wins the tie
+    attrs = {"small": _attrs(30, 1.2, 10), "big": _attrs(30, 1.0, 20), "far": _attrs(20, 0.5, 5)}
+    order = {k: tie_keys(a) for k, a in attrs.items()}
+    assert break_tie(scores, order, maximize=False) == ("big", ["small"], TIE_RULE)  # same depth: the better pruned score
+    order["small"] = tie_keys(attrs["small"] | {"pruned": 0.9})
     assert break_tie(scores, order, maximize=False) == ("small", ["big"], TIE_RULE)
+    order["small"] = tie_keys(attrs["small"] | {"architecture": {"num_hidden_layers": 26}})  # fewer layers beat a better pruned score
+    assert break_tie(scores, order, maximize=False) == ("small", ["big"], TIE_RULE)
+    assert "far" not in break_tie(scores, order, maximize=False)[1]  # outside the noise: the rule never reaches it
+
+
+def test_the_tie_rule_orders_by_layers_then_pruned_score_then_decoding_then_size():
+    ranked = sorted(
+        {
+            "deep": _attrs(30, 0.1, 1),
+            "shallow, worse pruned": _attrs(20, 0.9, 9),
+            "shallow, better pruned": _attrs(20, 0.5, 9),
+            "shallow, better pruned, faster": _attrs(20, 0.5, 9, decode=100.0),
+            "shallow, better pruned, smaller": _attrs(20, 0.5, 8),
+        }.items(),
+        key=lambda kv: tie_keys(kv[1]),
+    )
+    assert [k for k, _ in ranked] == [
+        "shallow, better pruned, faster",
+        "shallow, better pruned, smaller",
+        "shallow, better pruned",
+        "shallow, worse pruned",
+        "deep",
+    ]
+    assert tie_keys({"pruned": 0.1}) > tie_keys(_attrs(40, 0.9, 9))  # an attribute missing sorts last, never first
     clear = {"a": m(0.3, 0.01), "b": m(0.5, 0.01)}
     assert break_tie(clear, {}, maximize=False) == ("a", [], None)
     # a pilot spread that is small by luck (1 degree of freedom) declares no winner: 0.03 <= 1.84 x 0.0283
