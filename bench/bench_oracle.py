@@ -377,7 +377,7 @@ def tie_rules(folder: Path, candidates: dict, seed0: dict, best: str, regret, ne
     ]
 
 
-def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
+def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[str], list[str]]:
     folder, lines, missing = budget_dir(work, fraction), [], []
     if not (folder / "pruned.json").is_file():
         return [f"## {fraction:.0%} of the teacher", "", "Not run yet.", ""], [f"{fraction:.0%}: everything"]
@@ -495,6 +495,8 @@ def report_budget(work: Path, fraction: float) -> tuple[list[str], list[str]]:
             notes.append(
                 f"{fraction:.0%}, S/T {f:.0%}: {redone} of {len(runs)} runs ended in a last-rung tie recorded under the earlier tie rule, resolved here by the shipped one (bench_oracle.shipped_pick)"
             )
+        if len(runs) < search_seeds:
+            missing.append(f"{fraction:.0%}: search at S/T {f:.0%}, seeds {len(runs)} to {search_seeds - 1} (the row above has {len(runs)})")
         regrets = [regret(k) for k in picks]
         if any(x is None for x in regrets):
             missing.append(f"{fraction:.0%}: oracle of a search pick at S/T {f:.0%}")
@@ -596,7 +598,7 @@ def write(args) -> None:
     run = Run()
     body, missing = [], []
     for fraction in args.budgets:
-        lines, gaps = report_budget(PARTS_DIR, fraction)
+        lines, gaps = report_budget(PARTS_DIR, fraction, args.search_seeds)
         body += lines
         missing += gaps
     body += ["## Not measured yet", "", *[f"- {m}" for m in missing], ""]
