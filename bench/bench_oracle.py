@@ -569,13 +569,16 @@ def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[
         for path in sorted((folder / "cost").glob(f"st{round(f * 100)}-seed*.json")) if (folder / "cost").is_dir() else []:
             r = json.loads(path.read_text())
             key = key_of(r["architecture"])
-            total = paired(r["per_block"], seed0[best]["per_block"])
-            own = seed0.get(key)
-            lost = paired(r["per_block"], own["per_block"]) if own else None
+            # Paired with the oracle's runs on the same seed (the same data order) where all three have one.
+            ref = r["seed"] if all(r["seed"] in oracle.get(k, {}) for k in (best, key, by_pruned)) else 0
+            on = lambda k, ref=ref: oracle[k][ref]["per_block"]
+            total = paired(r["per_block"], on(best))
+            lost = paired(r["per_block"], on(key)) if ref in oracle.get(key, {}) else None
             search = folder / "search" / path.name
             now = shipped_pick(json.loads(search.read_text()), candidates) if search.is_file() else key
             label = f"search, S/T {f:.0%}, seed {r['seed']} ({key}" + (f"; the earlier tie rule's pick, the shipped one picks {now})" if now != key else ")")
-            versus = paired(r["per_block"], seed0[by_pruned]["per_block"]) if by_pruned in seed0 else None
+            label += f", against the oracle's seed-{ref} runs"
+            versus = paired(r["per_block"], on(by_pruned)) if ref in oracle.get(by_pruned, {}) else None
             verdict = "" if versus is None else " (tie)" if abs(versus.value) <= versus.stderr else " (better)" if versus.value < 0 else " (worse)"
             cost_rows.append([label, f"{r['search_tokens']:,} + {r['tokens']:,}", f"{r['kld']:.4f} ± {r['kld_stderr']:.4f}",
                               f"{total.value:+.4f} ± {total.stderr:.4f}", f"{lost.value:+.4f} ± {lost.stderr:.4f}" if lost else "-",
@@ -588,8 +591,9 @@ def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[
             "Token-cost regret: the strategy's final model at equal total training tokens T (the search spends S on its rungs; "
             "its winner is distilled on T - S, continuing from its rung state as `distill` does) minus the oracle's best on T, "
             "paired over the test blocks; minus the same candidate distilled on T from its slice (what the search's tokens cost it); "
-            "and minus pruned scoring's final model, paired over the blocks (a tie: within one standard error). Seed 0 only: "
-            "the seed-to-seed spread is not in these errors.",
+            "and minus pruned scoring's final model, paired over the blocks (a tie: within one standard error). Each search row "
+            "is one seed, paired with the oracle's runs on that seed (the same data order) where all three have one; the "
+            "pruned-scoring row is seed 0. The seed-to-seed spread is not in these errors.",
             "",
             *markdown_table(
                 ["strategy", "tokens (search + final)", "final KL", "minus the oracle's best", "minus its pick on T", "minus pruned scoring (paired)"],
