@@ -613,6 +613,7 @@ def write(args) -> None:
         lines, gaps = report_budget(PARTS_DIR, fraction, args.search_seeds)
         body += lines
         missing += gaps
+    missing.append("the same protocol on a GPU at a T a hundred times larger: this script runs on the CPU")
     body += ["## Not measured yet", "", *[f"- {m}" for m in missing], ""]
     details = [f"T = {args.tokens:,} tokens per oracle distillation; search S/T of {', '.join(f'{f:.0%}' for f in FRACTIONS)}, {args.search_seeds} seeds each"]
     run.write_report(args.out, "Oracle benchmark: every feasible candidate distilled, and how well each strategy picks", details, body)
