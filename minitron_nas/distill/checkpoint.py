@@ -14,6 +14,8 @@ whole at each save (`files.atomic_dir`), so a kill mid-save keeps the previous o
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,6 +47,20 @@ class Progress:
             setattr(self.result, key, [tuple(p) for p in value] if isinstance(value, list) else value)
 
 
+@contextmanager
+def _tied_weights_quiet():
+    """accelerate drops a tied `lm_head.weight` (an alias of the embedding) from the safetensors
+    it writes and logs a warning for it into the training bar at every save; the restored model
+    keeps its own tie, so the line says nothing a user can act on."""
+    log = logging.getLogger("accelerate.utils.other")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class Checkpoint:
     """`folder/checkpoint`: saved every `every` optimizer steps and after the last."""
 
@@ -74,7 +90,7 @@ class Checkpoint:
 
     def save(self, step: int, accelerator, result) -> None:
         """Main process only: accelerate writes the weights there, and the RNG state saved is its own."""
-        with atomic_dir(self.folder, overwrite=True) as tmp:
+        with atomic_dir(self.folder, overwrite=True) as tmp, _tied_weights_quiet():
             accelerator.save_state(str(tmp))
             (tmp / MADE_FROM).write_text(json.dumps({"step": step, **self.made_from}, indent=2))
 

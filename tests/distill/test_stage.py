@@ -83,6 +83,15 @@ def test_interrupted_run_resumes_on_the_same_trajectory(setup, tmp_path, monkeyp
     assert resumed.eval_curve[-1][1] == pytest.approx(reference.eval_curve[-1][1], rel=1e-4)
     for (name, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
+    assert resumed_model.lm_head.weight.data_ptr() == resumed_model.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_checkpoints_of_a_tied_student_log_no_warning(setup, tmp_path, caplog):
+    """The tied lm_head that accelerate drops from the safetensors is not announced into the bar."""
+    assert setup[0].config.tie_word_embeddings
+    with caplog.at_level("WARNING"):
+        run(setup, tmp_path / "d")
+    assert "shared tensor" not in caplog.text
 
 
 def test_checkpoint_of_other_settings_is_refused(setup, tmp_path):
