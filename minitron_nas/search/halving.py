@@ -14,8 +14,9 @@ the winner's final distillation starts from its last stable state.
 
 Cuts respect the noise: a rung value's standard error is the paired error over the
 held-out blocks plus a data-order term measured once per search (`order_pilot` more data
-orders of one candidate at rung 1, one when the budget allows no more; so few draws widen
-the error to Student's t, see metrics.tied). Candidates within one standard error of the
+orders of one candidate at rung 1, one when the budget allows no more, plus one for each of
+rung 1's reserved places that rung 0's cut leaves unused; so few draws widen the error to
+Student's t, see metrics.tied). Candidates within one standard error of the
 cut line go on too, up to `within_noise` x the planned number (their tokens are reserved in
 the plan, so the budget holds). At the last rung, candidates within noise of the best are
 a tie, broken by `TIE_RULE` and reported as a tie.
@@ -38,6 +39,7 @@ __all__ = [
     "Rung",
     "Schedule",
     "break_tie",
+    "pilot_orders",
     "plan_schedule",
     "promote",
     "rung_tau",
@@ -105,6 +107,16 @@ class Schedule:
         parts += [f"{r.candidates}(+{r.extra}) x {r.tokens:,}" for r in self.rungs[1:]]
         pilot = f" + data-order pilot {self.pilot_orders} x {self.rungs[1].tokens:,}" if self.pilot_orders and len(self.rungs) > 1 else ""
         return f"{len(self.rungs)} rung(s), eta={self.eta}: {', '.join(parts)} tokens{pilot} = at most {self.total_tokens:,}"
+
+
+def pilot_orders(schedule: Schedule, within_noise: int) -> int:
+    """More data orders of the pilot, once rung 0's cut has filled `within_noise` of rung 1's
+    reserved places: the planned ones, plus one for each place left unused (a pilot order and a
+    place of rung 1 cost the same steps). A pilot of one more order gives the data-order error a
+    single degree of freedom, small by luck in some searches; the unused tokens buy a second."""
+    if not schedule.pilot_orders or len(schedule.rungs) < 2:
+        return schedule.pilot_orders
+    return schedule.pilot_orders + max(0, schedule.rungs[1].extra - within_noise)
 
 
 def _retraining_rungs(n: int, eta: int, levels: int, full_steps: int, min_steps: int, within_noise: float) -> list[tuple[int, int, int]]:

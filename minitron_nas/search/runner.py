@@ -49,7 +49,7 @@ from minitron_nas.model.teachers import Teacher, load_config, load_teacher
 from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings, load_or_rank
 from minitron_nas.search.candidates import Candidate, require_feasible
-from minitron_nas.search.halving import Schedule, plan_schedule, promote, tie_keys
+from minitron_nas.search.halving import Schedule, pilot_orders, plan_schedule, promote, tie_keys
 from minitron_nas.search.lines import say, shown
 from minitron_nas.search.outputs import write_outputs
 from minitron_nas.search.rung0 import PrunedScoring
@@ -257,8 +257,10 @@ class _Search:
         for key in kept + near:
             queue_candidate(self.study, current + 1, self.schedule, carried(done[key].user_attrs), done[key].params)
         if current == 0 and self.schedule.pilot_orders:
-            pilot = done[kept[0]]
-            for order in range(1, self.schedule.pilot_orders + 1):
+            pilot, orders = done[kept[0]], pilot_orders(self.schedule, len(near))
+            if orders > self.schedule.pilot_orders:
+                say(f"the {orders - self.schedule.pilot_orders} unused place(s) of rung 1 go to the data-order pilot: {orders} more orders")
+            for order in range(1, orders + 1):
                 queue_candidate(self.study, 1, self.schedule, {**carried(pilot.user_attrs), "pilot": True}, pilot.params, order)
             self.study.set_user_attr("pilot", pilot.user_attrs["key"])
         if current >= 1:

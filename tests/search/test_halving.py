@@ -10,7 +10,7 @@ import pytest
 
 from minitron_nas.errors import MinitronError
 from minitron_nas.evaluate.metrics import Measurement
-from minitron_nas.search.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, plan_schedule, promote, rung_tau, tie_keys
+from minitron_nas.search.halving import DECAY_SHARE, MIN_STEPS, TAU_MIN_N, TIE_RULE, break_tie, pilot_orders, plan_schedule, promote, rung_tau, tie_keys
 
 
 def m(value: float, stderr: float = 0.01, per_item=None) -> Measurement:
@@ -79,6 +79,17 @@ def test_a_tight_budget_shrinks_the_pilot_to_one_more_order_before_refusing():
     with pytest.raises(MinitronError, match="pilot 1 x 2,048 = at most 8,192"):
         plan_schedule(8, 160, 512, budget_tokens=8_191, pilot_orders=2)
     assert plan_schedule(8, 160, 512, budget_tokens=6_144, pilot_orders=0).pilot_orders == 0  # off stays off
+
+
+def test_unused_places_of_rung_1_become_pilot_orders_at_the_same_cost():
+    shrunk = plan_schedule(8, 160, 512, budget_tokens=8_192, pilot_orders=2)  # 2 candidates + 1 place, pilot 1: 4 x 2,048
+    assert shrunk.rungs[1].extra == 1
+    assert pilot_orders(shrunk, within_noise=1) == 1  # the place taken: the planned pilot
+    assert pilot_orders(shrunk, within_noise=0) == 2  # the place unused: a second order, 2,048 tokens like the place
+    spent = (shrunk.rungs[1].candidates + pilot_orders(shrunk, 0)) * shrunk.rungs[1].steps * shrunk.tokens_per_step
+    assert spent == shrunk.total_tokens == 8_192
+    off = plan_schedule(8, 160, 512, budget_tokens=6_144, pilot_orders=0)
+    assert off.rungs[1].extra == 1 and pilot_orders(off, 0) == 0  # a pilot turned off stays off
 
 
 def test_too_few_steps_are_refused_in_one_line_naming_the_fix():

@@ -32,6 +32,7 @@ from minitron_nas.prune.pruning import prune
 from minitron_nas.prune.ranking import Rankings
 from minitron_nas.search import runner as search
 from minitron_nas.search.candidates import require_feasible
+from minitron_nas.search.halving import pilot_orders
 from minitron_nas.search.runner import candidate_pool, run_search, schedule_for
 from minitron_nas.search.study import pareto_front, rung_values, search_complete
 from minitron_nas.search.trials import arch_key
@@ -111,7 +112,8 @@ def test_rung_zero_scores_every_feasible_candidate_pruned_and_the_rungs_continue
         previous = done[(done.rung == rung.index - 1) & (done.order == 0)].sort_values("value")
         assert cut["kept"] == list(previous.key[: len(cut["kept"])]) and len(cut["kept"]) == rung.candidates
         assert len(cut["within_noise"]) <= rung.extra
-    assert (done.rung.eq(1) & done.order.gt(0)).sum() == schedule.pilot_orders  # the data-order pilot
+    pilot = pilot_orders(schedule, len(cuts[0]["within_noise"]))  # the planned orders and rung 1's unused places
+    assert pilot >= schedule.pilot_orders and (done.rung.eq(1) & done.order.gt(0)).sum() == pilot  # the data-order pilot
 
     # Brute force outside the study: each finalist trained in one go for the last rung's steps gives the value the
     # search reached by continuing it across the rungs.
@@ -264,7 +266,7 @@ def test_survivors_are_the_best_whatever_the_trial_order_and_the_workers(teacher
     monkeypatch.setattr(search, "retrain", lambda *a, **k: RetrainResult([], [], None, tokens_seen=1, snapshot=TrainState(1, {}, {})))
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     schedule = schedule_for(space, len(feasible))
-    total = sum(r.candidates for r in schedule.rungs) + schedule.pilot_orders
+    total = sum(r.candidates for r in schedule.rungs) + pilot_orders(schedule, 0)  # rung 1's places unused: pilot orders
     for i in range(total + workers):  # workers take one trial each in turn, each from its own folder
         run_search(space, tmp_path / f"worker{i % workers}", storage=url, n_trials=1, resume=i > 0, teacher=teacher)
     study = optuna.load_study(study_name="minitron", storage=url)
