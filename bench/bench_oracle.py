@@ -167,7 +167,9 @@ class Oracle(Bench):
         trials = pd.read_csv(folder / "trials.csv")
         done = trials[(trials.state == "COMPLETE") & (trials.order == 0)]
         rungs = {int(r): dict(zip(g.key, g.value)) for r, g in done.groupby("rung")}
-        return {k: best[k] for k in ("key", "architecture", "score", "score_stderr", "tied_with", "tie_broken_by", "search_tokens", "order_stderr")} | {
+        return {
+            k: best[k] for k in ("key", "architecture", "score", "score_stderr", "tied_with", "tie_broken_by", "search_tokens", "order_stderr", "order_dof")
+        } | {
             "search_seconds": best["search_seconds"],
             "budget_tokens": search_tokens,
             "rung_values": rungs,
