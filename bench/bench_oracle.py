@@ -499,13 +499,13 @@ def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[
             )
         # Runs recorded before rung 1's unused places went to the data-order pilot (their parts have no
         # order_dof): those that left tokens unused would train more pilot orders now and may pick otherwise.
-        stale = [i for i, r in enumerate(runs) if "order_dof" not in r and r["search_tokens"] < r["budget_tokens"]]
+        stale = sum("order_dof" not in r and r["search_tokens"] < r["budget_tokens"] for r in runs)
         if stale:
             notes.append(
-                f"{fraction:.0%}, S/T {f:.0%}: {len(stale)} of {len(runs)} runs were recorded before rung 1's unused places went to the "
+                f"{fraction:.0%}, S/T {f:.0%}: {stale} of {len(runs)} runs were recorded before rung 1's unused places went to the "
                 "data-order pilot and left some unused: a rerun trains more pilot orders and may pick otherwise"
             )
-            missing.append(f"{fraction:.0%}: search at S/T {f:.0%} rerun with rung 1's unused places as pilot orders ({len(stale)} runs)")
+            missing.append(f"{fraction:.0%}: search at S/T {f:.0%} rerun with rung 1's unused places as pilot orders ({stale} runs)")
         if len(runs) < search_seeds:
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%}, seeds {len(runs)} to {search_seeds - 1} (the row above has {len(runs)})")
         regrets = [regret(k) for k in picks]
