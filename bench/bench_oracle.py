@@ -507,7 +507,9 @@ def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[
             )
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%} rerun with rung 1's unused places as pilot orders ({stale} runs)")
         if len(runs) < search_seeds:
-            missing.append(f"{fraction:.0%}: search at S/T {f:.0%}, seeds {len(runs)} to {search_seeds - 1} (the row above has {len(runs)})")
+            have = {int(p.stem.rpartition("seed")[2]) for p in (folder / "search").glob(f"st{round(f * 100)}-seed*.json")}
+            absent = ", ".join(str(s) for s in range(search_seeds) if s not in have)
+            missing.append(f"{fraction:.0%}: search at S/T {f:.0%}, seed(s) {absent} (the row above has {len(runs)})")
         regrets = [regret(k) for k in picks]
         if any(x is None for x in regrets):
             missing.append(f"{fraction:.0%}: oracle of a search pick at S/T {f:.0%}")
