@@ -259,7 +259,9 @@ class _Search:
         if current == 0 and self.schedule.pilot_orders:
             pilot, orders = done[kept[0]], pilot_orders(self.schedule, len(near))
             if orders > self.schedule.pilot_orders:
-                say(f"the {orders - self.schedule.pilot_orders} unused place(s) of rung 1 go to the data-order pilot: {orders} more orders")
+                say(
+                    f"the {orders - self.schedule.pilot_orders} unused place(s) of rung 1 go to the data-order pilot: {orders} more data orders instead of {self.schedule.pilot_orders}"
+                )
             for order in range(1, orders + 1):
                 queue_candidate(self.study, 1, self.schedule, {**carried(pilot.user_attrs), "pilot": True}, pilot.params, order)
             self.study.set_user_attr("pilot", pilot.user_attrs["key"])
