@@ -349,7 +349,8 @@ def tie_rules(folder: Path, candidates: dict, seed0: dict, best: str, regret, ne
     A counterfactual over the recorded ties, not a rerun: the rungs are the ones the search ran."""
     rows = []
     for f in FRACTIONS:
-        runs = [json.loads(p.read_text()) for p in sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json"))] if (folder / "search").is_dir() else []
+        paths = sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json")) if (folder / "search").is_dir() else []
+        runs = [json.loads(p.read_text()) for p in paths]
         runs = [r for r in runs if "refused" not in r]
         if not runs or any(k not in seed0 for r in runs for k in [r["key"], *r["tied_with"]]):
             continue
@@ -483,7 +484,8 @@ def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[
 
     table, notes = [], []
     for f in FRACTIONS:
-        runs = [json.loads(p.read_text()) for p in sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json"))] if (folder / "search").is_dir() else []
+        paths = sorted((folder / "search").glob(f"st{round(f * 100)}-seed*.json")) if (folder / "search").is_dir() else []
+        runs = [json.loads(p.read_text()) for p in paths]
         if not runs:
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%}")
             continue
@@ -507,7 +509,7 @@ def report_budget(work: Path, fraction: float, search_seeds: int) -> tuple[list[
             )
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%} rerun with rung 1's unused places as pilot orders ({stale} runs)")
         if len(runs) < search_seeds:
-            have = {int(p.stem.rpartition("seed")[2]) for p in (folder / "search").glob(f"st{round(f * 100)}-seed*.json")}
+            have = {int(p.stem.rpartition("seed")[2]) for p in paths}
             absent = ", ".join(str(s) for s in range(search_seeds) if s not in have)
             missing.append(f"{fraction:.0%}: search at S/T {f:.0%}, seed(s) {absent} (the row above has {len(runs)})")
         regrets = [regret(k) for k in picks]
